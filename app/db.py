@@ -1,0 +1,69 @@
+"""The asyncpg pool and the schema migrations."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from typing import TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+__all__ = ["Connection", "DatabaseUnavailable", "create_pool", "migrate"]
+
+# What query functions take: a plain connection or one borrowed from the pool.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+
+logger = logging.getLogger(__name__)
+
+# Any fixed number works; it only has to be the same for every instance.
+MIGRATION_LOCK_ID = 0x10_0C_00_07
+
+
+class DatabaseUnavailable(Exception):
+    """PostgreSQL did not answer at DATABASE_URL."""
+
+
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30
+        )
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise DatabaseUnavailable(
+            f"DATABASE_URL: PostgreSQL does not answer ({exc.__class__.__name__}: {exc})"
+        ) from exc
+    return pool
+
+
+def _migration_files() -> list[tuple[str, str]]:
+    folder = resources.files("app") / "migrations"
+    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
+    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
+
+
+async def migrate(conn: Connection) -> list[str]:
+    """Applies the migrations not yet applied, each once, in order; answers their names.
+
+    The advisory lock makes instances that start together wait for each other instead of
+    racing on the same `CREATE TABLE`.
+    """
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
+    try:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+        for name, sql in _migration_files():
+            if name in done:
+                continue
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
+            logger.info("applied migration %s", name)
+            applied.append(name)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
+    return applied

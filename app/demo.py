@@ -1,0 +1,51 @@
+"""`lookout demo`: the service, a local Stripe emulator and a demo user, on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+from app.db import create_pool
+from app.settings import Settings
+from app.users import create_api_key, create_user, get_user_by_email, user_for_api_key
+
+__all__ = ["run_demo"]
+
+logger = logging.getLogger(__name__)
+
+DEMO_EMAIL = "demo@lookout.local"
+
+
+async def demo_api_key(settings: Settings) -> str:
+    """The demo user's key, kept in the data dir so that a restart prints the same one."""
+    assert settings.database_url is not None
+    key_file = settings.data_dir / "demo_api_key"
+    pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            if key_file.exists():
+                key = key_file.read_text().strip()
+                if await user_for_api_key(conn, key) is not None:
+                    return key
+            async with conn.transaction():
+                user = await get_user_by_email(conn, DEMO_EMAIL) or await create_user(
+                    conn, DEMO_EMAIL
+                )
+                key = await create_api_key(conn, user.id)
+    finally:
+        await pool.close()
+    key_file.write_text(key)
+    key_file.chmod(0o600)
+    return key
+
+
+def run_demo(settings: Settings, *, port: int) -> None:
+    from app.server import run_server
+
+    key = asyncio.run(demo_api_key(settings))
+    url = f"http://127.0.0.1:{port}/"
+    print(f"Dashboard: {url}", flush=True)
+    print(f"API key: {key}", flush=True)
+    print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
+    run_server(settings, host="127.0.0.1", port=port)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.settings import ConfigError, Settings
+
+BASE = {
+    "LOOKOUT_SECRET_KEY": "x" * 32,
+    "STRIPE_API_KEY": "sk_test_1",
+    "STRIPE_WEBHOOK_SECRET": "whsec_a",
+}
+
+
+def test_defaults_follow_the_contract() -> None:
+    settings = Settings.from_env(BASE)
+    assert settings.database_url is None
+    assert settings.redis_url is None
+    assert settings.data_dir == Path("./.lookout").absolute()
+    assert settings.public_url == "http://127.0.0.1:8000"
+    assert settings.stripe_api_base == "https://api.stripe.com"
+    assert settings.environment == "development"
+    assert settings.redis_prefix == "lookout:"
+    assert settings.max_streams_per_user == 10
+    assert settings.max_stream_seconds == 3600
+
+
+def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
+    settings = Settings.from_env({**BASE, "STRIPE_WEBHOOK_SECRET": "whsec_old, whsec_new"})
+    assert settings.stripe_webhook_secrets == ("whsec_old", "whsec_new")
+
+
+@pytest.mark.parametrize(
+    ("env", "variable"),
+    [
+        ({"LOOKOUT_SECRET_KEY": ""}, "LOOKOUT_SECRET_KEY"),
+        ({"STRIPE_API_KEY": ""}, "STRIPE_API_KEY"),
+        ({"STRIPE_WEBHOOK_SECRET": ""}, "STRIPE_WEBHOOK_SECRET"),
+        ({"STRIPE_WEBHOOK_SECRET": "secret"}, "STRIPE_WEBHOOK_SECRET"),
+        ({"REDIS_URL": "localhost:6379"}, "REDIS_URL"),
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"LOOKOUT_MAX_STREAMS_PER_USER": "many"}, "LOOKOUT_MAX_STREAMS_PER_USER"),
+        ({"LOOKOUT_MAX_STREAM_SECONDS": "60"}, "LOOKOUT_MAX_STREAM_SECONDS"),
+        ({"LOOKOUT_PUBLIC_URL": "ftp://x"}, "LOOKOUT_PUBLIC_URL"),
+    ],
+)
+def test_a_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
+    with pytest.raises(ConfigError, match=variable) as caught:
+        Settings.from_env({**BASE, **env})
+    assert "\n" not in str(caught.value)
+
+
+def test_demo_mode_generates_and_keeps_its_secret(tmp_path: Path) -> None:
+    env = {"LOOKOUT_DATA_DIR": str(tmp_path)}
+    first = Settings.from_env(env, demo=True)
+    second = Settings.from_env(env, demo=True)
+    assert len(first.secret_key) >= 32
+    assert first.secret_key == second.secret_key
+    assert first.stripe_webhook_secrets[0].startswith("whsec_")
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings.from_env(BASE)
+    with pytest.raises(AttributeError):
+        settings.environment = "production"  # type: ignore[misc]
