@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import anyio
@@ -15,13 +18,25 @@ from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from app.billing.checkout import CheckoutService
+from app.billing.compensation import BillingHooks
+from app.billing.handlers import StripeEventHandlers
+from app.billing.inbox import WebhookInbox
+from app.billing.lifecycle import Lifecycle
+from app.billing.provider import PaymentProvider
+from app.billing.routes import billing_routes
+from app.billing.stripe_provider import StripePaymentProvider
 from app.db import create_pool, migrate
 from app.errors import exception_handlers
 from app.health import healthz, readyz
+from app.operation_routes import operation_routes
 from app.services import Services
 from app.settings import ConfigError, Settings
+from app.stream_routes import stream_routes
+from provisioning import GraphBackend, OperationRunner, ProvisionerBackend, SharedRepositoryBackend
+from streams import EventHub, EventPublisher, StreamLeases, StreamTokens
 
-__all__ = ["create_app"]
+__all__ = ["create_app", "redis_client"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,42 +56,114 @@ def redis_client(url: str) -> Redis:
     return client
 
 
+def default_backends(settings: Settings) -> list[ProvisionerBackend]:
+    admin_dsn = settings.provisioner_database_url or settings.database_url
+    assert admin_dsn is not None
+    return [GraphBackend(admin_dsn), SharedRepositoryBackend(admin_dsn)]
+
+
 async def dashboard(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "index.html")
 
 
-def create_app(settings: Settings) -> Starlette:
+async def checkout_return_page(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "checkout-return.html")
+
+
+def create_app(
+    settings: Settings,
+    *,
+    provider: PaymentProvider | None = None,
+    backends: Sequence[ProvisionerBackend] | None = None,
+    extra_routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The real payment provider and provisioning backends are the defaults; tests hand in
+    their own where they need to inject a fault."""
     if settings.database_url is None or settings.redis_url is None:
         raise ConfigError(
             "DATABASE_URL and REDIS_URL must be known before create_app; "
             "start the embedded servers first (app.embedded)"
         )
     database_url, redis_url = settings.database_url, settings.redis_url
+    instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(database_url)
         redis = redis_client(redis_url)
+        payments = provider or StripePaymentProvider(
+            settings.stripe_api_key,
+            environment=settings.environment,
+            api_base=settings.stripe_api_base,
+        )
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
+            publisher = EventPublisher(redis, prefix=settings.redis_prefix)
+            hub = EventHub(redis, prefix=settings.redis_prefix)
+            leases = StreamLeases(
+                redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
+            )
+            lifecycle = Lifecycle(pool, publisher)
+            hooks = BillingHooks(pool, payments, publisher)
+            runner = OperationRunner(
+                pool,
+                publisher,
+                hooks,
+                backends if backends is not None else default_backends(settings),
+                instance_id=instance_id,
+            )
+            lifecycle.runner = runner
+            inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
             shutting_down = anyio.Event()
             async with anyio.create_task_group() as task_group:
+                await task_group.start(hub.run)
+                await task_group.start(runner.run)
+                task_group.start_soon(leases.run)
+                task_group.start_soon(inbox.run)
+                task_group.start_soon(hooks.run_sweeps)
                 app.state.services = Services(
-                    settings=settings, pool=pool, redis=redis, shutting_down=shutting_down
+                    settings=settings,
+                    pool=pool,
+                    redis=redis,
+                    shutting_down=shutting_down,
+                    publisher=publisher,
+                    hub=hub,
+                    leases=leases,
+                    tokens=StreamTokens(settings.secret_key),
+                    provider=payments,
+                    lifecycle=lifecycle,
+                    hooks=hooks,
+                    runner=runner,
+                    inbox=inbox,
+                    checkout=CheckoutService(
+                        pool, payments, lifecycle, public_url=settings.public_url
+                    ),
                 )
-                app.state.begin_shutdown = shutting_down.set
+
+                def begin_shutdown() -> None:
+                    shutting_down.set()
+                    hub.close()
+
+                app.state.begin_shutdown = begin_shutdown
                 yield
-                shutting_down.set()
+                begin_shutdown()
                 task_group.cancel_scope.cancel()
         finally:
-            await redis.aclose()
-            await pool.close()
+            with anyio.CancelScope(shield=True):
+                await payments.aclose()
+                await redis.aclose()
+                await pool.close()
 
     routes: list[BaseRoute] = [
         Route("/", dashboard),
+        Route("/checkout/return", checkout_return_page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        *billing_routes,
+        *operation_routes,
+        *stream_routes,
+        *extra_routes,
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"))

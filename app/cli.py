@@ -119,11 +119,16 @@ def cmd_tail(args: argparse.Namespace) -> None:
 
 
 def cmd_webhooks_replay(args: argparse.Namespace) -> None:
-    from app.billing.replay import replay
+    from app.billing.replay import UnknownEvent, replay
 
     with resolved_settings(demo=True) as settings:
-        count = asyncio.run(replay(settings, event_id=args.event_id, failed=args.failed))
-    print(f"replayed {count} event(s)", file=sys.stderr)
+        try:
+            count = asyncio.run(replay(settings, event_id=args.event_id, failed=args.failed))
+        except UnknownEvent as exc:
+            raise StartupError(str(exc)) from None
+    print(
+        f"{count} event(s) queued again; a running Lookout takes them within 5 s", file=sys.stderr
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,7 +9,14 @@ import asyncpg
 from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
+from app.billing.checkout import CheckoutService
+from app.billing.compensation import BillingHooks
+from app.billing.inbox import WebhookInbox
+from app.billing.lifecycle import Lifecycle
+from app.billing.provider import PaymentProvider
 from app.settings import Settings
+from provisioning import OperationRunner
+from streams import EventHub, EventPublisher, StreamLeases, StreamTokens
 
 __all__ = ["Services", "services"]
 
@@ -21,6 +28,16 @@ class Services:
     redis: Redis
     # Set when the process begins to stop: open streams say goodbye and close.
     shutting_down: anyio.Event
+    publisher: EventPublisher
+    hub: EventHub
+    leases: StreamLeases
+    tokens: StreamTokens
+    provider: PaymentProvider
+    lifecycle: Lifecycle
+    hooks: BillingHooks
+    runner: OperationRunner
+    inbox: WebhookInbox
+    checkout: CheckoutService
 
 
 def services(connection: HTTPConnection) -> Services:

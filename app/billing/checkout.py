@@ -1,0 +1,168 @@
+"""Starting a purchase, and finding out whether it was paid."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import asyncpg
+
+from app.audit import record_audit
+from app.billing.lifecycle import Lifecycle
+from app.billing.plans import Plan
+from app.billing.provider import (
+    CheckoutSessionInfo,
+    PaymentProvider,
+    PaymentProviderError,
+)
+from app.billing.subscriptions import (
+    SubscriptionRecord,
+    get_subscription,
+    insert_subscription,
+    list_subscriptions,
+    set_subscription_fields,
+)
+from app.errors import APIError
+from app.ids import new_id
+from app.users import User
+
+__all__ = ["RESOURCE_NAME", "CheckoutService"]
+
+logger = logging.getLogger(__name__)
+
+RESOURCE_NAME = re.compile(r"[a-z][a-z0-9-]{1,38}[a-z0-9]")
+RESOURCE_ID_PREFIX = {"graph": "gr", "repository": "repo"}
+# A subscription in one of these holds (or is about to hold) its resource.
+HOLDING = ("provisioning", "active", "past_due", "unpaid", "paused")
+
+
+class CheckoutService:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        provider: PaymentProvider,
+        lifecycle: Lifecycle,
+        *,
+        public_url: str,
+    ) -> None:
+        self._pool = pool
+        self._provider = provider
+        self._lifecycle = lifecycle
+        self._public_url = public_url
+
+    async def start(
+        self, user: User, plan: Plan, resource_name: str
+    ) -> tuple[SubscriptionRecord, CheckoutSessionInfo]:
+        async with self._pool.acquire() as conn:
+            mine = await list_subscriptions(conn, user.id)
+        if any(s.resource_name == resource_name and s.status in HOLDING for s in mine):
+            raise APIError(
+                409,
+                "resource_name_taken",
+                f"You already have a resource named {resource_name!r}; choose another name.",
+            )
+        held = sum(1 for s in mine if s.plan == plan.name and s.status in HOLDING)
+        if held >= plan.limits.max_per_user:
+            raise APIError(
+                409,
+                "plan_limit_reached",
+                f"The {plan.display_name} plan allows {plan.limits.max_per_user} per customer;"
+                " cancel one first or choose a larger plan.",
+            )
+        for orphan in (s for s in mine if s.status == "pending_payment"):
+            if orphan.resource_name == resource_name:
+                await self._abandon(orphan)
+        async with self._pool.acquire() as conn:
+            record = await insert_subscription(
+                conn,
+                subscription_id=new_id("sub"),
+                user_id=user.id,
+                plan=plan.name,
+                resource_type=plan.resource_type,
+                resource_name=resource_name,
+                resource_id=new_id(RESOURCE_ID_PREFIX[plan.resource_type]),
+            )
+        try:
+            session = await self._provider.create_checkout_session(
+                plan=plan,
+                lookout_subscription_id=record.id,
+                success_url=f"{self._public_url}/checkout/return?session_id={{CHECKOUT_SESSION_ID}}",
+                cancel_url=f"{self._public_url}/?checkout=cancelled",
+                customer_email=user.email,
+            )
+        except PaymentProviderError as exc:
+            async with self._pool.acquire() as conn:
+                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+            logger.warning("creating a Checkout Session failed: %s", exc)
+            raise APIError(
+                503,
+                "payment_provider_unavailable",
+                "Stripe could not start the checkout just now; nothing was charged. Try again.",
+                headers={"Retry-After": "5"},
+            ) from exc
+        async with self._pool.acquire() as conn:
+            record = await set_subscription_fields(
+                conn, record.id, stripe_checkout_session_id=session.id
+            )
+            await record_audit(
+                conn,
+                "checkout.created",
+                user_id=user.id,
+                subject_id=record.id,
+                detail={"plan": plan.name, "checkout_session_id": session.id},
+            )
+        return record, session
+
+    async def _abandon(self, orphan: SubscriptionRecord) -> None:
+        """An earlier checkout for the same resource that was never paid: expire it in Stripe,
+        unless it turns out to have been paid after all."""
+        session_id = orphan.stripe_checkout_session_id
+        if session_id is not None:
+            try:
+                session = await self._provider.expire_checkout_session(session_id)
+            except PaymentProviderError as exc:
+                logger.warning("could not expire Checkout Session %s: %s", session_id, exc)
+                return
+            if session.is_paid:
+                await self._lifecycle.fulfil(
+                    orphan.id,
+                    stripe_subscription_id=session.subscription_id,
+                    customer_id=session.customer_id,
+                    source="checkout.orphan_check",
+                )
+                return
+        await self._lifecycle.set_status(
+            orphan.id, "expired", only_from=frozenset({"pending_payment"}), reason="superseded"
+        )
+
+    async def confirm(self, record: SubscriptionRecord) -> SubscriptionRecord:
+        """The checkout return page asks before the webhook came: ask Stripe itself. This can
+        only move the subscription forward."""
+        if record.status != "pending_payment" or record.stripe_checkout_session_id is None:
+            return record
+        try:
+            session = await self._provider.retrieve_checkout_session(
+                record.stripe_checkout_session_id
+            )
+        except PaymentProviderError as exc:
+            logger.warning("could not ask Stripe about %s: %s", record.id, exc)
+            return record
+        if session.is_paid:
+            return (
+                await self._lifecycle.fulfil(
+                    record.id,
+                    stripe_subscription_id=session.subscription_id,
+                    customer_id=session.customer_id,
+                    source="checkout.return",
+                )
+                or record
+            )
+        if session.status == "expired":
+            return (
+                await self._lifecycle.set_status(
+                    record.id, "expired", only_from=frozenset({"pending_payment"}), reason="expired"
+                )
+                or record
+            )
+        async with self._pool.acquire() as conn:
+            return await get_subscription(conn, record.id) or record

@@ -1,0 +1,190 @@
+"""What each Stripe event does. Anything not handled here is logged and kept in the inbox.
+
+Stripe delivers late, twice and out of order, and a payload is a picture of the object at the
+time of the event: so where the current state matters, the object is fetched from Stripe and
+that state applied, stamped with the time of the fetch. Only when Stripe does not know the
+object is the payload used, stamped with the event's own `created`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+
+from app.audit import record_audit
+from app.billing.inbox import InboxEvent
+from app.billing.lifecycle import Lifecycle, StripeState
+from app.billing.provider import PaymentProvider, PaymentProviderNotFound
+from app.billing.stripe_objects import (
+    invoice_subscription_id,
+    lookout_id,
+    object_id,
+    period_end,
+)
+from app.billing.subscriptions import (
+    SubscriptionRecord,
+    get_subscription,
+    get_subscription_by_session,
+    get_subscription_by_stripe_id,
+)
+
+__all__ = ["StripeEventHandlers"]
+
+logger = logging.getLogger(__name__)
+
+PAID = frozenset({"paid", "no_payment_required"})
+
+
+class StripeEventHandlers:
+    def __init__(self, pool: asyncpg.Pool, provider: PaymentProvider, lifecycle: Lifecycle) -> None:
+        self._pool = pool
+        self._provider = provider
+        self._lifecycle = lifecycle
+        self._handlers: dict[str, Callable[[InboxEvent, SubscriptionRecord], Awaitable[None]]] = {
+            "checkout.session.completed": self._checkout_completed,
+            "checkout.session.async_payment_succeeded": self._checkout_paid,
+            "checkout.session.async_payment_failed": self._checkout_payment_failed,
+            "checkout.session.expired": self._checkout_expired,
+            "customer.subscription.created": self._subscription_changed,
+            "customer.subscription.updated": self._subscription_changed,
+            "customer.subscription.deleted": self._subscription_changed,
+            "customer.subscription.paused": self._subscription_changed,
+            "customer.subscription.resumed": self._subscription_changed,
+            "invoice.paid": self._invoice,
+            "invoice.payment_failed": self._invoice,
+            "invoice.payment_action_required": self._invoice,
+        }
+
+    async def __call__(self, event: InboxEvent) -> None:
+        if event.type == "setup_intent.succeeded":
+            await self._setup_intent_succeeded(event)
+            return
+        handler = self._handlers.get(event.type)
+        record = await self._local_subscription(event) if handler else None
+        async with self._pool.acquire() as conn:
+            await record_audit(
+                conn,
+                f"stripe.{event.type}",
+                user_id=record.user_id if record else None,
+                subject_id=record.id if record else object_id(event.object),
+                detail={"event_id": event.id, "object_id": object_id(event.object)},
+            )
+        if handler is None:
+            logger.info("Stripe event %s (%s) needs no action", event.id, event.type)
+        elif record is None:
+            logger.info(
+                "Stripe event %s (%s) is about no subscription of ours", event.id, event.type
+            )
+        else:
+            await handler(event, record)
+
+    async def _local_subscription(self, event: InboxEvent) -> SubscriptionRecord | None:
+        obj = event.object
+        async with self._pool.acquire() as conn:
+            ours = lookout_id(obj)
+            if ours is not None and (found := await get_subscription(conn, ours)) is not None:
+                return found
+            if event.type.startswith("checkout.session."):
+                return await get_subscription_by_session(conn, object_id(obj) or "")
+            stripe_id = (
+                invoice_subscription_id(obj)
+                if event.type.startswith("invoice.")
+                else object_id(obj)
+            )
+            return await get_subscription_by_stripe_id(conn, stripe_id) if stripe_id else None
+
+    async def _checkout_completed(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        if event.object.get("payment_status") in PAID:
+            await self._checkout_paid(event, record)
+        else:
+            logger.info("checkout %s completed unpaid: waiting for its async payment", record.id)
+
+    async def _checkout_paid(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        await self._lifecycle.fulfil(
+            record.id,
+            stripe_subscription_id=object_id(event.object.get("subscription")),
+            customer_id=object_id(event.object.get("customer")),
+            source=event.type,
+        )
+
+    async def _checkout_payment_failed(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        await self._lifecycle.set_status(
+            record.id, "failed", only_from=frozenset({"pending_payment"}), reason=event.type
+        )
+
+    async def _checkout_expired(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        await self._lifecycle.set_status(
+            record.id, "expired", only_from=frozenset({"pending_payment"}), reason=event.type
+        )
+
+    async def _subscription_changed(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        stripe_id = object_id(event.object)
+        if stripe_id is not None:
+            await self._apply_current(record, stripe_id, event, fallback=event.object)
+
+    async def _invoice(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        stripe_id = invoice_subscription_id(event.object) or record.stripe_subscription_id
+        if stripe_id is None:
+            return
+        fallback_status = {
+            "invoice.paid": "active",
+            "invoice.payment_failed": "past_due",
+            "invoice.payment_action_required": "past_due",
+        }[event.type]
+        await self._apply_current(
+            record, stripe_id, event, fallback={"id": stripe_id, "status": fallback_status}
+        )
+
+    async def _apply_current(
+        self,
+        record: SubscriptionRecord,
+        stripe_id: str,
+        event: InboxEvent,
+        *,
+        fallback: Mapping[str, Any],
+    ) -> None:
+        fetched_at = datetime.now(UTC)
+        try:
+            info = await self._provider.retrieve_subscription(stripe_id)
+        except PaymentProviderNotFound:
+            state = _state_from_payload(fallback, record, event.created)
+        else:
+            state = StripeState.fetched(info, fetched_at)
+        await self._lifecycle.apply_stripe_state(record.id, state, source=event.type)
+
+    async def _setup_intent_succeeded(self, event: InboxEvent) -> None:
+        customer = object_id(event.object.get("customer"))
+        async with self._pool.acquire() as conn:
+            updated = await conn.fetch(
+                "UPDATE subscriptions SET has_payment_method = true, updated_at = now()"
+                " WHERE stripe_customer_id = $1 RETURNING id, user_id",
+                customer,
+            )
+            await record_audit(
+                conn,
+                "stripe.setup_intent.succeeded",
+                user_id=updated[0]["user_id"] if updated else None,
+                subject_id=customer,
+                detail={"event_id": event.id, "subscriptions": [r["id"] for r in updated]},
+            )
+
+
+def _state_from_payload(
+    obj: Mapping[str, Any], record: SubscriptionRecord, created: datetime
+) -> StripeState:
+    return StripeState(
+        stripe_id=object_id(obj) or record.stripe_subscription_id or "",
+        status=str(obj.get("status", "")),
+        customer_id=object_id(obj.get("customer")),
+        cancel_at_period_end=(
+            bool(obj.get("cancel_at_period_end")) or obj.get("cancel_at") is not None
+            if "cancel_at_period_end" in obj
+            else record.cancel_at_period_end
+        ),
+        current_period_end=period_end(obj),
+        observed_at=created,
+    )

@@ -1,0 +1,224 @@
+"""The subscription lifecycle: paying starts provisioning; Stripe's state moves the status.
+
+Every change goes through here, whether it comes from a webhook, from the checkout return
+page asking Stripe itself, or from the customer's own cancel button, so that each rule is
+written once: terminal statuses stay; paying can only move a subscription forward; an
+older view of Stripe never overwrites a newer one.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import asyncpg
+
+from app.audit import record_audit
+from app.billing.plans import get_plan
+from app.billing.provider import SubscriptionInfo
+from app.billing.subscriptions import (
+    ACTIVE_RESOURCE_STATUSES,
+    TERMINAL_STATUSES,
+    SubscriptionRecord,
+    get_subscription,
+    set_subscription_fields,
+)
+from app.billing.updates import publish_subscription
+from provisioning import NothingToDeprovision, OperationRunner, ResourceSpec
+from streams import EventPublisher
+
+__all__ = ["Lifecycle", "StripeState", "resource_spec", "status_for_stripe"]
+
+logger = logging.getLogger(__name__)
+
+
+def resource_spec(record: SubscriptionRecord) -> ResourceSpec:
+    plan = get_plan(record.plan)
+    limits = {"max_resources": plan.limits.max_per_user}
+    if plan.limits.max_connections is not None:
+        limits["max_connections"] = plan.limits.max_connections
+    return ResourceSpec(resource_type=plan.resource_type, plan_name=plan.name, limits=limits)
+
+
+def status_for_stripe(stripe_status: str, current: str) -> str:
+    """Our status once Stripe's subscription is in `stripe_status`."""
+    if current in TERMINAL_STATUSES:
+        return current
+    if stripe_status == "canceled":
+        return "canceled"
+    if stripe_status == "incomplete_expired":
+        return "expired" if current == "pending_payment" else current
+    if current not in ACTIVE_RESOURCE_STATUSES:
+        # Paid but not yet provisioned: provisioning, not Stripe, says when it is active.
+        return current
+    mapped = {
+        "active": "active",
+        "trialing": "active",
+        "past_due": "past_due",
+        "unpaid": "unpaid",
+        "paused": "paused",
+    }
+    return mapped.get(stripe_status, current)
+
+
+class StripeState:
+    """The part of a Stripe subscription Lookout keeps, with when it was true."""
+
+    def __init__(
+        self,
+        *,
+        stripe_id: str,
+        status: str,
+        customer_id: str | None,
+        cancel_at_period_end: bool,
+        current_period_end: datetime | None,
+        observed_at: datetime,
+    ) -> None:
+        self.stripe_id = stripe_id
+        self.status = status
+        self.customer_id = customer_id
+        self.cancel_at_period_end = cancel_at_period_end
+        self.current_period_end = current_period_end
+        self.observed_at = observed_at
+
+    @classmethod
+    def fetched(cls, info: SubscriptionInfo, observed_at: datetime) -> StripeState:
+        return cls(
+            stripe_id=info.id,
+            status=info.status,
+            customer_id=info.customer_id,
+            cancel_at_period_end=info.cancel_at_period_end or info.cancel_at is not None,
+            current_period_end=info.current_period_end,
+            observed_at=observed_at,
+        )
+
+
+class Lifecycle:
+    def __init__(self, pool: asyncpg.Pool, publisher: EventPublisher) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self.runner: OperationRunner | None = None  # attached once the runner exists
+
+    async def fulfil(
+        self,
+        subscription_id: str,
+        *,
+        stripe_subscription_id: str | None,
+        customer_id: str | None,
+        source: str,
+    ) -> SubscriptionRecord | None:
+        """Payment is confirmed: `pending_payment` → `provisioning`, and provisioning starts.
+        Safe to repeat: a subscription already past that point only gets its operation
+        (re)attached, which is how a crash between the two steps heals."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None:
+                return None
+            after = before
+            if before.status == "pending_payment":
+                fields: dict[str, object] = {"status": "provisioning"}
+                if stripe_subscription_id and not before.stripe_subscription_id:
+                    fields["stripe_subscription_id"] = stripe_subscription_id
+                if customer_id and not before.stripe_customer_id:
+                    fields["stripe_customer_id"] = customer_id
+                after = await set_subscription_fields(conn, subscription_id, **fields)
+                await record_audit(
+                    conn,
+                    "subscription.paid",
+                    user_id=after.user_id,
+                    subject_id=after.id,
+                    detail={"source": source, "stripe_subscription_id": stripe_subscription_id},
+                )
+        await publish_subscription(self._publisher, after, before)
+        if after.status == "provisioning" and after.operation_id is None:
+            after = await self._start_provisioning(after)
+        return after
+
+    async def _start_provisioning(self, record: SubscriptionRecord) -> SubscriptionRecord:
+        if self.runner is None:
+            raise RuntimeError("the provisioning runner is not attached to the lifecycle")
+        operation = await self.runner.start(
+            "provision",
+            record.id,
+            record.user_id,
+            resource_spec(record),
+            resource_id=record.resource_id,
+        )
+        async with self._pool.acquire() as conn:
+            after = await set_subscription_fields(conn, record.id, operation_id=operation.id)
+        await publish_subscription(self._publisher, after, record)
+        return after
+
+    async def set_status(
+        self, subscription_id: str, status: str, *, only_from: frozenset[str], reason: str
+    ) -> SubscriptionRecord | None:
+        """Moves to `status` when the subscription is in one of `only_from`."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None or before.status not in only_from:
+                return before
+            after = await set_subscription_fields(conn, subscription_id, status=status)
+            await record_audit(
+                conn,
+                f"subscription.{status}",
+                user_id=after.user_id,
+                subject_id=after.id,
+                detail={"from": before.status, "reason": reason},
+            )
+        await publish_subscription(self._publisher, after, before)
+        return after
+
+    async def apply_stripe_state(
+        self, subscription_id: str, state: StripeState, *, source: str
+    ) -> SubscriptionRecord | None:
+        """Applies Stripe's view unless a newer one was applied already."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None:
+                return None
+            if before.stripe_state_at is not None and state.observed_at < before.stripe_state_at:
+                logger.info("ignoring stale Stripe state of %s from %s", subscription_id, source)
+                return before
+            status = status_for_stripe(state.status, before.status)
+            after = await set_subscription_fields(
+                conn,
+                subscription_id,
+                status=status,
+                stripe_subscription_id=before.stripe_subscription_id or state.stripe_id,
+                stripe_customer_id=before.stripe_customer_id or state.customer_id,
+                cancel_at_period_end=state.cancel_at_period_end,
+                current_period_end=state.current_period_end or before.current_period_end,
+                stripe_state_at=state.observed_at,
+            )
+            if status != before.status:
+                await record_audit(
+                    conn,
+                    f"subscription.{status}",
+                    user_id=after.user_id,
+                    subject_id=after.id,
+                    detail={"from": before.status, "stripe_status": state.status, "source": source},
+                )
+        await publish_subscription(self._publisher, after, before)
+        if before.status == "pending_payment" and state.status in ("active", "trialing"):
+            # Stripe says it is paid even though the checkout event has not been seen.
+            return await self.fulfil(
+                subscription_id,
+                stripe_subscription_id=state.stripe_id,
+                customer_id=state.customer_id,
+                source=source,
+            )
+        if after.status == "canceled" and before.status != "canceled":
+            await self.schedule_deprovisioning(after)
+        return after
+
+    async def schedule_deprovisioning(self, record: SubscriptionRecord) -> None:
+        if self.runner is None:
+            raise RuntimeError("the provisioning runner is not attached to the lifecycle")
+        try:
+            await self.runner.start("deprovision", record.id, record.user_id, resource_spec(record))
+        except NothingToDeprovision:
+            logger.info("subscription %s ended before anything was provisioned", record.id)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,145 @@
+"""The plan catalog: what a customer can buy, what it costs, and what it allows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+__all__ = [
+    "PLANS",
+    "Plan",
+    "PlanLimits",
+    "PlanPrice",
+    "UnknownPlan",
+    "get_plan",
+    "price_lookup_key",
+    "stripe_product_name",
+]
+
+ResourceType = Literal["graph", "repository"]
+Interval = Literal["day", "week", "month", "year"]
+
+
+class UnknownPlan(LookupError):
+    def __init__(self, name: str) -> None:
+        known = ", ".join(PLANS)
+        super().__init__(f"there is no plan {name!r}; choose one of: {known}")
+        self.name = name
+
+
+@dataclass(frozen=True)
+class PlanPrice:
+    amount: int  # minor units (cents)
+    currency: str  # ISO 4217, lower case as Stripe writes it
+    interval: Interval
+
+    def as_json(self) -> dict[str, Any]:
+        return {"amount": self.amount, "currency": self.currency, "interval": self.interval}
+
+
+@dataclass(frozen=True)
+class PlanLimits:
+    max_per_user: int  # resources of this plan one user may hold at once
+    storage_mb: int
+    max_nodes: int | None = None  # graphs
+    max_connections: int | None = None  # graphs: the database's CONNECTION LIMIT
+    max_members: int | None = None  # shared repositories
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    display_name: str
+    resource_type: ResourceType
+    price: PlanPrice
+    limits: PlanLimits
+    description: str
+
+    def as_json(self) -> dict[str, Any]:
+        """What `GET /v1/plans` lists."""
+        return {
+            "name": self.name,
+            "display_name": self.display_name,
+            "resource_type": self.resource_type,
+            "description": self.description,
+            "price": self.price.as_json(),
+            "limits": self.limits.as_json(),
+        }
+
+
+def _catalog(*plans: Plan) -> MappingProxyType[str, Plan]:
+    return MappingProxyType({plan.name: plan for plan in plans})
+
+
+PLANS: MappingProxyType[str, Plan] = _catalog(
+    Plan(
+        "graph-standard",
+        "Graph Standard",
+        "graph",
+        PlanPrice(2900, "usd", "month"),
+        PlanLimits(max_per_user=3, storage_mb=1024, max_nodes=100_000, max_connections=5),
+        "A dedicated graph database for a project: 1 GB, up to 100,000 nodes.",
+    ),
+    Plan(
+        "graph-large",
+        "Graph Large",
+        "graph",
+        PlanPrice(7900, "usd", "month"),
+        PlanLimits(max_per_user=3, storage_mb=10_240, max_nodes=1_000_000, max_connections=20),
+        "A dedicated graph database for a team: 10 GB, up to 1,000,000 nodes.",
+    ),
+    Plan(
+        "graph-xlarge",
+        "Graph XLarge",
+        "graph",
+        PlanPrice(19_900, "usd", "month"),
+        PlanLimits(max_per_user=1, storage_mb=51_200, max_nodes=10_000_000, max_connections=50),
+        "A dedicated graph database for production: 50 GB, up to 10,000,000 nodes.",
+    ),
+    Plan(
+        "repository-reader",
+        "Repository Reader",
+        "repository",
+        PlanPrice(900, "usd", "month"),
+        PlanLimits(max_per_user=5, storage_mb=512, max_members=1),
+        "Read access to the shared repository for one person.",
+    ),
+    Plan(
+        "repository-team",
+        "Repository Team",
+        "repository",
+        PlanPrice(4900, "usd", "month"),
+        PlanLimits(max_per_user=2, storage_mb=5120, max_members=10),
+        "A team space in the shared repository: 5 GB, up to 10 members.",
+    ),
+)
+
+
+def get_plan(name: str) -> Plan:
+    try:
+        return PLANS[name]
+    except KeyError:
+        raise UnknownPlan(name) from None
+
+
+def _environment(environment: str) -> str:
+    env = environment.strip().lower()
+    if not env:
+        raise ValueError("the environment name is empty; set LOOKOUT_ENVIRONMENT")
+    return env
+
+
+def stripe_product_name(plan: Plan, environment: str) -> str:
+    """ "Graph Standard" in production, "Graph Standard (staging)" elsewhere."""
+    env = _environment(environment)
+    return plan.display_name if env == "production" else f"{plan.display_name} ({env})"
+
+
+def price_lookup_key(plan: Plan, environment: str) -> str:
+    """The Stripe `lookup_key` of a plan's price: one per plan and environment, stable across
+    price changes (a new amount moves the key to a new Price with `transfer_lookup_key`)."""
+    return f"lookout_{_environment(environment)}_{plan.name}"

@@ -1,0 +1,138 @@
+"""What Lookout needs from a payment provider, in Lookout's own terms.
+
+Implementations return these small frozen dataclasses, never SDK objects, and raise only the
+exceptions below. Every method that changes something in the provider is safe to retry: creates
+and cancellations carry deterministic idempotency keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from app.billing.plans import Plan
+
+__all__ = [
+    "CheckoutSessionInfo",
+    "PaymentProvider",
+    "PaymentProviderError",
+    "PaymentProviderNotFound",
+    "PaymentProviderUnavailable",
+    "SubscriptionAlreadyCanceled",
+    "SubscriptionInfo",
+]
+
+# The metadata key, on the Checkout Session and on the subscription, naming our subscription.
+SUBSCRIPTION_ID_KEY = "lookout_subscription_id"
+
+
+class PaymentProviderError(Exception):
+    """The provider refused the request; retrying the same request will not help."""
+
+
+class PaymentProviderUnavailable(PaymentProviderError):
+    """The provider could not be reached or failed on its side (network, 5xx, 429, 409).
+    The request is safe to retry later: it carries the same idempotency key each time."""
+
+
+class PaymentProviderNotFound(PaymentProviderError):
+    """The provider has no object with that id (check the id and the API key's account)."""
+
+
+class SubscriptionAlreadyCanceled(PaymentProviderError):
+    """The subscription has ended in the provider; only its metadata can still change."""
+
+
+@dataclass(frozen=True)
+class CheckoutSessionInfo:
+    id: str
+    status: str  # "open" | "complete" | "expired"
+    payment_status: str  # "paid" | "unpaid" | "no_payment_required"
+    url: str | None  # the hosted page; None once the session is complete or expired
+    metadata: Mapping[str, str]
+    subscription_id: str | None  # the provider's subscription, once the customer paid
+    customer_id: str | None
+    client_reference_id: str | None
+    created: datetime
+    expires_at: datetime
+
+    @property
+    def lookout_subscription_id(self) -> str | None:
+        return self.metadata.get(SUBSCRIPTION_ID_KEY)
+
+    @property
+    def is_paid(self) -> bool:
+        return self.status == "complete" and self.payment_status in ("paid", "no_payment_required")
+
+
+@dataclass(frozen=True)
+class SubscriptionInfo:
+    id: str
+    status: str  # Stripe's: active, past_due, unpaid, canceled, incomplete, paused, ...
+    customer_id: str
+    metadata: Mapping[str, str]
+    cancel_at_period_end: bool
+    current_period_start: datetime | None  # from the subscription item (current API shape)
+    current_period_end: datetime | None
+    created: datetime
+    cancel_at: datetime | None = None
+    canceled_at: datetime | None = None
+    ended_at: datetime | None = None
+    price_id: str | None = None
+    price_lookup_key: str | None = None
+    latest_invoice_id: str | None = None
+    items: tuple[str, ...] = field(default=())  # subscription item ids
+
+    @property
+    def lookout_subscription_id(self) -> str | None:
+        return self.metadata.get(SUBSCRIPTION_ID_KEY)
+
+
+class PaymentProvider(Protocol):
+    async def ensure_price(self, plan: Plan) -> str:
+        """The provider's price id for `plan` in this environment, found by lookup key or
+        created once (also when several processes ask at the same time)."""
+        ...
+
+    async def create_checkout_session(
+        self,
+        *,
+        plan: Plan,
+        lookout_subscription_id: str,
+        success_url: str,
+        cancel_url: str,
+        customer_id: str | None = None,
+        customer_email: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> CheckoutSessionInfo:
+        """A hosted checkout in subscription mode. `lookout_subscription_id` goes into the
+        session's and the subscription's metadata and `client_reference_id`, and derives the
+        idempotency key: asking twice for the same subscription gives the same session.
+        `success_url` may contain `{CHECKOUT_SESSION_ID}`."""
+        ...
+
+    async def retrieve_checkout_session(self, session_id: str) -> CheckoutSessionInfo: ...
+
+    async def expire_checkout_session(self, session_id: str) -> CheckoutSessionInfo:
+        """Expire an open session; a session that is no longer open is returned as it is
+        (check `status`: a `complete` one was paid and must not be treated as abandoned)."""
+        ...
+
+    async def retrieve_subscription(self, subscription_id: str) -> SubscriptionInfo: ...
+
+    async def set_cancel_at_period_end(
+        self, subscription_id: str, cancel: bool, *, idempotency_key: str
+    ) -> SubscriptionInfo:
+        """Cancel at the end of the period (`cancel=True`) or undo that. Raises
+        `SubscriptionAlreadyCanceled` when the subscription has already ended."""
+        ...
+
+    async def cancel_subscription_now(
+        self, subscription_id: str, *, idempotency_key: str
+    ) -> SubscriptionInfo:
+        """End the subscription at once. One that is already canceled counts as success."""
+        ...
+
+    async def aclose(self) -> None: ...

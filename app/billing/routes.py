@@ -1,0 +1,214 @@
+"""The billing routes of the contract: plans, checkout, subscriptions, the Stripe webhook."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import asyncpg
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app.auth import authenticate
+from app.billing.checkout import RESOURCE_NAME
+from app.billing.lifecycle import StripeState
+from app.billing.plans import PLANS, UnknownPlan, get_plan
+from app.billing.provider import PaymentProviderError, SubscriptionAlreadyCanceled
+from app.billing.subscriptions import (
+    ACTIVE_RESOURCE_STATUSES,
+    SubscriptionRecord,
+    get_subscription,
+    get_subscription_by_resource,
+    get_subscription_by_session,
+    list_subscriptions,
+)
+from app.billing.updates import subscription_json
+from app.billing.webhook_receiver import (
+    parse_event,
+    read_capped_body,
+    store_event,
+    verify_signature,
+)
+from app.errors import APIError
+from app.requests import read_json, require_string
+from app.services import services
+from app.users import User
+
+__all__ = ["billing_routes", "owned_subscription"]
+
+logger = logging.getLogger(__name__)
+
+
+async def plans(request: Request) -> Response:
+    return JSONResponse({"data": [plan.as_json() for plan in PLANS.values()]})
+
+
+async def create_checkout(request: Request) -> Response:
+    user = await authenticate(request)
+    body = await read_json(request)
+    plan_name = require_string(body, "plan", hint=f"Choose one of: {', '.join(PLANS)}.")
+    try:
+        plan = get_plan(plan_name)
+    except UnknownPlan as exc:
+        raise APIError(400, "unknown_plan", str(exc)) from None
+    resource_name = require_string(
+        body,
+        "resource_name",
+        pattern=RESOURCE_NAME,
+        hint="Use 3 to 40 lower-case letters, digits and dashes, starting with a letter.",
+    )
+    record, session = await services(request).checkout.start(user, plan, resource_name)
+    return JSONResponse(
+        {
+            "subscription_id": record.id,
+            "checkout_session_id": session.id,
+            "checkout_url": session.url,
+            "status": record.status,
+        },
+        status_code=201,
+    )
+
+
+def events_url(request: Request, record: SubscriptionRecord) -> str:
+    base = str(request.base_url).rstrip("/")
+    if record.operation_id:
+        return f"{base}/v1/operations/{record.operation_id}/events"
+    return f"{base}/v1/events"
+
+
+async def checkout_status(request: Request) -> Response:
+    user = await authenticate(request)
+    session_id = request.path_params["session_id"]
+    async with services(request).pool.acquire() as conn:
+        record = await get_subscription_by_session(conn, session_id)
+    if record is None or record.user_id != user.id:
+        raise APIError(404, "not_found", f"There is no checkout {session_id} of yours.")
+    record = await services(request).checkout.confirm(record)
+    return JSONResponse(
+        {
+            "status": record.status,
+            "subscription_id": record.id,
+            "operation_id": record.operation_id,
+            "events_url": events_url(request, record),
+        }
+    )
+
+
+async def owned_subscription(
+    request: Request, user: User, subscription_id: str
+) -> SubscriptionRecord:
+    async with services(request).pool.acquire() as conn:
+        record = await get_subscription(conn, subscription_id)
+    if record is None or record.user_id != user.id:
+        raise APIError(404, "not_found", f"There is no subscription {subscription_id} of yours.")
+    return record
+
+
+async def subscriptions(request: Request) -> Response:
+    user = await authenticate(request)
+    async with services(request).pool.acquire() as conn:
+        records = await list_subscriptions(conn, user.id)
+    return JSONResponse({"data": [subscription_json(r) for r in records]})
+
+
+async def subscription(request: Request) -> Response:
+    user = await authenticate(request)
+    record = await owned_subscription(request, user, request.path_params["subscription_id"])
+    return JSONResponse(subscription_json(record))
+
+
+async def _set_cancel_at_period_end(request: Request, cancel: bool) -> Response:
+    user = await authenticate(request)
+    found = services(request)
+    record = await owned_subscription(request, user, request.path_params["subscription_id"])
+    if record.cancel_at_period_end == cancel:
+        return JSONResponse(subscription_json(record))
+    if record.stripe_subscription_id is None or record.status not in (
+        ACTIVE_RESOURCE_STATUSES | {"provisioning"}
+    ):
+        raise APIError(
+            409,
+            "not_cancellable" if cancel else "not_reactivatable",
+            f"A subscription that is {record.status} cannot be "
+            + ("cancelled." if cancel else "reactivated."),
+        )
+    async with found.pool.acquire() as conn:
+        changes = await conn.fetchval(
+            "UPDATE subscriptions SET billing_changes = billing_changes + 1 WHERE id = $1"
+            " RETURNING billing_changes",
+            record.id,
+        )
+    action = "cancel" if cancel else "reactivate"
+    asked_at = datetime.now(UTC)
+    try:
+        info = await found.provider.set_cancel_at_period_end(
+            record.stripe_subscription_id,
+            cancel,
+            idempotency_key=f"lookout-{record.id}-{action}-{changes}",
+        )
+    except SubscriptionAlreadyCanceled:
+        raise APIError(
+            409, "already_canceled", "This subscription has ended in Stripe already."
+        ) from None
+    except PaymentProviderError as exc:
+        raise APIError(
+            503,
+            "payment_provider_unavailable",
+            "Stripe did not answer; nothing changed. Try again in a moment.",
+            headers={"Retry-After": "5"},
+        ) from exc
+    updated = await found.lifecycle.apply_stripe_state(
+        record.id, StripeState.fetched(info, asked_at), source=f"api.{action}"
+    )
+    return JSONResponse(subscription_json(updated or record))
+
+
+async def cancel(request: Request) -> Response:
+    return await _set_cancel_at_period_end(request, True)
+
+
+async def reactivate(request: Request) -> Response:
+    return await _set_cancel_at_period_end(request, False)
+
+
+async def graph_subscription(request: Request) -> Response:
+    user = await authenticate(request)
+    graph_id = request.path_params["graph_id"]
+    async with services(request).pool.acquire() as conn:
+        record = await get_subscription_by_resource(conn, graph_id)
+    if record is None or record.user_id != user.id or record.resource_type != "graph":
+        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
+    return JSONResponse(subscription_json(record))
+
+
+async def stripe_webhook(request: Request) -> Response:
+    found = services(request)
+    body = await read_capped_body(request)
+    text = verify_signature(
+        body, request.headers.get("stripe-signature"), found.settings.stripe_webhook_secrets
+    )
+    event = parse_event(text)
+    try:
+        async with found.pool.acquire() as conn:
+            new = await store_event(conn, event)
+    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
+        raise APIError(
+            400, "invalid_payload", "The event contains characters that cannot be stored."
+        ) from None
+    if new:
+        found.inbox.wake()
+    return JSONResponse({"received": True, "id": event.id, "duplicate": not new})
+
+
+billing_routes = [
+    Route("/v1/plans", plans, methods=["GET"]),
+    Route("/v1/checkout", create_checkout, methods=["POST"]),
+    Route("/v1/checkout/{session_id}", checkout_status, methods=["GET"]),
+    Route("/v1/subscriptions", subscriptions, methods=["GET"]),
+    Route("/v1/subscriptions/{subscription_id}", subscription, methods=["GET"]),
+    Route("/v1/subscriptions/{subscription_id}/cancel", cancel, methods=["POST"]),
+    Route("/v1/subscriptions/{subscription_id}/reactivate", reactivate, methods=["POST"]),
+    Route("/v1/graphs/{graph_id}/subscription", graph_subscription, methods=["GET"]),
+    Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
+]

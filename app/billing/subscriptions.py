@@ -1,0 +1,184 @@
+"""The subscriptions table: records, queries and their API shape."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from app.db import Connection
+
+__all__ = [
+    "ACTIVE_RESOURCE_STATUSES",
+    "TERMINAL_STATUSES",
+    "SubscriptionRecord",
+    "get_subscription",
+    "get_subscription_by_resource",
+    "get_subscription_by_session",
+    "get_subscription_by_stripe_id",
+    "insert_subscription",
+    "list_subscriptions",
+    "set_subscription_fields",
+]
+
+# Once here, a subscription stays: no later event moves it anywhere else.
+TERMINAL_STATUSES = frozenset({"canceled", "failed", "expired"})
+# The resource exists and belongs to the customer in these.
+ACTIVE_RESOURCE_STATUSES = frozenset({"active", "past_due", "unpaid", "paused"})
+
+_COLUMNS = (
+    "id, user_id, plan, resource_type, resource_name, resource_id, status,"
+    " stripe_checkout_session_id, stripe_subscription_id, stripe_customer_id,"
+    " cancel_at_period_end, current_period_end, has_payment_method, stripe_state_at,"
+    " billing_changes, operation_id, created_at, updated_at"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionRecord:
+    id: str
+    user_id: str
+    plan: str
+    resource_type: str
+    resource_name: str
+    resource_id: str
+    status: str
+    stripe_checkout_session_id: str | None
+    stripe_subscription_id: str | None
+    stripe_customer_id: str | None
+    cancel_at_period_end: bool
+    current_period_end: datetime | None
+    has_payment_method: bool
+    stripe_state_at: datetime | None
+    billing_changes: int
+    operation_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> SubscriptionRecord:
+        return cls(**dict(row.items()))
+
+
+def _one(row: asyncpg.Record | None) -> SubscriptionRecord | None:
+    return SubscriptionRecord.from_row(row) if row is not None else None
+
+
+async def insert_subscription(
+    conn: Connection,
+    *,
+    subscription_id: str,
+    user_id: str,
+    plan: str,
+    resource_type: str,
+    resource_name: str,
+    resource_id: str,
+) -> SubscriptionRecord:
+    row = await conn.fetchrow(
+        "INSERT INTO subscriptions (id, user_id, plan, resource_type, resource_name,"
+        " resource_id, status) VALUES ($1, $2, $3, $4, $5, $6, 'pending_payment')"
+        f" RETURNING {_COLUMNS}",
+        subscription_id,
+        user_id,
+        plan,
+        resource_type,
+        resource_name,
+        resource_id,
+    )
+    assert row is not None
+    return SubscriptionRecord.from_row(row)
+
+
+async def get_subscription(
+    conn: Connection, subscription_id: str, *, for_update: bool = False
+) -> SubscriptionRecord | None:
+    lock = " FOR UPDATE" if for_update else ""
+    return _one(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE id = $1{lock}", subscription_id
+        )
+    )
+
+
+async def get_subscription_by_session(
+    conn: Connection, session_id: str
+) -> SubscriptionRecord | None:
+    return _one(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE stripe_checkout_session_id = $1",
+            session_id,
+        )
+    )
+
+
+async def get_subscription_by_stripe_id(
+    conn: Connection, stripe_subscription_id: str
+) -> SubscriptionRecord | None:
+    return _one(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE stripe_subscription_id = $1",
+            stripe_subscription_id,
+        )
+    )
+
+
+async def get_subscription_by_resource(
+    conn: Connection, resource_id: str
+) -> SubscriptionRecord | None:
+    return _one(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE resource_id = $1", resource_id
+        )
+    )
+
+
+async def list_subscriptions(
+    conn: Connection, user_id: str, *, status: str | None = None, resource_name: str | None = None
+) -> list[SubscriptionRecord]:
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM subscriptions WHERE user_id = $1"
+        " AND ($2::text IS NULL OR status = $2) AND ($3::text IS NULL OR resource_name = $3)"
+        " ORDER BY created_at DESC, id",
+        user_id,
+        status,
+        resource_name,
+    )
+    return [SubscriptionRecord.from_row(r) for r in rows]
+
+
+_SETTABLE = frozenset(
+    {
+        "status",
+        "stripe_checkout_session_id",
+        "stripe_subscription_id",
+        "stripe_customer_id",
+        "cancel_at_period_end",
+        "current_period_end",
+        "has_payment_method",
+        "stripe_state_at",
+        "billing_changes",
+        "operation_id",
+    }
+)
+
+
+async def set_subscription_fields(
+    conn: Connection, subscription_id: str, **fields: Any
+) -> SubscriptionRecord:
+    """Writes the given columns; the names come from code, never from a request."""
+    unknown = set(fields) - _SETTABLE
+    if unknown:
+        raise ValueError(f"not settable: {sorted(unknown)}")
+    names = sorted(fields)
+    assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
+    row = await conn.fetchrow(
+        f"UPDATE subscriptions SET {assignments}, updated_at = now() WHERE id = $1"
+        f" RETURNING {_COLUMNS}",
+        subscription_id,
+        *(fields[n] for n in names),
+    )
+    if row is None:
+        raise LookupError(f"no subscription {subscription_id}")
+    return SubscriptionRecord.from_row(row)

@@ -1,0 +1,49 @@
+"""Reading request bodies: every bad input gets a 4xx that names what is wrong."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from starlette.requests import Request
+
+from app.errors import APIError
+
+__all__ = ["read_json", "require_string"]
+
+MAX_JSON_BYTES = 64 * 1024
+
+
+async def read_json(request: Request, *, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    content_type = request.headers.get("content-type", "")
+    if content_type and "json" not in content_type.split(";")[0]:
+        raise APIError(415, "unsupported_media_type", "Send the body as application/json.")
+    size = 0
+    chunks: list[bytes] = []
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, "payload_too_large", f"The body may be at most {limit} bytes.")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        raise APIError(400, "invalid_json", "The body is empty; send a JSON object.")
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError(400, "invalid_json", "The body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "invalid_json", "The body must be a JSON object.")
+    return body
+
+
+def require_string(
+    body: dict[str, Any], name: str, *, pattern: re.Pattern[str] | None = None, hint: str = ""
+) -> str:
+    value = body.get(name)
+    if value is None:
+        raise APIError(400, f"missing_{name}", f"'{name}' is required. {hint}".strip())
+    if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
+        raise APIError(400, f"invalid_{name}", f"'{name}' is not valid. {hint}".strip())
+    return value

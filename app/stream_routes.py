@@ -1,0 +1,120 @@
+"""The SSE routes: an operation's events, a user's events, and the tokens EventSource needs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app.auth import authenticate, bearer_key
+from app.billing.subscriptions import list_subscriptions
+from app.billing.updates import subscription_json
+from app.errors import APIError
+from app.services import services
+from provisioning import get_operation
+from streams import (
+    EventStreamResponse,
+    InvalidStreamToken,
+    StreamOptions,
+    TooManyStreams,
+    isoformat_z,
+    last_event_id,
+    operation_topic,
+)
+
+__all__ = ["stream_routes"]
+
+STREAM_TOKEN_SECONDS = 300.0
+
+
+async def stream_user_id(request: Request) -> str:
+    """The Bearer key when there is one, else the signed `?token=` of EventSource."""
+    token = request.query_params.get("token")
+    if bearer_key(request) is not None or token is None:
+        return (await authenticate(request)).id
+    try:
+        return services(request).tokens.verify(token)
+    except InvalidStreamToken as exc:
+        raise APIError(401, "invalid_token", str(exc)) from None
+
+
+async def _lease(request: Request, user_id: str) -> Any:
+    try:
+        return await services(request).leases.acquire(user_id)
+    except TooManyStreams as exc:
+        raise APIError(
+            429,
+            "too_many_streams",
+            f"You have {exc.limit} event streams open, the most allowed; close one first.",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+
+
+def _options(request: Request) -> StreamOptions:
+    return StreamOptions(max_seconds=float(services(request).settings.max_stream_seconds))
+
+
+async def operation_events(request: Request) -> Response:
+    user_id = await stream_user_id(request)
+    found = services(request)
+    op_id = request.path_params["operation_id"]
+    async with found.pool.acquire() as conn:
+        operation = await get_operation(conn, op_id)
+    if operation is None or operation.user_id != user_id:
+        raise APIError(404, "not_found", f"There is no operation {op_id} of yours.")
+    position = last_event_id(request.scope)
+    if await found.hub.history.is_fully_delivered(operation_topic(op_id), position):
+        return Response(status_code=204)
+
+    async def snapshot(topic: str) -> Mapping[str, Any]:
+        async with found.pool.acquire() as conn:
+            current = await get_operation(conn, op_id)
+        return {"operation_id": op_id, "operation": current.snapshot() if current else None}
+
+    return EventStreamResponse.for_operation(
+        found.hub,
+        op_id,
+        last_event_id=position,
+        snapshot=snapshot,
+        options=_options(request),
+        lease=await _lease(request, user_id),
+    )
+
+
+async def user_events(request: Request) -> Response:
+    user_id = await stream_user_id(request)
+    found = services(request)
+
+    async def snapshot(topic: str) -> Mapping[str, Any]:
+        async with found.pool.acquire() as conn:
+            records = await list_subscriptions(conn, user_id)
+        return {"subscriptions": [subscription_json(r) for r in records]}
+
+    return EventStreamResponse.for_user(
+        found.hub,
+        user_id,
+        last_event_id=last_event_id(request.scope),
+        snapshot=snapshot,
+        options=_options(request),
+        lease=await _lease(request, user_id),
+    )
+
+
+async def stream_tokens(request: Request) -> Response:
+    user = await authenticate(request)
+    token, expires_at = services(request).tokens.issue(user.id, STREAM_TOKEN_SECONDS)
+    return JSONResponse(
+        {"token": token, "expires_at": isoformat_z(expires_at)},
+        status_code=201,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+stream_routes = [
+    Route("/v1/operations/{operation_id}/events", operation_events, methods=["GET"]),
+    Route("/v1/events", user_events, methods=["GET"]),
+    Route("/v1/stream-tokens", stream_tokens, methods=["POST"]),
+]

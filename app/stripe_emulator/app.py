@@ -1,0 +1,112 @@
+"""`create_emulator`: the Starlette app that stands in for Stripe in the demo and the tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app.stripe_emulator import api_billing as billing
+from app.stripe_emulator import api_catalog as catalog
+from app.stripe_emulator.api import Handler, api_endpoint
+from app.stripe_emulator.checkout_page import checkout_routes
+from app.stripe_emulator.control import control_routes
+from app.stripe_emulator.errors import StripeError
+from app.stripe_emulator.state import EmulatorState
+from app.stripe_emulator.webhooks import WebhookDispatcher
+
+__all__ = ["API_VERSION", "Emulator", "create_emulator"]
+
+# The version the emulator answers in and stamps on events: the one stripe 16.x pins.
+API_VERSION = "2026-10-28.endive"
+
+_API: list[tuple[str, str, Handler]] = [
+    ("POST", "/v1/customers", catalog.create_customer),
+    ("GET", "/v1/customers/{id}", catalog.retrieve_customer),
+    ("POST", "/v1/products", catalog.create_product),
+    ("GET", "/v1/products", catalog.list_products),
+    ("GET", "/v1/products/search", catalog.search_products),
+    ("GET", "/v1/products/{id}", catalog.retrieve_product),
+    ("POST", "/v1/prices", catalog.create_price),
+    ("GET", "/v1/prices", catalog.list_prices),
+    ("GET", "/v1/prices/{id}", catalog.retrieve_price),
+    ("POST", "/v1/checkout/sessions", billing.create_session),
+    ("GET", "/v1/checkout/sessions", billing.list_sessions),
+    ("GET", "/v1/checkout/sessions/{id}", billing.retrieve_session),
+    ("GET", "/v1/checkout/sessions/{id}/line_items", billing.session_line_items),
+    ("POST", "/v1/checkout/sessions/{id}/expire", billing.expire_session),
+    ("GET", "/v1/subscriptions", billing.list_subscriptions),
+    ("GET", "/v1/subscriptions/{id}", billing.retrieve_subscription),
+    ("POST", "/v1/subscriptions/{id}", billing.update_subscription),
+    ("DELETE", "/v1/subscriptions/{id}", billing.cancel_subscription),
+    ("GET", "/v1/invoices", billing.list_invoices),
+    ("GET", "/v1/invoices/{id}", billing.retrieve_invoice),
+    ("GET", "/v1/events", billing.list_events),
+    ("GET", "/v1/events/{id}", billing.retrieve_event),
+]
+
+
+@dataclass
+class Emulator:
+    """What `app.state.emulator` holds, for in-process use (tests, `lookout demo`)."""
+
+    state: EmulatorState
+    webhooks: WebhookDispatcher
+
+
+def create_emulator(
+    *,
+    webhook_url: str | None,
+    webhook_secret: str,
+    public_url: str,
+    api_key: str | None = None,
+    webhook_retry_base: float = 1.0,
+    webhook_max_attempts: int = 8,
+) -> Starlette:
+    """A fresh emulator with its own in-memory state.
+
+    `public_url` is where browsers reach it (Checkout Session `url`s point there);
+    `api_key`, when given, is the only secret key accepted; webhooks that fail are retried
+    after `webhook_retry_base * 2**n` seconds, `webhook_max_attempts` times in all.
+    """
+    state = EmulatorState(
+        api_version=API_VERSION, public_url=public_url.rstrip("/"), api_key=api_key
+    )
+    webhooks = WebhookDispatcher(
+        state,
+        url=webhook_url,
+        secret=webhook_secret,
+        retry_base=webhook_retry_base,
+        max_attempts=webhook_max_attempts,
+    )
+    routes = [
+        Route(path, api_endpoint(state, webhooks, handler), methods=[method])
+        for method, path, handler in _API
+    ]
+
+    async def unknown(request: Request) -> Response:
+        error = StripeError(
+            404,
+            f"Unrecognized request URL ({request.method}: {request.url.path}).",
+        )
+        return JSONResponse(error.body("req_unknown"), 404)
+
+    routes.append(Route("/v1/{rest:path}", unknown, methods=["GET", "POST", "DELETE"]))
+    routes += checkout_routes(state, webhooks)
+    routes += control_routes(state, webhooks)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await webhooks.aclose()
+
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.emulator = Emulator(state, webhooks)
+    return app

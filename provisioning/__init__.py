@@ -1,0 +1,55 @@
+"""Provisioning: durable in-process operations that create and remove customer resources."""
+
+from __future__ import annotations
+
+from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step, StepContext
+from .errors import (
+    BackendNotConfigured,
+    LeaseLost,
+    NothingToDeprovision,
+    OperationNotCancellable,
+    OperationNotFound,
+    PlanLimitExceeded,
+    ProvisioningError,
+    ResourceNotFound,
+    RunnerNotRunning,
+    is_transient,
+)
+from .graph import GraphBackend
+from .hooks import SubscriptionHooks
+from .operations import OperationRecord, OperationStatus, get_operation, get_operation_for_subject
+from .repository import SharedRepositoryBackend
+from .resources import ResourceRecord, get_resource, resource_for_subject
+from .retry import RetryPolicy
+from .runner import OperationRunner
+
+__all__ = [
+    "BackendNotConfigured",
+    "Credentials",
+    "GraphBackend",
+    "LeaseLost",
+    "NothingToDeprovision",
+    "OperationKind",
+    "OperationNotCancellable",
+    "OperationNotFound",
+    "OperationRecord",
+    "OperationRunner",
+    "OperationStatus",
+    "PlanLimitExceeded",
+    "ProvisionerBackend",
+    "ProvisioningError",
+    "ResourceNotFound",
+    "ResourceRecord",
+    "ResourceSpec",
+    "RetryPolicy",
+    "RunnerNotRunning",
+    "SharedRepositoryBackend",
+    "Step",
+    "StepContext",
+    "SubscriptionHooks",
+    "get_operation",
+    "get_operation_for_subject",
+    "get_resource",
+    "is_transient",
+    "resource_for_subject",
+]

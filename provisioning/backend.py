@@ -1,0 +1,112 @@
+"""The seam between the runner and what it provisions: specs, steps and the backend Protocol."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal, Protocol
+
+__all__ = [
+    "Credentials",
+    "OperationKind",
+    "ProvisionerBackend",
+    "ResourceSpec",
+    "Step",
+    "StepContext",
+]
+
+OperationKind = Literal["provision", "deprovision"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceSpec:
+    """What to provision: plans live in ``app/``, so their limits arrive here as data.
+
+    Limits understood: ``max_resources`` (how many resources of this type one user may hold at
+    once) and, for graphs, ``max_connections`` (the database's connection limit).
+    """
+
+    resource_type: str
+    plan_name: str
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "limits", MappingProxyType(dict(self.limits)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "resource_type": self.resource_type,
+            "plan_name": self.plan_name,
+            "limits": dict(self.limits),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ResourceSpec:
+        return cls(
+            resource_type=str(data["resource_type"]),
+            plan_name=str(data["plan_name"]),
+            limits={str(k): int(v) for k, v in dict(data.get("limits") or {}).items()},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """A login for a provisioned resource; returned once, kept nowhere, never logged."""
+
+    database: str
+    user: str
+    password: str = field(repr=False)
+    dsn: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class StepContext:
+    """Everything a step may know; the same on every attempt, so that steps can be redone."""
+
+    operation_id: str
+    kind: OperationKind
+    subject_id: str
+    user_id: str
+    resource_id: str
+    spec: ResourceSpec
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One idempotent step: ``name`` goes into events and the table, ``message`` to customers."""
+
+    name: str
+    message: str
+    run: Callable[[StepContext], Awaitable[None]]
+
+
+class ProvisionerBackend(Protocol):
+    """Creates and removes one type of resource on the provisioner server.
+
+    Every step and ``teardown`` must be idempotent: a step may be redone after it half-ran
+    (a crash, a cancellation, a retry), and teardown must succeed whatever is left, including
+    nothing at all.
+    """
+
+    @property
+    def resource_type(self) -> str:
+        """``graph`` or ``repository``: matches ``ResourceSpec.resource_type``."""
+        ...
+
+    @property
+    def id_prefix(self) -> str:
+        """The prefix of this backend's resource ids (``gr``, ``repo``)."""
+        ...
+
+    def steps(self, kind: OperationKind) -> Sequence[Step]:
+        """The steps of an operation of ``kind``, in order."""
+        ...
+
+    async def teardown(self, resource_id: str) -> None:
+        """Removes everything a provision of ``resource_id`` may have created."""
+        ...
+
+    async def rotate_credentials(self, resource_id: str) -> Credentials:
+        """Sets a new random password and returns it, once. Raises ``ResourceNotFound``."""
+        ...

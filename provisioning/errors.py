@@ -1,0 +1,85 @@
+"""Named failures of provisioning, and which exceptions are worth retrying."""
+
+from __future__ import annotations
+
+import asyncpg
+import redis.exceptions
+
+__all__ = [
+    "BackendNotConfigured",
+    "LeaseLost",
+    "NothingToDeprovision",
+    "OperationNotCancellable",
+    "OperationNotFound",
+    "PlanLimitExceeded",
+    "ProvisioningError",
+    "ResourceNotFound",
+    "RunnerNotRunning",
+    "is_transient",
+]
+
+# Worth another try: the server is down, restarting, full, or the network dropped the
+# connection. Everything else (a bug, a refused privilege, a bad plan) fails at once.
+_TRANSIENT: tuple[type[BaseException], ...] = (
+    OSError,  # ConnectionRefusedError, ConnectionResetError, socket timeouts...
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.ObjectInUseError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for errors that another attempt after a pause may not meet again."""
+    return isinstance(exc, _TRANSIENT)
+
+
+class ProvisioningError(Exception):
+    """A step failed for a reason that retrying cannot fix.
+
+    ``customer_message`` is a whole sentence shown to the customer (in the operation's
+    ``error`` and its ``operation.failed`` event): no DSN, no SQL, no traceback.
+    """
+
+    def __init__(self, customer_message: str) -> None:
+        super().__init__(customer_message)
+        self.customer_message = customer_message
+
+
+class OperationNotFound(LookupError):
+    """No operation has this id; check the id returned by ``OperationRunner.start``."""
+
+
+class OperationNotCancellable(Exception):
+    """Only a provisioning operation that has not finished can be cancelled."""
+
+
+class NothingToDeprovision(LookupError):
+    """The subject has no provisioned resource; there is nothing to deprovision."""
+
+
+class ResourceNotFound(LookupError):
+    """The resource does not exist (or no longer exists) on the provisioner server."""
+
+
+class RunnerNotRunning(RuntimeError):
+    """``OperationRunner.start`` was called before ``run`` started (start it in a task group)."""
+
+
+class BackendNotConfigured(LookupError):
+    """No backend handles this resource type; pass one to ``OperationRunner(backends=...)``."""
+
+
+class PlanLimitExceeded(ProvisioningError):
+    """The user already holds as many resources of this type as the plan allows."""
+
+
+class LeaseLost(Exception):
+    """Another instance owns this operation now; this instance must stop working on it."""

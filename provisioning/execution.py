@@ -1,0 +1,265 @@
+"""Running one operation's steps, concluding it, and reporting its outcome exactly once."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Literal
+
+import asyncpg
+
+from streams import Event, EventPublisher, operation_topic, user_topic
+
+from . import operations as ops
+from .backend import ProvisionerBackend, Step, StepContext
+from .errors import LeaseLost, ProvisioningError, is_transient
+from .hooks import SubscriptionHooks
+from .operations import OperationRecord
+from .retry import RetryPolicy
+
+__all__ = ["Executor", "Outcome"]
+
+logger = logging.getLogger(__name__)
+
+_NOUNS = {"graph": "graph", "repository": "repository access"}
+
+
+def _noun(op: OperationRecord) -> str:
+    return _NOUNS.get(op.resource_type, op.resource_type)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: Literal["completed", "failed", "cancelled"]
+    error: str | None = None
+
+
+class Executor:
+    """The work of one instance on operations it holds the lease of.
+
+    Every write is fenced by the lease (``lease_owner = instance``): when another instance
+    took the operation over, the write matches nothing and ``LeaseLost`` stops this one.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: EventPublisher,
+        hooks: SubscriptionHooks,
+        *,
+        owner: str,
+        retry: RetryPolicy,
+    ) -> None:
+        self._pool = pool
+        self._publisher = publisher
+        self._hooks = hooks
+        self._owner = owner
+        self._retry = retry
+
+    async def _fenced(self, query: Callable[[ops.Connection], Awaitable[bool]]) -> None:
+        async with self._pool.acquire() as conn:
+            if not await query(conn):
+                raise LeaseLost("another instance holds this operation's lease")
+
+    async def publish(self, op: OperationRecord, type_: str, **fields: Any) -> None:
+        """Publishes to the operation's and the user's topics; raises when Redis stays away."""
+        event = Event.create(
+            type_,
+            operation_id=op.id,
+            kind=op.kind,
+            resource_type=op.resource_type,
+            resource_id=op.resource_id,
+            **fields,
+        )
+        topics = [operation_topic(op.id), user_topic(op.user_id)]
+        await self._retry.call(
+            partial(self._publisher.publish, event, topics), what=f"publishing {type_}"
+        )
+
+    async def _publish_progress(self, op: OperationRecord, type_: str, **fields: Any) -> None:
+        # The table is the truth and the stream a view of it: a lost progress event must not
+        # stop the work.
+        try:
+            await self.publish(op, type_, **fields)
+        except Exception as exc:
+            logger.warning("operation %s: %s not published (%s)", op.id, type_, type(exc).__name__)
+
+    async def audit(self, kind: str, op: OperationRecord, **detail: Any) -> None:
+        try:
+            await self._hooks.audit(
+                kind,
+                subject_id=op.subject_id,
+                user_id=op.user_id,
+                detail={
+                    "operation_id": op.id,
+                    "kind": op.kind,
+                    "resource_type": op.resource_type,
+                    "resource_id": op.resource_id,
+                    "plan": op.spec.plan_name,
+                    **detail,
+                },
+            )
+        except Exception:
+            logger.exception("operation %s: audit of %s failed", op.id, kind)
+
+    async def announce_start(self, op: OperationRecord) -> None:
+        """``operation.started`` once (twice only after a crash between publish and record)."""
+        if op.started_at is not None:
+            await self.audit("operation.resumed", op, attempts=op.attempts, step=op.step)
+            return
+        verb = "Setting up" if op.kind == "provision" else "Removing"
+        await self._publish_progress(
+            op, "operation.started", step=None, progress=0, message=f"{verb} your {_noun(op)}"
+        )
+        await self._fenced(partial(ops.mark_started, op_id=op.id, owner=self._owner))
+        await self.audit("operation.started", op)
+
+    async def run_steps(self, op: OperationRecord, steps: Sequence[Step]) -> Outcome:
+        """Runs the steps not yet completed, in order; each transient error is retried."""
+        ctx = StepContext(op.id, op.kind, op.subject_id, op.user_id, op.resource_id, op.spec)
+        for index, step in enumerate(steps):
+            if step.name in op.completed_steps:
+                continue
+            progress = index * 100 // len(steps)
+            await self._fenced(
+                partial(
+                    ops.begin_step,
+                    op_id=op.id,
+                    owner=self._owner,
+                    step=step.name,
+                    progress=progress,
+                )
+            )
+            await self._publish_progress(
+                op, "operation.progress", step=step.name, progress=progress, message=step.message
+            )
+            try:
+                await self._retry.call(partial(step.run, ctx), what=f"{op.id} {step.name}")
+            except ProvisioningError as exc:
+                return Outcome("failed", exc.customer_message)
+            except Exception as exc:
+                return Outcome("failed", self._failure_sentence(op, step, exc))
+            await self._fenced(
+                partial(ops.complete_step, op_id=op.id, owner=self._owner, step=step.name)
+            )
+        return Outcome("completed")
+
+    def _failure_sentence(self, op: OperationRecord, step: Step, exc: Exception) -> str:
+        after = " Your subscription has been cancelled." if op.kind == "provision" else ""
+        doing = "set up" if op.kind == "provision" else "removed"
+        if is_transient(exc):
+            logger.warning(
+                "operation %s: step %s gave up after retries (%s)",
+                op.id,
+                step.name,
+                type(exc).__name__,
+            )
+            return (
+                f"The server that hosts your {_noun(op)} could not be reached, so it could not"
+                f" be {doing}.{after}"
+            )
+        logger.error(
+            "operation %s: step %s failed", op.id, step.name, exc_info=(type(exc), exc, None)
+        )
+        return f"An unexpected error stopped your {_noun(op)} from being {doing}.{after}"
+
+    async def conclude(
+        self, op: OperationRecord, outcome: Outcome, backend: ProvisionerBackend
+    ) -> OperationRecord:
+        """Rolls back a provision that did not complete, then records and reports the outcome."""
+        if outcome.status == "completed":
+            resource_status = "active" if op.kind == "provision" else "deleted"
+        else:
+            resource_status = "orphaned" if op.kind == "deprovision" else "deleted"
+        if op.kind == "provision" and outcome.status != "completed":
+            try:
+                await self._retry.call(
+                    partial(backend.teardown, op.resource_id), what=f"{op.id} rollback"
+                )
+            except Exception as exc:
+                resource_status = "orphaned"
+                logger.error("operation %s: rollback failed (%s)", op.id, type(exc).__name__)
+                await self.audit("operation.rollback_failed", op, error_type=type(exc).__name__)
+        result = (
+            {
+                "resource_type": op.resource_type,
+                "resource_id": op.resource_id,
+                "plan": op.spec.plan_name,
+            }
+            if outcome.status == "completed"
+            else None
+        )
+        async with self._pool.acquire() as conn:
+            finished = await ops.finish_operation(
+                conn,
+                op.id,
+                self._owner,
+                outcome.status,
+                resource_status=resource_status,
+                error=outcome.error if outcome.status == "failed" else None,
+                result=result,
+            )
+        if finished is None:
+            raise LeaseLost("another instance holds this operation's lease")
+        await self.audit(
+            f"operation.{finished.status}",
+            finished,
+            error=finished.error,
+            attempts=finished.attempts,
+            resource_status=resource_status,
+        )
+        return finished
+
+    async def finalize(self, op: OperationRecord) -> bool:
+        """Tells the hooks, then publishes the terminal event; True when both are done."""
+        reported = op.reported_at is not None
+        if not reported:
+            try:
+                await self._report(op)
+                reported = True
+            except Exception as exc:
+                logger.exception("operation %s: subscription hook failed; retried later", op.id)
+                await self.audit("operation.hook_failed", op, error_type=type(exc).__name__)
+        announced = op.announced_at is not None
+        if not announced:
+            try:
+                await self.publish(op, f"operation.{op.status}", **_terminal_fields(op))
+                announced = True
+            except Exception as exc:
+                logger.warning(
+                    "operation %s: terminal event not published (%s); retried later",
+                    op.id,
+                    type(exc).__name__,
+                )
+        async with self._pool.acquire() as conn:
+            marked = await ops.mark_outcome(conn, op.id, reported=reported, announced=announced)
+        return marked is not None and marked.finalized_at is not None
+
+    async def _report(self, op: OperationRecord) -> None:
+        if op.kind != "provision":
+            return
+        if op.status == "completed":
+            await self._hooks.provisioning_succeeded(op)
+        else:
+            await self._hooks.provisioning_failed(op, op.error or _cancelled_sentence(op))
+
+
+def _cancelled_sentence(op: OperationRecord) -> str:
+    return (
+        f"The set-up of your {_noun(op)} was cancelled and everything it had created was"
+        " removed. Your subscription has been cancelled."
+    )
+
+
+def _terminal_fields(op: OperationRecord) -> Mapping[str, Any]:
+    fields: dict[str, Any] = {"status": op.status, "step": op.step, "progress": op.progress}
+    if op.status == "completed":
+        done = "is ready" if op.kind == "provision" else "was removed"
+        fields.update(message=f"Your {_noun(op)} {done}", result=dict(op.result or {}))
+    elif op.status == "failed":
+        fields.update(message=op.error, error=op.error)
+    else:
+        fields.update(message=_cancelled_sentence(op))
+    return fields

@@ -1,0 +1,285 @@
+"""Queries over the operations table (connection first, ``$n`` parameters)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Literal, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+from .backend import OperationKind, ResourceSpec
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "TERMINAL_STATUSES",
+    "Connection",
+    "OperationRecord",
+    "OperationStatus",
+    "begin_step",
+    "complete_step",
+    "create_operation",
+    "finish_operation",
+    "get_operation",
+    "get_operation_for_subject",
+    "lease_until",
+    "mark_outcome",
+    "mark_started",
+    "request_cancel",
+]
+
+# A plain connection or one from a pool: query functions take either.
+Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
+OperationStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
+ACTIVE_STATUSES: Final = ("pending", "running")
+TERMINAL_STATUSES: Final = ("completed", "failed", "cancelled")
+
+
+def _json_in(value: Mapping[str, Any] | None) -> str | None:
+    # Sent as text and cast in SQL (``$n::text::jsonb``), so that a jsonb codec on the pool,
+    # if the app adds one, cannot encode it twice.
+    return None if value is None else json.dumps(value, separators=(",", ":"))
+
+
+def _json_out(value: Any) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    loaded = json.loads(value) if isinstance(value, str | bytes) else value
+    return dict(loaded)
+
+
+@dataclass(frozen=True, slots=True)
+class OperationRecord:
+    id: str
+    kind: OperationKind
+    subject_id: str
+    user_id: str
+    resource_type: str
+    resource_id: str
+    spec: ResourceSpec
+    status: OperationStatus
+    progress: int
+    step: str | None
+    completed_steps: tuple[str, ...]
+    error: str | None
+    result: Mapping[str, Any] | None
+    attempts: int
+    cancel_requested: bool
+    lease_owner: str | None
+    lease_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    reported_at: datetime | None
+    announced_at: datetime | None
+    finalized_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> OperationRecord:
+        values = dict(row)
+        values["spec"] = ResourceSpec.from_json(_json_out(values["spec"]) or {})
+        values["result"] = _json_out(values["result"])
+        values["completed_steps"] = tuple(values["completed_steps"])
+        return cls(**values)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def snapshot(self) -> dict[str, Any]:
+        """The body of ``GET /v1/operations/{id}`` (CONTRACT: HTTP API)."""
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "status": self.status,
+            "progress": self.progress,
+            "step": self.step,
+            "error": self.error,
+            "result": dict(self.result) if self.result is not None else None,
+        }
+
+
+def _one(row: asyncpg.Record | None) -> OperationRecord | None:
+    return None if row is None else OperationRecord.from_row(row)
+
+
+def lease_until(param: int) -> str:
+    """SQL for "now plus parameter ``$param`` seconds"."""
+    return f"now() + make_interval(secs => ${param}::float8)"
+
+
+async def create_operation(
+    conn: Connection,
+    *,
+    op_id: str,
+    kind: OperationKind,
+    subject_id: str,
+    user_id: str,
+    resource_id: str,
+    spec: ResourceSpec,
+    lease_owner: str,
+    lease_seconds: float,
+) -> tuple[OperationRecord, bool]:
+    """Inserts the operation, leased to ``lease_owner``, unless ``(kind, subject_id)`` has one.
+
+    Answers the subject's operation and whether it was created now. A new provision also
+    creates its resource row; a new deprovision marks the resource ``deprovisioning``.
+    """
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "INSERT INTO operations (id, kind, subject_id, user_id, resource_type, resource_id,"
+            " spec, lease_owner, lease_expires_at, attempts)"
+            f" VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, {lease_until(9)}, 1)"
+            " ON CONFLICT (kind, subject_id) DO NOTHING RETURNING *",
+            op_id,
+            kind,
+            subject_id,
+            user_id,
+            spec.resource_type,
+            resource_id,
+            _json_in(spec.to_json()),
+            lease_owner,
+            lease_seconds,
+        )
+        if row is None:
+            existing = await get_operation_for_subject(conn, kind, subject_id)
+            if existing is None:  # only if it was deleted in between: not by this package
+                raise LookupError(f"operation for {kind} {subject_id} vanished; start it again")
+            return existing, False
+        if kind == "provision":
+            await conn.execute(
+                "INSERT INTO resources (id, resource_type, user_id, subject_id, plan)"
+                " VALUES ($1, $2, $3, $4, $5)",
+                resource_id,
+                spec.resource_type,
+                user_id,
+                subject_id,
+                spec.plan_name,
+            )
+        else:
+            await conn.execute(
+                "UPDATE resources SET status = 'deprovisioning', updated_at = now()"
+                " WHERE id = $1 AND status <> 'deleted'",
+                resource_id,
+            )
+    return OperationRecord.from_row(row), True
+
+
+async def get_operation(conn: Connection, op_id: str) -> OperationRecord | None:
+    return _one(await conn.fetchrow("SELECT * FROM operations WHERE id = $1", op_id))
+
+
+async def get_operation_for_subject(
+    conn: Connection, kind: OperationKind, subject_id: str
+) -> OperationRecord | None:
+    row = await conn.fetchrow(
+        "SELECT * FROM operations WHERE kind = $1 AND subject_id = $2", kind, subject_id
+    )
+    return _one(row)
+
+
+async def mark_started(conn: Connection, op_id: str, owner: str) -> bool:
+    """Records that ``operation.started`` went out; False when ``owner`` lost the lease."""
+    done = await conn.fetchval(
+        "UPDATE operations SET started_at = coalesce(started_at, now()),"
+        " updated_at = now() WHERE id = $1 AND lease_owner = $2 AND status IN"
+        " ('pending', 'running') RETURNING true",
+        op_id,
+        owner,
+    )
+    return bool(done)
+
+
+async def begin_step(conn: Connection, op_id: str, owner: str, step: str, progress: int) -> bool:
+    done = await conn.fetchval(
+        "UPDATE operations SET status = 'running', step = $3,"
+        " progress = GREATEST(progress, $4), updated_at = now()"
+        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
+        " RETURNING true",
+        op_id,
+        owner,
+        step,
+        progress,
+    )
+    return bool(done)
+
+
+async def complete_step(conn: Connection, op_id: str, owner: str, step: str) -> bool:
+    done = await conn.fetchval(
+        "UPDATE operations SET completed_steps = CASE WHEN $3 = ANY(completed_steps)"
+        " THEN completed_steps ELSE array_append(completed_steps, $3) END, updated_at = now()"
+        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
+        " RETURNING true",
+        op_id,
+        owner,
+        step,
+    )
+    return bool(done)
+
+
+async def finish_operation(
+    conn: Connection,
+    op_id: str,
+    owner: str,
+    status: OperationStatus,
+    *,
+    resource_status: str,
+    error: str | None = None,
+    result: Mapping[str, Any] | None = None,
+) -> OperationRecord | None:
+    """Moves an unfinished operation to ``status``, and its resource to ``resource_status``."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            "UPDATE operations SET status = $3, error = $4, result = $5::text::jsonb,"
+            " progress = CASE WHEN $3 = 'completed' THEN 100 ELSE progress END,"
+            " finished_at = now(), updated_at = now()"
+            " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
+            " RETURNING *",
+            op_id,
+            owner,
+            status,
+            error,
+            _json_in(result),
+        )
+        if row is None:
+            return None
+        await conn.execute(
+            "UPDATE resources SET status = $2, updated_at = now(),"
+            " deleted_at = CASE WHEN $2 = 'deleted' THEN now() ELSE deleted_at END"
+            " WHERE id = $1",
+            row["resource_id"],
+            resource_status,
+        )
+    return OperationRecord.from_row(row)
+
+
+async def mark_outcome(
+    conn: Connection, op_id: str, *, reported: bool, announced: bool
+) -> OperationRecord | None:
+    """Records that hooks were told / the terminal event went out; finalized once both are."""
+    row = await conn.fetchrow(
+        "UPDATE operations SET"
+        " reported_at = CASE WHEN $2 THEN coalesce(reported_at, now()) ELSE reported_at END,"
+        " announced_at = CASE WHEN $3 THEN coalesce(announced_at, now()) ELSE announced_at END,"
+        " finalized_at = CASE WHEN ($2 OR reported_at IS NOT NULL)"
+        " AND ($3 OR announced_at IS NOT NULL) THEN coalesce(finalized_at, now()) END,"
+        " updated_at = now() WHERE id = $1 AND finished_at IS NOT NULL RETURNING *",
+        op_id,
+        reported,
+        announced,
+    )
+    return _one(row)
+
+
+async def request_cancel(conn: Connection, op_id: str) -> OperationRecord | None:
+    row = await conn.fetchrow(
+        "UPDATE operations SET cancel_requested = true, updated_at = now()"
+        " WHERE id = $1 AND kind = 'provision' AND status IN ('pending', 'running')"
+        " RETURNING *",
+        op_id,
+    )
+    return _one(row)

@@ -1,0 +1,136 @@
+"""Small tools for administering the provisioner's PostgreSQL server."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+__all__ = [
+    "admin_connection",
+    "credentials_dsn",
+    "new_password",
+    "quote_ident",
+    "scram_sha256_verifier",
+    "set_password",
+    "terminate_sessions",
+    "validate_resource_id",
+]
+
+_RESOURCE_ID = re.compile(r"^[a-z]{2,8}_[0-9a-f]{24}$")
+_SCRAM_ITERATIONS = 4096  # PostgreSQL's own default (scram_iterations)
+
+
+def validate_resource_id(resource_id: str) -> str:
+    """Resource ids become database and role names: accept only the shape ids are made in."""
+    if not _RESOURCE_ID.match(resource_id):
+        raise ValueError(f"resource id {resource_id!r} is not of the form <prefix>_<24 hex digits>")
+    return resource_id
+
+
+def quote_ident(name: str) -> str:
+    """An SQL identifier, for statements (CREATE DATABASE, GRANT...) that take no parameters."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def scram_sha256_verifier(password: str, *, salt: bytes | None = None) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802, RFC 7677).
+
+    Sending the verifier instead of the password keeps the password out of the server's
+    statement log, as psql's ``\\password`` does.
+    """
+    salt = salt if salt is not None else secrets.token_bytes(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, _SCRAM_ITERATIONS)
+    client_key = hmac.new(salted, b"Client Key", "sha256").digest()
+    stored_key = hashlib.sha256(client_key).digest()
+    server_key = hmac.new(salted, b"Server Key", "sha256").digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${_SCRAM_ITERATIONS}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+async def set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
+    verifier = scram_sha256_verifier(password)
+    await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {_quote_literal(verifier)}")
+
+
+def credentials_dsn(admin_dsn: str, *, database: str, user: str, password: str) -> str:
+    """The admin DSN's server, with another database, user and password."""
+    parts = urlsplit(admin_dsn)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    query = [
+        (k, v)
+        for k, v in parse_qsl(parts.query, keep_blank_values=True)
+        if k not in {"user", "password", "dbname", "database", "passfile"}
+    ]
+    return urlunsplit((parts.scheme, netloc, "/" + quote(database), urlencode(query), ""))
+
+
+@asynccontextmanager
+async def admin_connection(
+    dsn: str,
+    *,
+    tag: str,
+    database: str | None = None,
+    user: str | None = None,
+    password: str | None = None,
+    connect_timeout: float = 10.0,
+) -> AsyncIterator[asyncpg.Connection]:
+    """A connection whose ``application_name`` is ``tag``, so teardown can find and stop it."""
+    conn = await asyncpg.connect(
+        dsn,
+        database=database,
+        user=user,
+        password=password,
+        timeout=connect_timeout,
+        server_settings={"application_name": tag[:63]},
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close(timeout=connect_timeout)
+
+
+async def terminate_sessions(
+    conn: asyncpg.Connection,
+    *,
+    tag: str | None = None,
+    database: str | None = None,
+    role: str | None = None,
+) -> int:
+    """Ends (and waits for) sessions with this application name, on this database or as this role.
+
+    A step cancelled mid-statement may leave its server session running (a CREATE DATABASE
+    that still commits): teardown stops those first.
+    """
+    rows = await conn.fetch(
+        "SELECT pg_terminate_backend(pid, 5000) AS done FROM pg_stat_activity"
+        " WHERE pid <> pg_backend_pid()"
+        " AND (application_name = $1 OR datname = $2 OR usename = $3)",
+        tag,
+        database,
+        role,
+    )
+    return len(rows)

@@ -1,0 +1,61 @@
+"""Queries over the resources table: what each provision created, and for whom."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from .operations import Connection
+
+__all__ = ["ResourceRecord", "count_held_before", "get_resource", "resource_for_subject"]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRecord:
+    id: str
+    resource_type: str
+    user_id: str
+    subject_id: str
+    plan: str
+    status: str  # provisioning, active, deprovisioning, deleted, orphaned
+    created_at: datetime
+    updated_at: datetime
+    deleted_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> ResourceRecord:
+        return cls(**dict(row))
+
+
+async def get_resource(conn: Connection, resource_id: str) -> ResourceRecord | None:
+    row = await conn.fetchrow("SELECT * FROM resources WHERE id = $1", resource_id)
+    return None if row is None else ResourceRecord.from_row(row)
+
+
+async def resource_for_subject(conn: Connection, subject_id: str) -> ResourceRecord | None:
+    """The latest resource of a subscription that was not deleted."""
+    row = await conn.fetchrow(
+        "SELECT * FROM resources WHERE subject_id = $1 AND status <> 'deleted'"
+        " ORDER BY created_at DESC LIMIT 1",
+        subject_id,
+    )
+    return None if row is None else ResourceRecord.from_row(row)
+
+
+async def count_held_before(conn: Connection, resource_id: str) -> int:
+    """How many live resources of the same type and user were created before this one.
+
+    Counting only earlier ones makes a plan limit decide the same way however concurrent
+    provisions interleave: the earliest ones win.
+    """
+    value: int = await conn.fetchval(
+        "SELECT count(*) FROM resources other JOIN resources me"
+        " ON me.user_id = other.user_id AND me.resource_type = other.resource_type"
+        " WHERE me.id = $1 AND other.id <> me.id"
+        " AND other.status IN ('provisioning', 'active', 'deprovisioning')"
+        " AND (other.created_at, other.id) < (me.created_at, me.id)",
+        resource_id,
+    )
+    return value

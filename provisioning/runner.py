@@ -1,0 +1,317 @@
+"""The in-process runner: starts operations at once, keeps them leased, resumes orphans."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup, TaskStatus
+
+from streams import EventPublisher
+
+from . import leases
+from . import operations as ops
+from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step
+from .errors import (
+    BackendNotConfigured,
+    LeaseLost,
+    NothingToDeprovision,
+    OperationNotCancellable,
+    OperationNotFound,
+    ResourceNotFound,
+    RunnerNotRunning,
+)
+from .execution import Executor, Outcome
+from .hooks import SubscriptionHooks
+from .limits import check_limits_step
+from .operations import OperationRecord
+from .resources import get_resource, resource_for_subject
+from .retry import RetryPolicy
+
+__all__ = ["OperationRunner"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Task:
+    """This process's handle on one operation it works on."""
+
+    steps_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    cancel_requested: bool = False
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        self.steps_scope.cancel()
+
+
+class OperationRunner:
+    """Runs provisioning operations inside the app's task group (``await tg.start(runner.run)``).
+
+    ``start`` inserts the operation leased to this instance and runs it at once; while it runs
+    its lease is renewed every ``lease_seconds / 3``. ``run`` sweeps at start-up and every
+    ``sweep_interval`` seconds for operations whose lease expired (their instance died) and
+    resumes them from their last completed step. At most ``max_concurrent`` run their steps at
+    once; the others wait, announced and leased.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: EventPublisher,
+        hooks: SubscriptionHooks,
+        backends: Iterable[ProvisionerBackend],
+        *,
+        instance_id: str,
+        max_concurrent: int = 10,
+        lease_seconds: float = 15.0,
+        sweep_interval: float | None = None,
+        retry: RetryPolicy | None = None,
+        finalize_retry_seconds: float = 30.0,
+    ) -> None:
+        if max_concurrent < 1 or lease_seconds <= 0:
+            raise ValueError("OperationRunner needs max_concurrent >= 1 and lease_seconds > 0")
+        self._pool = pool
+        self._hooks = hooks
+        self._backends = {b.resource_type: b for b in backends}
+        self._instance_id = instance_id
+        self._max_concurrent = max_concurrent
+        self._limiter = anyio.CapacityLimiter(max_concurrent)
+        self._lease_seconds = lease_seconds
+        self._sweep_interval = sweep_interval if sweep_interval is not None else lease_seconds / 3
+        self._finalize_retry = finalize_retry_seconds
+        self._retry = retry or RetryPolicy()
+        self._exec = Executor(pool, publisher, hooks, owner=instance_id, retry=self._retry)
+        self._tasks: dict[str, _Task] = {}
+        self._tg: TaskGroup | None = None
+
+    @property
+    def instance_id(self) -> str:
+        return self._instance_id
+
+    @property
+    def max_concurrent(self) -> int:
+        return self._max_concurrent
+
+    @property
+    def active(self) -> frozenset[str]:
+        """Ids of the operations this process works on now."""
+        return frozenset(self._tasks)
+
+    def backend(self, resource_type: str) -> ProvisionerBackend:
+        try:
+            return self._backends[resource_type]
+        except KeyError:
+            raise BackendNotConfigured(
+                f"no provisioning backend for resource type {resource_type!r}"
+            ) from None
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serves until cancelled; cancelling it stops every operation and frees their leases."""
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            try:
+                task_status.started()
+                while True:
+                    try:
+                        await self.sweep()
+                    except Exception as exc:
+                        logger.warning(
+                            "sweep failed (%s); next in %.1fs", exc, self._sweep_interval
+                        )
+                    await anyio.sleep(self._sweep_interval)
+            finally:
+                self._tg = None
+
+    async def start(
+        self,
+        kind: OperationKind,
+        subject_id: str,
+        user_id: str,
+        spec: ResourceSpec,
+        *,
+        resource_id: str | None = None,
+    ) -> OperationRecord:
+        """The subject's operation of ``kind``: created and started now, or the existing one.
+
+        A deprovision finds the subject's resource when ``resource_id`` is not given (raises
+        ``NothingToDeprovision``), and cancels the subject's provision if it is still running.
+        """
+        if self._tg is None:
+            raise RunnerNotRunning("start OperationRunner.run in a task group first")
+        backend = self.backend(spec.resource_type)
+        async with self._pool.acquire() as conn:
+            if kind == "deprovision":
+                existing = await ops.get_operation_for_subject(conn, kind, subject_id)
+                if existing is not None:
+                    return existing
+                if resource_id is None:
+                    resource = await resource_for_subject(conn, subject_id)
+                    if resource is None:
+                        raise NothingToDeprovision(f"subscription {subject_id} has no resource")
+                    resource_id = resource.id
+                provision = await ops.get_operation_for_subject(conn, "provision", subject_id)
+            op, created = await ops.create_operation(
+                conn,
+                op_id=f"op_{secrets.token_hex(12)}",
+                kind=kind,
+                subject_id=subject_id,
+                user_id=user_id,
+                resource_id=resource_id or f"{backend.id_prefix}_{secrets.token_hex(12)}",
+                spec=spec,
+                lease_owner=self._instance_id,
+                lease_seconds=self._lease_seconds,
+            )
+        if created:
+            self._spawn(op)
+            if kind == "deprovision" and provision is not None and not provision.is_terminal:
+                await self.cancel(provision.id, wait=0)
+        return op
+
+    async def cancel(self, op_id: str, *, wait: float = 10.0) -> OperationRecord:
+        """Stops a provision that has not finished and rolls back what it created.
+
+        Waits up to ``wait`` seconds when this process runs it (an instance that runs it
+        elsewhere sees the request at its next lease renewal). Answers the operation as it
+        is then; a finished one is answered unchanged.
+        """
+        async with self._pool.acquire() as conn:
+            op = await ops.request_cancel(conn, op_id)
+            if op is None:
+                current = await ops.get_operation(conn, op_id)
+                if current is None:
+                    raise OperationNotFound(f"no operation {op_id}")
+                if not current.is_terminal:
+                    raise OperationNotCancellable(
+                        f"operation {op_id} removes a resource and cannot be cancelled"
+                    )
+                return current
+        await self._exec.audit("operation.cancel_requested", op)
+        task = self._tasks.get(op_id)
+        if task is None and self._tg is not None:
+            # Its instance may have died: take it up here, where the request is seen at once.
+            async with self._pool.acquire() as conn:
+                claimed = await leases.claim_operation(
+                    conn, op_id, self._instance_id, self._lease_seconds
+                )
+            if claimed is not None:
+                task = self._spawn(claimed)
+        if task is None:
+            return op
+        task.cancel()
+        with anyio.move_on_after(wait):
+            await task.done.wait()
+        async with self._pool.acquire() as conn:
+            return await ops.get_operation(conn, op_id) or op
+
+    async def sweep(self) -> int:
+        """Claims operations whose lease expired, as many as there is room for; answers how many."""
+        if self._tg is None:
+            raise RunnerNotRunning("start OperationRunner.run in a task group first")
+        room = self._max_concurrent - len(self._tasks)
+        if room <= 0:
+            return 0
+        async with self._pool.acquire() as conn:
+            claimed = await leases.claim_expired(conn, self._instance_id, self._lease_seconds, room)
+        for op in claimed:
+            logger.info("resuming operation %s (attempt %d)", op.id, op.attempts)
+            self._spawn(op)
+        return len(claimed)
+
+    async def rotate_credentials(self, resource_id: str) -> Credentials:
+        """A new password for an active resource, returned once (raises ``ResourceNotFound``)."""
+        async with self._pool.acquire() as conn:
+            resource = await get_resource(conn, resource_id)
+        if resource is None or resource.status != "active":
+            raise ResourceNotFound(f"no active resource {resource_id}")
+        backend = self.backend(resource.resource_type)
+        return await self._retry.call(
+            lambda: backend.rotate_credentials(resource_id), what=f"{resource_id} credentials"
+        )
+
+    def _spawn(self, op: OperationRecord) -> _Task:
+        task = self._tasks.get(op.id)
+        if task is not None:
+            return task
+        if self._tg is None:
+            raise RunnerNotRunning("start OperationRunner.run in a task group first")
+        task = self._tasks[op.id] = _Task()
+        self._tg.start_soon(self._execute, op, task, name=f"operation {op.id}")
+        return task
+
+    def _steps(self, op: OperationRecord, backend: ProvisionerBackend) -> Sequence[Step]:
+        if op.kind == "provision":
+            return (check_limits_step(self._pool), *backend.steps("provision"))
+        return tuple(backend.steps("deprovision"))
+
+    async def _execute(self, op: OperationRecord, task: _Task) -> None:
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._keep_lease, op.id, task, tg.cancel_scope)
+                try:
+                    await self._process(op, task)
+                except LeaseLost:
+                    logger.warning("operation %s: another instance took it over", op.id)
+                except Exception:
+                    logger.exception("operation %s stopped; it resumes later", op.id)
+                    await self._release(op.id, self._finalize_retry)
+                tg.cancel_scope.cancel()
+        except anyio.get_cancelled_exc_class():
+            # Shutting down: let the next instance (or this one, restarted) resume it at once.
+            await self._release(op.id, 0.0)
+            raise
+        finally:
+            self._tasks.pop(op.id, None)
+            task.done.set()
+
+    async def _release(self, op_id: str, retry_after: float) -> None:
+        with anyio.move_on_after(2, shield=True):
+            try:
+                async with self._pool.acquire() as conn:
+                    await leases.release_lease(
+                        conn, op_id, self._instance_id, retry_after=retry_after
+                    )
+            except Exception as exc:
+                logger.warning("operation %s: lease not released (%s)", op_id, exc)
+
+    async def _process(self, op: OperationRecord, task: _Task) -> None:
+        backend = self.backend(op.resource_type)
+        if op.finished_at is None:
+            if op.cancel_requested:
+                task.cancel()
+            await self._exec.announce_start(op)
+            outcome: Outcome | None = None
+            # A cancellation also stops the wait for a slot: rolling back needs none.
+            with task.steps_scope:
+                async with self._limiter:
+                    outcome = await self._exec.run_steps(op, self._steps(op, backend))
+            op = await self._exec.conclude(op, outcome or Outcome("cancelled"), backend)
+        if not await self._exec.finalize(op):
+            await self._release(op.id, self._finalize_retry)
+
+    async def _keep_lease(self, op_id: str, task: _Task, on_lost: anyio.CancelScope) -> None:
+        last_renewed = anyio.current_time()
+        while True:
+            await anyio.sleep(self._lease_seconds / 3)
+            try:
+                async with self._pool.acquire() as conn:
+                    state = await leases.renew_lease(
+                        conn, op_id, self._instance_id, self._lease_seconds
+                    )
+            except Exception as exc:
+                logger.warning("operation %s: lease not renewed (%s)", op_id, type(exc).__name__)
+                if anyio.current_time() - last_renewed < self._lease_seconds:
+                    continue
+                state = None
+            if state is None:
+                on_lost.cancel()
+                return
+            last_renewed = anyio.current_time()
+            if state and not task.cancel_requested:
+                logger.info("operation %s: cancellation requested elsewhere", op_id)
+                task.cancel()

@@ -1,0 +1,84 @@
+// Following one operation: its snapshot, then its own stream (which replays every event from
+// the start and closes after the terminal one), into an OperationView.
+
+import { ApiError } from "./api.js";
+import { applyEvent, emptyState, fromSnapshot, isTerminal } from "./operation-state.js";
+import { OperationView } from "./operation-view.js";
+import { TERMINAL_EVENTS } from "./streams.js";
+
+export class OperationTracker {
+  /**
+   * `onChange(state, previous)` after every change; `onError(error)` when the operation
+   * cannot be followed (e.g. it is not found).
+   */
+  constructor({ api, hub, id, onChange = () => {}, onError = () => {} }) {
+    this.api = api;
+    this.hub = hub;
+    this.id = id;
+    this.onChange = onChange;
+    this.onError = onError;
+    this.state = emptyState(id);
+    this.view = new OperationView(id);
+    this.view.update(this.state);
+    this.stream = null;
+    this.stopped = false;
+  }
+
+  get element() {
+    return this.view.element;
+  }
+
+  /** `history`: open the stream even when the snapshot says the operation is over, to
+   * list its steps. Without it a finished operation shows its snapshot only. */
+  async start({ history = false, snapshot = null } = {}) {
+    try {
+      this.#set(fromSnapshot(snapshot || (await this.api.operation(this.id)), this.state));
+    } catch (error) {
+      this.onError(error);
+      if (error instanceof ApiError && error.status === 404) return;
+    }
+    if (this.stopped || (isTerminal(this.state) && !history)) return;
+    this.stream = this.hub.open(`/v1/operations/${encodeURIComponent(this.id)}/events`, {
+      onEvent: (type, data) => this.#set(applyEvent(this.state, type, data)),
+      isFinal: (type, data) =>
+        TERMINAL_EVENTS.has(type) ||
+        (type === "stream.reset" && isTerminal(fromSnapshot(data.snapshot || {}))),
+      onClosed: (stream) => this.#closed(stream),
+    });
+  }
+
+  /** The browser gave up on the stream (an HTTP error, or 204 after the end). */
+  async #closed(stream) {
+    let snapshot;
+    try {
+      snapshot = await this.api.operation(this.id);
+    } catch (error) {
+      if (error instanceof ApiError && [401, 403, 404].includes(error.status)) {
+        this.onError(error);
+        return "stop";
+      }
+      return "retry";
+    }
+    const finished = isTerminal(fromSnapshot(snapshot));
+    // A finished operation answers 204 once its terminal event was seen; if that answer
+    // comes again, the snapshot is all there is left to show.
+    if (finished && stream.failures >= 2) {
+      this.#set(applyEvent(this.state, `operation.${snapshot.status}`, snapshot));
+      return "stop";
+    }
+    return "retry";
+  }
+
+  #set(next) {
+    if (next === this.state) return;
+    const previous = this.state;
+    this.state = next;
+    this.view.update(next);
+    this.onChange(next, previous);
+  }
+
+  stop() {
+    this.stopped = true;
+    if (this.stream) this.stream.stop();
+  }
+}

@@ -1,0 +1,57 @@
+"""Event streams: model, Redis publisher, per-process hub, SSE responses, leases, tokens."""
+
+from __future__ import annotations
+
+from .events import TERMINAL_EVENT_TYPES, Event, EventEncodingError, iso_now, isoformat_z
+from .frames import Frame, InvalidEventId, parse_stream_id
+from .history import Catchup, StreamHistory
+from .hub import EventHub, HubClosed
+from .leases import StreamLease, StreamLeases, TooManyStreams
+from .publisher import EventPublisher
+from .pubsub import RedisEndpoint
+from .sse import (
+    TERMINAL_STATUSES,
+    EventStreamResponse,
+    Releasable,
+    SnapshotProvider,
+    StreamOptions,
+    last_event_id,
+)
+from .subscription import Signal, Subscription
+from .tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
+from .topics import channel_name, operation_topic, stream_key, user_topic
+
+__all__ = [
+    "TERMINAL_EVENT_TYPES",
+    "TERMINAL_STATUSES",
+    "Catchup",
+    "Event",
+    "EventEncodingError",
+    "EventHub",
+    "EventPublisher",
+    "EventStreamResponse",
+    "ExpiredStreamToken",
+    "Frame",
+    "HubClosed",
+    "InvalidEventId",
+    "InvalidStreamToken",
+    "RedisEndpoint",
+    "Releasable",
+    "Signal",
+    "SnapshotProvider",
+    "StreamHistory",
+    "StreamLease",
+    "StreamLeases",
+    "StreamOptions",
+    "StreamTokens",
+    "Subscription",
+    "TooManyStreams",
+    "channel_name",
+    "iso_now",
+    "isoformat_z",
+    "last_event_id",
+    "operation_topic",
+    "parse_stream_id",
+    "stream_key",
+    "user_topic",
+]

@@ -1,0 +1,82 @@
+"""The event model shared by publishers, the hub and the SSE responses."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any, Final
+
+__all__ = [
+    "TERMINAL_EVENT_TYPES",
+    "Event",
+    "EventEncodingError",
+    "iso_now",
+    "isoformat_z",
+]
+
+# An operation stream ends right after one of these (CONTRACT: Server-Sent Events).
+TERMINAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
+    {"operation.completed", "operation.failed", "operation.cancelled"}
+)
+
+
+class EventEncodingError(TypeError):
+    """An event's data cannot be written as JSON."""
+
+
+def isoformat_z(moment: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z`` suffix, millisecond precision, as every JSON time is."""
+    if moment.tzinfo is None:
+        raise ValueError("isoformat_z needs an aware datetime; pass tzinfo=UTC")
+    text = moment.astimezone(UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Mapping):
+        return dict(value)
+    if isinstance(value, datetime):
+        return isoformat_z(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def iso_now() -> str:
+    """The current time as ISO 8601 UTC with ``Z``."""
+    return isoformat_z(datetime.now(UTC))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """One event: ``type`` and its JSON ``data`` (which carries ``type`` and ``ts`` too)."""
+
+    type: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # A read-only view so that an event shared between publishers and tests cannot change.
+        object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+    @classmethod
+    def create(cls, type: str, /, **fields: Any) -> Event:
+        """An event whose data has ``type``, ``ts`` (now, unless given) and ``fields``."""
+        if "type" in fields:
+            raise ValueError("Event.create takes the type once, as its first argument")
+        data: dict[str, Any] = {"type": type, "ts": iso_now()}
+        data.update(fields)
+        return cls(type=type, data=data)
+
+    def encode(self) -> bytes:
+        """The data as one line of compact JSON (JSON escapes every newline)."""
+        try:
+            text = json.dumps(
+                dict(self.data), separators=(",", ":"), ensure_ascii=False, default=_jsonable
+            )
+        except (TypeError, ValueError) as exc:
+            raise EventEncodingError(
+                f"event {self.type!r} has data that is not JSON ({exc}); "
+                "convert such values to str, numbers, lists or mappings before publishing"
+            ) from exc
+        return text.encode()

@@ -1,0 +1,85 @@
+"""Server-Sent Events frames, encoded once and shared by every client of a topic."""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .events import TERMINAL_EVENT_TYPES
+
+__all__ = [
+    "Frame",
+    "InvalidEventId",
+    "StreamPosition",
+    "comment_frame",
+    "format_stream_id",
+    "parse_stream_id",
+    "retry_frame",
+]
+
+# A Redis Stream id "<ms>-<seq>" as a tuple, so that positions compare in stream order.
+StreamPosition = tuple[int, int]
+
+_STREAM_ID: Final = re.compile(r"(\d{1,20})-(\d{1,20})")
+_TERMINAL: Final = frozenset(t.encode() for t in TERMINAL_EVENT_TYPES)
+_MAX_PART: Final = 2**64 - 1
+
+
+class InvalidEventId(ValueError):
+    """A ``Last-Event-ID`` that is not an id this server sent."""
+
+
+def parse_stream_id(text: str | bytes) -> StreamPosition:
+    """``"1700000000000-3"`` -> ``(1700000000000, 3)``; raises InvalidEventId otherwise."""
+    if isinstance(text, bytes):
+        text = text.decode("ascii", "replace")
+    match = _STREAM_ID.fullmatch(text.strip())
+    if match is None:
+        raise InvalidEventId(
+            f"event id {text[:40]!r} is not of the form <ms>-<seq>; "
+            "send back the id of the last event received, or none"
+        )
+    ms, seq = int(match[1]), int(match[2])
+    if ms > _MAX_PART or seq > _MAX_PART:
+        raise InvalidEventId(f"event id {text[:40]!r} is out of range")
+    return ms, seq
+
+
+def format_stream_id(position: StreamPosition) -> str:
+    return f"{position[0]}-{position[1]}"
+
+
+def comment_frame(text: str) -> bytes:
+    """A comment line (ignored by EventSource; keeps proxies and the connection alive)."""
+    line = text.replace("\r", " ").replace("\n", " ")
+    return f": {line}\n\n".encode()
+
+
+def retry_frame(milliseconds: int) -> bytes:
+    return f"retry: {int(milliseconds)}\n\n".encode()
+
+
+class Frame:
+    """One event of one topic: its Stream id, type, JSON and the SSE bytes sent for it."""
+
+    __slots__ = ("data", "id", "position", "terminal", "type", "wire")
+
+    def __init__(self, stream_id: bytes, event_type: bytes, data: bytes) -> None:
+        self.id = stream_id.decode()
+        self.position = parse_stream_id(self.id)
+        self.type = event_type.decode()
+        self.data = data
+        self.terminal = event_type in _TERMINAL
+        # JSON never holds a raw newline, so the data is one "data:" line (CONTRACT).
+        self.wire = b"".join(
+            (b"id: ", stream_id, b"\nevent: ", event_type, b"\ndata: ", data, b"\n\n")
+        )
+
+    @classmethod
+    def from_announcement(cls, payload: bytes) -> Frame:
+        """From a pub/sub announcement "<id>\\n<type>\\n<json>" (see publisher)."""
+        stream_id, event_type, data = payload.split(b"\n", 2)
+        return cls(stream_id, event_type, data)
+
+    def __repr__(self) -> str:
+        return f"Frame(id={self.id!r}, type={self.type!r})"

@@ -1,0 +1,153 @@
+"""Per-user limit of concurrent streams across every instance, with leases that expire.
+
+Each open stream holds a member of a Redis sorted set per user, scored with its expiry (Redis
+time, so instance clocks do not matter). A process renews its own leases in one batch; if it
+dies, its leases lapse after ``ttl_seconds`` and stop counting.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from typing import Final
+
+import anyio
+import anyio.abc
+from redis.asyncio import Redis
+
+__all__ = ["StreamLease", "StreamLeases", "TooManyStreams"]
+
+logger = logging.getLogger(__name__)
+
+# KEYS[1]: the user's set. ARGV: ttl ms, limit, member. Answers {1, 0} or {0, retry ms}.
+_ACQUIRE_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+  return {0, tonumber(oldest[2]) - now}
+end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ttl * 2)
+return {1, 0}
+"""
+
+# KEYS: users' sets; ARGV[1]: ttl ms, then one member per key.
+_RENEW_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl * 2)
+end
+return #KEYS
+"""
+_RENEW_BATCH: Final = 1000
+
+
+class TooManyStreams(Exception):
+    """The user has as many open streams as allowed; answer 429 with ``Retry-After``."""
+
+    def __init__(self, user_id: str, limit: int, retry_after: int) -> None:
+        super().__init__(
+            f"user {user_id} already has {limit} open event streams; close one or retry in "
+            f"{retry_after} s"
+        )
+        self.user_id = user_id
+        self.limit = limit
+        self.retry_after = retry_after
+
+
+class StreamLease:
+    """One open stream's place in its user's limit; ``release()`` when the stream ends."""
+
+    __slots__ = ("_owner", "key", "member", "user_id")
+
+    def __init__(self, owner: StreamLeases, user_id: str, key: str, member: str) -> None:
+        self._owner = owner
+        self.user_id = user_id
+        self.key = key
+        self.member = member
+
+    async def release(self) -> None:
+        await self._owner._release(self)
+
+
+class StreamLeases:
+    """Acquire leases with ``acquire``; run ``run()`` in the lifespan task group to renew them."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "lookout:",
+        limit: int = 10,
+        ttl_seconds: float = 30.0,
+    ) -> None:
+        if limit < 1:
+            raise ValueError("LOOKOUT_MAX_STREAMS_PER_USER must be at least 1")
+        self._redis = redis
+        self._prefix = prefix
+        self.limit = limit
+        self._ttl_ms = max(int(ttl_seconds * 1000), 1000)
+        self._acquire = redis.register_script(_ACQUIRE_LUA)
+        self._renew = redis.register_script(_RENEW_LUA)
+        self._instance = secrets.token_hex(6)
+        self._held: dict[StreamLease, None] = {}
+
+    def _key(self, user_id: str) -> str:
+        return f"{self._prefix}stream-leases:{user_id}"
+
+    @property
+    def held(self) -> int:
+        """Leases this process holds."""
+        return len(self._held)
+
+    async def acquire(self, user_id: str) -> StreamLease:
+        """A lease for one more stream of ``user_id``; raises TooManyStreams over the limit."""
+        key = self._key(user_id)
+        member = f"{self._instance}:{secrets.token_hex(8)}"
+        granted, retry_ms = await self._acquire(keys=[key], args=[self._ttl_ms, self.limit, member])
+        if not int(granted):
+            raise TooManyStreams(user_id, self.limit, max(1, math.ceil(int(retry_ms) / 1000)))
+        lease = StreamLease(self, user_id, key, member)
+        self._held[lease] = None
+        return lease
+
+    async def count(self, user_id: str) -> int:
+        """Streams of ``user_id`` open now, on every instance (lapsed leases excluded)."""
+        seconds, micros = await self._redis.time()
+        now_ms = int(seconds) * 1000 + int(micros) // 1000
+        return int(await self._redis.zcount(self._key(user_id), f"({now_ms}", "+inf"))
+
+    async def _release(self, lease: StreamLease) -> None:
+        if lease in self._held:  # releasing twice is harmless
+            del self._held[lease]
+            await self._redis.zrem(lease.key, lease.member)
+
+    async def renew(self) -> None:
+        """Push every held lease's expiry ``ttl_seconds`` ahead."""
+        held = list(self._held)
+        for start in range(0, len(held), _RENEW_BATCH):
+            batch = held[start : start + _RENEW_BATCH]
+            await self._renew(
+                keys=[lease.key for lease in batch],
+                args=[self._ttl_ms, *(lease.member for lease in batch)],
+            )
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Renew held leases three times per ``ttl_seconds`` until cancelled."""
+        task_status.started()
+        while True:
+            await anyio.sleep(self._ttl_ms / 3000)
+            try:
+                await self.renew()
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                # Leases lapse after the ttl if Redis stays away: streams then count less.
+                logger.warning("could not renew %d stream leases: %s", len(self._held), exc)

@@ -1,0 +1,87 @@
+"""Append an event to each topic's Redis Stream and announce it, in one round trip."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Final
+
+from redis.asyncio import Redis
+
+from .events import Event
+from .topics import channel_name, stream_key
+
+__all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher"]
+
+DEFAULT_MAXLEN: Final = 1000
+DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
+
+# KEYS: one Stream per topic. ARGV: type, JSON, trim operator, maxlen, ttl, then one channel per
+# key. The announcement is "<stream id>\n<type>\n<json>" so that the hub can frame it without a
+# read or a JSON parse. A script runs atomically: no reader sees the entry before its TTL is set,
+# and the announcement cannot be lost between XADD and PUBLISH.
+_PUBLISH_LUA: Final = """
+local etype, data, op, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local ids = {}
+for i, key in ipairs(KEYS) do
+  local id = redis.call('XADD', key, 'MAXLEN', op, maxlen, '*', 't', etype, 'd', data)
+  redis.call('EXPIRE', key, ttl)
+  redis.call('PUBLISH', ARGV[5 + i], id .. '\\n' .. etype .. '\\n' .. data)
+  ids[i] = id
+end
+return ids
+"""
+
+
+class EventPublisher:
+    """Publishes events to topics: capped, expiring Redis Streams plus pub/sub announcements.
+
+    ``maxlen`` caps each topic's Stream; with ``exact_trim=False`` (the default) Redis trims
+    approximately (``MAXLEN ~``), which is much cheaper and keeps at least ``maxlen`` entries.
+    ``ttl_seconds`` is renewed on every publish, so a topic's history expires that long after
+    its last event.
+    """
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "lookout:",
+        maxlen: int = DEFAULT_MAXLEN,
+        ttl_seconds: int = DEFAULT_TTL_SECONDS,
+        exact_trim: bool = False,
+    ) -> None:
+        if maxlen < 1:
+            raise ValueError("EventPublisher maxlen must be at least 1")
+        if ttl_seconds < 1:
+            raise ValueError("EventPublisher ttl_seconds must be at least 1")
+        self._redis = redis
+        self._prefix = prefix
+        self._maxlen = maxlen
+        self._ttl = ttl_seconds
+        self._trim_op = "=" if exact_trim else "~"
+        self._script = redis.register_script(_PUBLISH_LUA)
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
+        """Publish ``event`` to every topic; answers each topic's Stream id (its SSE ``id``)."""
+        unique: Sequence[str] = list(dict.fromkeys(topics))
+        if not unique:
+            return {}
+        keys = [stream_key(self._prefix, topic) for topic in unique]
+        channels = [channel_name(self._prefix, topic) for topic in unique]
+        args: list[bytes | str | int] = [
+            event.type,
+            event.encode(),
+            self._trim_op,
+            self._maxlen,
+            self._ttl,
+            *channels,
+        ]
+        ids = await self._script(keys=keys, args=args)
+        return {
+            topic: raw.decode() if isinstance(raw, bytes) else str(raw)
+            for topic, raw in zip(unique, ids, strict=True)
+        }

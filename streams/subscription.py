@@ -1,0 +1,166 @@
+"""A client's bounded mailbox on the hub: frames in, batches or signals out."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .frames import Frame
+
+if TYPE_CHECKING:
+    from .hub import _Channel
+
+__all__ = ["Signal", "Subscription"]
+
+
+class Signal(enum.Enum):
+    """What a subscriber gets instead of frames."""
+
+    RESYNC = "resync"  # pub/sub was re-established: catch up from the Stream
+    IDLE = "idle"  # nothing was delivered for the keep-alive interval
+    EXPIRED = "expired"  # the maximum stream duration has passed (terminal)
+    OVERFLOW = "overflow"  # the client fell a full queue behind (terminal)
+    CLOSED = "closed"  # the hub is shutting down (terminal)
+
+
+class Subscription:
+    """One client's interest in one topic, created by ``EventHub.subscribe``.
+
+    Use as ``async with hub.subscribe(topic) as sub:`` (waits until Redis confirmed the
+    channel, and unsubscribes on exit), then ``await sub.receive()`` in a loop.
+    """
+
+    __slots__ = (
+        "_channel",
+        "_deadline",
+        "_idle",
+        "_idle_after",
+        "_last",
+        "_maxsize",
+        "_queue",
+        "_release",
+        "_resync",
+        "_state",
+        "_waiter",
+        "on_terminal",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        topic: str,
+        channel: _Channel,
+        release: Callable[[Subscription], None],
+        *,
+        maxsize: int,
+        idle_after: float,
+        deadline: float | None,
+        now: float,
+    ) -> None:
+        self.topic = topic
+        self._channel = channel
+        self._release: Callable[[Subscription], None] | None = release
+        self._queue: deque[Frame] = deque()
+        self._maxsize = maxsize
+        self._waiter: anyio.Event | None = None
+        self._state: Signal | None = None
+        self._resync = False
+        self._idle = False
+        self._idle_after = idle_after
+        self._deadline = deadline
+        self._last = now
+        # Called once when the subscription ends for a reason of the hub's (overflow, expiry,
+        # shutdown), so that a writer blocked on a slow socket can be cancelled.
+        self.on_terminal: Callable[[Signal], None] | None = None
+
+    @property
+    def state(self) -> Signal | None:
+        """The terminal signal, once there is one."""
+        return self._state
+
+    async def ready(self) -> None:
+        """Wait until Redis has confirmed the subscription (so a history read misses nothing)."""
+        await self._channel.confirmed.wait()
+
+    async def receive(self) -> list[Frame] | Signal:
+        """Every frame queued so far, in order; or a signal. Terminal signals repeat."""
+        while True:
+            if self._state is not None:
+                return self._state
+            if self._resync:
+                self._resync = False
+                return Signal.RESYNC
+            if self._queue:
+                batch = list(self._queue)
+                self._queue.clear()
+                return batch
+            if self._idle:
+                self._idle = False
+                return Signal.IDLE
+            waiter = self._waiter = anyio.Event()
+            await waiter.wait()
+
+    def close(self) -> None:
+        """Leave the topic; the last local subscriber leaving unsubscribes the channel."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
+        self._queue.clear()
+
+    async def __aenter__(self) -> Subscription:
+        try:
+            await self.ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # The hub's side. Plain methods, no awaits: fan-out is one synchronous loop.
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    def _offer(self, frame: Frame, now: float) -> None:
+        if self._state is not None:
+            return
+        if len(self._queue) >= self._maxsize:
+            self._terminate(Signal.OVERFLOW)
+            return
+        self._queue.append(frame)
+        self._last = now
+        self._wake()
+
+    def _request_resync(self) -> None:
+        if self._state is None:
+            self._resync = True
+            self._wake()
+
+    def _tick(self, now: float) -> None:
+        if self._state is not None:
+            return
+        if self._deadline is not None and now >= self._deadline:
+            self._terminate(Signal.EXPIRED)
+        elif now - self._last >= self._idle_after:
+            self._last = now
+            self._idle = True
+            self._wake()
+
+    def _terminate(self, signal: Signal) -> None:
+        if self._state is not None:
+            return
+        self._state = signal
+        self._queue.clear()
+        self._wake()
+        callback = self.on_terminal
+        if callback is not None:
+            callback(signal)

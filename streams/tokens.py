@@ -1,0 +1,78 @@
+"""Short-lived stream tokens for EventSource, which cannot send an Authorization header."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Final
+
+__all__ = ["ExpiredStreamToken", "InvalidStreamToken", "StreamTokens"]
+
+_VERSION: Final = "v1"
+# Domain separation: the secret key may sign other things; this MAC is for stream tokens only.
+_PURPOSE: Final = b"lookout/stream-token/v1\x00"
+_MAX_TTL: Final = 24 * 3600
+
+
+class InvalidStreamToken(Exception):
+    """A ``?token=`` that this server did not issue; get a new one from POST /v1/stream-tokens."""
+
+
+class ExpiredStreamToken(InvalidStreamToken):
+    """A stream token past its expiry; get a new one from POST /v1/stream-tokens."""
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class StreamTokens:
+    """Issues and verifies ``v1.<payload>.<HMAC-SHA256>`` tokens bound to a user id."""
+
+    def __init__(self, secret_key: str | bytes, *, clock: Callable[[], float] = time.time) -> None:
+        key = secret_key.encode() if isinstance(secret_key, str) else secret_key
+        if len(key) < 16:
+            raise ValueError("LOOKOUT_SECRET_KEY must be at least 16 characters long")
+        self._key = key
+        self._clock = clock
+
+    def _mac(self, payload: str) -> str:
+        return _b64(hmac.new(self._key, _PURPOSE + payload.encode(), hashlib.sha256).digest())
+
+    def issue(self, user_id: str, ttl: float = 300.0) -> tuple[str, datetime]:
+        """A token for ``user_id`` valid ``ttl`` seconds, and its expiry (aware, UTC)."""
+        if not 0 < ttl <= _MAX_TTL:
+            raise ValueError(f"stream token ttl must be between 0 and {_MAX_TTL} seconds")
+        expires = int(self._clock() + ttl)
+        body = json.dumps({"sub": user_id, "exp": expires}, separators=(",", ":"))
+        payload = _b64(body.encode())
+        return f"{_VERSION}.{payload}.{self._mac(payload)}", datetime.fromtimestamp(expires, UTC)
+
+    def verify(self, token: str) -> str:
+        """The user id the token was issued to; raises InvalidStreamToken or ExpiredStreamToken."""
+        version, _, rest = token.partition(".")
+        payload, _, mac = rest.partition(".")
+        if version != _VERSION or not payload or not mac:
+            raise InvalidStreamToken("malformed stream token; get a new one from /v1/stream-tokens")
+        if not hmac.compare_digest(mac, self._mac(payload)):
+            raise InvalidStreamToken("stream token signature does not match; get a new token")
+        try:
+            claims = json.loads(_unb64(payload))
+            user_id, expires = claims["sub"], claims["exp"]
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise InvalidStreamToken("unreadable stream token; get a new one") from exc
+        if not isinstance(user_id, str) or not isinstance(expires, int):
+            raise InvalidStreamToken("unreadable stream token; get a new one")
+        if self._clock() >= expires:
+            raise ExpiredStreamToken("stream token expired; get a new one from /v1/stream-tokens")
+        return user_id

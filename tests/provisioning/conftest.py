@@ -1,0 +1,59 @@
+"""Fixtures of the provisioning tests, on the lead's database, Redis and server fixtures."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from provisioning import GraphBackend
+from provisioning.pgadmin import quote_ident
+from streams import EventPublisher
+from tests.provisioning.support import RecordingHooks, server_objects
+
+
+@pytest.fixture
+async def name_prefix(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """A prefix for every database and role this test creates; all of them are dropped after."""
+    prefix = f"lkt{secrets.token_hex(4)}_"
+    yield prefix
+    dbs, roles = await server_objects(pg_admin_dsn, prefix)
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        for db in dbs:
+            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
+        for role in roles:
+            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def graph_backend(pg_admin_dsn: str, name_prefix: str) -> GraphBackend:
+    return GraphBackend(pg_admin_dsn, name_prefix=name_prefix)
+
+
+@pytest.fixture
+def hooks() -> RecordingHooks:
+    return RecordingHooks()
+
+
+@pytest.fixture
+def publisher(redis: Redis, redis_prefix: str) -> EventPublisher:
+    return EventPublisher(redis, prefix=redis_prefix)
+
+
+@pytest.fixture
+async def user_id(db_pool: asyncpg.Pool) -> str:
+    user = f"usr_{secrets.token_hex(12)}"
+    await db_pool.execute(
+        "INSERT INTO users (id, email) VALUES ($1, $2)", user, f"{user}@example.test"
+    )
+    return user
+
+
+def new_subject() -> str:
+    return f"sub_{secrets.token_hex(12)}"

@@ -1,0 +1,170 @@
+"""What the provisioning tests share: a hooks double, runner lifecycles, event readers."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
+
+import anyio
+import asyncpg
+from redis.asyncio import Redis
+
+from provisioning import (
+    OperationRecord,
+    OperationRunner,
+    ProvisionerBackend,
+    RetryPolicy,
+    Step,
+    StepContext,
+    get_operation,
+)
+from provisioning.backend import Credentials, OperationKind
+from streams import EventPublisher, operation_topic, stream_key, user_topic
+
+FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
+
+
+@dataclass
+class RecordingHooks:
+    """A SubscriptionHooks double: records every call, like the app's would write rows."""
+
+    succeeded: list[OperationRecord] = field(default_factory=list)
+    failed: list[tuple[OperationRecord, str]] = field(default_factory=list)
+    audits: list[tuple[str, str | None, str | None, dict[str, Any]]] = field(default_factory=list)
+
+    async def provisioning_succeeded(self, operation: OperationRecord) -> None:
+        self.succeeded.append(operation)
+
+    async def provisioning_failed(self, operation: OperationRecord, customer_message: str) -> None:
+        self.failed.append((operation, customer_message))
+
+    async def audit(
+        self,
+        kind: str,
+        *,
+        subject_id: str | None,
+        user_id: str | None,
+        detail: Mapping[str, Any],
+    ) -> None:
+        self.audits.append((kind, subject_id, user_id, dict(detail)))
+
+    def audit_kinds(self, operation_id: str) -> list[str]:
+        return [k for k, _, _, d in self.audits if d.get("operation_id") == operation_id]
+
+
+class HoldingBackend:
+    """Wraps a real backend; the step ``hold_at`` runs for real, then waits on ``release``."""
+
+    def __init__(self, inner: ProvisionerBackend, hold_at: str) -> None:
+        self.inner = inner
+        self.hold_at = hold_at
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+        self.released = False
+
+    @property
+    def resource_type(self) -> str:
+        return self.inner.resource_type
+
+    @property
+    def id_prefix(self) -> str:
+        return self.inner.id_prefix
+
+    def steps(self, kind: OperationKind) -> Sequence[Step]:
+        return [self._wrap(s) if s.name == self.hold_at else s for s in self.inner.steps(kind)]
+
+    def _wrap(self, step: Step) -> Step:
+        async def run(ctx: StepContext) -> None:
+            await step.run(ctx)
+            self.holding.set()
+            await self.release.wait()
+            self.released = True
+
+        return replace(step, run=run)
+
+    async def teardown(self, resource_id: str) -> None:
+        await self.inner.teardown(resource_id)
+
+    async def rotate_credentials(self, resource_id: str) -> Credentials:
+        return await self.inner.rotate_credentials(resource_id)
+
+
+@asynccontextmanager
+async def running(
+    pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    backends: Iterable[ProvisionerBackend],
+    **options: Any,
+) -> AsyncIterator[OperationRunner]:
+    """A runner serving in its own task group for the duration of the block."""
+    options.setdefault("instance_id", f"test-{secrets.token_hex(4)}")
+    options.setdefault("retry", FAST_RETRY)
+    runner = OperationRunner(pool, publisher, hooks, backends, **options)
+    async with anyio.create_task_group() as tg:
+        await tg.start(runner.run)
+        try:
+            yield runner
+        finally:
+            tg.cancel_scope.cancel()
+
+
+async def wait_for(
+    pool: asyncpg.Pool,
+    op_id: str,
+    done: Callable[[OperationRecord], bool] = lambda op: op.finalized_at is not None,
+    *,
+    limit: float = 40,
+) -> OperationRecord:
+    """Polls the operation until ``done`` (by default: finished and reported)."""
+    with anyio.fail_after(limit):
+        while True:
+            async with pool.acquire() as conn:
+                op = await get_operation(conn, op_id)
+            if op is not None and done(op):
+                return op
+            await anyio.sleep(0.05)
+
+
+async def read_events(redis: Redis, prefix: str, topic: str) -> list[dict[str, Any]]:
+    """Every event of a topic's Stream, oldest first (XRANGE), as the data dicts."""
+    raw = await redis.xrange(stream_key(prefix, topic))
+    entries = cast("list[tuple[bytes, dict[bytes, bytes]]]", raw)
+    events = []
+    for _entry_id, fields in entries:
+        data: dict[str, Any] = json.loads(fields[b"d"])
+        assert data["type"] == fields[b"t"].decode()
+        events.append(data)
+    return events
+
+
+async def operation_events(redis: Redis, prefix: str, op_id: str) -> list[dict[str, Any]]:
+    return await read_events(redis, prefix, operation_topic(op_id))
+
+
+async def user_events(redis: Redis, prefix: str, user_id: str) -> list[dict[str, Any]]:
+    return await read_events(redis, prefix, user_topic(user_id))
+
+
+async def server_objects(admin_dsn: str, name_prefix: str) -> tuple[list[str], list[str]]:
+    """The databases and roles on the server whose names start with ``name_prefix``."""
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        pattern = name_prefix.replace("_", r"\_") + "%"
+        dbs = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", pattern)
+        roles = await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", pattern)
+    finally:
+        await conn.close()
+    return [r["datname"] for r in dbs], [r["rolname"] for r in roles]
+
+
+async def with_admin(admin_dsn: str, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        return await fn(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,149 @@
+"""Failures and cancellations end in one terminal event, a customer sentence and no leftovers."""
+
+from __future__ import annotations
+
+import anyio
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from provisioning import (
+    GraphBackend,
+    OperationNotCancellable,
+    OperationNotFound,
+    ResourceSpec,
+    get_resource,
+)
+from streams import EventPublisher
+from tests.provisioning.conftest import new_subject
+from tests.provisioning.support import (
+    HoldingBackend,
+    RecordingHooks,
+    operation_events,
+    running,
+    server_objects,
+    wait_for,
+)
+from tests.support import free_port
+
+pytestmark = pytest.mark.anyio
+
+GRAPH = ResourceSpec("graph", "graph_standard", {"max_resources": 3})
+
+
+async def test_a_server_that_refuses_connections_fails_the_operation_after_retries(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    closed = f"postgresql://postgres:s3cret-admin@127.0.0.1:{free_port()}/postgres"
+    backend = GraphBackend(closed, name_prefix=name_prefix, connect_timeout=2)
+    async with running(db_pool, publisher, hooks, [backend]) as runner:
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        done = await wait_for(db_pool, op.id)
+
+    assert done.status == "failed" and done.step == "create_database"
+    assert done.completed_steps == ("check_limits",)
+    assert done.error is not None and done.error.endswith(".")
+    assert "could not be reached" in done.error
+    for leak in ("127.0.0.1", "postgresql", "s3cret", "Traceback", "Error"):
+        assert leak not in done.error
+    assert [(o.id, message) for o, message in hooks.failed] == [(op.id, done.error)]
+    assert hooks.succeeded == []
+    # Three tries of the step (FAST_RETRY), then three of the rollback: two waits each.
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 4
+    assert all("s3cret" not in r.getMessage() for r in caplog.records)
+
+    events = await operation_events(redis, redis_prefix, op.id)
+    assert [e["type"] for e in events][-1] == "operation.failed"
+    assert sum(e["type"].startswith("operation.") and "status" in e for e in events) == 1
+    assert events[-1]["error"] == done.error and events[-1]["status"] == "failed"
+    assert await server_objects(pg_admin_dsn, name_prefix) == ([], [])
+    # Nothing could be checked on that server: the resource is flagged for a later clean-up.
+    async with db_pool.acquire() as conn:
+        resource = await get_resource(conn, op.resource_id)
+    assert resource is not None and resource.status == "orphaned"
+    assert hooks.audit_kinds(op.id) == [
+        "operation.started",
+        "operation.rollback_failed",
+        "operation.failed",
+    ]
+
+
+async def test_cancel_stops_the_running_step_and_leaves_nothing(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    holding = HoldingBackend(graph_backend, hold_at="apply_schema")
+    async with running(db_pool, publisher, hooks, [holding]) as runner:
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        # Mid-step, the database and the role exist.
+        assert len((await server_objects(pg_admin_dsn, name_prefix))[0]) == 1
+        answer = await runner.cancel(op.id)
+        assert op.id not in runner.active
+        again = await runner.cancel(op.id)
+
+    assert answer.status == "cancelled" and again.status == "cancelled"
+    assert not holding.released  # the step was interrupted, not left to finish
+    assert await server_objects(pg_admin_dsn, name_prefix) == ([], [])
+    done = await wait_for(db_pool, op.id)
+    assert done.error is None and done.step == "apply_schema"
+    async with db_pool.acquire() as conn:
+        resource = await get_resource(conn, op.resource_id)
+    assert resource is not None and resource.status == "deleted"
+    events = await operation_events(redis, redis_prefix, op.id)
+    assert events[-1]["type"] == "operation.cancelled" and events[-1]["status"] == "cancelled"
+    terminal = [
+        e
+        for e in events
+        if e["type"] in ("operation.completed", "operation.failed", "operation.cancelled")
+    ]
+    assert len(terminal) == 1
+    assert [o.id for o, _ in hooks.failed] == [op.id]
+    assert "cancelled" in hooks.failed[0][1]
+    assert hooks.audit_kinds(op.id) == [
+        "operation.started",
+        "operation.cancel_requested",
+        "operation.cancelled",
+    ]
+
+
+async def test_cancel_answers_unknown_and_uncancellable_operations(
+    db_pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    user_id: str,
+) -> None:
+    subject = new_subject()
+    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+        with pytest.raises(OperationNotFound):
+            await runner.cancel("op_000000000000000000000000")
+        provision = await runner.start("provision", subject, user_id, GRAPH)
+        await wait_for(db_pool, provision.id)
+        assert (await runner.cancel(provision.id)).status == "completed"
+    holding = HoldingBackend(graph_backend, hold_at="drop_database")
+    async with running(db_pool, publisher, hooks, [holding]) as runner:
+        op = await runner.start("deprovision", subject, user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        with pytest.raises(OperationNotCancellable):
+            await runner.cancel(op.id)
+        holding.release.set()
+        assert (await wait_for(db_pool, op.id)).status == "completed"

@@ -1,0 +1,157 @@
+"""Work left by a dead instance is resumed by another, from its last completed step."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from provisioning import GraphBackend, ResourceSpec
+from provisioning.backend import StepContext
+from provisioning.limits import check_limits_step
+from provisioning.operations import complete_step, create_operation, mark_started
+from streams import EventPublisher
+from tests.provisioning.conftest import new_subject
+from tests.provisioning.support import (
+    RecordingHooks,
+    operation_events,
+    running,
+    server_objects,
+    wait_for,
+)
+
+pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
+GRAPH = ResourceSpec("graph", "graph_standard")
+
+
+async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_step(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    # An instance "dead" took the operation, ran three steps and recorded two of them (it died
+    # after create_role had run), and its lease has expired.
+    async with db_pool.acquire() as conn:
+        op, created = await create_operation(
+            conn,
+            op_id="op_" + "ab" * 12,
+            kind="provision",
+            subject_id=new_subject(),
+            user_id=user_id,
+            resource_id="gr_" + os.urandom(12).hex(),
+            spec=GRAPH,
+            lease_owner="dead",
+            lease_seconds=-1,
+        )
+        assert created
+        assert await mark_started(conn, op.id, "dead")
+    ctx = StepContext(op.id, "provision", op.subject_id, user_id, op.resource_id, GRAPH)
+    steps = [check_limits_step(db_pool), *graph_backend.steps("provision")]
+    for step in steps[:3]:
+        await step.run(ctx)
+    async with db_pool.acquire() as conn:
+        for step in steps[:2]:
+            assert await complete_step(conn, op.id, "dead", step.name)
+
+    async with running(db_pool, publisher, hooks, [graph_backend], lease_seconds=5) as runner:
+        done = await wait_for(db_pool, op.id)
+        assert runner.instance_id == done.lease_owner
+
+    assert done.status == "completed" and done.attempts == 2
+    assert [s.name for s in steps] == list(done.completed_steps)
+    dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
+    assert dbs == [graph_backend.database_name(op.resource_id)] and len(roles) == 1
+    events = await operation_events(redis, redis_prefix, op.id)
+    # No second operation.started: "dead" had announced it (its events are not in this test).
+    assert [(e["type"], e.get("step")) for e in events[:-1]] == [
+        ("operation.progress", "create_role"),
+        ("operation.progress", "grant_access"),
+        ("operation.progress", "apply_schema"),
+        ("operation.progress", "verify"),
+    ]
+    assert events[-1]["type"] == "operation.completed" and events[-1]["progress"] == 100
+    assert [o.id for o in hooks.succeeded] == [op.id]
+    assert "operation.resumed" in hooks.audit_kinds(op.id)
+
+
+async def test_a_process_killed_in_the_middle_of_a_step_is_resumed_by_another(
+    db_pool: asyncpg.Pool,
+    database_url: str,
+    redis_url: str,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    subject = new_subject()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    command = [
+        sys.executable,
+        str(Path(__file__).with_name("child_runner.py")),
+        database_url,
+        redis_url,
+        redis_prefix,
+        pg_admin_dsn,
+        name_prefix,
+        subject,
+        user_id,
+    ]
+    async with await anyio.open_process(command, env=env, cwd=ROOT, stderr=None) as child:
+        assert child.stdout is not None
+        line = b""
+        with anyio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await child.stdout.receive(1)
+        assert line.startswith(b"HOLDING op_"), line
+        op_id = line.split()[1].decode()
+        os.kill(child.pid, signal.SIGKILL)
+        assert await child.wait() == -signal.SIGKILL
+
+    async with db_pool.acquire() as conn:
+        killed = await conn.fetchrow("SELECT * FROM operations WHERE id = $1", op_id)
+    assert killed is not None
+    assert killed["lease_owner"] == "child" and killed["status"] == "running"
+    assert killed["step"] == "apply_schema"
+    assert "apply_schema" not in killed["completed_steps"]
+
+    async with running(db_pool, publisher, hooks, [graph_backend], sweep_interval=0.2):
+        done = await wait_for(db_pool, op_id)
+
+    assert done.status == "completed" and done.attempts == 2 and done.progress == 100
+    dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
+    assert dbs == [graph_backend.database_name(done.resource_id)] and len(roles) == 1
+    events = await operation_events(redis, redis_prefix, op_id)
+    types = [e["type"] for e in events]
+    assert types.count("operation.started") == 1
+    assert types.count("operation.completed") == 1 and types[-1] == "operation.completed"
+    steps = [e["step"] for e in events if e["type"] == "operation.progress"]
+    # The child's steps up to the one it died in, then that one again and the rest.
+    assert steps == [
+        "check_limits",
+        "create_database",
+        "create_role",
+        "grant_access",
+        "apply_schema",
+        "apply_schema",
+        "verify",
+    ]
+    progress = [e["progress"] for e in events]
+    assert progress == sorted(progress)

@@ -1,0 +1,122 @@
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from streams.hub import EventHub
+from streams.leases import StreamLeases, TooManyStreams
+from streams.sse import EventStreamResponse, StreamOptions
+from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
+from tests.streams.conftest import Snapshots
+from tests.streams.sse_client import read_sse, wait_until
+from tests.support.live import live_server
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_the_limit_refuses_one_more_across_instances(redis: Redis, redis_prefix: str) -> None:
+    one = StreamLeases(redis, prefix=redis_prefix, limit=3)
+    two = StreamLeases(redis, prefix=redis_prefix, limit=3)  # another instance
+    held = [await one.acquire("usr_a"), await two.acquire("usr_a"), await one.acquire("usr_a")]
+    with pytest.raises(TooManyStreams) as refused:
+        await two.acquire("usr_a")
+    assert refused.value.retry_after >= 1
+    assert "3 open event streams" in str(refused.value)
+    other_user = await two.acquire("usr_b")  # limits are per user
+    assert await one.count("usr_a") == 3
+    await held[0].release()
+    await held[0].release()
+    replacement = await two.acquire("usr_a")
+    assert await one.count("usr_a") == 3
+    for lease in (*held[1:], replacement, other_user):
+        await lease.release()
+    assert await one.count("usr_a") == 0
+
+
+async def test_leases_of_a_dead_process_lapse_and_held_ones_are_renewed(
+    redis: Redis, redis_prefix: str
+) -> None:
+    dead = StreamLeases(redis, prefix=redis_prefix, limit=1, ttl_seconds=1)
+    alive = StreamLeases(redis, prefix=redis_prefix, limit=1, ttl_seconds=1)
+    await dead.acquire("usr_dead")  # never renewed: its process "died"
+    with pytest.raises(TooManyStreams):
+        await alive.acquire("usr_dead")
+    with anyio.fail_after(10):
+        while True:
+            try:
+                lease = await alive.acquire("usr_dead")
+                break
+            except TooManyStreams:
+                await anyio.sleep(0.1)
+    async with anyio.create_task_group() as tg:
+        await tg.start(alive.run)
+        await anyio.sleep(2.5)  # well past the ttl: only renewal keeps it
+        assert await alive.count("usr_dead") == 1
+        tg.cancel_scope.cancel()
+    await lease.release()
+
+
+async def test_an_open_stream_holds_its_lease_until_it_ends(
+    hub: EventHub, redis: Redis, redis_prefix: str, snapshots: Snapshots
+) -> None:
+    leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
+
+    async def events(request: Request) -> Response:
+        try:
+            lease = await leases.acquire("usr_l")
+        except TooManyStreams as exc:
+            body = {"error": {"code": "too_many_streams", "message": str(exc)}}
+            return JSONResponse(body, 429, headers={"Retry-After": str(exc.retry_after)})
+        return EventStreamResponse.for_user(
+            hub, "usr_l", last_event_id=None, snapshot=snapshots, lease=lease,
+            options=StreamOptions(max_seconds=None),
+        )  # fmt: skip
+
+    app = Starlette(routes=[Route("/events", events)])
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with client.stream("GET", "/events") as first:
+            assert (await anext(read_sse(first))).kind == "retry"
+            second = await client.get("/events")
+            assert second.status_code == 429
+            assert int(second.headers["Retry-After"]) >= 1
+            assert second.json()["error"]["code"] == "too_many_streams"
+
+        async def released() -> bool:
+            return await leases.count("usr_l") == 0
+
+        await wait_until(released)
+        async with client.stream("GET", "/events") as third:
+            assert third.status_code == 200
+
+
+def test_tokens_are_bound_to_a_user_and_expire() -> None:
+    now = [1_700_000_000.0]
+    tokens = StreamTokens("k" * 32, clock=lambda: now[0])
+    token, expires_at = tokens.issue("usr_1", ttl=300)
+    assert expires_at.timestamp() == 1_700_000_300
+    assert expires_at.tzinfo is not None
+    assert tokens.verify(token) == "usr_1"
+
+    version, payload, mac = token.split(".")
+    forged = StreamTokens("z" * 32, clock=lambda: now[0]).issue("usr_2", ttl=300)[0]
+    for bad in (
+        "",
+        "garbage",
+        f"{version}.{forged.split('.')[1]}.{mac}",  # another user's payload, this MAC
+        f"{version}.{payload}.{mac[:-2]}AA",
+        forged,  # signed with another key
+        f"v2.{payload}.{mac}",
+    ):
+        with pytest.raises(InvalidStreamToken):
+            tokens.verify(bad)
+    now[0] += 300
+    with pytest.raises(ExpiredStreamToken, match="expired"):
+        tokens.verify(token)
+    with pytest.raises(ValueError, match="at least 16"):
+        StreamTokens("short")

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from streams import (
+    Event,
+    EventEncodingError,
+    EventPublisher,
+    channel_name,
+    iso_now,
+    operation_topic,
+    stream_key,
+    user_topic,
+)
+
+pytestmark = pytest.mark.anyio
+
+ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+
+
+def test_create_adds_type_and_utc_timestamp() -> None:
+    event = Event.create("operation.progress", operation_id="op_1", progress=40, message="a\nb")
+    assert event.type == "operation.progress"
+    assert event.data["type"] == "operation.progress"
+    assert ISO_Z.fullmatch(event.data["ts"])
+    assert ISO_Z.fullmatch(iso_now())
+    encoded = event.encode()
+    assert b"\n" not in encoded  # one "data:" line
+    assert json.loads(encoded)["message"] == "a\nb"
+    with pytest.raises(TypeError):
+        event.data["progress"] = 50  # type: ignore[index]
+
+
+def test_create_refuses_a_second_type_and_unencodable_data() -> None:
+    with pytest.raises(ValueError, match="once"):
+        Event.create("a", **{"type": "b"})
+    with pytest.raises(EventEncodingError, match="not JSON"):
+        Event.create("a", thing=object()).encode()
+
+
+def test_topics() -> None:
+    assert operation_topic("op_1") == "op:op_1"
+    assert user_topic("usr_1") == "user:usr_1"
+    assert stream_key("p:", "op:x") == "p:events:op:x"
+    assert channel_name("p:", "op:x") == "p:op:x"
+
+
+async def test_publish_appends_to_each_stream_and_announces(
+    redis: Redis, redis_prefix: str
+) -> None:
+    publisher = EventPublisher(redis, prefix=redis_prefix, ttl_seconds=600)
+    topics = [operation_topic("op_1"), user_topic("usr_1")]
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(*(channel_name(redis_prefix, t) for t in topics))
+    try:
+        for _ in topics:
+            confirmation: Any = await pubsub.get_message(timeout=5)
+            assert confirmation["type"] == "subscribe"
+        event = Event.create("operation.started", operation_id="op_1")
+        ids = await publisher.publish(event, [*topics, topics[0]])
+        assert list(ids) == topics  # duplicates collapse
+
+        announced: dict[str, bytes] = {}
+        with anyio.fail_after(5):
+            while len(announced) < 2:
+                message: Any = await pubsub.get_message(timeout=5)
+                if message and message["type"] == "message":
+                    announced[message["channel"].decode()] = message["data"]
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    for topic in topics:
+        key = stream_key(redis_prefix, topic)
+        entries: Any = await redis.xrange(key)
+        [(entry_id, fields)] = entries
+        assert entry_id.decode() == ids[topic]
+        assert fields[b"t"] == b"operation.started"
+        assert json.loads(fields[b"d"]) == dict(event.data)
+        assert 0 < await redis.ttl(key) <= 600
+        stream_id, etype, data = announced[channel_name(redis_prefix, topic)].split(b"\n", 2)
+        assert (stream_id.decode(), etype, data) == (
+            ids[topic],
+            b"operation.started",
+            event.encode(),
+        )
+
+
+async def test_streams_are_capped(redis: Redis, redis_prefix: str) -> None:
+    publisher = EventPublisher(redis, prefix=redis_prefix, maxlen=5, exact_trim=True)
+    topic = operation_topic("op_cap")
+    for n in range(12):
+        await publisher.publish(Event.create("operation.progress", n=n), [topic])
+    entries: Any = await redis.xrange(stream_key(redis_prefix, topic))
+    assert [json.loads(f[b"d"])["n"] for _, f in entries] == [7, 8, 9, 10, 11]
+    assert await publisher.publish(Event.create("x"), []) == {}

@@ -1,0 +1,192 @@
+from __future__ import annotations
+
+import json
+
+import anyio
+import httpx
+import pytest
+from starlette.applications import Starlette
+
+from streams import Event, EventPublisher, operation_topic, user_topic
+from streams.hub import EventHub
+from streams.sse import StreamOptions
+from tests.streams.conftest import Snapshots, make_app
+from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
+from tests.support.live import live_server
+
+pytestmark = pytest.mark.anyio
+
+
+def progress(op: str, n: int) -> Event:
+    return Event.create("operation.progress", operation_id=op, step=f"s{n}", progress=n, message="")
+
+
+def done(op: str) -> Event:
+    return Event.create("operation.completed", operation_id=op)
+
+
+def events(items: list[SSEItem]) -> list[SSEItem]:
+    return [i for i in items if i.kind == "event"]
+
+
+async def test_late_join_gets_the_whole_history_then_live_then_closes(
+    app: Starlette, publisher: EventPublisher, hub: EventHub
+) -> None:
+    topic = operation_topic("op_late")
+    ids = [(await publisher.publish(progress("op_late", n), [topic]))[topic] for n in range(3)]
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with client.stream("GET", "/ops/op_late/events") as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+            items: list[SSEItem] = []
+            with anyio.fail_after(10):
+                async for item in read_sse(response):
+                    items.append(item)
+                    if len(events(items)) == 3:
+                        ids.append((await publisher.publish(done("op_late"), [topic]))[topic])
+        assert items[0].kind == "retry"  # every stream begins with retry:
+        got = events(items)
+        assert [i.id for i in got] == ids
+        assert [i.event for i in got] == ["operation.progress"] * 3 + ["operation.completed"]
+        assert [i.json["progress"] for i in got[:3]] == [0, 1, 2]
+        assert all(i.json["operation_id"] == "op_late" and i.json["ts"] for i in got)
+
+        # A reconnect with the terminal event's id: nothing more will come.
+        reply = await client.get("/ops/op_late/events", headers={"Last-Event-ID": ids[-1]})
+        assert reply.status_code == 204
+        # Without a position: the whole history again, and the stream closes by itself.
+        status, again = await collect(client, "/ops/op_late/events")
+        assert status == 200
+        assert [i.id for i in events(again)] == ids
+    await wait_until(lambda: hub.subscriber_count() == 0)
+
+
+async def test_resume_by_last_event_id_has_no_gap_and_no_duplicate(
+    app: Starlette, publisher: EventPublisher
+) -> None:
+    topic = operation_topic("op_resume")
+    total = 150
+    published: list[str] = []
+
+    async def publish_all() -> None:
+        for n in range(total):
+            published.append((await publisher.publish(progress("op_resume", n), [topic]))[topic])
+            await anyio.sleep(0.002)
+        published.append((await publisher.publish(done("op_resume"), [topic]))[topic])
+
+    received: list[SSEItem] = []
+    async with (
+        live_server(app) as base,
+        httpx.AsyncClient(base_url=base, timeout=10) as client,
+        anyio.create_task_group() as tg,
+    ):
+        tg.start_soon(publish_all)
+        position: str | None = None
+        for attempt in range(100):
+            # Alternate the header and the query parameter; drop the connection every 20 events.
+            url, headers = "/ops/op_resume/events", {}
+            if position and attempt % 2:
+                headers["Last-Event-ID"] = position
+            elif position:
+                url += f"?last_event_id={position}"
+            async with client.stream("GET", url, headers=headers) as response:
+                if response.status_code == 204:
+                    break
+                seen = 0
+                async for item in read_sse(response):
+                    if item.kind == "event":
+                        received.append(item)
+                        position = item.id
+                        seen += 1
+                        if seen == 20:
+                            break
+            if received and received[-1].event == "operation.completed":
+                break
+    assert [i.id for i in received] == published
+    assert [i.json["progress"] for i in received[:-1]] == list(range(total))
+
+
+async def test_user_stream_is_live_and_replays_after_a_position(
+    app: Starlette, publisher: EventPublisher
+) -> None:
+    topic = user_topic("usr_1")
+    before = await publisher.publish(
+        Event.create("subscription.updated", subscription_id="s0"), [topic]
+    )
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with client.stream("GET", "/users/usr_1/events") as response:
+            items = read_sse(response)
+            assert (await anext(items)).kind == "retry"
+            after = await publisher.publish(
+                Event.create("subscription.updated", subscription_id="s1"), [topic]
+            )
+            first = await anext(items)
+            assert (first.id, first.json["subscription_id"]) == (after[topic], "s1")
+        headers = {"Last-Event-ID": before[topic]}
+        async with client.stream("GET", "/users/usr_1/events", headers=headers) as response:
+            items = read_sse(response)
+            assert (await anext(items)).kind == "retry"
+            assert (await anext(items)).id == after[topic]
+
+
+async def test_trimmed_history_answers_stream_reset_with_a_snapshot(
+    app: Starlette, redis_prefix: str, publisher: EventPublisher, snapshots: Snapshots
+) -> None:
+    small = EventPublisher(publisher._redis, prefix=redis_prefix, maxlen=5, exact_trim=True)
+    topic = operation_topic("op_trim")
+    ids = [(await small.publish(progress("op_trim", n), [topic]))[topic] for n in range(20)]
+    snapshots.by_topic[topic] = {"id": "op_trim", "status": "running", "progress": 19}
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for headers in ({"Last-Event-ID": ids[2]}, {}, {"Last-Event-ID": "not-an-id"}):
+            async with client.stream("GET", "/ops/op_trim/events", headers=headers) as response:
+                items = read_sse(response)
+                assert (await anext(items)).kind == "retry"
+                reset = await anext(items)
+                assert reset.event == "stream.reset"
+                assert reset.id == ids[-1]  # resuming after the reset continues from here
+                assert reset.json["snapshot"] == snapshots.by_topic[topic]
+                assert reset.json["operation_id"] == "op_trim"
+                live = await small.publish(progress("op_trim", 20), [topic])
+                nxt = await anext(items)
+                assert (nxt.id, nxt.json["progress"]) == (live[topic], 20)
+                ids.append(live[topic])
+
+        # A finished operation whose history is gone: the reset is the last word.
+        ids.append((await small.publish(done("op_trim"), [topic]))[topic])
+        snapshots.by_topic[topic] = {"id": "op_trim", "status": "completed", "progress": 100}
+        _, items_ = await collect(client, "/ops/op_trim/events", headers={"Last-Event-ID": ids[0]})
+        assert [(i.event, i.id) for i in events(items_)] == [("stream.reset", ids[-1])]
+
+
+async def test_keepalive_duration_limit_and_shutdown(hub: EventHub, snapshots: Snapshots) -> None:
+    options = StreamOptions(keepalive_seconds=0.3, retry_ms=500, max_seconds=1.5)
+    app = make_app(hub, snapshots, options)
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        status, items = await collect(client, "/users/usr_idle/events")
+        assert status == 200
+        assert items[0].kind == "retry" and items[0].text == "500"
+        comments = [i.text for i in items if i.kind == "comment"]
+        assert "keep-alive" in comments
+        assert comments[-1].startswith("stream duration limit reached")
+
+        async with client.stream("GET", "/users/usr_idle/events") as response:
+            stream = read_sse(response)
+            assert (await anext(stream)).kind == "retry"
+            hub.close()
+            rest = [i async for i in stream]
+        assert rest[-1].kind == "comment" and rest[-1].text.startswith("server shutting down")
+        # While shutting down, new streams end at once so that the client goes elsewhere.
+        status, items = await collect(client, "/users/usr_idle/events")
+        assert [i.kind for i in items] == ["retry", "comment"]
+
+
+async def test_a_disconnected_client_leaves_the_hub(app: Starlette, hub: EventHub) -> None:
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        async with client.stream("GET", "/users/usr_gone/events") as response:
+            assert (await anext(read_sse(response))).kind == "retry"
+            assert hub.subscriber_count(user_topic("usr_gone")) == 1
+        await wait_until(lambda: hub.subscriber_count(user_topic("usr_gone")) == 0)
+
+
+def test_events_json_is_one_line() -> None:
+    assert "\n" not in json.dumps({"a": "b\nc"})

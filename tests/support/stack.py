@@ -1,0 +1,158 @@
+"""The whole of Lookout on real sockets: the app, the Stripe emulator, and a signed-in user."""
+
+from __future__ import annotations
+
+import contextlib
+import secrets
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import anyio
+import asyncpg
+import httpx
+from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
+from starlette.applications import Starlette
+
+from app import create_app
+from app.billing.provider import PaymentProvider
+from app.settings import Settings
+from app.stripe_emulator import create_emulator
+from app.users import create_api_key, create_user
+from tests.support.live import free_port, live_server
+
+__all__ = ["Stack", "running_stack", "wait_for"]
+
+
+@dataclass
+class Stack:
+    url: str
+    emulator_url: str
+    settings: Settings
+    app: Starlette
+    user_id: str
+    api_key: str
+    http: httpx.AsyncClient  # signed in as the user
+    emulator: httpx.AsyncClient  # the emulator's control endpoints
+
+    async def new_user(self, email: str) -> tuple[str, str]:
+        """Another customer: answers (user id, API key)."""
+        async with self.app.state.services.pool.acquire() as conn:
+            user = await create_user(conn, email)
+            return user.id, await create_api_key(conn, user.id)
+
+    async def subscription(self, subscription_id: str) -> dict[str, Any]:
+        answer = await self.http.get(f"/v1/subscriptions/{subscription_id}")
+        answer.raise_for_status()
+        body: dict[str, Any] = answer.json()
+        return body
+
+    async def checkout(self, plan: str = "graph-standard", name: str = "my-graph") -> dict[str, Any]:
+        answer = await self.http.post("/v1/checkout", json={"plan": plan, "resource_name": name})
+        assert answer.status_code == 201, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    async def pay(self, session_id: str, *, deliver_webhooks: bool = True) -> dict[str, Any]:
+        answer = await self.emulator.post(
+            f"/_emulator/checkout/{session_id}/pay", json={"deliver_webhooks": deliver_webhooks}
+        )
+        assert answer.status_code == 200, answer.text
+        body: dict[str, Any] = answer.json()
+        return body
+
+    async def wait_for_status(
+        self, subscription_id: str, status: str, *, timeout: float = 30
+    ) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            found = await self.subscription(subscription_id)
+            return found if found["status"] == status else None
+
+        return await wait_for(check, timeout=timeout, what=f"{subscription_id} to be {status}")
+
+
+async def wait_for(check: Any, *, timeout: float = 30, what: str = "a condition") -> Any:
+    """Polls `check` (an async callable answering a value or None) until it answers."""
+    with anyio.move_on_after(timeout):
+        while True:
+            found = await check()
+            if found:
+                return found
+            await anyio.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+async def _drop_resources(settings: Settings, backends: Sequence[ProvisionerBackend]) -> None:
+    """Removes every graph and role the test's subscriptions made on the shared server."""
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch("SELECT resource_id, resource_type FROM subscriptions")
+    finally:
+        await conn.close()
+    by_type = {b.resource_type: b for b in backends}
+    for row in rows:
+        backend = by_type.get(row["resource_type"])
+        if isinstance(backend, GraphBackend | SharedRepositoryBackend):
+            with contextlib.suppress(Exception):
+                await backend.teardown(row["resource_id"])
+
+
+@contextlib.asynccontextmanager
+async def running_stack(
+    settings: Settings,
+    *,
+    provider: PaymentProvider | None = None,
+    backends: Sequence[ProvisionerBackend] | None = None,
+    webhook_retry_base: float = 0.2,
+) -> AsyncIterator[Stack]:
+    app_port, emulator_port = free_port(), free_port()
+    app_url = f"http://127.0.0.1:{app_port}"
+    emulator_url = f"http://127.0.0.1:{emulator_port}"
+    secret = f"whsec_{secrets.token_hex(16)}"
+    settings = replace(
+        settings,
+        public_url=app_url,
+        stripe_api_base=emulator_url,
+        stripe_webhook_secrets=(secret,),
+    )
+    assert settings.database_url is not None
+    if backends is None:
+        admin = settings.provisioner_database_url or settings.database_url
+        backends = [GraphBackend(admin), SharedRepositoryBackend(admin)]
+    emulator = create_emulator(
+        webhook_url=f"{app_url}/v1/webhooks/stripe",
+        webhook_secret=secret,
+        public_url=emulator_url,
+        api_key=settings.stripe_api_key,
+        webhook_retry_base=webhook_retry_base,
+    )
+    app = create_app(settings, provider=provider, backends=backends)
+    async with (
+        live_server(emulator, port=emulator_port),
+        live_server(app, port=app_port),
+    ):
+        services = app.state.services
+        async with services.pool.acquire() as conn:
+            user = await create_user(conn, f"user-{secrets.token_hex(3)}@example.com")
+            key = await create_api_key(conn, user.id)
+        async with (
+            httpx.AsyncClient(
+                base_url=app_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+            ) as http,
+            httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
+        ):
+            try:
+                yield Stack(
+                    url=app_url,
+                    emulator_url=emulator_url,
+                    settings=settings,
+                    app=app,
+                    user_id=user.id,
+                    api_key=key,
+                    http=http,
+                    emulator=control,
+                )
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await _drop_resources(settings, backends)
