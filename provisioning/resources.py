@@ -9,7 +9,14 @@ import asyncpg
 
 from .operations import Connection
 
-__all__ = ["ResourceRecord", "count_held_before", "get_resource", "resource_for_subject"]
+__all__ = [
+    "ResourceRecord",
+    "claim_orphans",
+    "count_held_before",
+    "get_resource",
+    "mark_deleted",
+    "resource_for_subject",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,3 +66,26 @@ async def count_held_before(conn: Connection, resource_id: str) -> int:
         resource_id,
     )
     return value
+
+
+async def claim_orphans(conn: Connection, *, older_than: float, limit: int) -> list[ResourceRecord]:
+    """Orphaned resources untouched for ``older_than`` seconds; touching them claims them."""
+    rows = await conn.fetch(
+        "UPDATE resources r SET updated_at = now() FROM ("
+        " SELECT id FROM resources WHERE status = 'orphaned'"
+        " AND updated_at < now() - make_interval(secs => $1::float8)"
+        " ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED) o"
+        " WHERE r.id = o.id RETURNING r.*",
+        older_than,
+        limit,
+    )
+    return [ResourceRecord.from_row(r) for r in rows]
+
+
+async def mark_deleted(conn: Connection, resource_id: str) -> bool:
+    done = await conn.fetchval(
+        "UPDATE resources SET status = 'deleted', deleted_at = now(), updated_at = now()"
+        " WHERE id = $1 AND status = 'orphaned' RETURNING true",
+        resource_id,
+    )
+    return bool(done)

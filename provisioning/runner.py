@@ -29,6 +29,7 @@ from .execution import Executor, Outcome
 from .hooks import SubscriptionHooks
 from .limits import check_limits_step
 from .operations import OperationRecord
+from .reaper import OrphanReaper
 from .resources import get_resource, resource_for_subject
 from .retry import RetryPolicy
 
@@ -57,7 +58,9 @@ class OperationRunner:
     its lease is renewed every ``lease_seconds / 3``. ``run`` sweeps at start-up and every
     ``sweep_interval`` seconds for operations whose lease expired (their instance died) and
     resumes them from their last completed step. At most ``max_concurrent`` run their steps at
-    once; the others wait, announced and leased.
+    once; the others wait, announced and leased. An outcome the hooks or Redis could not take
+    is offered again ``finalize_retry_seconds`` later; resources whose removal failed are
+    removed again every ``orphan_retry_seconds``.
     """
 
     def __init__(
@@ -73,6 +76,7 @@ class OperationRunner:
         sweep_interval: float | None = None,
         retry: RetryPolicy | None = None,
         finalize_retry_seconds: float = 30.0,
+        orphan_retry_seconds: float = 60.0,
     ) -> None:
         if max_concurrent < 1 or lease_seconds <= 0:
             raise ValueError("OperationRunner needs max_concurrent >= 1 and lease_seconds > 0")
@@ -87,6 +91,7 @@ class OperationRunner:
         self._finalize_retry = finalize_retry_seconds
         self._retry = retry or RetryPolicy()
         self._exec = Executor(pool, publisher, hooks, owner=instance_id, retry=self._retry)
+        self._reaper = OrphanReaper(pool, hooks, self._backends, interval=orphan_retry_seconds)
         self._tasks: dict[str, _Task] = {}
         self._tg: TaskGroup | None = None
 
@@ -115,6 +120,7 @@ class OperationRunner:
         """Serves until cancelled; cancelling it stops every operation and frees their leases."""
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            tg.start_soon(self._reaper.run)
             try:
                 task_status.started()
                 while True:
@@ -145,6 +151,7 @@ class OperationRunner:
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
         backend = self.backend(spec.resource_type)
+        provision: OperationRecord | None = None
         async with self._pool.acquire() as conn:
             if kind == "deprovision":
                 existing = await ops.get_operation_for_subject(conn, kind, subject_id)

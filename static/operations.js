@@ -28,16 +28,21 @@ export class OperationTracker {
     return this.view.element;
   }
 
-  /** `history`: open the stream even when the snapshot says the operation is over, to
-   * list its steps. Without it a finished operation shows its snapshot only. */
-  async start({ history = false, snapshot = null } = {}) {
+  /** The snapshot first; then the stream, unless the operation is over (with `history`,
+   * the stream is opened anyway, to list the steps of a finished operation). */
+  async start({ history = false } = {}) {
     try {
-      this.#set(fromSnapshot(snapshot || (await this.api.operation(this.id)), this.state));
+      this.#set(fromSnapshot(await this.api.operation(this.id), this.state));
     } catch (error) {
       this.onError(error);
       if (error instanceof ApiError && error.status === 404) return;
     }
-    if (this.stopped || (isTerminal(this.state) && !history)) return;
+    if (!isTerminal(this.state) || history) this.openStream();
+  }
+
+  /** Straight to the stream, which replays every event from the operation's first. */
+  openStream() {
+    if (this.stopped || this.stream) return;
     this.stream = this.hub.open(`/v1/operations/${encodeURIComponent(this.id)}/events`, {
       onEvent: (type, data) => this.#set(applyEvent(this.state, type, data)),
       isFinal: (type, data) =>

@@ -69,8 +69,16 @@ def _translate(what: str, exc: stripe.StripeError) -> PaymentProviderError:
     return PaymentProviderError(f"{what}: {message}")
 
 
+def _refused(exc: stripe.StripeError, status: int) -> bool:
+    return isinstance(exc, stripe.InvalidRequestError) and exc.http_status == status
+
+
+def _at(value: int) -> datetime:
+    return datetime.fromtimestamp(value, UTC)
+
+
 def _ts(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, UTC)
+    return None if value is None else _at(value)
 
 
 def _id(value: Any) -> str | None:
@@ -89,9 +97,6 @@ def _metadata(value: Any) -> dict[str, str]:
 
 
 def session_info(session: stripe.checkout.Session) -> CheckoutSessionInfo:
-    created = _ts(session.created)
-    expires = _ts(session.expires_at)
-    assert created is not None and expires is not None
     return CheckoutSessionInfo(
         id=session.id,
         status=session.status or "open",
@@ -101,16 +106,14 @@ def session_info(session: stripe.checkout.Session) -> CheckoutSessionInfo:
         subscription_id=_id(session.subscription),
         customer_id=_id(session.customer),
         client_reference_id=session.client_reference_id,
-        created=created,
-        expires_at=expires,
+        created=_at(session.created),
+        expires_at=_at(session.expires_at),
     )
 
 
 def subscription_info(sub: stripe.Subscription) -> SubscriptionInfo:
     items = list(sub.items.data)
     first = items[0] if items else None
-    created = _ts(sub.created)
-    assert created is not None
     return SubscriptionInfo(
         id=sub.id,
         status=sub.status,
@@ -120,7 +123,7 @@ def subscription_info(sub: stripe.Subscription) -> SubscriptionInfo:
         # Current API versions keep the period on the items; a subscription has one here.
         current_period_start=_ts(first.current_period_start) if first else None,
         current_period_end=_ts(first.current_period_end) if first else None,
-        created=created,
+        created=_at(sub.created),
         cancel_at=_ts(sub.cancel_at),
         canceled_at=_ts(sub.canceled_at),
         ended_at=_ts(sub.ended_at),
@@ -174,14 +177,13 @@ class StripePaymentProvider:
 
     @staticmethod
     def _fits(price: stripe.Price, plan: Plan) -> bool:
-        recurring = price.recurring
+        r, want = price.recurring, plan.price
+        same = (price.unit_amount, price.currency) == (want.amount, want.currency)
         return (
             price.active
-            and price.unit_amount == plan.price.amount
-            and price.currency == plan.price.currency
-            and recurring is not None
-            and recurring.interval == plan.price.interval
-            and recurring.interval_count == 1
+            and same
+            and r is not None
+            and (r.interval, r.interval_count) == (want.interval, 1)
         )
 
     async def ensure_price(self, plan: Plan) -> str:
@@ -286,13 +288,11 @@ class StripePaymentProvider:
             session = await self._client.v1.checkout.sessions.expire_async(
                 session_id, options={"idempotency_key": f"lookout-expire-{session_id}"}
             )
-        except stripe.InvalidRequestError as exc:
-            if exc.http_status == 404:
+        except stripe.StripeError as exc:
+            if not _refused(exc, 400):
                 raise _translate(f"expiring the checkout session {session_id}", exc) from exc
             # No longer open (paid or expired already): its current state says which.
             return await self.retrieve_checkout_session(session_id)
-        except stripe.StripeError as exc:
-            raise _translate(f"expiring the checkout session {session_id}", exc) from exc
         return session_info(session)
 
     # -- subscriptions ---------------------------------------------------------------------
@@ -313,16 +313,14 @@ class StripePaymentProvider:
                 params={"cancel_at_period_end": cancel},
                 options={"idempotency_key": idempotency_key},
             )
-        except stripe.InvalidRequestError as exc:
+        except stripe.StripeError as exc:
             if (
-                exc.http_status == 400
+                _refused(exc, 400)
                 and (await self.retrieve_subscription(subscription_id)).status == "canceled"
             ):
                 raise SubscriptionAlreadyCanceled(
-                    f"{what}: the subscription has already ended in Stripe"
+                    f"{what}: it has already ended in Stripe"
                 ) from exc
-            raise _translate(what, exc) from exc
-        except stripe.StripeError as exc:
             raise _translate(what, exc) from exc
         return subscription_info(sub)
 
@@ -334,14 +332,12 @@ class StripePaymentProvider:
             sub = await self._client.v1.subscriptions.cancel_async(
                 subscription_id, options={"idempotency_key": idempotency_key}
             )
-        except stripe.InvalidRequestError as exc:
+        except stripe.StripeError as exc:
             # Stripe answers 404 "No such subscription" for one that is already canceled.
-            if exc.http_status == 404:
+            if _refused(exc, 404):
                 current = await self.retrieve_subscription(subscription_id)
                 if current.status == "canceled":
                     logger.info("%s: already canceled in Stripe", what)
                     return current
-            raise _translate(what, exc) from exc
-        except stripe.StripeError as exc:
             raise _translate(what, exc) from exc
         return subscription_info(sub)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from app.stripe_emulator.errors import StripeError
 from app.stripe_emulator.forms import as_list, parse_pairs
 from app.stripe_emulator.state import EmulatorState, Obj, RequestRecord, SavedResponse
 from app.stripe_emulator.webhooks import WebhookDispatcher
+
+logger = logging.getLogger(__name__)
 
 _NO_KEY = (
     "You did not provide an API key. You need to provide your API key in the Authorization "
@@ -98,7 +101,8 @@ def expand(state: EmulatorState, obj: Any, path: list[str]) -> Any:
 def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Handler) -> Endpoint:
     async def endpoint(request: Request) -> Response:
         request_id = objects.stripe_id("req", 14)
-        headers = {"Request-Id": request_id, "Stripe-Version": state.api_version}
+        version = request.headers.get("stripe-version") or state.api_version
+        headers = {"Request-Id": request_id, "Stripe-Version": version}
         raw = (await request.body()).decode() if request.method == "POST" else request.url.query
         form = parse_qsl(raw, keep_blank_values=True)
         method, path = request.method, request.url.path
@@ -151,5 +155,10 @@ def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Han
         except StripeError as exc:
             record.status = exc.status
             return _json(exc.status, exc.body(request_id), headers)
+        except Exception:  # a bug of the emulator: answer as Stripe would, keep the trace
+            logger.exception("emulator failed on %s %s", method, path)
+            record.status = 500
+            error = StripeError(500, "An unknown error occurred in the emulator.", type="api_error")
+            return _json(500, error.body(request_id), headers)
 
     return endpoint

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from app.stripe_emulator import flows, objects
 from app.stripe_emulator.api import ApiContext
 from app.stripe_emulator.errors import StripeError
@@ -224,6 +226,6 @@ def list_events(ctx: ApiContext) -> Obj:
     reject_unknown(p, ("type", "types", "limit", "starting_after", "ending_before"))
     items = ctx.state.all("event")
     types = as_list(p.get("types"), "types") or ([p["type"]] if p.get("type") else [])
-    if types:
-        items = [o for o in items if o["type"] in types]
+    if types:  # `customer.subscription.*` as Stripe allows
+        items = [o for o in items if any(fnmatch.fnmatchcase(o["type"], str(t)) for t in types)]
     return paginate(items, p, "/v1/events")

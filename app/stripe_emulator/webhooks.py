@@ -174,7 +174,12 @@ class WebhookDispatcher:
                 if delivery.state != "pending":
                     continue
                 delivery.state = "delivering"
-                ok, _status, _error = await self._attempt(event_id)
+                try:
+                    ok, _status, _error = await self._attempt(event_id)
+                except Exception:  # the worker must outlive one bad event
+                    logger.exception("delivering webhook %s failed", event_id)
+                    delivery.state = "failed"
+                    continue
                 if ok:
                     delivery.state = "delivered"
                 elif len(delivery.attempts) >= self.max_attempts:

@@ -427,3 +427,53 @@ def test_runs_standalone() -> None:
         timeout=30,
     )
     assert "--webhook-url" in result.stdout and "--port" in result.stdout
+
+
+async def test_delayed_payment_pause_and_payment_method_events(env: Env) -> None:
+    price = await env.sdk.v1.prices.create_async(
+        params={
+            "currency": "usd",
+            "unit_amount": 4900,
+            "recurring": {"interval": "month"},
+            "product_data": {"name": "Repository Team"},
+        }
+    )
+    session = await env.sdk.v1.checkout.sessions.create_async(
+        params={"mode": "subscription", "line_items": [{"price": price.id, "quantity": 1}]}
+    )
+    pending = await env.control(f"checkout/{session.id}/pay", {"async_payment": True})
+    assert (pending["object"]["status"], pending["object"]["payment_status"]) == (
+        "complete",
+        "unpaid",
+    )
+    sub_id = pending["object"]["subscription"]
+    assert (await env.sdk.v1.subscriptions.retrieve_async(sub_id)).status == "incomplete"
+    settled = await env.control(f"checkout/{session.id}/async_payment", {"succeeded": True})
+    assert settled["object"]["payment_status"] == "paid"
+    assert "checkout.session.async_payment_succeeded" in [e["type"] for e in settled["events"]]
+    assert (await env.sdk.v1.subscriptions.retrieve_async(sub_id)).status == "active"
+
+    paused = await env.control(f"subscriptions/{sub_id}/status", {"status": "paused"})
+    assert [e["type"] for e in paused["events"]] == [
+        "customer.subscription.updated",
+        "customer.subscription.paused",
+    ]
+    resumed = await env.control(f"subscriptions/{sub_id}/status", {"status": "active"})
+    assert [e["type"] for e in resumed["events"]][-1] == "customer.subscription.resumed"
+    customer = pending["object"]["customer"]
+    attached = await env.control(f"customers/{customer}/payment_method")
+    assert attached["object"]["status"] == "succeeded"
+    assert attached["object"]["customer"] == customer
+
+    listed = await env.sdk.v1.events.list_async(
+        params={"type": "customer.subscription.*", "limit": 100}
+    )
+    assert {e.type for e in listed.data} == {
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+    }
+    await env.drain()
+    assert "setup_intent.succeeded" in env.receiver.types()
+    assert env.receiver.rejected == 0

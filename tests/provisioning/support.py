@@ -36,7 +36,13 @@ class RecordingHooks:
     failed: list[tuple[OperationRecord, str]] = field(default_factory=list)
     audits: list[tuple[str, str | None, str | None, dict[str, Any]]] = field(default_factory=list)
 
+    # How many calls of provisioning_succeeded fail first, as an app whose database is down.
+    succeeded_failures: int = 0
+
     async def provisioning_succeeded(self, operation: OperationRecord) -> None:
+        if self.succeeded_failures > 0:
+            self.succeeded_failures -= 1
+            raise ConnectionRefusedError("the app's database is down")
         self.succeeded.append(operation)
 
     async def provisioning_failed(self, operation: OperationRecord, customer_message: str) -> None:

@@ -12,6 +12,7 @@ from provisioning import (
     OperationNotCancellable,
     OperationNotFound,
     ResourceSpec,
+    StepContext,
     get_resource,
 )
 from streams import EventPublisher
@@ -147,3 +148,91 @@ async def test_cancel_answers_unknown_and_uncancellable_operations(
             await runner.cancel(op.id)
         holding.release.set()
         assert (await wait_for(db_pool, op.id)).status == "completed"
+
+
+async def test_a_failing_hook_is_called_again_later_and_the_event_goes_out_once(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    graph_backend: GraphBackend,
+    user_id: str,
+) -> None:
+    hooks = RecordingHooks(succeeded_failures=2)
+    options = {"finalize_retry_seconds": 0.0, "sweep_interval": 0.05}
+    async with running(db_pool, publisher, hooks, [graph_backend], **options) as runner:
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        done = await wait_for(db_pool, op.id)
+
+    assert done.status == "completed" and done.reported_at and done.announced_at
+    assert [o.id for o in hooks.succeeded] == [op.id]
+    assert hooks.audit_kinds(op.id).count("operation.hook_failed") == 2
+    types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
+    assert types.count("operation.completed") == 1 and types[-1] == "operation.completed"
+
+
+async def test_cancel_reaches_an_operation_that_runs_on_another_instance(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    holding = HoldingBackend(graph_backend, hold_at="grant_access")
+    async with (
+        running(db_pool, publisher, hooks, [holding], lease_seconds=0.6) as worker,
+        running(db_pool, publisher, hooks, [graph_backend]) as other,
+    ):
+        op = await worker.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        answer = await other.cancel(op.id)
+        assert answer.cancel_requested and answer.status == "running"
+        done = await wait_for(db_pool, op.id)
+        assert op.id not in worker.active
+
+    assert done.status == "cancelled" and done.lease_owner == worker.instance_id
+    assert not holding.released
+    assert await server_objects(pg_admin_dsn, name_prefix) == ([], [])
+    types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
+    assert types[-1] == "operation.cancelled" and types.count("operation.cancelled") == 1
+
+
+async def test_leftovers_of_a_failed_rollback_are_removed_once_the_server_answers(
+    db_pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    # The server is down: the provision fails and its rollback cannot run either.
+    closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
+    down = GraphBackend(closed, name_prefix=name_prefix, connect_timeout=2)
+    async with running(db_pool, publisher, hooks, [down]) as runner:
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        assert (await wait_for(db_pool, op.id)).status == "failed"
+    # Say a CREATE DATABASE had gone through before the server went away.
+    ctx_step = graph_backend.steps("provision")[0]
+    await ctx_step.run(
+        StepContext(op.id, "provision", op.subject_id, user_id, op.resource_id, GRAPH)
+    )
+    assert len((await server_objects(pg_admin_dsn, name_prefix))[0]) == 1
+
+    options = {"orphan_retry_seconds": 0.05}
+    async with running(db_pool, publisher, hooks, [graph_backend], **options):
+        with anyio.fail_after(30):
+            while True:
+                async with db_pool.acquire() as conn:
+                    resource = await get_resource(conn, op.resource_id)
+                if resource is not None and resource.status == "deleted":
+                    break
+                await anyio.sleep(0.05)
+
+    assert await server_objects(pg_admin_dsn, name_prefix) == ([], [])
+    assert any(kind == "resource.orphan_removed" for kind, *_ in hooks.audits)

@@ -9,10 +9,11 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend, ResourceSpec, get_resource
+from provisioning import GraphBackend, ResourceSpec, get_operation, get_resource
 from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
+    HoldingBackend,
     RecordingHooks,
     operation_events,
     running,
@@ -254,3 +255,35 @@ async def test_plan_limit_fails_the_provision_that_goes_over_it(
     assert [(o.id, message) for o, message in hooks.failed] == [(second.id, failed.error)]
     dbs, _ = await server_objects(pg_admin_dsn, name_prefix)
     assert dbs == [graph_backend.database_name(first.resource_id)]
+
+
+async def test_operations_beyond_the_concurrency_limit_are_announced_and_wait(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    user_id: str,
+) -> None:
+    holding = HoldingBackend(graph_backend, hold_at="create_database")
+    async with running(db_pool, publisher, hooks, [holding], max_concurrent=1) as runner:
+        first = await runner.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        second = await runner.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            # Announced at once, though it cannot run yet.
+            while True:
+                if await operation_events(redis, redis_prefix, second.id):
+                    break
+                await anyio.sleep(0.02)
+        async with db_pool.acquire() as conn:
+            waiting = await get_operation(conn, second.id)
+        assert waiting is not None and waiting.status == "pending" and waiting.step is None
+        assert runner.active == {first.id, second.id}
+        holding.release.set()
+        for op in (first, second):
+            assert (await wait_for(db_pool, op.id)).status == "completed"
+    events = await operation_events(redis, redis_prefix, second.id)
+    assert events[0]["type"] == "operation.started" and events[0]["progress"] == 0

@@ -19,6 +19,7 @@ from provisioning.operations import complete_step, create_operation, mark_starte
 from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
+    HoldingBackend,
     RecordingHooks,
     operation_events,
     running,
@@ -155,3 +156,37 @@ async def test_a_process_killed_in_the_middle_of_a_step_is_resumed_by_another(
     ]
     progress = [e["progress"] for e in events]
     assert progress == sorted(progress)
+
+
+async def test_a_runner_that_shuts_down_hands_its_operations_over_at_once(
+    db_pool: asyncpg.Pool,
+    redis: Redis,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    holding = HoldingBackend(graph_backend, hold_at="create_role")
+    # A long lease: only the release on shutdown lets the next runner take the operation.
+    async with running(db_pool, publisher, hooks, [holding], lease_seconds=300) as first:
+        op = await first.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+    async with db_pool.acquire() as conn:
+        left = await conn.fetchrow(
+            "SELECT status, lease_expires_at <= now() AS free FROM operations WHERE id = $1",
+            op.id,
+        )
+    assert left is not None and left["status"] == "running" and left["free"]
+
+    async with running(db_pool, publisher, hooks, [graph_backend], lease_seconds=300):
+        done = await wait_for(db_pool, op.id)
+    assert done.status == "completed" and done.attempts == 2
+    assert not holding.released
+    dbs, _ = await server_objects(pg_admin_dsn, name_prefix)
+    assert dbs == [graph_backend.database_name(op.resource_id)]
+    types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
+    assert types.count("operation.started") == 1 and types.count("operation.completed") == 1

@@ -11,7 +11,6 @@ from typing import Any
 import anyio
 import asyncpg
 import httpx
-from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
 from starlette.applications import Starlette
 
 from app import create_app
@@ -19,6 +18,7 @@ from app.billing.provider import PaymentProvider
 from app.settings import Settings
 from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
+from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
 from tests.support.live import free_port, live_server
 
 __all__ = ["Stack", "running_stack", "wait_for"]
@@ -34,6 +34,7 @@ class Stack:
     api_key: str
     http: httpx.AsyncClient  # signed in as the user
     emulator: httpx.AsyncClient  # the emulator's control endpoints
+    anonymous: httpx.AsyncClient  # no API key: Stripe's view of Lookout
 
     async def new_user(self, email: str) -> tuple[str, str]:
         """Another customer: answers (user id, API key)."""
@@ -47,7 +48,9 @@ class Stack:
         body: dict[str, Any] = answer.json()
         return body
 
-    async def checkout(self, plan: str = "graph-standard", name: str = "my-graph") -> dict[str, Any]:
+    async def checkout(
+        self, plan: str = "graph-standard", name: str = "my-graph"
+    ) -> dict[str, Any]:
         answer = await self.http.post("/v1/checkout", json={"plan": plan, "resource_name": name})
         assert answer.status_code == 201, answer.text
         body: dict[str, Any] = answer.json()
@@ -60,6 +63,18 @@ class Stack:
         assert answer.status_code == 200, answer.text
         body: dict[str, Any] = answer.json()
         return body
+
+    async def stripe_event(self, event_id: str) -> dict[str, Any]:
+        """An event the emulator made, whole, as it would deliver it."""
+        answer = await self.emulator.get(f"/_emulator/events/{event_id}")
+        assert answer.status_code == 200, answer.text
+        event: dict[str, Any] = answer.json()["event"]
+        return event
+
+    async def paid_events(self, session_id: str) -> dict[str, dict[str, Any]]:
+        """Pays without delivering webhooks; answers the events by type, for the test to send."""
+        paid = await self.pay(session_id, deliver_webhooks=False)
+        return {e["type"]: await self.stripe_event(e["id"]) for e in paid["events"]}
 
     async def wait_for_status(
         self, subscription_id: str, status: str, *, timeout: float = 30
@@ -105,6 +120,7 @@ async def running_stack(
     provider: PaymentProvider | None = None,
     backends: Sequence[ProvisionerBackend] | None = None,
     webhook_retry_base: float = 0.2,
+    extra_webhook_secrets: tuple[str, ...] = (),
 ) -> AsyncIterator[Stack]:
     app_port, emulator_port = free_port(), free_port()
     app_url = f"http://127.0.0.1:{app_port}"
@@ -114,7 +130,7 @@ async def running_stack(
         settings,
         public_url=app_url,
         stripe_api_base=emulator_url,
-        stripe_webhook_secrets=(secret,),
+        stripe_webhook_secrets=(secret, *extra_webhook_secrets),
     )
     assert settings.database_url is not None
     if backends is None:
@@ -141,6 +157,7 @@ async def running_stack(
                 base_url=app_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
             ) as http,
             httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
+            httpx.AsyncClient(base_url=app_url, timeout=30) as anonymous,
         ):
             try:
                 yield Stack(
@@ -152,6 +169,7 @@ async def running_stack(
                     api_key=key,
                     http=http,
                     emulator=control,
+                    anonymous=anonymous,
                 )
             finally:
                 with anyio.CancelScope(shield=True):

@@ -1,0 +1,141 @@
+"""The webhook endpoint: refused deliveries store nothing; verified ones are stored once."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import anyio
+import httpx
+import pytest
+
+from app.settings import Settings
+from tests.support.stack import Stack, running_stack, wait_for
+from tests.support.stripe_events import deliver, make_event, signature, stripe_object
+
+pytestmark = pytest.mark.anyio
+
+
+async def stored_events(stack: Stack) -> int:
+    async with stack.app.state.services.pool.acquire() as conn:
+        count: int = await conn.fetchval("SELECT count(*) FROM webhook_events")
+        return count
+
+
+def secret(stack: Stack) -> str:
+    return stack.settings.stripe_webhook_secrets[0]
+
+
+async def test_refused_deliveries_are_400_and_store_nothing(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        event = make_event("invoice.created", stripe_object("invoice"))
+        body = json.dumps(event)
+        anonymous = stack.anonymous
+        missing = await anonymous.post("/v1/webhooks/stripe", content=body)
+        wrong = await deliver(anonymous, event, "whsec_not_ours")
+        stale = await deliver(anonymous, event, secret(stack), timestamp=int(time.time()) - 301)
+        tampered = await anonymous.post(
+            "/v1/webhooks/stripe",
+            content=body.replace("invoice.created", "invoice.paid"),
+            headers={"Stripe-Signature": signature(body, secret(stack))},
+        )
+        for answer, code in [
+            (missing, "missing_signature"),
+            (wrong, "invalid_signature"),
+            (stale, "invalid_signature"),
+            (tampered, "invalid_signature"),
+        ]:
+            assert answer.status_code == 400, answer.text
+            assert answer.json()["error"]["code"] == code
+        assert await stored_events(stack) == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        "not json at all",
+        "[]",
+        '{"object": "event"}',
+        '{"id": "evt_1", "object": "event", "type": "x", "created": "yesterday", "data": {}}',
+        '{"id": "cus_1", "object": "customer"}',
+        '{"id": "evt_1", "object": "event", "type": "x", "created": 1, "data": {"object": {"a": "\\u0000"}}}',
+    ],
+)
+async def test_a_verified_body_that_is_not_a_stripe_event_is_400(
+    settings: Settings, body: str
+) -> None:
+    async with running_stack(settings) as stack:
+        answer = await deliver(stack.anonymous, body, secret(stack))
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "invalid_payload"
+        assert await stored_events(stack) == 0
+
+
+async def test_a_body_over_one_mebibyte_is_413(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        event = make_event("invoice.created", stripe_object("invoice", description="x" * 1_100_000))
+        answer = await deliver(stack.anonymous, event, secret(stack))
+        assert answer.status_code == 413
+        assert answer.json()["error"]["code"] == "payload_too_large"
+        assert await stored_events(stack) == 0
+
+
+async def test_any_configured_secret_verifies_during_rotation(settings: Settings) -> None:
+    async with running_stack(settings, extra_webhook_secrets=("whsec_next",)) as stack:
+        event = make_event("invoice.created", stripe_object("invoice"))
+        answer = await deliver(stack.anonymous, event, "whsec_next")
+        assert answer.status_code == 200, answer.text
+        assert await stored_events(stack) == 1
+
+
+async def test_an_unhandled_event_is_acknowledged_kept_and_audited(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        invoice = stripe_object("invoice", id="in_someone_else")
+        event = make_event("invoice.created", invoice)
+        first = await deliver(stack.anonymous, event, secret(stack))
+        again = await deliver(stack.anonymous, event, secret(stack))
+        assert first.status_code == again.status_code == 200
+        assert first.json()["duplicate"] is False
+        assert again.json()["duplicate"] is True
+        pool = stack.app.state.services.pool
+
+        async def processed() -> bool:
+            async with pool.acquire() as conn:
+                status = await conn.fetchval(
+                    "SELECT status FROM webhook_events WHERE id = $1", event["id"]
+                )
+            return status == "processed"
+
+        await wait_for(processed, what="the event to be processed")
+        async with pool.acquire() as conn:
+            audit = await conn.fetch(
+                "SELECT kind, subject_id, user_id FROM audit_log WHERE kind = 'stripe.invoice.created'"
+            )
+        assert [(r["subject_id"], r["user_id"]) for r in audit] == [("in_someone_else", None)]
+
+
+async def test_the_same_event_five_times_at_once_has_one_effect(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        started = await stack.checkout("graph-standard", "once")
+        events = await stack.paid_events(started["checkout_session_id"])
+        completed = events["checkout.session.completed"]
+        answers: list[httpx.Response] = []
+
+        async def one() -> None:
+            answers.append(await deliver(stack.anonymous, completed, secret(stack)))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(one)
+        assert [a.status_code for a in answers] == [200] * 5
+        assert sorted(a.json()["duplicate"] for a in answers) == [False, True, True, True, True]
+        await stack.wait_for_status(started["subscription_id"], "active")
+        async with stack.app.state.services.pool.acquire() as conn:
+            operations = await conn.fetchval(
+                "SELECT count(*) FROM operations WHERE subject_id = $1", started["subscription_id"]
+            )
+            paid_audits = await conn.fetchval(
+                "SELECT count(*) FROM audit_log WHERE kind = 'subscription.paid'"
+            )
+        assert operations == 1
+        assert paid_audits == 1
