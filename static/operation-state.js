@@ -41,7 +41,7 @@ export function emptyState(id) {
  * that were seen, and says that some may be missing. */
 export function applyReset(state, snapshot) {
   const next = { ...fromSnapshot(snapshot, state), gap: true };
-  return next.step ? withStep(next, next.step, null, next.progress) : next;
+  return next.step ? withStep(next, next.step, null, null) : next;
 }
 
 export function applyEvent(state, type, data) {
@@ -51,8 +51,7 @@ export function applyEvent(state, type, data) {
   // Nothing moves a finished operation back; its history still fills in the log (a stream
   // opened after the snapshot said "completed" replays every step).
   if (isTerminal(state) && !TERMINAL_STATUSES.has(status)) {
-    const at = clampProgress(data.progress);
-    return data.step ? withStep(state, data.step, data.message ?? null, at) : state;
+    return data.step ? withStep(state, data.step, data.message ?? null, data.ts ?? null) : state;
   }
   let next = {
     ...state,
@@ -63,7 +62,7 @@ export function applyEvent(state, type, data) {
   };
   if (data.step) {
     next.step = data.step;
-    next = withStep(next, data.step, data.message ?? null, next.progress);
+    next = withStep(next, data.step, data.message ?? null, data.ts ?? null);
   }
   if (status === "completed") {
     next.progress = 100;
@@ -74,7 +73,8 @@ export function applyEvent(state, type, data) {
   return next;
 }
 
-function withStep(state, step, message, progress) {
+/** The log of distinct steps, in the order first seen; `at` is the event's time. */
+function withStep(state, step, message, at) {
   if (state.steps.some((entry) => entry.step === step)) {
     if (!message) return state;
     const steps = state.steps.map((entry) =>
@@ -82,7 +82,7 @@ function withStep(state, step, message, progress) {
     );
     return { ...state, steps };
   }
-  return { ...state, steps: [...state.steps, { step, message, progress }] };
+  return { ...state, steps: [...state.steps, { step, message, at }] };
 }
 
 function clampProgress(value) {

@@ -2,17 +2,12 @@
 // Updated in place, so that the bar animates and nothing around it loses focus.
 
 import { isTerminal } from "./operation-state.js";
-import { badge, h, humanize, icon, replaceChildren, updateBadge } from "./render.js";
+import { badge, formatTime, h, humanize, icon, replaceChildren, updateBadge } from "./render.js";
 
-const TITLES = {
-  provision: { running: "Setting up", completed: "Set up", failed: "Set-up failed" },
-  deprovision: { running: "Removing", completed: "Removed", failed: "Removal failed" },
-};
+const TITLES = { provision: "Set-up", deprovision: "Removal" };
 
 function title(state) {
-  const words = TITLES[state.kind] || TITLES.provision;
-  if (state.status === "cancelled") return "Cancelled";
-  return words[state.status] || words.running;
+  return TITLES[state.kind] || "Operation";
 }
 
 function stepText(entry) {
@@ -103,7 +98,7 @@ export class OperationView {
         { class: `step step-${mark}`, dataset: { step: entry.step } },
         icon(glyph),
         h("span", { class: "step-text" }, stepText(entry)),
-        h("span", { class: "step-at" }, `${entry.progress}%`),
+        entry.at ? h("time", { class: "step-at", datetime: entry.at }, formatTime(entry.at)) : null,
       );
     });
     replaceChildren(this.log, items);

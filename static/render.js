@@ -32,7 +32,7 @@ export function replaceChildren(element, ...children) {
   append(element, children);
 }
 
-/** An inline SVG icon from the sprite in the page (`<use href="#icon-name">`). */
+/** An SVG icon from the sprite `icons.svg` (`<use href=".../icons.svg#icon-name">`). */
 export function icon(name, label = null) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
@@ -70,6 +70,12 @@ export function formatDate(iso) {
   const date = new Date(iso);
   if (Number.isNaN(date.getTime())) return null;
   return date.toLocaleDateString(undefined, { year: "numeric", month: "short", day: "numeric" });
+}
+
+export function formatTime(iso) {
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return "";
+  return date.toLocaleTimeString(undefined, { hour: "2-digit", minute: "2-digit", second: "2-digit" });
 }
 
 /** "create_database" → "Create database" (for steps that come without a message). */

@@ -28,6 +28,7 @@ class SubscriptionCard {
     this.meta = h("p", { class: "sub-meta muted" });
     this.badge = badge(sub.status, `status-${id}`);
     this.facts = h("dl", { class: "facts" });
+    this.notice = h("div", { class: "notice-slot" });
     this.opSlot = h("div", { class: "op-slot" });
     this.credSlot = h("div", { class: "cred-slot" });
     this.actions = h("div", { class: "actions" });
@@ -35,10 +36,10 @@ class SubscriptionCard {
       "article",
       { class: "card sub", "aria-labelledby": `sub-title-${id}`, dataset: { testid: `subscription-${id}` } },
       h("header", { class: "sub-head" }, h("div", {}, this.title, this.meta), this.badge),
-      this.facts,
+      h("div", { class: "sub-body" }, this.facts, this.actions),
+      this.notice,
       this.opSlot,
       this.credSlot,
-      this.actions,
     );
     this.update(sub);
   }
@@ -73,12 +74,15 @@ class SubscriptionCard {
       rows.push([label, end, `period-end-${sub.id}`]);
     }
     if (sub.resource_id) rows.push(["Resource", h("code", {}, sub.resource_id), null]);
-    rows.push(["Subscription", h("code", {}, sub.id), null]);
+    if (!rows.length) rows.push(["Subscription", h("code", {}, sub.id), null]);
     replaceChildren(
       this.facts,
       rows.map(([term, value, testid]) =>
         h("div", {}, h("dt", {}, term), h("dd", { dataset: testid ? { testid } : {} }, value)),
       ),
+    );
+    replaceChildren(
+      this.notice,
       sub.cancel_at_period_end && !ENDED.has(sub.status)
         ? h(
             "p",
@@ -90,9 +94,9 @@ class SubscriptionCard {
     );
   }
 
-  #renderActions() {
+  #renderActions({ focus = false } = {}) {
     const sub = this.sub;
-    const hadFocus = this.actions.contains(document.activeElement);
+    const hadFocus = focus || this.actions.contains(document.activeElement);
     const buttons = [];
     const isGraph = sub.resource_type === "graph";
     if (sub.status === "active" && isGraph && sub.resource_id && !this.credentialsShown) {
@@ -129,6 +133,8 @@ class SubscriptionCard {
   }
 
   async #act(action) {
+    // Disabling the pressed button takes its focus away: remember to give it back.
+    const hadFocus = this.actions.contains(document.activeElement);
     const buttons = this.actions.querySelectorAll("button");
     buttons.forEach((button) => {
       button.disabled = true;
@@ -146,7 +152,7 @@ class SubscriptionCard {
       this.list.banner.show(error, action === "cancel" ? "Could not cancel" : "Could not reactivate");
     } finally {
       this.actions.removeAttribute("aria-busy");
-      this.#renderActions();
+      this.#renderActions({ focus: hadFocus });
     }
   }
 

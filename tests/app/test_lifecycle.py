@@ -55,7 +55,7 @@ async def test_every_order_of_a_purchase_ends_in_the_same_state(settings: Settin
                     stack.anonymous, events[event_type], stack.settings.stripe_webhook_secrets[0]
                 )
                 assert answer.status_code == 200
-            final = await stack.wait_for_status(started["subscription_id"], "active")
+            await stack.wait_for_status(started["subscription_id"], "active")
             await wait_processed(stack)
             finals.append(comparable(await stack.subscription(started["subscription_id"])))
         assert len(finals) == 24
@@ -244,7 +244,7 @@ async def test_cancel_and_reactivate_reach_stripe_with_idempotency_keys(
         assert len(set(keys)) == 3
         assert [r["params"]["cancel_at_period_end"] for r in requests] == ["true", "false", "true"]
 
-        other_id, other_key = await stack.new_user("mallory@example.com")
+        _, other_key = await stack.new_user("mallory@example.com")
         stack.http.headers["Authorization"] = f"Bearer {other_key}"
         assert (await stack.http.post(f"/v1/subscriptions/{sub_id}/cancel")).status_code == 404
         assert (await stack.http.get(f"/v1/subscriptions/{sub_id}")).status_code == 404

@@ -58,7 +58,8 @@ async def test_refused_deliveries_are_400_and_store_nothing(settings: Settings) 
         '{"object": "event"}',
         '{"id": "evt_1", "object": "event", "type": "x", "created": "yesterday", "data": {}}',
         '{"id": "cus_1", "object": "customer"}',
-        '{"id": "evt_1", "object": "event", "type": "x", "created": 1, "data": {"object": {"a": "\\u0000"}}}',
+        '{"id": "evt_1", "object": "event", "type": "x", "created": 1,'
+        ' "data": {"object": {"a": "\\u0000"}}}',
     ],
 )
 async def test_a_verified_body_that_is_not_a_stripe_event_is_400(
@@ -104,12 +105,12 @@ async def test_an_unhandled_event_is_acknowledged_kept_and_audited(settings: Set
                 status = await conn.fetchval(
                     "SELECT status FROM webhook_events WHERE id = $1", event["id"]
                 )
-            return status == "processed"
+            return bool(status == "processed")
 
         await wait_for(processed, what="the event to be processed")
         async with pool.acquire() as conn:
             audit = await conn.fetch(
-                "SELECT kind, subject_id, user_id FROM audit_log WHERE kind = 'stripe.invoice.created'"
+                "SELECT subject_id, user_id FROM audit_log WHERE kind = 'stripe.invoice.created'"
             )
         assert [(r["subject_id"], r["user_id"]) for r in audit] == [("in_someone_else", None)]
 

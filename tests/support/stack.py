@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import asyncpg
@@ -22,6 +22,8 @@ from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBacke
 from tests.support.live import free_port, live_server
 
 __all__ = ["Stack", "running_stack", "wait_for"]
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,24 +79,26 @@ class Stack:
         return {e["type"]: await self.stripe_event(e["id"]) for e in paid["events"]}
 
     async def wait_for_status(
-        self, subscription_id: str, status: str, *, timeout: float = 30
+        self, subscription_id: str, status: str, *, within: float = 30
     ) -> dict[str, Any]:
         async def check() -> dict[str, Any] | None:
             found = await self.subscription(subscription_id)
             return found if found["status"] == status else None
 
-        return await wait_for(check, timeout=timeout, what=f"{subscription_id} to be {status}")
+        return await wait_for(check, within=within, what=f"{subscription_id} to be {status}")
 
 
-async def wait_for(check: Any, *, timeout: float = 30, what: str = "a condition") -> Any:
+async def wait_for(
+    check: Callable[[], Awaitable[T | None]], *, within: float = 30, what: str = "a condition"
+) -> T:
     """Polls `check` (an async callable answering a value or None) until it answers."""
-    with anyio.move_on_after(timeout):
+    with anyio.move_on_after(within):
         while True:
             found = await check()
             if found:
                 return found
             await anyio.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
 
 
 async def _drop_resources(settings: Settings, backends: Sequence[ProvisionerBackend]) -> None:
