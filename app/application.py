@@ -13,6 +13,7 @@ from pathlib import Path
 import anyio
 from redis.asyncio import Redis
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
@@ -30,6 +31,7 @@ from app.db import create_pool, migrate
 from app.errors import exception_handlers
 from app.health import healthz, readyz
 from app.operation_routes import operation_routes
+from app.ratelimit import RateLimitMiddleware, RateLimits
 from app.services import Services
 from app.settings import ConfigError, Settings
 from app.stream_routes import stream_routes
@@ -139,6 +141,7 @@ def create_app(
                     checkout=CheckoutService(
                         pool, payments, lifecycle, public_url=settings.public_url
                     ),
+                    rate_limits=RateLimits(redis, prefix=settings.redis_prefix),
                 )
 
                 def begin_shutdown() -> None:
@@ -171,4 +174,5 @@ def create_app(
         routes=routes,
         lifespan=lifespan,
         exception_handlers=exception_handlers,
+        middleware=[Middleware(RateLimitMiddleware)],
     )

@@ -5,10 +5,11 @@ from __future__ import annotations
 from starlette.requests import Request
 
 from app.errors import APIError
+from app.ratelimit import category_for
 from app.services import services
 from app.users import User, user_for_api_key
 
-__all__ = ["authenticate", "bearer_key"]
+__all__ = ["authenticate", "bearer_key", "client_ip", "count_request"]
 
 
 def bearer_key(request: Request) -> str | None:
@@ -19,9 +20,21 @@ def bearer_key(request: Request) -> str | None:
     return value.strip()
 
 
+def client_ip(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+async def count_request(request: Request, category: str, identity: str) -> None:
+    """Counts the request against its rate limit; raises 429 when over it."""
+    allowance = await services(request).rate_limits.check(category, identity)
+    if allowance is not None:
+        request.state.rate_limit = allowance
+
+
 async def authenticate(request: Request) -> User:
     key = bearer_key(request)
     if key is None:
+        await count_request(request, "anonymous", client_ip(request))
         raise APIError(
             401,
             "unauthorized",
@@ -32,6 +45,7 @@ async def authenticate(request: Request) -> User:
     async with services(request).pool.acquire() as conn:
         user = await user_for_api_key(conn, key)
     if user is None:
+        await count_request(request, "anonymous", client_ip(request))
         raise APIError(
             401,
             "invalid_api_key",
@@ -39,4 +53,5 @@ async def authenticate(request: Request) -> User:
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
     request.state.user = user
+    await count_request(request, category_for(request.method, request.url.path), user.id)
     return user

@@ -14,6 +14,7 @@ from app.billing.compensation import BillingHooks
 from app.billing.inbox import WebhookInbox
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
+from app.ratelimit import RateLimits
 from app.settings import Settings
 from provisioning import OperationRunner
 from streams import EventHub, EventPublisher, StreamLeases, StreamTokens
@@ -38,6 +39,7 @@ class Services:
     runner: OperationRunner
     inbox: WebhookInbox
     checkout: CheckoutService
+    rate_limits: RateLimits
 
 
 def services(connection: HTTPConnection) -> Services:

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate, bearer_key
+from app.auth import authenticate, bearer_key, client_ip, count_request
 from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
 from app.errors import APIError
@@ -36,9 +36,12 @@ async def stream_user_id(request: Request) -> str:
     if bearer_key(request) is not None or token is None:
         return (await authenticate(request)).id
     try:
-        return services(request).tokens.verify(token)
+        user_id = services(request).tokens.verify(token)
     except InvalidStreamToken as exc:
+        await count_request(request, "anonymous", client_ip(request))
         raise APIError(401, "invalid_token", str(exc)) from None
+    await count_request(request, "streams", user_id)
+    return user_id
 
 
 async def _lease(request: Request, user_id: str) -> Any:
