@@ -105,7 +105,8 @@ class Executor:
             logger.exception("operation %s: audit of %s failed", op.id, kind)
 
     async def announce_start(self, op: OperationRecord) -> None:
-        """``operation.started`` once (twice only after a crash between publish and record)."""
+        """``operation.started``, once: ``started_at`` records it with the first step (one write
+        fewer while many start at once); a crash before that step publishes it again."""
         if op.started_at is not None:
             await self.audit("operation.resumed", op, attempts=op.attempts, step=op.step)
             return
@@ -113,7 +114,6 @@ class Executor:
         await self._publish_progress(
             op, "operation.started", step=None, progress=0, message=f"{verb} your {_noun(op)}"
         )
-        await self._fenced(partial(ops.mark_started, op_id=op.id, owner=self._owner))
         await self.audit("operation.started", op)
 
     async def run_steps(self, op: OperationRecord, steps: Sequence[Step]) -> Outcome:

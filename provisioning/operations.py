@@ -199,6 +199,7 @@ async def mark_started(conn: Connection, op_id: str, owner: str) -> bool:
 async def begin_step(conn: Connection, op_id: str, owner: str, step: str, progress: int) -> bool:
     done = await conn.fetchval(
         "UPDATE operations SET status = 'running', step = $3,"
+        " started_at = coalesce(started_at, now()),"
         " progress = GREATEST(progress, $4), updated_at = now()"
         " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
         " RETURNING true",

@@ -8,6 +8,7 @@ come from the hub's single ticker, so a waiting stream holds no timer of its own
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Mapping
@@ -153,10 +154,13 @@ class EventStreamResponse(Response):
                 self._topic, keepalive=opts.keepalive_seconds, max_seconds=opts.max_seconds
             )
             sub.on_terminal = self._on_terminal
-            try:
-                async with anyio.create_task_group() as tg:
-                    self._scope = tg.cancel_scope
-                    tg.start_soon(self._watch_disconnect, receive, tg.cancel_scope)
+            # One cancel scope and one watcher task, not a task group: this is per connection.
+            with anyio.CancelScope() as cancel:
+                self._scope = cancel
+                watcher = asyncio.get_running_loop().create_task(
+                    self._watch_disconnect(receive, cancel)
+                )
+                try:
                     await send(
                         {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                     )
@@ -164,9 +168,9 @@ class EventStreamResponse(Response):
                     with contextlib.suppress(_Ended):
                         await self._serve(sub, position)
                     await self._finish()
-                    tg.cancel_scope.cancel()
-            finally:
-                sub.close()
+                finally:
+                    watcher.cancel()
+                    sub.close()
         finally:
             if self._lease is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -286,9 +290,12 @@ class EventStreamResponse(Response):
         if self._sending and self._scope is not None:
             self._scope.cancel()
 
-    async def _watch_disconnect(self, receive: Receive, scope: anyio.CancelScope) -> None:
-        while True:
-            message: Message = await receive()
-            if message["type"] == "http.disconnect":
-                scope.cancel()
-                return
+    async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
+        try:
+            while True:
+                message: Message = await receive()
+                if message["type"] == "http.disconnect":
+                    break
+        except Exception:  # a server that cannot tell us any more: treat it as gone
+            logger.debug("receive() failed on %s", self._topic, exc_info=True)
+        cancel.cancel()

@@ -1,0 +1,132 @@
+"""The SSE routes as a client meets them: auth by key or token, ownership, limits, resuming."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import anyio
+import httpx
+import pytest
+from httpx_sse import aconnect_sse
+
+from app.settings import Settings
+from tests.support.stack import Stack, running_stack
+
+pytestmark = pytest.mark.anyio
+
+
+async def finished_operation(stack: Stack, name: str) -> str:
+    started = await stack.checkout("graph-standard", name)
+    await stack.pay(started["checkout_session_id"])
+    active = await stack.wait_for_status(started["subscription_id"], "active")
+    operation_id: str = active["operation_id"]
+    return operation_id
+
+
+async def event_ids(http: httpx.AsyncClient, path: str, **headers: str) -> list[str]:
+    ids = []
+    async with aconnect_sse(http, "GET", path, headers=headers) as source:
+        assert source.response.status_code == 200
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        async for sse in source.aiter_sse():
+            if sse.data:
+                ids.append(sse.id)
+    return ids
+
+
+async def test_streams_open_with_a_token_and_resume_after_any_event(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        operation_id = await finished_operation(stack, "tokens")
+        issued = await stack.http.post("/v1/stream-tokens")
+        assert issued.status_code == 201
+        token = issued.json()["token"]
+        assert issued.json()["expires_at"].endswith("Z")
+
+        path = f"/v1/operations/{operation_id}/events"
+        everything = await event_ids(stack.anonymous, f"{path}?token={token}")
+        assert len(everything) >= 3
+        for cut in range(len(everything) - 1):
+            rest = await event_ids(
+                stack.anonymous, f"{path}?token={token}&last_event_id={everything[cut]}"
+            )
+            assert rest == everything[cut + 1 :]
+        done = await stack.anonymous.get(f"{path}?token={token}&last_event_id={everything[-1]}")
+        assert done.status_code == 204
+
+        forged = await stack.anonymous.get(f"{path}?token={token[:-2]}xx")
+        assert forged.status_code == 401
+        assert forged.json()["error"]["code"] == "invalid_token"
+
+
+async def test_another_users_operation_is_404(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        operation_id = await finished_operation(stack, "private")
+        _, other_key = await stack.new_user("eve@example.com")
+        other = {"Authorization": f"Bearer {other_key}"}
+        for path in (f"/v1/operations/{operation_id}", f"/v1/operations/{operation_id}/events"):
+            answer = await stack.anonymous.get(path, headers=other)
+            assert answer.status_code == 404, path
+            assert answer.json()["error"]["code"] == "not_found"
+        token = (await stack.anonymous.post("/v1/stream-tokens", headers=other)).json()["token"]
+        answer = await stack.anonymous.get(f"/v1/operations/{operation_id}/events?token={token}")
+        assert answer.status_code == 404
+
+
+async def test_streams_over_the_per_user_limit_are_429(settings: Settings) -> None:
+    limited = replace(settings, max_streams_per_user=2)
+    async with running_stack(limited) as stack:
+        opened = anyio.Event()
+        release = anyio.Event()
+        count = 0
+
+        async def hold() -> None:
+            nonlocal count
+            async with stack.http.stream("GET", "/v1/events") as answer:
+                assert answer.status_code == 200
+                count += 1
+                if count == 2:
+                    opened.set()
+                await release.wait()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(hold)
+            tg.start_soon(hold)
+            await opened.wait()
+            refused = await stack.http.get("/v1/events")
+            assert refused.status_code == 429
+            assert int(refused.headers["Retry-After"]) >= 1
+            assert refused.json()["error"]["code"] == "too_many_streams"
+            release.set()
+
+
+async def test_the_user_stream_carries_subscription_updates(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        seen: list[dict[str, object]] = []
+        ready = anyio.Event()
+
+        async def listen() -> None:
+            async with aconnect_sse(stack.http, "GET", "/v1/events") as source:
+                ready.set()
+                async for sse in source.aiter_sse():
+                    if sse.event == "subscription.updated":
+                        data = json.loads(sse.data)
+                        seen.append(data)
+                        if data["subscription"]["status"] == "active":
+                            return
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen)
+            await ready.wait()
+            await anyio.sleep(0.2)
+            started = await stack.checkout("graph-standard", "watched")
+            await stack.pay(started["checkout_session_id"])
+        statuses = [s["subscription"]["status"] for s in seen]  # type: ignore[index]
+        # Linking Stripe's ids may come first, while the payment is still pending.
+        order = ["pending_payment", "provisioning", "active"]
+        assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses)
+        assert "provisioning" in statuses
+        assert statuses[-1] == "active"
+        last = seen[-1]
+        assert last["subscription_id"] == started["subscription_id"]
+        assert last["subscription"] == await stack.subscription(started["subscription_id"])
