@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from dataclasses import replace
+
+from starlette.routing import Mount
 
 from app.db import create_pool
 from app.settings import Settings
@@ -40,12 +43,31 @@ async def demo_api_key(settings: Settings) -> str:
     return key
 
 
-def run_demo(settings: Settings, *, port: int) -> None:
-    from app.server import run_server
+EMULATOR_MOUNT = "/stripe"
 
+
+def run_demo(settings: Settings, *, port: int) -> None:
+    """The Stripe emulator is mounted in the same app, so the demo needs one port only; the
+    SDK calls it through STRIPE_API_BASE and it calls the webhook like Stripe would."""
+    from app.application import create_app
+    from app.server import run_server
+    from app.stripe_emulator import create_emulator
+
+    base = f"http://127.0.0.1:{port}"
+    settings = replace(
+        settings,
+        public_url=base,
+        stripe_api_base=base + EMULATOR_MOUNT,
+    )
+    emulator = create_emulator(
+        webhook_url=f"{base}/v1/webhooks/stripe",
+        webhook_secret=settings.stripe_webhook_secrets[0],
+        public_url=base + EMULATOR_MOUNT,
+        api_key=settings.stripe_api_key,
+    )
+    app = create_app(settings, extra_routes=[Mount(EMULATOR_MOUNT, emulator)])
     key = asyncio.run(demo_api_key(settings))
-    url = f"http://127.0.0.1:{port}/"
-    print(f"Dashboard: {url}", flush=True)
+    print(f"Dashboard: {base}/", flush=True)
     print(f"API key: {key}", flush=True)
     print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
-    run_server(settings, host="127.0.0.1", port=port)
+    run_server(settings, host="127.0.0.1", port=port, app=app)

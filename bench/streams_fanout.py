@@ -54,6 +54,7 @@ SCENARIOS = {
         Scenario("baseline-broadcast-2000", "per-connection", 2000, 1, 25),
         Scenario("sse-starlette-broadcast-2000", "hub-sse-starlette", 2000, 1, 25),
         Scenario("baseline-per-topic-4000", "per-connection", 4000, 4000, 4000),
+        Scenario("hold-5000", "hub", 5000, 1, 1),
         Scenario("hold-19000", "hub", 19_000, 1, 1),
     )
 }

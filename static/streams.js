@@ -82,6 +82,12 @@ export class TokenSource {
     }
   }
 
+  /** Forget the current token: the server may have refused it (expired, or signed with a
+   * key it no longer has). The next `get()` fetches a new one. */
+  invalidate() {
+    this.current = null;
+  }
+
   /** Tabs in the background get their timers slowed down: check again on return. */
   checkOnWake() {
     if (this.current && Date.now() >= this.renewAt) this.renew();
@@ -223,6 +229,7 @@ export class EventStream {
 
   async #closed() {
     this.failures += 1;
+    this.hub.tokens.invalidate();
     this.#setStatus(this.#troubled());
     let verdict = "retry";
     try {

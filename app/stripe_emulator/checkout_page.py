@@ -69,13 +69,15 @@ def checkout_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[R
         if session["customer"]:
             email = state.get("customer", session["customer"])["email"] or ""
         cancel = session["cancel_url"]
+        # Absolute, so that the page also works where the emulator is mounted under a path.
+        pay_url = f"{state.public_url}/checkout/{session['id']}/pay"
         cancel_link = f"<a class=cancel href='{escape(cancel)}'>Cancel</a>" if cancel else ""
         body = (
             "<span class=badge>TEST MODE</span>"
             f"<h1>Subscribe to {escape(product['name'])}</h1>"
             f"<div class=price>{_money(price['unit_amount'] * quantity, price['currency'])}"
             f" <span class=muted>per {escape(interval)}</span></div>"
-            f"<form method=post action='/checkout/{escape(session['id'])}/pay'>"
+            f"<form method=post action='{escape(pay_url)}'>"
             "<label for=email>Email</label>"
             f"<input id=email name=email type=email required value='{escape(email)}'>"
             "<label for=card>Card</label>"
