@@ -18,13 +18,13 @@ export const TERMINAL_EVENTS = new Set([
   "operation.cancelled",
 ]);
 
-const MAX_BACKOFF_MS = 30_000;
+const MAX_BACKOFF_MS = 15_000;
 const OFFLINE_AFTER_FAILURES = 3;
 const SEEN_IDS_KEPT = 2000;
 
 /** How long to wait before the n-th consecutive attempt (n >= 1), with jitter. */
 export function backoffDelay(failures) {
-  const base = Math.min(MAX_BACKOFF_MS, 1000 * 2 ** Math.max(0, failures - 1));
+  const base = Math.min(MAX_BACKOFF_MS, 1000 * 1.6 ** Math.max(0, failures - 1));
   return Math.round(base * (0.8 + Math.random() * 0.4));
 }
 

@@ -127,7 +127,8 @@ class EventStreamResponse(Response):
         self._last: StreamPosition | None = None
         self._sending = False
         self._send: Send | None = None
-        self._scope: anyio.CancelScope | None = None
+        self._task: asyncio.Task[Any] | None = None
+        self._aborted = False
 
     @classmethod
     def for_operation(cls, hub: EventHub, op_id: str, **kwargs: Any) -> EventStreamResponse:
@@ -154,23 +155,27 @@ class EventStreamResponse(Response):
                 self._topic, keepalive=opts.keepalive_seconds, max_seconds=opts.max_seconds
             )
             sub.on_terminal = self._on_terminal
-            # One cancel scope and one watcher task, not a task group: this is per connection.
-            with anyio.CancelScope() as cancel:
-                self._scope = cancel
-                watcher = asyncio.get_running_loop().create_task(
-                    self._watch_disconnect(receive, cancel)
+            # A plain task cancel rather than a cancel scope or task group: this runs once per
+            # connection, and a scope costs a kilobyte each (see bench/streams_fanout.py).
+            self._task = asyncio.current_task()
+            watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
+            try:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
-                try:
-                    await send(
-                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
-                    )
-                    await self._write(retry_frame(opts.retry_ms))
-                    with contextlib.suppress(_Ended):
-                        await self._serve(sub, position)
-                    await self._finish()
-                finally:
-                    watcher.cancel()
-                    sub.close()
+                await self._write(retry_frame(opts.retry_ms))
+                with contextlib.suppress(_Ended):
+                    await self._serve(sub, position)
+                await self._finish()
+            except asyncio.CancelledError:
+                if not self._aborted or self._task is None:
+                    raise  # cancelled from outside (server shutdown): not ours to swallow
+                self._task.uncancel()
+            finally:
+                self._task = None
+                sub.on_terminal = None
+                watcher.cancel()
+                sub.close()
         finally:
             if self._lease is not None:
                 with anyio.CancelScope(shield=True), anyio.move_on_after(5):
@@ -287,10 +292,16 @@ class EventStreamResponse(Response):
 
     def _on_terminal(self, signal: Signal) -> None:
         # Overflow, expiry or shutdown while the writer waits on a full socket: stop waiting.
-        if self._sending and self._scope is not None:
-            self._scope.cancel()
+        if self._sending:
+            self._abort()
 
-    async def _watch_disconnect(self, receive: Receive, cancel: anyio.CancelScope) -> None:
+    def _abort(self) -> None:
+        """Stop the writer wherever it waits; the stream ends without a last word."""
+        if not self._aborted and self._task is not None:
+            self._aborted = True
+            self._task.cancel()
+
+    async def _watch_disconnect(self, receive: Receive) -> None:
         try:
             while True:
                 message: Message = await receive()
@@ -298,4 +309,4 @@ class EventStreamResponse(Response):
                     break
         except Exception:  # a server that cannot tell us any more: treat it as gone
             logger.debug("receive() failed on %s", self._topic, exc_info=True)
-        cancel.cancel()
+        self._abort()

@@ -26,7 +26,8 @@ __all__ = ["InboxEvent", "WebhookInbox", "requeue_events"]
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 8
-LOCK_SECONDS = 60
+# A killed process leaves its claimed rows locked this long; a live one finishes well within.
+LOCK_SECONDS = 15
 SWEEP_SECONDS = 5.0
 BATCH = 20
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -123,7 +124,9 @@ def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Han
             params = parse_pairs(form)
             record.params = params
             fault = state.take_fault(method, path)
-            if fault is not None:
+            if fault is not None and fault.delay > 0:
+                await anyio.sleep(fault.delay)
+            if fault is not None and fault.status >= 400:
                 headers["Stripe-Should-Retry"] = "true"
                 raise StripeError(fault.status, fault.message, type=fault.error_type)
             # Stripe ignores Idempotency-Key on GET and DELETE: they are idempotent already.

@@ -172,6 +172,7 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
             path_prefix=str(body.get("path", "/v1/")),
             status=int(body.get("status", 500)),
             remaining=int(body.get("count", 1)),
+            delay=float(body.get("delay", 0.0)),
         )
         if fault.status == 429:
             fault.error_type, fault.message = "invalid_request_error", "Too many requests."

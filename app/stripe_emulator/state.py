@@ -78,7 +78,8 @@ class SavedResponse:
 
 @dataclass
 class Fault:
-    """The next `remaining` requests matching method and path prefix answer `status`."""
+    """The next `remaining` requests matching method and path prefix answer `status` (after
+    `delay` seconds; a `status` of 200 only delays them, like a slow network)."""
 
     method: str
     path_prefix: str
@@ -86,6 +87,7 @@ class Fault:
     remaining: int
     message: str = "An unknown error occurred (injected by the emulator)."
     error_type: str = "api_error"
+    delay: float = 0.0
 
     def matches(self, method: str, path: str) -> bool:
         return (

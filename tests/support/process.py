@@ -1,0 +1,82 @@
+"""`lookout serve` as a real child process, to be killed with SIGKILL."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import httpx
+
+from app.settings import Settings
+from tests.support.live import free_port
+
+__all__ = ["ServeProcess", "serve_process"]
+
+
+@dataclass
+class ServeProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown code runs, as when a machine dies."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+def environment(settings: Settings, url: str) -> dict[str, str]:
+    assert settings.database_url is not None and settings.redis_url is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOKOUT_", "STRIPE_"))}
+    env.update(
+        DATABASE_URL=settings.database_url,
+        REDIS_URL=settings.redis_url,
+        LOOKOUT_SECRET_KEY=settings.secret_key,
+        LOOKOUT_PUBLIC_URL=url,
+        LOOKOUT_REDIS_PREFIX=settings.redis_prefix,
+        LOOKOUT_ENVIRONMENT=settings.environment,
+        STRIPE_API_KEY=settings.stripe_api_key,
+        STRIPE_WEBHOOK_SECRET=",".join(settings.stripe_webhook_secrets),
+        STRIPE_API_BASE=settings.stripe_api_base,
+    )
+    if settings.provisioner_database_url:
+        env["PROVISIONER_DATABASE_URL"] = settings.provisioner_database_url
+    return env
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    settings: Settings, *, port: int | None = None
+) -> AsyncIterator[ServeProcess]:
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        env=environment(settings, url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=url) as http:
+            with anyio.fail_after(30):
+                while True:
+                    if process.poll() is not None:
+                        raise RuntimeError(f"lookout serve exited with {process.returncode}")
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await http.get("/readyz")).status_code == 200:
+                            break
+                    await anyio.sleep(0.1)
+        yield ServeProcess(url=url, process=process)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
