@@ -94,7 +94,11 @@ async def test_an_event_acknowledged_by_a_killed_process_is_processed_after_rest
                 )
                 acknowledged = await deliver(http, event, secret)
                 assert acknowledged.status_code == 200
-                await wait_for(lambda: _is(event_status(event_id), "processing"), what="processing")
+
+                async def processing() -> bool:
+                    return await event_status(event_id) == "processing"
+
+                await wait_for(processing, what="the event to be claimed")
                 first.kill()
             await control.delete("/_emulator/faults")
             assert await event_status(event_id) == "processing"

@@ -55,7 +55,7 @@ async def serve_process(
 ) -> AsyncIterator[ServeProcess]:
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
         [sys.executable, "-m", "app", "serve", "--port", str(port)],
         env=environment(settings, url),
         stdout=subprocess.DEVNULL,
