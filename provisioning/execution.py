@@ -138,7 +138,7 @@ class Executor:
             try:
                 await self._retry.call(partial(step.run, ctx), what=f"{op.id} {step.name}")
             except ProvisioningError as exc:
-                return Outcome("failed", exc.customer_message)
+                return Outcome("failed", exc.customer_message + _consequence(op))
             except Exception as exc:
                 return Outcome("failed", self._failure_sentence(op, step, exc))
             await self._fenced(
@@ -147,7 +147,7 @@ class Executor:
         return Outcome("completed")
 
     def _failure_sentence(self, op: OperationRecord, step: Step, exc: Exception) -> str:
-        after = " Your subscription has been cancelled." if op.kind == "provision" else ""
+        after = _consequence(op)
         doing = "set up" if op.kind == "provision" else "removed"
         if is_transient(exc):
             logger.warning(
@@ -160,9 +160,7 @@ class Executor:
                 f"The server that hosts your {_noun(op)} could not be reached, so it could not"
                 f" be {doing}.{after}"
             )
-        logger.error(
-            "operation %s: step %s failed", op.id, step.name, exc_info=(type(exc), exc, None)
-        )
+        logger.error("operation %s: step %s failed", op.id, step.name, exc_info=exc)
         return f"An unexpected error stopped your {_noun(op)} from being {doing}.{after}"
 
     async def conclude(
@@ -244,6 +242,11 @@ class Executor:
             await self._hooks.provisioning_succeeded(op)
         else:
             await self._hooks.provisioning_failed(op, op.error or _cancelled_sentence(op))
+
+
+def _consequence(op: OperationRecord) -> str:
+    # BillingHooks.provisioning_failed cancels the subscription at once.
+    return " Your subscription has been cancelled." if op.kind == "provision" else ""
 
 
 def _cancelled_sentence(op: OperationRecord) -> str:

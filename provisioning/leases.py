@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+
+import anyio
+import asyncpg
 
 from .operations import Connection, OperationRecord, lease_until
 
-__all__ = ["claim_expired", "claim_operation", "release_lease", "renew_lease"]
+__all__ = [
+    "claim_expired",
+    "claim_operation",
+    "keep_lease",
+    "release_lease",
+    "release_quietly",
+    "renew_lease",
+]
+
+logger = logging.getLogger(__name__)
 
 
 async def renew_lease(
@@ -69,3 +82,50 @@ async def claim_operation(
     """Takes this one operation if its lease expired."""
     row = await conn.fetchrow(_CLAIM, owner, lease_seconds, op_id, 1)
     return None if row is None else OperationRecord.from_row(row)
+
+
+async def keep_lease(
+    pool: asyncpg.Pool,
+    op_id: str,
+    owner: str,
+    lease_seconds: float,
+    *,
+    on_cancel_requested: Callable[[], None],
+    on_lost: Callable[[], None],
+) -> None:
+    """Renews the lease every third of its length until ``on_lost`` is called.
+
+    Calls ``on_cancel_requested`` (once) when another instance asked for a cancellation, and
+    ``on_lost`` when the lease went to another instance, or could not be renewed for a whole
+    lease (someone else may have it by then).
+    """
+    last_renewed = anyio.current_time()
+    cancel_seen = False
+    while True:
+        await anyio.sleep(lease_seconds / 3)
+        try:
+            async with pool.acquire() as conn:
+                state = await renew_lease(conn, op_id, owner, lease_seconds)
+        except Exception as exc:
+            logger.warning("operation %s: lease not renewed (%s)", op_id, type(exc).__name__)
+            if anyio.current_time() - last_renewed < lease_seconds:
+                continue
+            state = None
+        if state is None:
+            on_lost()
+            return
+        last_renewed = anyio.current_time()
+        if state and not cancel_seen:
+            cancel_seen = True
+            logger.info("operation %s: cancellation requested", op_id)
+            on_cancel_requested()
+
+
+async def release_quietly(pool: asyncpg.Pool, op_id: str, owner: str, retry_after: float) -> None:
+    """``release_lease`` within 2 s, even while being cancelled; failures are only logged."""
+    with anyio.move_on_after(2, shield=True):
+        try:
+            async with pool.acquire() as conn:
+                await release_lease(conn, op_id, owner, retry_after=retry_after)
+        except Exception as exc:
+            logger.warning("operation %s: lease not released (%s)", op_id, type(exc).__name__)

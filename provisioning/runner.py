@@ -128,7 +128,9 @@ class OperationRunner:
                         await self.sweep()
                     except Exception as exc:
                         logger.warning(
-                            "sweep failed (%s); next in %.1fs", exc, self._sweep_interval
+                            "sweep failed (%s); next in %.1fs",
+                            type(exc).__name__,
+                            self._sweep_interval,
                         )
                     await anyio.sleep(self._sweep_interval)
             finally:
@@ -277,14 +279,7 @@ class OperationRunner:
             task.done.set()
 
     async def _release(self, op_id: str, retry_after: float) -> None:
-        with anyio.move_on_after(2, shield=True):
-            try:
-                async with self._pool.acquire() as conn:
-                    await leases.release_lease(
-                        conn, op_id, self._instance_id, retry_after=retry_after
-                    )
-            except Exception as exc:
-                logger.warning("operation %s: lease not released (%s)", op_id, exc)
+        await leases.release_quietly(self._pool, op_id, self._instance_id, retry_after)
 
     async def _process(self, op: OperationRecord, task: _Task) -> None:
         backend = self.backend(op.resource_type)
@@ -302,23 +297,11 @@ class OperationRunner:
             await self._release(op.id, self._finalize_retry)
 
     async def _keep_lease(self, op_id: str, task: _Task, on_lost: anyio.CancelScope) -> None:
-        last_renewed = anyio.current_time()
-        while True:
-            await anyio.sleep(self._lease_seconds / 3)
-            try:
-                async with self._pool.acquire() as conn:
-                    state = await leases.renew_lease(
-                        conn, op_id, self._instance_id, self._lease_seconds
-                    )
-            except Exception as exc:
-                logger.warning("operation %s: lease not renewed (%s)", op_id, type(exc).__name__)
-                if anyio.current_time() - last_renewed < self._lease_seconds:
-                    continue
-                state = None
-            if state is None:
-                on_lost.cancel()
-                return
-            last_renewed = anyio.current_time()
-            if state and not task.cancel_requested:
-                logger.info("operation %s: cancellation requested elsewhere", op_id)
-                task.cancel()
+        await leases.keep_lease(
+            self._pool,
+            op_id,
+            self._instance_id,
+            self._lease_seconds,
+            on_cancel_requested=task.cancel,
+            on_lost=on_lost.cancel,
+        )

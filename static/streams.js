@@ -18,7 +18,7 @@ export const TERMINAL_EVENTS = new Set([
   "operation.cancelled",
 ]);
 
-const MAX_BACKOFF_MS = 15_000;
+const MAX_BACKOFF_MS = 10_000;
 const OFFLINE_AFTER_FAILURES = 3;
 const SEEN_IDS_KEPT = 2000;
 

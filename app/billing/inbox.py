@@ -112,8 +112,11 @@ class WebhookInbox:
             )
             for r in rows
         ]
-        for event in events:
-            await self._process(event)
+        # Side by side: each handler locks the subscription it changes, and applies Stripe's
+        # current state rather than the payload's, so their order does not matter.
+        async with anyio.create_task_group() as tg:
+            for event in events:
+                tg.start_soon(self._process, event)
         return len(events)
 
     async def _process(self, event: InboxEvent) -> None:
