@@ -1,0 +1,239 @@
+"""Webhook acknowledgement latency, and from acknowledgement to provisioning, measured.
+
+    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100]
+
+Lookout runs as `lookout serve` in its own process (on DATABASE_URL / REDIS_URL, or embedded
+servers), the Stripe emulator and this load client in this one. The client sends signed
+webhooks at a steady rate: `--provisionings` of them confirm a payment (each starts a real
+graph provisioning), the rest are other events Lookout stores and audits. It prints:
+acknowledgement latency p50/p99/max; acknowledgement → `operation.started` (the event's own
+`ts`) p50/p99/max; `operation.started` → `operation.completed`; operations per second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import asyncpg
+import httpx
+
+from app.embedded import embedded_servers
+from app.settings import Settings
+from app.stripe_emulator import create_emulator
+from app.users import create_api_key, create_user
+from tests.support import database_dsn, free_port, live_server
+from tests.support.process import serve_process
+from tests.support.stripe_events import make_event, signature, stripe_object
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def line(name: str, values_ms: list[float]) -> str:
+    return (
+        f"{name:<42} n={len(values_ms):<5} p50={percentile(values_ms, 0.5):8.2f} ms"
+        f"  p99={percentile(values_ms, 0.99):8.2f} ms  max={max(values_ms, default=0):8.2f} ms"
+    )
+
+
+async def prepare_payments(
+    http: httpx.AsyncClient, control: httpx.AsyncClient, db: asyncpg.Connection, count: int
+) -> list[dict[str, Any]]:
+    """`count` paid checkouts whose completion events have not been delivered yet."""
+    events = []
+    for number in range(count):
+        user = await create_user(db, f"bench-{number}-{secrets.token_hex(3)}@example.com")
+        key = await create_api_key(db, user.id)
+        started = (
+            await http.post(
+                "/v1/checkout",
+                json={"plan": "graph-standard", "resource_name": f"bench-{number}"},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+        ).json()
+        paid = (
+            await control.post(
+                f"/_emulator/checkout/{started['checkout_session_id']}/pay",
+                json={"deliver_webhooks": False},
+            )
+        ).json()
+        completed = next(e for e in paid["events"] if e["type"] == "checkout.session.completed")
+        event = (await control.get(f"/_emulator/events/{completed['id']}")).json()["event"]
+        events.append({"event": event, "subscription_id": started["subscription_id"]})
+    return events
+
+
+async def run(args: argparse.Namespace, settings: Settings) -> None:
+    port, emulator_port = free_port(), free_port()
+    url, emulator_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{emulator_port}"
+    secret = f"whsec_{secrets.token_hex(8)}"
+    settings = replace(settings, stripe_api_base=emulator_url, stripe_webhook_secrets=(secret,))
+    emulator = create_emulator(
+        webhook_url=None,
+        webhook_secret=secret,
+        public_url=emulator_url,
+        api_key=settings.stripe_api_key,
+    )
+    assert settings.database_url is not None
+    db = await asyncpg.connect(settings.database_url)
+    async with (
+        live_server(emulator, port=emulator_port),
+        serve_process(settings, port=port),
+        httpx.AsyncClient(base_url=url, timeout=30) as http,
+        httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
+    ):
+        payments = await prepare_payments(http, control, db, args.provisionings)
+        total = int(args.rate * args.seconds)
+        every = max(1, total // max(1, len(payments)))
+        plan: list[dict[str, Any]] = []
+        for index in range(total):
+            if index % every == 0 and payments:
+                plan.append(payments.pop())
+            else:
+                plan.append({"event": make_event("invoice.created", stripe_object("invoice"))})
+        acks: list[float] = []
+        ack_at: dict[str, float] = {}
+        failures = 0
+        clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(16)]
+        begin = time.perf_counter()
+
+        async def send(index: int, item: dict[str, Any]) -> None:
+            nonlocal failures
+            body = json.dumps(item["event"])
+            headers = {
+                "Stripe-Signature": signature(body, secret),
+                "Content-Type": "application/json",
+            }
+            sent = time.perf_counter()
+            answer = await clients[index % len(clients)].post(
+                "/v1/webhooks/stripe", content=body, headers=headers
+            )
+            done = time.perf_counter()
+            if answer.status_code != 200:
+                failures += 1
+            acks.append((done - sent) * 1000)
+            if "subscription_id" in item:
+                ack_at[item["subscription_id"]] = time.time()
+
+        async with anyio.create_task_group() as tg:
+            for index, item in enumerate(plan):
+                # A steady rate, as Stripe sends: wait for each request's turn.
+                due = begin + index / args.rate
+                await anyio.sleep(max(0.0, due - time.perf_counter()))
+                tg.start_soon(send, index, item)
+        sent_for = time.perf_counter() - begin
+        for client in clients:
+            await client.aclose()
+
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            pending = await db.fetchval(
+                "SELECT count(*) FROM operations WHERE status NOT IN ('completed','failed')"
+            )
+            started = await db.fetchval("SELECT count(*) FROM operations")
+            if pending == 0 and started >= len(ack_at):
+                break
+            await asyncio.sleep(0.5)
+        rows = await db.fetch(
+            "SELECT subject_id, started_at, finished_at, created_at, status FROM operations"
+        )
+        to_started, to_created, durations = [], [], []
+        for row in rows:
+            acked = ack_at.get(row["subject_id"])
+            if acked is None:
+                continue
+            to_created.append((row["created_at"].timestamp() - acked) * 1000)
+            if row["started_at"] is not None:
+                to_started.append((row["started_at"].timestamp() - acked) * 1000)
+            if row["started_at"] and row["finished_at"]:
+                durations.append((row["finished_at"] - row["started_at"]).total_seconds() * 1000)
+        finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
+        first = min((r["created_at"] for r in rows), default=None)
+        span = (max(finished) - first).total_seconds() if finished and first else float("nan")
+        print(
+            f"webhooks sent: {len(acks)} in {sent_for:.1f} s"
+            f" ({len(acks) / sent_for:.0f}/s), non-200: {failures}"
+        )
+        print(line("webhook acknowledgement", acks))
+        print(line("ack -> operation row (provisioning start)", to_created))
+        print(line("ack -> operation.started", to_started))
+        print(line("operation.started -> completed", durations))
+        statuses = {
+            s: sum(1 for r in rows if r["status"] == s) for s in {r["status"] for r in rows}
+        }
+        print(
+            f"operations: {statuses}; {len(finished) / span:.1f} operations/s over {span:.1f} s"
+            f" (concurrency limit: 10 per instance)"
+        )
+    await db.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--provisionings", type=int, default=100)
+    args = parser.parse_args()
+    data_dir = Path(os.environ.get("LOOKOUT_DATA_DIR", ".lookout")) / "bench"
+    with embedded_servers(
+        data_dir,
+        database_url=os.environ.get("DATABASE_URL") or None,
+        redis_url=os.environ.get("REDIS_URL") or None,
+    ) as servers:
+        database = f"lookout_bench_{secrets.token_hex(4)}"
+        asyncio.run(_admin(servers.database_url, f'CREATE DATABASE "{database}"'))
+        settings = Settings.from_env(
+            {
+                "DATABASE_URL": database_dsn(servers.database_url, database),
+                "REDIS_URL": servers.redis_url,
+                "PROVISIONER_DATABASE_URL": servers.database_url,
+                "LOOKOUT_SECRET_KEY": secrets.token_urlsafe(32),
+                "STRIPE_API_KEY": "sk_test_bench",
+                "STRIPE_WEBHOOK_SECRET": "whsec_bench",
+                "LOOKOUT_REDIS_PREFIX": f"bench-{secrets.token_hex(3)}:",
+            }
+        )
+        try:
+            anyio.run(run, args, settings)
+        finally:
+            asyncio.run(_clean_up(servers.database_url, database))
+
+
+async def _admin(admin_dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _clean_up(admin_dsn: str, database: str) -> None:
+    """Drops the bench's database and every graph it provisioned."""
+    conn = await asyncpg.connect(database_dsn(admin_dsn, database))
+    try:
+        graphs = [
+            r["resource_id"] for r in await conn.fetch("SELECT resource_id FROM subscriptions")
+        ]
+    finally:
+        await conn.close()
+    for graph in graphs:
+        await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "lookout_{graph}" WITH (FORCE)')
+        await _admin(admin_dsn, f'DROP ROLE IF EXISTS "lookout_{graph}"')
+    await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+
+
+if __name__ == "__main__":
+    main()
