@@ -8,14 +8,18 @@ On a terminal: rich progress bars; otherwise one plain line per event on stdout.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import random
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final
+from urllib.parse import quote
 
 import httpx
 from rich.console import Console
@@ -25,15 +29,28 @@ from rich.text import Text
 
 from app.settings import ConfigError
 
-__all__ = ["MissingAPIKey", "SSEMessage", "SSEParser", "TailError", "follow", "run_tail"]
-__all__ += ["exit_code_for", "reconnect_delay", "render_line"]
+__all__ = [
+    "MissingAPIKey",
+    "SSEMessage",
+    "SSEParser",
+    "TailError",
+    "exit_code_for",
+    "follow",
+    "reconnect_delay",
+    "render_line",
+    "reset_snapshot",
+    "run_tail",
+]
 
 DEFAULT_URL: Final = "http://127.0.0.1:8000"
 DEFAULT_RETRY_MS: Final = 3000
 MAX_DELAY_SECONDS: Final = 30.0
 MAX_FAILURES: Final = 10  # consecutive attempts without a stream before giving up
+FIRST_FAILURES: Final = 3  # the same, before any stream was ever opened
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
-STYLES: Final = {"completed": "green", "failed": "red", "cancelled": "yellow", "reset": "yellow"}
+STYLES: Final = MappingProxyType(
+    {"completed": "green", "failed": "red", "cancelled": "yellow", "reset": "yellow"}
+)
 # Longer than the server's keep-alive interval (15 s): a silent connection is a dead one.
 TIMEOUT: Final = httpx.Timeout(10.0, read=45.0)
 
@@ -66,6 +83,9 @@ class SSEParser:
         self.retry_ms: int | None = None
         self._data: list[str] = []
         self._event = ""
+        # An id counts once its message is complete: a message cut off by a dropped
+        # connection must be asked for again.
+        self._id = last_event_id or ""
 
     def feed(self, line: str) -> SSEMessage | None:
         """The message that a blank line completes, else None."""
@@ -81,7 +101,7 @@ class SSEParser:
         elif name == "event":
             self._event = value
         elif name == "id" and "\0" not in value:
-            self.last_event_id = value or None
+            self._id = value
         elif name == "retry" and value.isdigit():
             self.retry_ms = int(value)
         return None
@@ -89,15 +109,23 @@ class SSEParser:
     def _dispatch(self) -> SSEMessage | None:
         data, event = self._data, self._event
         self._data, self._event = [], ""
+        self.last_event_id = self._id or None
         if not data:
             return None
         return SSEMessage(event or "message", "\n".join(data), self.last_event_id)
 
 
+def reset_snapshot(data: Mapping[str, Any]) -> Mapping[str, Any]:
+    """What a `stream.reset` says is current: `snapshot.operation` on an operation's stream,
+    `snapshot.subscriptions` on the user's."""
+    snapshot = data.get("snapshot") or {}
+    return (snapshot.get("operation") or {}) if "operation" in snapshot else snapshot
+
+
 def exit_code_for(event: str, data: Mapping[str, Any]) -> int | None:
     """0 or 1 once an operation is over, None while it goes on."""
     if event == "stream.reset":
-        status = (data.get("snapshot") or {}).get("status")
+        status = reset_snapshot(data).get("status")
         return None if status not in TERMINAL_STATUSES else int(status != "completed")
     if event in ("operation.completed", "operation.failed", "operation.cancelled"):
         return int(event != "operation.completed")
@@ -129,18 +157,25 @@ def render_line(event: str, data: Mapping[str, Any]) -> str:
         details = " · ".join(part for part in parts if part)
         return f"{sub_id} {sub.get('status', '?'):<9} {details}".rstrip()
     if event == "stream.reset":
-        snap = data.get("snapshot") or {}
+        snap = reset_snapshot(data)
         subject = data.get("operation_id") or data.get("user_id") or "stream"
-        state = f"now {snap['status']} {_percent(snap.get('progress')).strip()}" if snap else ""
+        if isinstance(snap.get("subscriptions"), list):
+            state = f"{len(snap['subscriptions'])} subscription(s) now"
+        elif snap.get("status"):
+            state = f"now {snap['status']} {_percent(snap.get('progress')).strip()}"
+        else:
+            state = ""
         return f"{subject} reset     history no longer kept; {state}".rstrip("; ")
     return f"{event} {json.dumps(dict(data), separators=(',', ':'))}"
 
 
-def reconnect_delay(failures: int, retry_ms: int | None, retry_after: float | None = None) -> float:
+def reconnect_delay(
+    failures: int, retry_ms: int | None, retry_after: float | None = None, jitter: float = 1.0
+) -> float:
     """Seconds before attempt `failures` + 1: the server's `retry:` doubled per consecutive
-    failure, capped; never sooner than a `Retry-After`."""
+    failure, capped, times `jitter`; never sooner than a `Retry-After`."""
     base = (retry_ms if retry_ms is not None else DEFAULT_RETRY_MS) / 1000
-    delay = min(MAX_DELAY_SECONDS, base * 2.0 ** max(0, failures - 1))
+    delay = min(MAX_DELAY_SECONDS, base * 2.0 ** max(0, failures - 1)) * jitter
     return max(delay, retry_after or 0.0)
 
 
@@ -174,6 +209,7 @@ def follow(
     answers 204 (nothing more will come) or the caller stops iterating."""
     parser = SSEParser()
     failures = 0
+    opened = False
     while True:
         headers = {"Accept": "text/event-stream"}
         if parser.last_event_id:
@@ -186,7 +222,7 @@ def follow(
                 if response.status_code != 200:
                     response.read()
                     _refuse(path, response)
-                failures = 0
+                failures, opened = 0, True
                 for line in response.iter_lines():
                     message = parser.feed(line)
                     if message is not None:
@@ -197,10 +233,11 @@ def follow(
         except _Retry as exc:
             reason, retry_after = str(exc), exc.retry_after
         failures += 1
-        if failures > MAX_FAILURES:
-            raise TailError(f"gave up after {MAX_FAILURES} attempts: {reason}")
-        delay = reconnect_delay(failures, parser.retry_ms, retry_after)
-        delay *= 1 + random.uniform(0, 0.2)  # spreads the reconnections of many clients
+        if failures >= (MAX_FAILURES if opened else FIRST_FAILURES):
+            raise TailError(f"gave up on {client.base_url} after {failures} attempts: {reason}")
+        # Jitter spreads the reconnections of many clients after a restart.
+        jitter = random.uniform(0.9, 1.1)
+        delay = reconnect_delay(failures, parser.retry_ms, retry_after, jitter)
         where = f" after event {parser.last_event_id}" if parser.last_event_id else ""
         notice(f"{reason}; resuming{where} in {delay:.1f} s")
         sleep(delay)
@@ -226,7 +263,16 @@ def _json(text: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-class _Bars:
+class _Lines:
+    """One plain line per event on stdout: for pipes, files and tests."""
+
+    live: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+
+    def show(self, event: str, data: Mapping[str, Any]) -> None:
+        print(render_line(event, data), flush=True)
+
+
+class _Bars(_Lines):
     """Rich progress bars, one per operation, with each event printed above them."""
 
     def __init__(self, console: Console) -> None:
@@ -239,20 +285,20 @@ class _Bars:
             console=console,
         )
         self.tasks: dict[str, TaskID] = {}
+        self.live = self.progress  # shows the bars while it is entered
 
     def show(self, event: str, data: Mapping[str, Any]) -> None:
-        line = render_line(event, data)
         kind = event.rpartition(".")[2]
-        self.progress.console.print(Text(line, style=STYLES.get(kind, "")))
+        self.progress.console.print(Text(render_line(event, data), style=STYLES.get(kind, "")))
         op = data.get("operation_id")
         if not isinstance(op, str) or not event.startswith(("operation.", "stream.reset")):
             return
-        values = (data.get("snapshot") or data) if event == "stream.reset" else data
+        values = reset_snapshot(data) if event == "stream.reset" else data
         task = self.tasks.get(op)
         if task is None:
             task = self.tasks[op] = self.progress.add_task("", total=100, op=op)
         progress = values.get("progress")
-        description = str(values.get("message") or values.get("step") or "")
+        description = escape(str(values.get("message") or values.get("step") or ""))
         if isinstance(progress, int | float):
             self.progress.update(task, completed=progress, description=description)
         if exit_code_for(event, data) is not None:
@@ -269,35 +315,31 @@ def run_tail(operation_id: str | None, *, base_url: str | None, api_key: str | N
             "(`lookout users create EMAIL` prints one; `lookout demo` prints the demo key)"
         )
     url = (base_url or os.environ.get("LOOKOUT_PUBLIC_URL") or DEFAULT_URL).rstrip("/")
-    path = f"/v1/operations/{operation_id}/events" if operation_id else "/v1/events"
+    # httpx logs every request at INFO, which would interleave with the events.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    path = f"/v1/operations/{quote(operation_id, safe='')}/events" if operation_id else "/v1/events"
     console = Console()
-    bars = _Bars(console) if console.is_terminal else None
+    view = _Bars(console) if console.is_terminal else _Lines()
     headers = {"Authorization": f"Bearer {key}", "User-Agent": "lookout-tail"}
     outcome: int | None = None
+    last = ""
     try:
-        with httpx.Client(base_url=url, headers=headers, timeout=TIMEOUT) as client:
-            if bars is not None:
-                bars.progress.start()
-            try:
-                for event, data in follow(client, path, notice=_notice):
-                    if bars is not None:
-                        bars.show(event, data)
-                    else:
-                        print(render_line(event, data), flush=True)
-                    outcome = exit_code_for(event, data) if operation_id else None
-                    if outcome is not None:
-                        break
-                else:
-                    if operation_id:  # 204: the end was sent before; the snapshot tells it
-                        outcome = _final_outcome(client, operation_id)
-            finally:
-                if bars is not None:
-                    bars.progress.stop()
+        with httpx.Client(base_url=url, headers=headers, timeout=TIMEOUT) as client, view.live:
+            for event, data in follow(client, path, notice=_notice):
+                view.show(event, data)
+                last = event
+                outcome = exit_code_for(event, data) if operation_id else None
+                if outcome is not None:
+                    break
+            else:
+                if operation_id:  # 204: the end was sent before; the snapshot tells it
+                    outcome = _final_outcome(client, operation_id)
     except TailError as exc:
         print(f"lookout: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if bars is not None and outcome is not None:
-        verdict = ("[green]✓ completed", "[red]✗ did not complete")[outcome]
+    if isinstance(view, _Bars) and outcome is not None:
+        failed = last.rpartition(".")[2] if last.startswith("operation.") else "did not complete"
+        verdict = "[green]✓ completed" if outcome == 0 else f"[red]✗ {failed}"
         console.print(f"[bold]{verdict}[/] {escape(operation_id or '')}")
     if outcome:
         raise SystemExit(outcome)
@@ -308,7 +350,7 @@ def _notice(text: str) -> None:
 
 
 def _final_outcome(client: httpx.Client, operation_id: str) -> int:
-    response = client.get(f"/v1/operations/{operation_id}")
+    response = client.get(f"/v1/operations/{quote(operation_id, safe='')}")
     status = response.json().get("status") if response.status_code == 200 else None
     print(f"{operation_id} {status or 'unknown'}", flush=True)
     return 0 if status == "completed" else 1

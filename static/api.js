@@ -72,7 +72,7 @@ const enc = encodeURIComponent;
 
 export class Api {
   /** `onUnauthorized(error)` runs on every 401, so that a page can sign the user out. */
-  constructor({ getKey = () => credentials.get(), onUnauthorized = () => {} } = {}) {
+  constructor({ getKey = () => credentials.get(), onUnauthorized = null } = {}) {
     this.getKey = getKey;
     this.onUnauthorized = onUnauthorized;
   }
@@ -94,7 +94,10 @@ export class Api {
     }
     if (!response.ok) {
       const error = await errorFrom(response);
-      if (response.status === 401) this.onUnauthorized(error);
+      if (response.status === 401 && this.onUnauthorized) {
+        error.handled = true; // the page signs out and says so; no second message
+        this.onUnauthorized(error);
+      }
       throw error;
     }
     if (response.status === 204) return { data: null, response };

@@ -11,7 +11,7 @@
 //     progress-<op id>             <progress max=100> with value and aria-valuenow
 //     step-<op id>                 the current step's sentence
 //     step-log-<op id>             <ol>, one <li data-step="<step>"> per distinct step, in order
-//     operation-error-<op id>      the failure's message (role=alert; hidden unless failed)
+//     operation-error-<op id>      the failure's message (role=alert; hidden unless failed/cancelled)
 //   Dashboard
 //     plans                        the catalog; plan-<name>, price-<name>, subscribe-<name>
 //     subscribe-dialog             the dialog asking for the resource name:
@@ -66,7 +66,13 @@ class Dashboard {
     this.view.hidden = true;
     this.signoutButton.hidden = true;
     this.connection.hidden = true;
-    renderSignIn(this.signinSlot, { onSignedIn: () => this.open() });
+    renderConnection(this.connection, "offline"); // signed out: no live updates
+    renderSignIn(this.signinSlot, {
+      onSignedIn: () => {
+        this.open();
+        document.getElementById("main").focus(); // the form is gone: start from the top
+      },
+    });
     if (message) this.banner.show({ message, code: "unauthorized" });
   }
 

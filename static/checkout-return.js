@@ -69,7 +69,11 @@ class CheckoutReturn {
     this.card = $("return");
     this.subscriptionBox = $("return-subscription");
     this.connection = $("connection");
-    this.api = new Api({ onUnauthorized: () => this.signIn("Your API key is no longer accepted.") });
+    this.api = new Api({
+      onUnauthorized: () => {
+        if (this.hub) this.signIn("Your API key is no longer accepted. Sign in again.");
+      },
+    });
     this.hub = null;
     this.subscription = null;
     this.subscriptionBadge = null;
@@ -94,6 +98,7 @@ class CheckoutReturn {
     credentials.clear();
     this.card.hidden = true;
     this.connection.hidden = true;
+    renderConnection(this.connection, "offline");
     renderSignIn($("signin-slot"), {
       lede: "Sign in with the API key you subscribed with to follow the set-up.",
       onSignedIn: () => this.follow(),
@@ -135,6 +140,8 @@ class CheckoutReturn {
         if (error.status !== 401) {
           this.banner.show(error);
           this.#phase("error");
+          this.#stop(); // nothing to follow: free the stream
+          this.connection.hidden = true;
         }
         return;
       }

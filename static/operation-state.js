@@ -44,8 +44,17 @@ export function applyReset(state, snapshot) {
   return next.step ? withStep(next, next.step, null, null) : next;
 }
 
+/** The operation in a `stream.reset`'s data: `snapshot.operation` (null when it is gone). */
+export function resetSnapshot(data) {
+  const snapshot = data.snapshot || {};
+  return "operation" in snapshot ? snapshot.operation : snapshot;
+}
+
 export function applyEvent(state, type, data) {
-  if (type === "stream.reset") return applyReset(state, data.snapshot || {});
+  if (type === "stream.reset") {
+    const snapshot = resetSnapshot(data);
+    return snapshot ? applyReset(state, snapshot) : { ...state, gap: true };
+  }
   const status = STATUS_OF_EVENT[type];
   if (!status) return state;
   // Nothing moves a finished operation back; its history still fills in the log (a stream

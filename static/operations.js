@@ -2,7 +2,13 @@
 // the start and closes after the terminal one), into an OperationView.
 
 import { ApiError } from "./api.js";
-import { applyEvent, emptyState, fromSnapshot, isTerminal } from "./operation-state.js";
+import {
+  applyEvent,
+  emptyState,
+  fromSnapshot,
+  isTerminal,
+  resetSnapshot,
+} from "./operation-state.js";
 import { OperationView } from "./operation-view.js";
 import { TERMINAL_EVENTS } from "./streams.js";
 
@@ -47,7 +53,7 @@ export class OperationTracker {
       onEvent: (type, data) => this.#set(applyEvent(this.state, type, data)),
       isFinal: (type, data) =>
         TERMINAL_EVENTS.has(type) ||
-        (type === "stream.reset" && isTerminal(fromSnapshot(data.snapshot || {}))),
+        (type === "stream.reset" && isTerminal(fromSnapshot(resetSnapshot(data) || {}))),
       onClosed: (stream) => this.#closed(stream),
     });
   }

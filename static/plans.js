@@ -3,18 +3,55 @@
 import { formatPrice, h, icon, replaceChildren } from "./render.js";
 
 const RESOURCE_TYPES = {
-  graph: { label: "Graph database", icon: "graph", blurb: "A private PostgreSQL database with nodes and edges, yours alone." },
-  repository: { label: "Shared repository", icon: "repo", blurb: "Read access to the shared repository through your own login." },
+  graph: {
+    label: "Graph database",
+    group: "Graph databases",
+    icon: "graph",
+    blurb: "A private PostgreSQL database with nodes and edges, yours alone.",
+  },
+  repository: {
+    label: "Shared repository",
+    group: "Shared repository",
+    icon: "repo",
+    blurb: "Read access to the shared repository through your own login.",
+  },
 };
 
+function typeInfo(type) {
+  return RESOURCE_TYPES[type] || { label: type, group: type, icon: "graph", blurb: "" };
+}
+
 export function resourceTypeLabel(type) {
-  return (RESOURCE_TYPES[type] || { label: type }).label;
+  return typeInfo(type).label;
 }
 
 function priceParts(price) {
   const text = formatPrice(price);
   const [amount, interval] = text.split(" / ");
   return { amount, interval };
+}
+
+const number = (value) => Number(value).toLocaleString();
+
+function storage(mb) {
+  return mb >= 1024 ? `${number(Math.round(mb / 102.4) / 10)} GB storage` : `${number(mb)} MB storage`;
+}
+
+// Optional extras of `GET /v1/plans` (not in the contract): shown when the server sends them.
+const LIMITS = [
+  ["storage_mb", storage],
+  ["max_nodes", (n) => `Up to ${number(n)} nodes`],
+  ["max_connections", (n) => `${number(n)} concurrent connections`],
+  ["max_members", (n) => (n === 1 ? "1 member" : `Up to ${number(n)} members`)],
+  ["max_per_user", (n) => (n === 1 ? "1 per account" : `Up to ${number(n)} per account`)],
+];
+
+function limitList(limits) {
+  if (!limits || typeof limits !== "object") return null;
+  const items = LIMITS.filter(([key]) => typeof limits[key] === "number").map(([key, text]) =>
+    h("li", {}, icon("check"), text(limits[key])),
+  );
+  return items.length ? h("ul", { class: "plan-limits" }, items) : null;
 }
 
 export class PlanCatalog {
@@ -43,11 +80,29 @@ export class PlanCatalog {
       replaceChildren(this.container, h("p", { class: "empty" }, "No plans are on sale right now."));
       return;
     }
-    replaceChildren(this.container, plans.map((plan) => this.#card(plan)));
+    // One group per resource type, in catalog order: a small pricing page per product.
+    const groups = new Map();
+    for (const plan of plans) {
+      if (!groups.has(plan.resource_type)) groups.set(plan.resource_type, []);
+      groups.get(plan.resource_type).push(plan);
+    }
+    replaceChildren(
+      this.container,
+      [...groups].map(([type, members]) => {
+        const info = typeInfo(type);
+        const id = `plan-group-${type}`;
+        return h(
+          "section",
+          { class: "plan-group", "aria-labelledby": id },
+          h("h3", { class: "plan-group-title", id }, icon(info.icon), info.group),
+          h("div", { class: "plan-grid" }, members.map((plan) => this.#card(plan))),
+        );
+      }),
+    );
   }
 
   #card(plan) {
-    const type = RESOURCE_TYPES[plan.resource_type] || { label: plan.resource_type, icon: "graph" };
+    const type = typeInfo(plan.resource_type);
     const { amount, interval } = priceParts(plan.price);
     const titleId = `plan-title-${plan.name}`;
     const button = h(
@@ -64,15 +119,15 @@ export class PlanCatalog {
     return h(
       "article",
       { class: "card plan", "aria-labelledby": titleId, dataset: { testid: `plan-${plan.name}` } },
-      h("div", { class: "plan-type" }, icon(type.icon), type.label),
-      h("h3", { id: titleId }, plan.display_name || plan.name),
+      h("h4", { class: "plan-name", id: titleId }, plan.display_name || plan.name),
       h(
         "p",
         { class: "plan-price", dataset: { testid: `price-${plan.name}` } },
         h("span", { class: "amount" }, amount),
         interval ? h("span", { class: "interval" }, ` / ${interval}`) : null,
       ),
-      h("p", { class: "plan-blurb muted" }, type.blurb || ""),
+      h("p", { class: "plan-blurb muted" }, plan.description || type.blurb || ""),
+      limitList(plan.limits),
       button,
     );
   }
@@ -137,8 +192,12 @@ class SubscribeDialog {
       const session = await this.api.checkout(this.plan.name, name);
       window.location.assign(session.checkout_url);
     } catch (error) {
-      this.#setError(error.message);
       this.#busy(false);
+      if (error.handled) {
+        this.close(); // signed out: the sign-in form says why
+        return;
+      }
+      this.#setError(error.message);
       this.input.focus();
     }
   }

@@ -164,6 +164,7 @@ export class ErrorBanner {
   }
 
   show(error, context = null) {
+    if (error && error.handled) return;
     const message = error && error.message ? error.message : String(error);
     this.text.textContent = context ? `${context}: ${message}` : message;
     this.code.textContent = error && error.code ? error.code : "";

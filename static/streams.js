@@ -44,6 +44,7 @@ export class TokenSource {
     this.pending = null;
     this.timer = null;
     this.renewAt = 0;
+    this.stopped = false;
   }
 
   /** A token that is good for a while yet (fetched when needed; concurrent callers share). */
@@ -60,7 +61,7 @@ export class TokenSource {
   }
 
   #accept(fresh) {
-    if (this.current === fresh) return;
+    if (this.current === fresh || this.stopped) return;
     this.current = fresh;
     const delay = renewDelay(fresh.expiresAt);
     this.renewAt = Date.now() + delay;
@@ -70,6 +71,7 @@ export class TokenSource {
 
   /** Fetch a new token now and hand it to the streams (they reconnect with it). */
   async renew() {
+    if (this.stopped) return;
     try {
       this.current = null;
       const token = await this.get();
@@ -94,6 +96,7 @@ export class TokenSource {
   }
 
   stop() {
+    this.stopped = true;
     clearTimeout(this.timer);
     this.current = null;
   }

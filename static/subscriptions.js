@@ -36,8 +36,8 @@ class SubscriptionCard {
       "article",
       { class: "card sub", "aria-labelledby": `sub-title-${id}`, dataset: { testid: `subscription-${id}` } },
       h("header", { class: "sub-head" }, h("div", {}, this.title, this.meta), this.badge),
-      h("div", { class: "sub-body" }, this.facts, this.actions),
       this.notice,
+      h("div", { class: "sub-body" }, this.facts, this.actions),
       this.opSlot,
       this.credSlot,
     );
@@ -94,9 +94,12 @@ class SubscriptionCard {
     );
   }
 
-  #renderActions({ focus = false } = {}) {
+  /** `focus`: the test id of the button to focus afterwards (a keyboard user pressed one). */
+  #renderActions({ focus = null } = {}) {
     const sub = this.sub;
-    const hadFocus = focus || this.actions.contains(document.activeElement);
+    const active = this.actions.contains(document.activeElement)
+      ? document.activeElement.dataset.testid
+      : null;
     const buttons = [];
     const isGraph = sub.resource_type === "graph";
     if (sub.status === "active" && isGraph && sub.resource_id && !this.credentialsShown) {
@@ -112,8 +115,13 @@ class SubscriptionCard {
     }
     replaceChildren(this.actions, buttons);
     this.actions.hidden = buttons.length === 0;
-    // The button just pressed may be replaced (Cancel → Reactivate): keep keyboard users there.
-    if (hadFocus && buttons.length) buttons[0].focus();
+    // Keep keyboard users where they were, or on the button that took the pressed one's
+    // place (Cancel → Reactivate); never on a button they did not mean (Reveal rotates).
+    const wanted = focus || active;
+    if (wanted) {
+      const target = buttons.find((button) => button.dataset.testid === wanted);
+      (target || buttons[buttons.length - 1])?.focus();
+    }
   }
 
   #button(action, label, tone, handler, glyph = null) {
@@ -133,8 +141,9 @@ class SubscriptionCard {
   }
 
   async #act(action) {
-    // Disabling the pressed button takes its focus away: remember to give it back.
-    const hadFocus = this.actions.contains(document.activeElement);
+    // Disabling the pressed button takes its focus away: give it to the one that replaces it.
+    const other = action === "cancel" ? "reactivate" : "cancel";
+    const refocus = this.actions.contains(document.activeElement) ? `${other}-${this.sub.id}` : null;
     const buttons = this.actions.querySelectorAll("button");
     buttons.forEach((button) => {
       button.disabled = true;
@@ -152,7 +161,7 @@ class SubscriptionCard {
       this.list.banner.show(error, action === "cancel" ? "Could not cancel" : "Could not reactivate");
     } finally {
       this.actions.removeAttribute("aria-busy");
-      this.#renderActions({ focus: hadFocus });
+      this.#renderActions({ focus: refocus });
     }
   }
 
@@ -304,7 +313,10 @@ export class SubscriptionList {
     if (type === "subscription.updated" && data.subscription) {
       this.upsert(data.subscription);
     } else if (type === "stream.reset") {
-      this.load(); // history was lost: start again from the list
+      // History was lost: the snapshot is the whole list (else ask for it).
+      const subs = data.snapshot && data.snapshot.subscriptions;
+      if (Array.isArray(subs) && !this.loading) this.#render(subs);
+      else this.load();
     } else if (type.startsWith("operation.") && data.operation_id) {
       // Each operation's own stream feeds its card; an operation no card knows yet means a
       // subscription changed in a way not seen here.
