@@ -17,6 +17,7 @@ from app.db import migrate
 from app.settings import Settings
 from app.users import create_api_key, create_user, user_for_api_key
 from tests.support import database_dsn, free_port, live_server
+from tests.support.process import serve_process
 
 pytestmark = pytest.mark.anyio
 
@@ -143,3 +144,35 @@ async def test_settings_with_servers_keeps_everything_else(settings: Settings) -
     assert replace(moved, database_url=settings.database_url, redis_url=settings.redis_url) == (
         settings
     )
+
+
+@pytest.mark.timeout(90)
+async def test_two_serve_processes_on_a_new_database_apply_the_schema_once(
+    settings: Settings, pg_admin_dsn: str
+) -> None:
+    name = f"lookout_fresh_{os.getpid()}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    fresh = replace(settings, database_url=database_dsn(pg_admin_dsn, name))
+    ready: list[str] = []
+    try:
+
+        async def one() -> None:
+            async with serve_process(fresh) as server, httpx.AsyncClient() as http:
+                answer = await http.get(f"{server.url}/readyz")
+                ready.append(answer.json()["status"])
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one)
+            tg.start_soon(one)
+        assert ready == ["ready", "ready"]
+        conn = await asyncpg.connect(fresh.database_url)
+        try:
+            names = [r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")]
+        finally:
+            await conn.close()
+        assert len(names) == len(set(names)) >= 3
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -1,0 +1,107 @@
+"""`lookout serve` on embedded servers, as a new user runs it: up fast, and nothing left behind,
+neither after Ctrl-C nor after a SIGKILL and a second start."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import psutil
+import pytest
+
+from tests.support import free_port
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
+
+
+def servers_on(data_dir: Path) -> list[psutil.Process]:
+    """The postmaster and Valkey processes that belong to `data_dir`."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            cmdline = " ".join(process.info["cmdline"] or [])
+            postgres = "postgres" in cmdline and f"-D {data_dir}/postgres" in cmdline
+            valkey = "valkey-server" in cmdline and process.cwd().startswith(str(data_dir))
+        except psutil.Error:
+            continue
+        if postgres or valkey:
+            found.append(process)
+    return found
+
+
+def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("LOOKOUT_", "STRIPE_")) and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(
+        LOOKOUT_DATA_DIR=str(data_dir),
+        LOOKOUT_SECRET_KEY="s" * 32,
+        STRIPE_API_KEY="sk_test_embedded",
+        STRIPE_WEBHOOK_SECRET="whsec_embedded",
+    )
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+async def wait_ready(port: int, within: float) -> float:
+    began = time.monotonic()
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
+        with anyio.fail_after(within):
+            while True:
+                try:
+                    if (await http.get("/readyz")).status_code == 200:
+                        return time.monotonic() - began
+                except httpx.TransportError:
+                    pass
+                await anyio.sleep(0.1)
+
+
+async def test_ctrl_c_stops_everything_and_sigkill_then_restart_reuses_the_servers(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    port = free_port()
+    first = start(data_dir, port)
+    try:
+        took = await wait_ready(port, within=15)
+        assert took < 15
+        assert len(servers_on(data_dir)) == 2
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+        # The servers outlive a killed process; the next start must reuse, not duplicate them.
+        assert len(servers_on(data_dir)) == 2
+
+        second = start(data_dir, port)
+        await wait_ready(port, within=15)
+        kinds = sorted(
+            "valkey" if "valkey" in " ".join(p.cmdline()) else "postgres"
+            for p in servers_on(data_dir)
+        )
+        assert kinds == ["postgres", "valkey"]
+
+        began = time.monotonic()
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=10)
+        assert time.monotonic() - began < 10
+        for _ in range(50):
+            if not servers_on(data_dir):
+                break
+            await anyio.sleep(0.1)
+        assert servers_on(data_dir) == []
+    finally:
+        if first.poll() is None:
+            first.kill()
+        for leftover in servers_on(data_dir):
+            leftover.kill()
