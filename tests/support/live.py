@@ -35,7 +35,14 @@ async def live_server(app: ASGIApp, *, port: int | None = None) -> AsyncIterator
     """Serves `app` (lifespan included) and answers its base URL, e.g. http://127.0.0.1:5123."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_level="warning", loop="none"
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        log_level="warning",
+        loop="none",
+        # A stream that never ends must not hold the test up at shutdown.
+        timeout_graceful_shutdown=2,
     )
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as task_group:
