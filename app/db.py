@@ -24,7 +24,7 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL did not answer at DATABASE_URL."""
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 20) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 40) -> asyncpg.Pool:
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, timeout=10, command_timeout=30

@@ -25,11 +25,13 @@ from typing import Any
 import anyio
 import asyncpg
 import httpx
+from redis.asyncio import Redis
 
 from app.embedded import embedded_servers
 from app.settings import Settings
 from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
+from streams import operation_topic, stream_key
 from tests.support import database_dsn, free_port, live_server
 from tests.support.process import serve_process
 from tests.support.stripe_events import make_event, signature, stripe_object
@@ -146,18 +148,23 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
                 break
             await asyncio.sleep(0.5)
         rows = await db.fetch(
-            "SELECT subject_id, started_at, finished_at, created_at, status FROM operations"
+            "SELECT id, subject_id, finished_at, created_at, status FROM operations"
         )
+        redis = Redis.from_url(settings.redis_url or "")
         to_started, to_created, durations = [], [], []
         for row in rows:
             acked = ack_at.get(row["subject_id"])
             if acked is None:
                 continue
             to_created.append((row["created_at"].timestamp() - acked) * 1000)
-            if row["started_at"] is not None:
-                to_started.append((row["started_at"].timestamp() - acked) * 1000)
-            if row["started_at"] and row["finished_at"]:
-                durations.append((row["finished_at"] - row["started_at"]).total_seconds() * 1000)
+            # A Stream id starts with the Redis server's clock in ms: when it was published.
+            key = stream_key(settings.redis_prefix, operation_topic(row["id"]))
+            first, last = await redis.xrange(key, count=1), await redis.xrevrange(key, count=1)
+            if first and last:
+                started_ms = int(first[0][0].split(b"-")[0])
+                to_started.append(started_ms - acked * 1000)
+                durations.append(int(last[0][0].split(b"-")[0]) - started_ms)
+        await redis.aclose()
         finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
         first = min((r["created_at"] for r in rows), default=None)
         span = (max(finished) - first).total_seconds() if finished and first else float("nan")
@@ -167,8 +174,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         )
         print(line("webhook acknowledgement", acks))
         print(line("ack -> operation row (provisioning start)", to_created))
-        print(line("ack -> operation.started", to_started))
-        print(line("operation.started -> completed", durations))
+        print(line("ack -> operation.started on the stream", to_started))
+        print(line("operation.started -> terminal event", durations))
         statuses = {
             s: sum(1 for r in rows if r["status"] == s) for s in {r["status"] for r in rows}
         }
