@@ -42,6 +42,11 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
+def _stream_ms(entry_id: object) -> int:
+    text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+    return int(text.split("-")[0])
+
+
 def line(name: str, values_ms: list[float]) -> str:
     return (
         f"{name:<42} n={len(values_ms):<5} p50={percentile(values_ms, 0.5):8.2f} ms"
@@ -151,7 +156,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             "SELECT id, subject_id, finished_at, created_at, status FROM operations"
         )
         redis = Redis.from_url(settings.redis_url or "")
-        to_started, to_created, durations = [], [], []
+        to_started: list[float] = []
+        to_created: list[float] = []
+        durations: list[float] = []
         for row in rows:
             acked = ack_at.get(row["subject_id"])
             if acked is None:
@@ -161,9 +168,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             key = stream_key(settings.redis_prefix, operation_topic(row["id"]))
             first, last = await redis.xrange(key, count=1), await redis.xrevrange(key, count=1)
             if first and last:
-                started_ms = int(first[0][0].split(b"-")[0])
+                started_ms = _stream_ms(first[0][0])
                 to_started.append(started_ms - acked * 1000)
-                durations.append(int(last[0][0].split(b"-")[0]) - started_ms)
+                durations.append(float(_stream_ms(last[0][0]) - started_ms))
         await redis.aclose()
         finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
         first = min((r["created_at"] for r in rows), default=None)
