@@ -6,11 +6,15 @@ import json
 from dataclasses import replace
 from typing import Any
 
+import anyio
+import asyncpg
 import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
 from app.settings import Settings
+from provisioning import GraphBackend
+from tests.provisioning.support import HoldingBackend
 from tests.support import free_port
 from tests.support.stack import running_stack
 
@@ -107,3 +111,38 @@ async def test_an_unreachable_provisioner_fails_and_cancels_stripe_once(
         kinds = [r["kind"] for r in audit]
         assert "subscription.failed" in kinds
         assert "stripe.canceled" in kinds
+
+
+async def test_delete_stops_a_running_provisioning_and_leaves_nothing(settings: Settings) -> None:
+    assert settings.database_url is not None
+    holding = HoldingBackend(GraphBackend(settings.database_url), hold_at="apply_schema")
+    async with running_stack(settings, backends=[holding]) as stack:
+        started = await stack.checkout("graph-standard", "stopped")
+        await stack.pay(started["checkout_session_id"])
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        record = await stack.subscription(started["subscription_id"])
+        operation_id = record["operation_id"]
+        database = f"lookout_{record['resource_id']}"
+        assert await database_exists(stack.settings, database)
+
+        answer = await stack.http.delete(f"/v1/operations/{operation_id}")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["status"] == "cancelled"
+        assert holding.released is False  # the step was interrupted, not finished
+        assert not await database_exists(stack.settings, database)
+        events = await read_stream(stack.http, f"/v1/operations/{operation_id}/events")
+        assert [t for _, t, _ in events].count("operation.cancelled") == 1
+        assert events[-1][1] == "operation.cancelled"
+        # The customer is not charged for what they stopped.
+        failed = await stack.wait_for_status(started["subscription_id"], "failed")
+        assert failed["status"] == "failed"
+
+
+async def database_exists(settings: Settings, name: str) -> bool:
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        return bool(await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
