@@ -190,6 +190,15 @@ class Lifecycle:
                 current_period_end=state.current_period_end or before.current_period_end,
                 stripe_state_at=state.observed_at,
             )
+            stripe_still_charges = state.status not in ("canceled", "incomplete_expired")
+            if status == "failed" and stripe_still_charges and after.stripe_subscription_id:
+                # Provisioning failed before Stripe's subscription was known: stop charging now.
+                await conn.execute(
+                    "INSERT INTO stripe_cancellations (subscription_id, stripe_subscription_id)"
+                    " VALUES ($1, $2) ON CONFLICT (subscription_id) DO NOTHING",
+                    subscription_id,
+                    after.stripe_subscription_id,
+                )
             if status != before.status:
                 await record_audit(
                     conn,
