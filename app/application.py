@@ -9,15 +9,17 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import anyio
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
@@ -29,14 +31,21 @@ from app.billing.routes import billing_routes
 from app.billing.stripe_provider import StripePaymentProvider
 from app.db import create_pool, migrate
 from app.errors import exception_handlers
-from app.health import healthz, readyz
+from app.health import healthz, metrics_endpoint, readyz
+from app.metrics import CountingPublisher, Metrics
 from app.operation_routes import operation_routes
 from app.ratelimit import RateLimitMiddleware, RateLimits
 from app.services import Services
 from app.settings import ConfigError, Settings
-from app.stream_routes import stream_routes
+from app.stream_routes import direct_stream_routes, stream_routes
 from provisioning import GraphBackend, OperationRunner, ProvisionerBackend, SharedRepositoryBackend
-from streams import EventHub, EventPublisher, StreamLeases, StreamTokens
+from streams import (
+    DirectRoutes,
+    EventHub,
+    StreamHandler,
+    StreamLeases,
+    StreamTokens,
+)
 
 __all__ = ["create_app", "redis_client"]
 
@@ -47,15 +56,30 @@ REDIS_MAX_CONNECTIONS = 500
 
 
 def redis_client(url: str) -> Redis:
-    # The asyncio pool's default of 100 connections is too few under load; the socket
-    # timeouts keep a dead Redis from hanging a request forever.
-    client: Redis = Redis.from_url(
+    # Past its limit the default pool raises instead of waiting for a free connection; the
+    # socket timeouts keep a dead Redis from hanging a request forever.
+    pool = BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,
+        timeout=10,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
-    return client
+    # from_pool: closing the client closes its pool too.
+    return Redis.from_pool(pool)
+
+
+class LookoutApp(Starlette):
+    """Serves its event streams ahead of its own middleware (see app.stream_routes)."""
+
+    def __init__(
+        self, *, direct_routes: Sequence[tuple[str, StreamHandler]], **kwargs: Any
+    ) -> None:
+        super().__init__(**kwargs)
+        self._direct = DirectRoutes(super().__call__, direct_routes, scope_app=self)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._direct(scope, receive, send)
 
 
 def default_backends(settings: Settings) -> list[ProvisionerBackend]:
@@ -101,7 +125,10 @@ def create_app(
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
-            publisher = EventPublisher(redis, prefix=settings.redis_prefix)
+            metrics = Metrics()
+            publisher = CountingPublisher(
+                redis, prefix=settings.redis_prefix, counter=metrics.events_published
+            )
             hub = EventHub(redis, prefix=settings.redis_prefix)
             leases = StreamLeases(
                 redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
@@ -142,6 +169,7 @@ def create_app(
                         pool, payments, lifecycle, public_url=settings.public_url
                     ),
                     rate_limits=RateLimits(redis, prefix=settings.redis_prefix),
+                    metrics=metrics,
                 )
 
                 def begin_shutdown() -> None:
@@ -163,6 +191,7 @@ def create_app(
         Route("/checkout/return", checkout_return_page),
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
         *billing_routes,
         *operation_routes,
         *stream_routes,
@@ -170,7 +199,8 @@ def create_app(
     ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"))
-    return Starlette(
+    return LookoutApp(
+        direct_routes=direct_stream_routes,
         routes=routes,
         lifespan=lifespan,
         exception_handlers=exception_handlers,

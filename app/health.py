@@ -8,9 +8,10 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from app.metrics import CONTENT_TYPE, LiveFigures
 from app.services import services
 
-__all__ = ["healthz", "readyz"]
+__all__ = ["healthz", "metrics_endpoint", "readyz"]
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
@@ -45,3 +46,17 @@ async def readyz(request: Request) -> Response:
             status_code=503,
         )
     return JSONResponse({"status": "ready"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    found = services(request)
+    live = LiveFigures(
+        open_streams=found.leases.held,
+        stream_clients=found.hub.subscriber_count(),
+        redis_reconnects=found.hub.reconnects,
+        delivered=found.hub.stats.offered,
+        dropped=found.hub.stats.slow_clients_dropped,
+    )
+    async with found.pool.acquire() as conn:
+        await found.metrics.refresh(conn, live=live)
+    return Response(found.metrics.render(), media_type=CONTENT_TYPE)

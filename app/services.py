@@ -14,6 +14,7 @@ from app.billing.compensation import BillingHooks
 from app.billing.inbox import WebhookInbox
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
+from app.metrics import Metrics
 from app.ratelimit import RateLimits
 from app.settings import Settings
 from provisioning import OperationRunner
@@ -40,6 +41,7 @@ class Services:
     inbox: WebhookInbox
     checkout: CheckoutService
     rate_limits: RateLimits
+    metrics: Metrics
 
 
 def services(connection: HTTPConnection) -> Services:

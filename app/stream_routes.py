@@ -1,23 +1,32 @@
-"""The SSE routes: an operation's events, a user's events, and the tokens EventSource needs."""
+"""The SSE routes: an operation's events, a user's events, and the tokens EventSource needs.
+
+The two streams are served ahead of the app's middleware (`streams.DirectRoutes`): every frame
+would otherwise pass through three middleware coroutines per client, which costs memory and
+tail latency at thousands of streams (bench/streams_fanout.py). So they answer their own
+errors; the token route is an ordinary one.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from app.auth import authenticate, bearer_key, client_ip, count_request
 from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
-from app.errors import APIError
+from app.errors import APIError, error_response
 from app.services import services
 from provisioning import get_operation
 from streams import (
     EventStreamResponse,
     InvalidStreamToken,
+    StreamHandler,
     StreamOptions,
     TooManyStreams,
     isoformat_z,
@@ -25,9 +34,27 @@ from streams import (
     operation_topic,
 )
 
-__all__ = ["stream_routes"]
+__all__ = ["direct_stream_routes", "stream_routes"]
+
+logger = logging.getLogger(__name__)
 
 STREAM_TOKEN_SECONDS = 300.0
+EXPIRED_HISTORY_POSITION = "0-1"
+
+
+def answering_errors(handler: Callable[[Request], Awaitable[Response]]) -> StreamHandler:
+    """Outside the middleware, a handler turns its own errors into the contract's answers."""
+
+    async def run(request: Request) -> ASGIApp:
+        try:
+            return await handler(request)
+        except APIError as exc:
+            return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except Exception:
+            logger.exception("unhandled error on %s", request.url.path)
+            return error_response(500, "internal_error", "Something went wrong on our side.")
+
+    return run
 
 
 async def stream_user_id(request: Request) -> str:
@@ -69,8 +96,17 @@ async def operation_events(request: Request) -> Response:
     if operation is None or operation.user_id != user_id:
         raise APIError(404, "not_found", f"There is no operation {op_id} of yours.")
     position = last_event_id(request.scope)
-    if await found.hub.history.is_fully_delivered(operation_topic(op_id), position):
+    topic = operation_topic(op_id)
+    if await found.hub.history.is_fully_delivered(topic, position):
         return Response(status_code=204)
+    if (
+        position is None
+        and operation.is_terminal
+        and await found.hub.history.last_frame(topic) is None
+    ):
+        # Its history has expired: a position before any kept event makes the stream say so
+        # (`stream.reset` with the snapshot) and end, instead of waiting for nothing.
+        position = EXPIRED_HISTORY_POSITION
 
     async def snapshot(topic: str) -> Mapping[str, Any]:
         async with found.pool.acquire() as conn:
@@ -116,7 +152,12 @@ async def stream_tokens(request: Request) -> Response:
     )
 
 
+direct_stream_routes: list[tuple[str, StreamHandler]] = [
+    ("/v1/operations/{operation_id}/events", answering_errors(operation_events)),
+    ("/v1/events", answering_errors(user_events)),
+]
 stream_routes = [
+    # Reached only by methods other than GET (a 405), since GET is served directly.
     Route("/v1/operations/{operation_id}/events", operation_events, methods=["GET"]),
     Route("/v1/events", user_events, methods=["GET"]),
     Route("/v1/stream-tokens", stream_tokens, methods=["POST"]),

@@ -40,11 +40,12 @@ class Client(asyncio.Protocol):
         if not self.ready.done():
             self.ready.set_result(None)
         buf = self.buf + data if self.buf else data
-        end = buf.rfind(b"\n\n")
-        if end < 0:
+        # The end of the last complete event ("\n\n", or "\r\n\r\n" from sse-starlette).
+        end = max(buf.rfind(b"\n\n") + 2, buf.rfind(b"\r\n\r\n") + 4)
+        if end < 4:
             self.buf = buf
             return
-        chunk, self.buf = buf[:end], buf[end + 2 :]
+        chunk, self.buf = buf[:end], buf[end:]
         i = chunk.find(T0)
         while i != -1:
             j = chunk.find(b",", i)

@@ -48,17 +48,24 @@ class Scenario:
 SCENARIOS = {
     s.name: s
     for s in (
-        Scenario("broadcast-200", "hub", 200, 1, 250),  # 50,000 deliveries/s
-        Scenario("broadcast-2000", "hub", 2000, 1, 25),  # 50,000 deliveries/s
-        Scenario("per-topic-10000", "hub", 10_000, 10_000, 10_000),  # each topic 1/s
-        Scenario("baseline-broadcast-2000", "per-connection", 2000, 1, 25),
+        # The hub served by streams.routing.DirectRoutes, as the app should deploy it.
+        Scenario("broadcast-200", "hub-direct", 200, 1, 250),  # 50,000 deliveries/s
+        Scenario("broadcast-2000", "hub-direct", 2000, 1, 25),  # 50,000 deliveries/s
+        Scenario("per-topic-10000", "hub-direct", 10_000, 10_000, 10_000),  # each topic 1/s
+        Scenario("hold-5000", "hub-direct", 5000, 1, 1),
+        Scenario("hold-19000", "hub-direct", 19_000, 1, 1),
+        # For comparison: behind Starlette's routing and middleware; behind sse-starlette; and
+        # the per-connection-subscription design (each client its own Redis pub/sub).
+        Scenario("routed-broadcast-2000", "hub", 2000, 1, 25),
         Scenario("sse-starlette-broadcast-2000", "hub-sse-starlette", 2000, 1, 25),
+        Scenario("baseline-broadcast-2000", "per-connection", 2000, 1, 25),
         Scenario("baseline-per-topic-4000", "per-connection", 4000, 4000, 4000),
-        Scenario("hold-5000", "hub", 5000, 1, 1),
-        Scenario("hold-19000", "hub", 19_000, 1, 1),
     )
 }
-DEFAULT = "broadcast-200,broadcast-2000,per-topic-10000,baseline-broadcast-2000"
+DEFAULT = (
+    "broadcast-200,broadcast-2000,per-topic-10000,routed-broadcast-2000,"
+    "sse-starlette-broadcast-2000,baseline-broadcast-2000"
+)
 
 
 def free_port() -> int:
@@ -114,12 +121,14 @@ async def publish_for(
     return sent
 
 
-def run_scenario(scenario: Scenario, seconds: float, redis_url: str) -> dict[str, Any]:
+def run_scenario(
+    scenario: Scenario, seconds: float, redis_url: str, per_process: int = 5000
+) -> dict[str, Any]:
     prefix = f"bench-{secrets.token_hex(3)}:"
     port = free_port()
     server = spawn(
         [
-            str(HERE / "streams_server.py"),
+            os.environ.get("BENCH_SERVER") or str(HERE / "streams_server.py"),
             "--port",
             str(port),
             "--design",
@@ -138,7 +147,7 @@ def run_scenario(scenario: Scenario, seconds: float, redis_url: str) -> dict[str
         proc = psutil.Process(server.pid)
         time.sleep(0.5)
         rss_before = proc.memory_info().rss
-        processes = max(1, math.ceil(scenario.connections / 5000))
+        processes = max(1, math.ceil(scenario.connections / per_process))
         per = math.ceil(scenario.connections / processes)
         for i in range(processes):
             count = min(per, scenario.connections - i * per)
@@ -220,6 +229,9 @@ def run_scenario(scenario: Scenario, seconds: float, redis_url: str) -> dict[str
             "p99_ms": percentile(ordered, 0.99) * 1000,
             "max_ms": (ordered[-1] if ordered else math.nan) * 1000,
             "server_cpu_pct": 100 * busy / (wall_after - wall_before),
+            "server_sys_pct": 100
+            * (cpu_after.system - cpu_before.system)
+            / (wall_after - wall_before),
         }
     finally:
         for client in clients:
@@ -242,6 +254,9 @@ def main() -> None:
     parser.add_argument(
         "--scenarios", default=DEFAULT, help=f"comma-separated, of: {', '.join(SCENARIOS)}"
     )
+    parser.add_argument(
+        "--per-process", type=int, default=5000, help="connections per load-client process"
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="publishing time per scenario")
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -249,18 +264,18 @@ def main() -> None:
     args = parser.parse_args()
     header = (
         f"{'scenario':30} {'conns':>6} {'KB/conn':>8} {'deliv/s':>9} {'got/expected':>17} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU %':>6}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU %':>6} {'(sys)':>6}"
     )
     print(header, flush=True)
     results = []
     for name in args.scenarios.split(","):
-        r = run_scenario(SCENARIOS[name.strip()], args.seconds, args.redis_url)
+        r = run_scenario(SCENARIOS[name.strip()], args.seconds, args.redis_url, args.per_process)
         results.append(r)
         print(
             f"{r['scenario']:30} {r['connections']:>6} {r['rss_per_conn_kb']:>8.1f} "
             f"{r['deliveries_per_s']:>9.0f} {r['deliveries']:>8}/{r['expected']:<8} "
             f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['max_ms']:>8.1f} "
-            f"{r['server_cpu_pct']:>6.0f}",
+            f"{r['server_cpu_pct']:>6.0f} {r['server_sys_pct']:>6.0f}",
             flush=True,
         )
     print(json.dumps(results))

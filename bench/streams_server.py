@@ -1,6 +1,8 @@
 """The server side of bench/streams_fanout.py: one process serving SSE streams of a topic.
 
-Designs: ``hub`` (streams.EventHub + the plain ASGI EventStreamResponse), ``hub-sse-starlette``
+Designs: ``hub`` (streams.EventHub + the plain ASGI EventStreamResponse, routed by Starlette),
+``hub-direct`` (the same, served by streams.routing.DirectRoutes ahead of Starlette's
+middleware), ``hub-sse-starlette``
 (the same hub behind sse-starlette's EventSourceResponse) and ``per-connection`` (each client
 its own redis-py pub/sub subscription, streamed by sse-starlette, as many services do).
 """
@@ -24,8 +26,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp
 
 from streams import EventHub, EventStreamResponse, StreamOptions, channel_name
+from streams.routing import DirectRoutes
 from streams.subscription import Signal
 
 OPTIONS = StreamOptions(keepalive_seconds=15, max_seconds=None)
@@ -35,7 +39,7 @@ async def no_snapshot(topic: str) -> Mapping[str, Any]:
     return {}
 
 
-def build(design: str, redis_url: str, prefix: str) -> Starlette:
+def build(design: str, redis_url: str, prefix: str) -> ASGIApp:
     pool_class = ConnectionPool if design == "per-connection" else BlockingConnectionPool
     # Per-connection needs one Redis connection per client; the hub needs a few for history.
     max_connections = 25_000 if design == "per-connection" else 64
@@ -81,6 +85,7 @@ def build(design: str, redis_url: str, prefix: str) -> Starlette:
 
     endpoint = {
         "hub": hub_stream,
+        "hub-direct": hub_stream,
         "hub-sse-starlette": hub_sse_starlette,
         "per-connection": per_connection,
     }[design]
@@ -96,14 +101,19 @@ def build(design: str, redis_url: str, prefix: str) -> Starlette:
             hub.close()
         await redis.aclose()
 
-    return Starlette(routes=[Route("/t/{topic}/events", endpoint)], lifespan=lifespan)
+    starlette_app = Starlette(routes=[Route("/t/{topic}/events", endpoint)], lifespan=lifespan)
+    if design == "hub-direct":
+        return DirectRoutes(starlette_app, [("/t/{topic}/events", hub_stream)])
+    return starlette_app
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument(
-        "--design", default="hub", choices=["hub", "hub-sse-starlette", "per-connection"]
+        "--design",
+        default="hub",
+        choices=["hub", "hub-direct", "hub-sse-starlette", "per-connection"],
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--prefix", default="bench:")

@@ -9,6 +9,7 @@ from .hub import EventHub, HubClosed
 from .leases import StreamLease, StreamLeases, TooManyStreams
 from .publisher import EventPublisher
 from .pubsub import RedisEndpoint
+from .routing import DirectRoutes, StreamHandler
 from .sse import (
     TERMINAL_STATUSES,
     EventStreamResponse,
@@ -25,6 +26,7 @@ __all__ = [
     "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATUSES",
     "Catchup",
+    "DirectRoutes",
     "Event",
     "EventEncodingError",
     "EventHub",
@@ -39,6 +41,7 @@ __all__ = [
     "Releasable",
     "Signal",
     "SnapshotProvider",
+    "StreamHandler",
     "StreamHistory",
     "StreamLease",
     "StreamLeases",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from dataclasses import dataclass
 from types import TracebackType
 
 import anyio
@@ -16,7 +17,7 @@ from .pubsub import PubSubConnection, PubSubError, RedisEndpoint, encode_command
 from .subscription import Signal, Subscription
 from .topics import channel_name
 
-__all__ = ["EventHub", "HubClosed"]
+__all__ = ["EventHub", "HubClosed", "HubStats"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +48,14 @@ class _Channel:
         self.subs: dict[Subscription, None] = {}
         self.members: tuple[Subscription, ...] = ()
         self.confirmed = anyio.Event()
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Running totals for metrics: plain integers, bumped on the fan-out path."""
+
+    offered: int = 0  # frames handed to client queues
+    slow_clients_dropped: int = 0  # clients cut off because their queue was full
 
 
 class EventHub:
@@ -94,6 +103,7 @@ class EventHub:
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.reconnects = 0
+        self.stats = HubStats()
 
     @property
     def prefix(self) -> str:
@@ -146,6 +156,8 @@ class EventHub:
         return sub
 
     def _release(self, sub: Subscription) -> None:
+        if sub._state is Signal.OVERFLOW and sub in self._subs:
+            self.stats.slow_clients_dropped += 1
         self._subs.pop(sub, None)
         channel = sub._channel
         if sub not in channel.subs:
@@ -281,6 +293,7 @@ class EventHub:
                         frame = Frame.from_announcement(reply[2])
                         for sub in channel.members:
                             sub._offer(frame, now)
+                        self.stats.offered += len(channel.members)
                 else:
                     self._acknowledge(reply)
 

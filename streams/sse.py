@@ -9,7 +9,6 @@ come from the hub's single ticker, so a waiting stream holds no timer of its own
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +16,11 @@ from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
 
 import anyio
+from redis.exceptions import RedisError
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
+from .abort import TaskAborter
 from .events import Event
 from .frames import (
     Frame,
@@ -31,7 +32,7 @@ from .frames import (
     retry_frame,
 )
 from .history import Catchup
-from .hub import EventHub
+from .hub import EventHub, HubClosed
 from .subscription import Signal, Subscription
 from .topics import operation_topic, user_topic
 
@@ -127,8 +128,7 @@ class EventStreamResponse(Response):
         self._last: StreamPosition | None = None
         self._sending = False
         self._send: Send | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._aborted = False
+        self._aborter = TaskAborter()
 
     @classmethod
     def for_operation(cls, hub: EventHub, op_id: str, **kwargs: Any) -> EventStreamResponse:
@@ -143,50 +143,48 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
         opts = self._options
-        if self._hub.closed:
-            await self._refuse(send)
-            return
         try:
             position = self._initial_position()
-            if position is None and not self._from_start and not isinstance(self._requested, str):
+            if position is None and not self._from_start and self._requested is None:
+                # Live from now: whatever comes after the newest entry, read before subscribing.
                 frame = await self._hub.history.last_frame(self._topic)
                 position = frame.position if frame is not None else (0, 0)
             sub = self._hub.subscribe(
                 self._topic, keepalive=opts.keepalive_seconds, max_seconds=opts.max_seconds
             )
-            sub.on_terminal = self._on_terminal
-            # A plain task cancel rather than a cancel scope or task group: this runs once per
-            # connection, and a scope costs a kilobyte each (see bench/streams_fanout.py).
-            self._task = asyncio.current_task()
-            watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
-            try:
+        except (HubClosed, RedisError) as exc:
+            # A 200 that ends at once makes EventSource retry (on another instance, or once
+            # Redis is back); an error status would make it give up.
+            logger.warning("refusing a stream of %s: %s", self._topic, exc)
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            body = retry_frame(opts.retry_ms) + _SIGNAL_COMMENTS[Signal.CLOSED]
+            await send({"type": "http.response.body", "body": body, "more_body": False})
+            await self._release_lease()
+            return
+        sub.on_terminal = self._on_terminal
+        watcher: asyncio.Task[None] | None = None
+        try:
+            with self._aborter:
+                watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
                 await self._write(retry_frame(opts.retry_ms))
-                with contextlib.suppress(_Ended):
+                try:
                     await self._serve(sub, position)
+                except _Ended:
+                    pass
+                except RedisError as exc:  # the client resumes from its last event
+                    logger.warning("stream of %s ends: Redis failed (%s)", self._topic, exc)
                 await self._finish()
-            except asyncio.CancelledError:
-                if not self._aborted or self._task is None:
-                    raise  # cancelled from outside (server shutdown): not ours to swallow
-                self._task.uncancel()
-            finally:
-                self._task = None
-                sub.on_terminal = None
-                watcher.cancel()
-                sub.close()
         finally:
-            if self._lease is not None:
-                with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                    await self._lease.release()
+            sub.on_terminal = None
+            if watcher is not None:
+                watcher.cancel()
+            sub.close()
+            await self._release_lease()
 
-    async def _refuse(self, send: Send) -> None:
-        # A 200 that ends at once makes EventSource retry (on another instance); a 503 would
-        # make it give up.
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-        body = retry_frame(self._options.retry_ms) + _SIGNAL_COMMENTS[Signal.CLOSED]
-        await send({"type": "http.response.body", "body": body, "more_body": False})
+    async def _release_lease(self) -> None:
         if self._lease is not None:
             with anyio.CancelScope(shield=True), anyio.move_on_after(5):
                 await self._lease.release()
@@ -293,13 +291,7 @@ class EventStreamResponse(Response):
     def _on_terminal(self, signal: Signal) -> None:
         # Overflow, expiry or shutdown while the writer waits on a full socket: stop waiting.
         if self._sending:
-            self._abort()
-
-    def _abort(self) -> None:
-        """Stop the writer wherever it waits; the stream ends without a last word."""
-        if not self._aborted and self._task is not None:
-            self._aborted = True
-            self._task.cancel()
+            self._aborter.abort()
 
     async def _watch_disconnect(self, receive: Receive) -> None:
         try:
@@ -309,4 +301,4 @@ class EventStreamResponse(Response):
                     break
         except Exception:  # a server that cannot tell us any more: treat it as gone
             logger.debug("receive() failed on %s", self._topic, exc_info=True)
-        self._abort()
+        self._aborter.abort()

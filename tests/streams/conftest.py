@@ -3,6 +3,7 @@ small Starlette app serving the two kinds of streams over a real uvicorn socket.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -72,7 +73,8 @@ def stream_options() -> StreamOptions:
 
 @pytest.fixture
 async def hub(redis: Redis, redis_prefix: str) -> AsyncIterator[EventHub]:
-    async with EventHub(redis, prefix=redis_prefix, tick_seconds=0.05) as hub:
+    name = f"hub-{secrets.token_hex(4)}"
+    async with EventHub(redis, prefix=redis_prefix, tick_seconds=0.05, name=name) as hub:
         await hub.wait_connected()
         yield hub
 

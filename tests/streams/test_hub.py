@@ -96,6 +96,9 @@ async def test_a_full_queue_cuts_off_only_the_slow_client(
         assert slow.state is Signal.OVERFLOW
         assert terminated == [Signal.OVERFLOW]
         assert await slow.receive() is Signal.OVERFLOW  # no frame after the overflow
+        slow.close()
+        assert hub.stats.slow_clients_dropped == 1
+        assert hub.stats.offered >= 20
 
 
 async def test_two_hubs_deliver_each_others_events(

@@ -6,10 +6,13 @@ import anyio
 import httpx
 import pytest
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from streams import Event, EventPublisher, operation_topic, user_topic
 from streams.hub import EventHub
-from streams.sse import StreamOptions
+from streams.routing import DirectRoutes
+from streams.sse import EventStreamResponse, StreamOptions
 from tests.streams.conftest import Snapshots, make_app
 from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
 from tests.support.live import live_server
@@ -182,6 +185,12 @@ async def test_keepalive_duration_limit_and_shutdown(hub: EventHub, snapshots: S
 
 async def test_a_disconnected_client_leaves_the_hub(app: Starlette, hub: EventHub) -> None:
     async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for _ in range(20):  # gone while the stream is still starting (history read, etc.)
+            async with client.stream("GET", "/users/usr_gone/events"):
+                pass
+            async with client.stream("GET", "/ops/op_gone/events"):
+                pass
+        await wait_until(lambda: hub.subscriber_count() == 0)
         async with client.stream("GET", "/users/usr_gone/events") as response:
             assert (await anext(read_sse(response))).kind == "retry"
             assert hub.subscriber_count(user_topic("usr_gone")) == 1
@@ -190,3 +199,35 @@ async def test_a_disconnected_client_leaves_the_hub(app: Starlette, hub: EventHu
 
 def test_events_json_is_one_line() -> None:
     assert "\n" not in json.dumps({"a": "b\nc"})
+
+
+async def test_direct_routes_serve_streams_ahead_of_the_app(
+    hub: EventHub, snapshots: Snapshots, stream_options: StreamOptions, publisher: EventPublisher
+) -> None:
+    inner = make_app(hub, snapshots, stream_options)
+    seen: list[tuple[object, dict[str, str]]] = []
+
+    async def handler(request: Request) -> Response:
+        seen.append((request.app, dict(request.path_params)))
+        if request.path_params["op_id"] == "missing":
+            return JSONResponse({"error": {"code": "not_found", "message": "no"}}, 404)
+        return EventStreamResponse.for_operation(
+            hub, request.path_params["op_id"], last_event_id=None, snapshot=snapshots
+        )
+
+    app = DirectRoutes(inner, [("/v1/operations/{op_id}/events", handler)])
+    assert app.state is inner.state  # what the lifespan and tests reach through the wrapper
+    topic = operation_topic("op_direct")
+    ids = [
+        (await publisher.publish(e, [topic]))[topic]
+        for e in (progress("op_direct", 1), done("op_direct"))
+    ]
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        status, items = await collect(client, "/v1/operations/op_direct/events")
+        assert status == 200
+        assert [i.id for i in events(items)] == ids
+        assert (await client.get("/v1/operations/missing/events")).status_code == 404
+        # Everything else still goes through the app (and its routing): here, its 204.
+        reply = await client.get("/ops/op_direct/events", headers={"Last-Event-ID": ids[-1]})
+        assert reply.status_code == 204
+    assert seen == [(inner, {"op_id": "op_direct"}), (inner, {"op_id": "missing"})]
