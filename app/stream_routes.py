@@ -111,7 +111,8 @@ async def operation_events(request: Request) -> Response:
     async def snapshot(topic: str) -> Mapping[str, Any]:
         async with found.pool.acquire() as conn:
             current = await get_operation(conn, op_id)
-        return {"operation_id": op_id, "operation": current.snapshot() if current else None}
+        # `GET /v1/operations/{id}`'s body: a terminal `status` also ends the stream.
+        return {**(current.snapshot() if current else {}), "operation_id": op_id}
 
     return EventStreamResponse.for_operation(
         found.hub,

@@ -11,6 +11,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.settings import Settings
+from streams import operation_topic, stream_key
 from tests.support.stack import Stack, running_stack
 
 pytestmark = pytest.mark.anyio
@@ -130,3 +131,25 @@ async def test_the_user_stream_carries_subscription_updates(settings: Settings) 
         last = seen[-1]
         assert last["subscription_id"] == started["subscription_id"]
         assert last["subscription"] == await stack.subscription(started["subscription_id"])
+
+
+async def test_a_finished_operation_whose_history_expired_says_so(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        operation_id = await finished_operation(stack, "expired")
+        services = stack.app.state.services
+        await services.redis.delete(
+            stream_key(stack.settings.redis_prefix, operation_topic(operation_id))
+        )
+        seen = []
+        with anyio.fail_after(10):
+            async with aconnect_sse(
+                stack.http, "GET", f"/v1/operations/{operation_id}/events"
+            ) as source:
+                async for sse in source.aiter_sse():
+                    if sse.data:
+                        seen.append((sse.event, json.loads(sse.data)))
+        assert [event for event, _ in seen] == ["stream.reset"]
+        snapshot = seen[0][1]
+        assert snapshot["snapshot"]["status"] == "completed"
+        assert snapshot["snapshot"]["progress"] == 100
+        assert snapshot["snapshot"]["id"] == operation_id
