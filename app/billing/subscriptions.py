@@ -91,47 +91,39 @@ async def insert_subscription(
     return SubscriptionRecord.from_row(row)
 
 
+async def _one_by(
+    conn: Connection, column: str, value: str, *, lock: str = ""
+) -> SubscriptionRecord | None:
+    # `column` and `lock` come from this module, never from a request.
+    return _one(
+        await conn.fetchrow(
+            f"SELECT {_COLUMNS} FROM subscriptions WHERE {column} = $1{lock}", value
+        )
+    )
+
+
 async def get_subscription(
     conn: Connection, subscription_id: str, *, for_update: bool = False
 ) -> SubscriptionRecord | None:
-    lock = " FOR UPDATE" if for_update else ""
-    return _one(
-        await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM subscriptions WHERE id = $1{lock}", subscription_id
-        )
-    )
+    return await _one_by(conn, "id", subscription_id, lock=" FOR UPDATE" if for_update else "")
 
 
 async def get_subscription_by_session(
     conn: Connection, session_id: str
 ) -> SubscriptionRecord | None:
-    return _one(
-        await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM subscriptions WHERE stripe_checkout_session_id = $1",
-            session_id,
-        )
-    )
+    return await _one_by(conn, "stripe_checkout_session_id", session_id)
 
 
 async def get_subscription_by_stripe_id(
     conn: Connection, stripe_subscription_id: str
 ) -> SubscriptionRecord | None:
-    return _one(
-        await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM subscriptions WHERE stripe_subscription_id = $1",
-            stripe_subscription_id,
-        )
-    )
+    return await _one_by(conn, "stripe_subscription_id", stripe_subscription_id)
 
 
 async def get_subscription_by_resource(
     conn: Connection, resource_id: str
 ) -> SubscriptionRecord | None:
-    return _one(
-        await conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM subscriptions WHERE resource_id = $1", resource_id
-        )
-    )
+    return await _one_by(conn, "resource_id", resource_id)
 
 
 async def list_subscriptions(
