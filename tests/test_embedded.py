@@ -105,3 +105,37 @@ async def test_ctrl_c_stops_everything_and_sigkill_then_restart_reuses_the_serve
             first.kill()
         for leftover in servers_on(data_dir):
             leftover.kill()
+
+
+async def test_the_last_of_two_processes_on_one_data_dir_stops_the_servers(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "shared"
+    first_port, second_port = free_port(), free_port()
+    first = start(data_dir, first_port)
+    second = None
+    try:
+        await wait_ready(first_port, within=15)
+        second = start(data_dir, second_port)
+        await wait_ready(second_port, within=15)
+        assert len(servers_on(data_dir)) == 2
+
+        second.send_signal(signal.SIGINT)
+        second.wait(timeout=10)
+        # The first process still has its servers, and still answers.
+        assert len(servers_on(data_dir)) == 2
+        await wait_ready(first_port, within=5)
+
+        first.send_signal(signal.SIGINT)
+        first.wait(timeout=10)
+        for _ in range(50):
+            if not servers_on(data_dir):
+                break
+            await anyio.sleep(0.1)
+        assert servers_on(data_dir) == []
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+        for leftover in servers_on(data_dir):
+            leftover.kill()
