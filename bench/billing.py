@@ -27,6 +27,7 @@ import asyncpg
 import httpx
 from redis.asyncio import Redis
 
+from app.application import PROVISIONING_CONCURRENCY
 from app.embedded import embedded_servers
 from app.settings import Settings
 from app.stripe_emulator import create_emulator
@@ -188,7 +189,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         }
         print(
             f"operations: {statuses}; {len(finished) / span:.1f} operations/s over {span:.1f} s"
-            f" (concurrency limit: 10 per instance)"
+            f" (concurrency limit: {PROVISIONING_CONCURRENCY} per instance)"
         )
     await db.close()
 
