@@ -139,7 +139,7 @@ def create_app(
                 redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
             )
             lifecycle = Lifecycle(pool, publisher)
-            hooks = BillingHooks(pool, payments, publisher)
+            hooks = BillingHooks(pool, payments, publisher, lifecycle)
             runner = OperationRunner(
                 pool,
                 publisher,

@@ -27,6 +27,7 @@ from streams import (
     EventStreamResponse,
     InvalidStreamToken,
     StreamHandler,
+    StreamLease,
     StreamOptions,
     TooManyStreams,
     isoformat_z,
@@ -71,7 +72,7 @@ async def stream_user_id(request: Request) -> str:
     return user_id
 
 
-async def _lease(request: Request, user_id: str) -> Any:
+async def _lease(request: Request, user_id: str) -> StreamLease:
     try:
         return await services(request).leases.acquire(user_id)
     except TooManyStreams as exc:

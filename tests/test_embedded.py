@@ -3,7 +3,6 @@ neither after Ctrl-C nor after a SIGKILL and a second start."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import psutil
 import pytest
 
 from tests.support import free_port
+from tests.support.process import clean_environment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
 
@@ -36,12 +36,7 @@ def servers_on(data_dir: Path) -> list[psutil.Process]:
 
 
 def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LOOKOUT_", "STRIPE_")) and k not in ("DATABASE_URL", "REDIS_URL")
-    }
-    env.update(
+    env = clean_environment(
         LOOKOUT_DATA_DIR=str(data_dir),
         LOOKOUT_SECRET_KEY="s" * 32,
         STRIPE_API_KEY="sk_test_embedded",

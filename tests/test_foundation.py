@@ -17,7 +17,7 @@ from app.db import migrate
 from app.settings import Settings
 from app.users import create_api_key, create_user, user_for_api_key
 from tests.support import database_dsn, free_port, live_server
-from tests.support.process import serve_process
+from tests.support.process import clean_environment, serve_process
 
 pytestmark = pytest.mark.anyio
 
@@ -90,10 +90,9 @@ async def test_api_keys_are_stored_only_as_hashes(db_pool: asyncpg.Pool) -> None
 
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("LOOKOUT_", "STRIPE_"))}
     return subprocess.run(
         [sys.executable, "-m", "app", *args],
-        env={**base, **env},
+        env=clean_environment(**env),
         capture_output=True,
         text=True,
         timeout=60,

@@ -3,7 +3,6 @@ provisioning operation from its first event to its end, one line per event, and 
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from app.tail import render_line
 from provisioning import GraphBackend, SharedRepositoryBackend
 from tests.browser.support import server_events
 from tests.provisioning.support import HoldingBackend
+from tests.support.process import clean_environment
 from tests.support.stack import running_stack, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
@@ -63,8 +63,8 @@ async def test_tail_follows_an_operation_to_its_end_and_exits_0(settings: Settin
             return found
 
         op_id = await wait_for(operation_id, what="the operation to start")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOKOUT_", "STRIPE_"))}
-        env["LOOKOUT_API_KEY"] = stack.api_key  # the key from the environment, the URL as an option
+        # The key from the environment, the URL as an option.
+        env = clean_environment(LOOKOUT_API_KEY=stack.api_key)
         command = [sys.executable, "-m", "app", "tail", op_id, "--url", stack.url]
         process = await anyio.open_process(
             command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE

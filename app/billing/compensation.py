@@ -16,8 +16,13 @@ import anyio
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider, PaymentProviderError
-from app.billing.subscriptions import get_subscription, set_subscription_fields
+from app.billing.subscriptions import (
+    get_subscription,
+    queue_stripe_cancellation,
+    set_subscription_fields,
+)
 from app.billing.updates import publish_subscription
 from provisioning import OperationRecord
 from streams import EventPublisher
@@ -38,26 +43,24 @@ class BillingHooks:
     """`provisioning.SubscriptionHooks`, as billing implements it."""
 
     def __init__(
-        self, pool: asyncpg.Pool, provider: PaymentProvider, publisher: EventPublisher
+        self,
+        pool: asyncpg.Pool,
+        provider: PaymentProvider,
+        publisher: EventPublisher,
+        lifecycle: Lifecycle,
     ) -> None:
         self._pool = pool
         self._provider = provider
         self._publisher = publisher
+        self._lifecycle = lifecycle
 
     async def provisioning_succeeded(self, operation: OperationRecord) -> None:
-        async with self._pool.acquire() as conn, conn.transaction():
-            before = await get_subscription(conn, operation.subject_id, for_update=True)
-            if before is None or before.status != "provisioning":
-                return
-            after = await set_subscription_fields(conn, before.id, status="active")
-            await record_audit(
-                conn,
-                "subscription.active",
-                user_id=after.user_id,
-                subject_id=after.id,
-                detail={"operation_id": operation.id},
-            )
-        await publish_subscription(self._publisher, after, before)
+        await self._lifecycle.set_status(
+            operation.subject_id,
+            "active",
+            only_from=frozenset({"provisioning"}),
+            reason=f"operation {operation.id} completed",
+        )
 
     async def provisioning_failed(self, operation: OperationRecord, customer_message: str) -> None:
         async with self._pool.acquire() as conn, conn.transaction():
@@ -75,12 +78,7 @@ class BillingHooks:
                     detail={"operation_id": operation.id, "error": customer_message},
                 )
             if after.stripe_subscription_id:
-                await conn.execute(
-                    "INSERT INTO stripe_cancellations (subscription_id, stripe_subscription_id)"
-                    " VALUES ($1, $2) ON CONFLICT (subscription_id) DO NOTHING",
-                    after.id,
-                    after.stripe_subscription_id,
-                )
+                await queue_stripe_cancellation(conn, after.id, after.stripe_subscription_id)
         await publish_subscription(self._publisher, after, before)
         await self.cancel_due(subscription_id=after.id)
 

@@ -9,7 +9,8 @@ older view of Stripe never overwrites a newer one.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 
 import asyncpg
 
@@ -21,6 +22,7 @@ from app.billing.subscriptions import (
     TERMINAL_STATUSES,
     SubscriptionRecord,
     get_subscription,
+    queue_stripe_cancellation,
     set_subscription_fields,
 )
 from app.billing.updates import publish_subscription
@@ -61,25 +63,16 @@ def status_for_stripe(stripe_status: str, current: str) -> str:
     return mapped.get(stripe_status, current)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StripeState:
     """The part of a Stripe subscription Lookout keeps, with when it was true."""
 
-    def __init__(
-        self,
-        *,
-        stripe_id: str,
-        status: str,
-        customer_id: str | None,
-        cancel_at_period_end: bool,
-        current_period_end: datetime | None,
-        observed_at: datetime,
-    ) -> None:
-        self.stripe_id = stripe_id
-        self.status = status
-        self.customer_id = customer_id
-        self.cancel_at_period_end = cancel_at_period_end
-        self.current_period_end = current_period_end
-        self.observed_at = observed_at
+    stripe_id: str
+    status: str
+    customer_id: str | None
+    cancel_at_period_end: bool
+    current_period_end: datetime | None
+    observed_at: datetime
 
     @classmethod
     def fetched(cls, info: SubscriptionInfo, observed_at: datetime) -> StripeState:
@@ -193,12 +186,7 @@ class Lifecycle:
             stripe_still_charges = state.status not in ("canceled", "incomplete_expired")
             if status == "failed" and stripe_still_charges and after.stripe_subscription_id:
                 # Provisioning failed before Stripe's subscription was known: stop charging now.
-                await conn.execute(
-                    "INSERT INTO stripe_cancellations (subscription_id, stripe_subscription_id)"
-                    " VALUES ($1, $2) ON CONFLICT (subscription_id) DO NOTHING",
-                    subscription_id,
-                    after.stripe_subscription_id,
-                )
+                await queue_stripe_cancellation(conn, subscription_id, after.stripe_subscription_id)
             if status != before.status:
                 await record_audit(
                     conn,
@@ -227,7 +215,3 @@ class Lifecycle:
             await self.runner.start("deprovision", record.id, record.user_id, resource_spec(record))
         except NothingToDeprovision:
             logger.info("subscription %s ended before anything was provisioned", record.id)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from app.billing.provider import SUBSCRIPTION_ID_KEY
+
 __all__ = [
     "invoice_subscription_id",
     "lookout_id",
@@ -13,8 +15,6 @@ __all__ = [
     "period_end",
     "timestamp",
 ]
-
-SUBSCRIPTION_ID_KEY = "lookout_subscription_id"
 
 
 def timestamp(value: Any) -> datetime | None:

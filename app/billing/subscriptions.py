@@ -20,6 +20,7 @@ __all__ = [
     "get_subscription_by_stripe_id",
     "insert_subscription",
     "list_subscriptions",
+    "queue_stripe_cancellation",
     "set_subscription_fields",
 ]
 
@@ -174,3 +175,16 @@ async def set_subscription_fields(
     if row is None:
         raise LookupError(f"no subscription {subscription_id}")
     return SubscriptionRecord.from_row(row)
+
+
+async def queue_stripe_cancellation(
+    conn: Connection, subscription_id: str, stripe_subscription_id: str
+) -> None:
+    """Records that Stripe must stop charging for this subscription at once; the
+    compensation sweep keeps trying until Stripe agrees."""
+    await conn.execute(
+        "INSERT INTO stripe_cancellations (subscription_id, stripe_subscription_id)"
+        " VALUES ($1, $2) ON CONFLICT (subscription_id) DO NOTHING",
+        subscription_id,
+        stripe_subscription_id,
+    )

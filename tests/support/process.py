@@ -16,7 +16,7 @@ import httpx
 from app.settings import Settings
 from tests.support.live import free_port
 
-__all__ = ["ServeProcess", "serve_process"]
+__all__ = ["ServeProcess", "clean_environment", "serve_process"]
 
 
 @dataclass
@@ -30,9 +30,16 @@ class ServeProcess:
         self.process.wait(timeout=10)
 
 
+def clean_environment(**settings: str) -> dict[str, str]:
+    """This process's environment without any Lookout setting, plus `settings`: a child
+    process sees only what its test gives it."""
+    ours = ("LOOKOUT_", "STRIPE_", "DATABASE_URL", "REDIS_URL", "PROVISIONER_DATABASE_URL")
+    return {k: v for k, v in os.environ.items() if not k.startswith(ours)} | settings
+
+
 def environment(settings: Settings, url: str) -> dict[str, str]:
     assert settings.database_url is not None and settings.redis_url is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOKOUT_", "STRIPE_"))}
+    env = clean_environment()
     env.update(
         DATABASE_URL=settings.database_url,
         REDIS_URL=settings.redis_url,

@@ -14,6 +14,7 @@ import httpx
 from starlette.applications import Starlette
 
 from app import create_app
+from app.application import default_backends
 from app.billing.provider import PaymentProvider
 from app.settings import Settings
 from app.stripe_emulator import create_emulator
@@ -138,8 +139,7 @@ async def running_stack(
     )
     assert settings.database_url is not None
     if backends is None:
-        admin = settings.provisioner_database_url or settings.database_url
-        backends = [GraphBackend(admin), SharedRepositoryBackend(admin)]
+        backends = default_backends(settings)
     emulator = create_emulator(
         webhook_url=f"{app_url}/v1/webhooks/stripe",
         webhook_secret=secret,
