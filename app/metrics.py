@@ -8,7 +8,7 @@ own registry: no module-level state.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -148,3 +148,11 @@ class CountingPublisher(EventPublisher):
         ids = await super().publish(event, topics)
         self._counter.labels(event.type).inc()
         return ids
+
+    async def publish_many(
+        self, items: Sequence[tuple[Event, Iterable[str]]]
+    ) -> list[dict[str, str]]:
+        answers = await super().publish_many(items)
+        for event, _ in items:
+            self._counter.labels(event.type).inc()
+        return answers

@@ -1,13 +1,16 @@
-"""Webhook acknowledgement latency, and from acknowledgement to provisioning, measured.
+"""Webhook acknowledgement latency, and from payment confirmation to provisioning, measured.
 
-    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100]
+    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100] [--profile FILE]
 
 Lookout runs as `lookout serve` in its own process (on DATABASE_URL / REDIS_URL, or embedded
 servers), the Stripe emulator and this load client in this one. The client sends signed
 webhooks at a steady rate: `--provisionings` of them confirm a payment (each starts a real
-graph provisioning), the rest are other events Lookout stores and audits. It prints:
-acknowledgement latency p50/p99/max; acknowledgement → `operation.started` (the event's own
-`ts`) p50/p99/max; `operation.started` → `operation.completed`; operations per second.
+graph provisioning), the rest are other events Lookout stores and audits. 100 provisionings
+started together: `--rate 1000 --seconds 0.1`. It prints: acknowledgement latency; from the
+confirmation's arrival (its inbox row's `received_at`) and from its acknowledgement to
+`operation.started` on the stream (the Stream id's clock); `operation.started` → terminal
+event; operations per second. `--profile FILE` records the server with py-spy (installed
+separately) for 15 s from the first webhook, as collapsed stacks.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import json
 import os
 import secrets
+import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -97,7 +101,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
     db = await asyncpg.connect(settings.database_url)
     async with (
         live_server(emulator, port=emulator_port),
-        serve_process(settings, port=port),
+        serve_process(settings, port=port) as server,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
         httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
     ):
@@ -112,8 +116,14 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
                 plan.append({"event": make_event("invoice.created", stripe_object("invoice"))})
         acks: list[float] = []
         ack_at: dict[str, float] = {}
+        event_of = {
+            item["subscription_id"]: item["event"]["id"]
+            for item in plan
+            if "subscription_id" in item
+        }
         failures = 0
         clients = [httpx.AsyncClient(base_url=url, timeout=30) for _ in range(16)]
+        profiler = _start_profiler(args.profile, server.process.pid)
         begin = time.perf_counter()
 
         async def send(index: int, item: dict[str, Any]) -> None:
@@ -153,10 +163,19 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             if pending == 0 and started >= len(ack_at):
                 break
             await asyncio.sleep(0.5)
+        if profiler is not None:
+            profiler.wait()
+            print(f"profile of the server during the burst: {args.profile}")
         rows = await db.fetch(
             "SELECT id, subject_id, finished_at, created_at, status FROM operations"
         )
         redis = Redis.from_url(settings.redis_url or "")
+        received = {
+            r["id"]: r["received_at"].timestamp()
+            for r in await db.fetch("SELECT id, received_at FROM webhook_events")
+        }
+        received_at = {sub: received[event] for sub, event in event_of.items() if event in received}
+        from_received: list[float] = []
         to_started: list[float] = []
         to_created: list[float] = []
         durations: list[float] = []
@@ -171,6 +190,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             if first and last:
                 started_ms = _stream_ms(first[0][0])
                 to_started.append(started_ms - acked * 1000)
+                if row["subject_id"] in received_at:
+                    from_received.append(started_ms - received_at[row["subject_id"]] * 1000)
                 durations.append(float(_stream_ms(last[0][0]) - started_ms))
         await redis.aclose()
         finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
@@ -182,6 +203,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         )
         print(line("webhook acknowledgement", acks))
         print(line("ack -> operation row (provisioning start)", to_created))
+        print(line("received -> operation.started on the stream", from_received))
         print(line("ack -> operation.started on the stream", to_started))
         print(line("operation.started -> terminal event", durations))
         statuses = {
@@ -194,6 +216,16 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
     await db.close()
 
 
+def _start_profiler(path: str | None, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy on the server for the burst and the provisioning that follows it."""
+    if path is None:
+        return None
+    command = ["py-spy", "record", "-p", str(pid), "-d", "15", "-r", "500", "-f", "raw"]
+    profiler = subprocess.Popen([*command, "--nonblocking", "-o", path])
+    time.sleep(1)  # py-spy attaches before the first webhook is sent
+    return profiler
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -201,6 +233,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--provisionings", type=int, default=100)
+    parser.add_argument(
+        "--profile", metavar="FILE", help="record the server with py-spy (collapsed stacks)"
+    )
     args = parser.parse_args()
     data_dir = Path(os.environ.get("LOOKOUT_DATA_DIR", ".lookout")) / "bench"
     with embedded_servers(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step, StepContext
+from .bulk import ProvisionRequest
 from .errors import (
     BackendNotConfigured,
     LeaseLost,
@@ -36,6 +37,7 @@ __all__ = [
     "OperationRunner",
     "OperationStatus",
     "PlanLimitExceeded",
+    "ProvisionRequest",
     "ProvisionerBackend",
     "ProvisioningError",
     "ResourceNotFound",

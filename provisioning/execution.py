@@ -65,15 +65,7 @@ class Executor:
 
     async def publish(self, op: OperationRecord, type_: str, **fields: Any) -> None:
         """Publishes to the operation's and the user's topics; raises when Redis stays away."""
-        event = Event.create(
-            type_,
-            operation_id=op.id,
-            kind=op.kind,
-            resource_type=op.resource_type,
-            resource_id=op.resource_id,
-            **fields,
-        )
-        topics = [operation_topic(op.id), user_topic(op.user_id)]
+        event, topics = _addressed(op, type_, **fields)
         await self._retry.call(
             partial(self._publisher.publish, event, topics), what=f"publishing {type_}"
         )
@@ -104,17 +96,28 @@ class Executor:
         except Exception:
             logger.exception("operation %s: audit of %s failed", op.id, kind)
 
-    async def announce_start(self, op: OperationRecord) -> None:
+    async def announce_start(self, op: OperationRecord, *, published: bool = False) -> None:
         """``operation.started``, once: ``started_at`` records it with the first step (one write
-        fewer while many start at once); a crash before that step publishes it again."""
+        fewer while many start at once); a crash before that step publishes it again.
+        ``published`` says ``announce_many`` did already."""
         if op.started_at is not None:
             await self.audit("operation.resumed", op, attempts=op.attempts, step=op.step)
             return
-        verb = "Setting up" if op.kind == "provision" else "Removing"
-        await self._publish_progress(
-            op, "operation.started", step=None, progress=0, message=f"{verb} your {_noun(op)}"
-        )
+        if not published:
+            await self._publish_progress(
+                op, "operation.started", step=None, progress=0, message=_started_message(op)
+            )
         await self.audit("operation.started", op)
+
+    async def announce_many(self, ops: Sequence[OperationRecord]) -> None:
+        """``operation.started`` of many new operations, in one round trip to Redis."""
+        try:
+            await self._retry.call(
+                partial(self._publisher.publish_many, [_started(op) for op in ops]),
+                what=f"publishing {len(ops)} operation.started",
+            )
+        except Exception as exc:
+            logger.warning("%d operation.started not published (%s)", len(ops), type(exc).__name__)
 
     async def run_steps(self, op: OperationRecord, steps: Sequence[Step]) -> Outcome:
         """Runs the steps not yet completed, in order; each transient error is retried."""
@@ -242,6 +245,27 @@ class Executor:
             await self._hooks.provisioning_succeeded(op)
         else:
             await self._hooks.provisioning_failed(op, op.error or _cancelled_sentence(op))
+
+
+def _addressed(op: OperationRecord, type_: str, **fields: Any) -> tuple[Event, list[str]]:
+    event = Event.create(
+        type_,
+        operation_id=op.id,
+        kind=op.kind,
+        resource_type=op.resource_type,
+        resource_id=op.resource_id,
+        **fields,
+    )
+    return event, [operation_topic(op.id), user_topic(op.user_id)]
+
+
+def _started_message(op: OperationRecord) -> str:
+    verb = "Setting up" if op.kind == "provision" else "Removing"
+    return f"{verb} your {_noun(op)}"
+
+
+def _started(op: OperationRecord) -> tuple[Event, list[str]]:
+    return _addressed(op, "operation.started", step=None, progress=0, message=_started_message(op))
 
 
 def _consequence(op: OperationRecord) -> str:

@@ -16,6 +16,7 @@ from streams import EventPublisher
 from . import leases
 from . import operations as ops
 from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step
+from .bulk import ProvisionRequest, create_provisions
 from .errors import (
     BackendNotConfigured,
     LeaseLost,
@@ -45,6 +46,7 @@ class _Task:
     steps_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     cancel_requested: bool = False
+    started_published: bool = False
 
     def cancel(self) -> None:
         self.cancel_requested = True
@@ -182,6 +184,29 @@ class OperationRunner:
                 await self.cancel(provision.id, wait=0)
         return op
 
+    async def create_provisions(
+        self, conn: ops.Connection, requests: Sequence[ProvisionRequest]
+    ) -> list[OperationRecord]:
+        """Inserts, in the caller's transaction, a provision for each request whose subject has
+        none yet; ``launch`` runs them once that transaction has committed."""
+        if self._tg is None:
+            raise RunnerNotRunning("start OperationRunner.run in a task group first")
+        for request in requests:
+            self.backend(request.spec.resource_type)
+        return await create_provisions(
+            conn,
+            [(f"op_{secrets.token_hex(12)}", request) for request in requests],
+            lease_owner=self._instance_id,
+            lease_seconds=self._lease_seconds,
+        )
+
+    async def launch(self, created: Sequence[OperationRecord]) -> None:
+        """Announces operations from ``create_provisions`` in one round trip, and runs them.
+        Should this process die first, their leases expire and a sweep resumes them."""
+        await self._exec.announce_many(created)
+        for op in created:
+            self._spawn(op, started_published=True)
+
     async def cancel(self, op_id: str, *, wait: float = 10.0) -> OperationRecord:
         """Stops a provision that has not finished and rolls back what it created.
 
@@ -243,13 +268,13 @@ class OperationRunner:
             lambda: backend.rotate_credentials(resource_id), what=f"{resource_id} credentials"
         )
 
-    def _spawn(self, op: OperationRecord) -> _Task:
+    def _spawn(self, op: OperationRecord, *, started_published: bool = False) -> _Task:
         task = self._tasks.get(op.id)
         if task is not None:
             return task
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
-        task = self._tasks[op.id] = _Task()
+        task = self._tasks[op.id] = _Task(started_published=started_published)
         self._tg.start_soon(self._execute, op, task, name=f"operation {op.id}")
         return task
 
@@ -286,7 +311,7 @@ class OperationRunner:
         if op.finished_at is None:
             if op.cancel_requested:
                 task.cancel()
-            await self._exec.announce_start(op)
+            await self._exec.announce_start(op, published=task.started_published)
             outcome: Outcome | None = None
             # A cancellation also stops the wait for a slot: rolling back needs none.
             with task.steps_scope:

@@ -70,8 +70,29 @@ class EventPublisher:
         unique: Sequence[str] = list(dict.fromkeys(topics))
         if not unique:
             return {}
-        keys = [stream_key(self._prefix, topic) for topic in unique]
-        channels = [channel_name(self._prefix, topic) for topic in unique]
+        keys, args = self._script_input(event, unique)
+        ids = await self._script(keys=keys, args=args)
+        return _ids_by_topic(unique, ids)
+
+    async def publish_many(
+        self, items: Sequence[tuple[Event, Iterable[str]]]
+    ) -> list[dict[str, str]]:
+        """Publishes several events in one round trip (a pipeline, not a transaction: each
+        event is still atomic on its own); answers each one's Stream ids, as ``publish``."""
+        planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for event, unique in planned:
+                if unique:
+                    keys, args = self._script_input(event, unique)
+                    await self._script(keys=keys, args=args, client=pipe)
+            results = iter(await pipe.execute())
+        return [_ids_by_topic(unique, next(results)) if unique else {} for _, unique in planned]
+
+    def _script_input(
+        self, event: Event, topics: Sequence[str]
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        keys = [stream_key(self._prefix, topic) for topic in topics]
+        channels = [channel_name(self._prefix, topic) for topic in topics]
         args: list[bytes | str | int] = [
             event.type,
             event.encode(),
@@ -80,8 +101,11 @@ class EventPublisher:
             self._ttl,
             *channels,
         ]
-        ids = await self._script(keys=keys, args=args)
-        return {
-            topic: raw.decode() if isinstance(raw, bytes) else str(raw)
-            for topic, raw in zip(unique, ids, strict=True)
-        }
+        return keys, args
+
+
+def _ids_by_topic(topics: Sequence[str], ids: Sequence[object]) -> dict[str, str]:
+    return {
+        topic: raw.decode() if isinstance(raw, bytes) else str(raw)
+        for topic, raw in zip(topics, ids, strict=True)
+    }

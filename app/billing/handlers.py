@@ -9,7 +9,7 @@ object is the payload used, stamped with the event's own `created`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,7 +17,7 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.inbox import InboxEvent
-from app.billing.lifecycle import Lifecycle, StripeState
+from app.billing.lifecycle import Lifecycle, PaymentConfirmation, StripeState
 from app.billing.provider import PaymentProvider, PaymentProviderNotFound
 from app.billing.stripe_objects import (
     invoice_subscription_id,
@@ -81,6 +81,23 @@ class StripeEventHandlers:
             )
         else:
             await handler(event, record)
+
+    async def handle_many(self, events: Sequence[InboxEvent]) -> set[str]:
+        """Fulfils the paid Checkout Sessions of a batch together; answers the ids of the
+        events fully handled. The rest go through `__call__`, one by one."""
+        confirmations = [
+            PaymentConfirmation(
+                event_id=event.id,
+                event_type=event.type,
+                subscription_id=lookout_id(event.object),
+                checkout_session_id=object_id(event.object),
+                stripe_subscription_id=object_id(event.object.get("subscription")),
+                customer_id=object_id(event.object.get("customer")),
+            )
+            for event in events
+            if _confirms_payment(event)
+        ]
+        return await self._lifecycle.fulfil_many(confirmations) if confirmations else set()
 
     async def _local_subscription(self, event: InboxEvent) -> SubscriptionRecord | None:
         obj = event.object
@@ -171,6 +188,12 @@ class StripeEventHandlers:
                 subject_id=customer,
                 detail={"event_id": event.id, "subscriptions": [r["id"] for r in updated]},
             )
+
+
+def _confirms_payment(event: InboxEvent) -> bool:
+    if event.type == "checkout.session.async_payment_succeeded":
+        return True
+    return event.type == "checkout.session.completed" and event.object.get("payment_status") in PAID
 
 
 def _state_from_payload(

@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import asyncpg
 
 from app.db import Connection
 
-__all__ = ["InboxEvent", "WebhookInbox", "requeue_events"]
+__all__ = ["InboxEvent", "InboxHandler", "WebhookInbox", "requeue_events"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,13 @@ SWEEP_SECONDS = 5.0
 # confirmations at once reached operation.started at p99 602 ms; with 100, 372 ms.
 BATCH = 100
 
-Handler = Callable[["InboxEvent"], Awaitable[None]]
+
+class InboxHandler(Protocol):
+    async def __call__(self, event: InboxEvent, /) -> None:
+        """Handles one event; raising leaves it to be retried."""
+
+    async def handle_many(self, events: Sequence[InboxEvent], /) -> set[str]:
+        """Handles what it can of a batch together; answers the ids it handled for good."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +85,7 @@ async def requeue_events(conn: Connection, *, event_id: str | None, failed: bool
 
 
 class WebhookInbox:
-    def __init__(self, pool: asyncpg.Pool, handle: Handler) -> None:
+    def __init__(self, pool: asyncpg.Pool, handle: InboxHandler) -> None:
         self._pool = pool
         self._handle = handle
         self._wake = anyio.Event()
@@ -114,12 +120,31 @@ class WebhookInbox:
             )
             for r in rows
         ]
-        # Side by side: each handler locks the subscription it changes, and applies Stripe's
-        # current state rather than the payload's, so their order does not matter.
+        handled = await self._process_together(events) if events else set()
+        # The rest side by side: each handler locks the subscription it changes, and applies
+        # Stripe's current state rather than the payload's, so their order does not matter.
         async with anyio.create_task_group() as tg:
             for event in events:
-                tg.start_soon(self._process, event)
+                if event.id not in handled:
+                    tg.start_soon(self._process, event)
         return len(events)
+
+    async def _process_together(self, events: Sequence[InboxEvent]) -> set[str]:
+        """A burst of payments is fulfilled in a few round trips rather than a dozen each."""
+        try:
+            handled = await self._handle.handle_many(events)
+        except Exception:
+            # Nothing is lost: what the batch did not commit is done again one by one.
+            logger.exception("webhook batch of %d failed; handling them one by one", len(events))
+            return set()
+        if handled:
+            async with self._pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
+                    " locked_until = NULL, last_error = NULL WHERE id = ANY($1::text[])",
+                    list(handled),
+                )
+        return handled
 
     async def _process(self, event: InboxEvent) -> None:
         try:

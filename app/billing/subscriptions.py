@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -13,6 +14,7 @@ from app.db import Connection
 __all__ = [
     "ACTIVE_RESOURCE_STATUSES",
     "TERMINAL_STATUSES",
+    "Payment",
     "SubscriptionRecord",
     "get_subscription",
     "get_subscription_by_resource",
@@ -20,6 +22,8 @@ __all__ = [
     "get_subscription_by_stripe_id",
     "insert_subscription",
     "list_subscriptions",
+    "lock_for_payment",
+    "mark_paid",
     "queue_stripe_cancellation",
     "set_subscription_fields",
 ]
@@ -188,3 +192,45 @@ async def queue_stripe_cancellation(
         subscription_id,
         stripe_subscription_id,
     )
+
+
+async def lock_for_payment(
+    conn: Connection, subscription_ids: Sequence[str], checkout_session_ids: Sequence[str]
+) -> list[SubscriptionRecord]:
+    """The subscriptions with these ids or Checkout Sessions, locked for update in id order
+    (so that two instances locking overlapping sets cannot deadlock)."""
+    rows = await conn.fetch(
+        f"SELECT {_COLUMNS} FROM subscriptions"
+        " WHERE id = ANY($1::text[]) OR stripe_checkout_session_id = ANY($2::text[])"
+        " ORDER BY id FOR UPDATE",
+        list(subscription_ids),
+        list(checkout_session_ids),
+    )
+    return [SubscriptionRecord.from_row(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Payment:
+    subscription_id: str
+    stripe_subscription_id: str | None
+    stripe_customer_id: str | None
+    operation_id: str
+
+
+async def mark_paid(conn: Connection, payments: Sequence[Payment]) -> list[SubscriptionRecord]:
+    """`pending_payment` → `provisioning` with its operation, in one statement; Stripe ids
+    already known are kept."""
+    rows = await conn.fetch(
+        "UPDATE subscriptions SET status = 'provisioning',"
+        " stripe_subscription_id = coalesce(stripe_subscription_id, p.paid_stripe_id),"
+        " stripe_customer_id = coalesce(stripe_customer_id, p.paid_customer_id),"
+        " operation_id = p.paid_operation_id, updated_at = now()"
+        " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+        " AS p(paid_id, paid_stripe_id, paid_customer_id, paid_operation_id)"
+        f" WHERE id = p.paid_id AND status = 'pending_payment' RETURNING {_COLUMNS}",
+        [p.subscription_id for p in payments],
+        [p.stripe_subscription_id for p in payments],
+        [p.stripe_customer_id for p in payments],
+        [p.operation_id for p in payments],
+    )
+    return [SubscriptionRecord.from_row(r) for r in rows]

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -13,7 +13,7 @@ from app.billing.plans import PLANS
 from app.billing.subscriptions import SubscriptionRecord
 from streams import Event, EventPublisher, isoformat_z, user_topic
 
-__all__ = ["publish_subscription", "subscription_json"]
+__all__ = ["publish_subscription", "publish_subscriptions", "subscription_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,33 @@ async def publish_subscription(
     the change: the subscription is in PostgreSQL and the next snapshot shows it."""
     if not _changed(before, after):
         return
-    event = Event.create(
+    try:
+        await publisher.publish(_updated(after, extra), [user_topic(after.user_id)])
+    except (RedisError, OSError):
+        logger.exception("could not publish subscription.updated for %s", after.id)
+
+
+async def publish_subscriptions(
+    publisher: EventPublisher, changes: Sequence[tuple[SubscriptionRecord, SubscriptionRecord]]
+) -> None:
+    """`publish_subscription` of many `(after, before)` changes, in one round trip."""
+    items = [
+        (_updated(after), [user_topic(after.user_id)])
+        for after, before in changes
+        if _changed(before, after)
+    ]
+    if not items:
+        return
+    try:
+        await publisher.publish_many(items)
+    except (RedisError, OSError):
+        logger.exception("could not publish %d subscription.updated", len(items))
+
+
+def _updated(after: SubscriptionRecord, extra: Mapping[str, Any] | None = None) -> Event:
+    return Event.create(
         "subscription.updated",
         subscription_id=after.id,
         subscription=subscription_json(after),
         **dict(extra or {}),
     )
-    try:
-        await publisher.publish(event, [user_topic(after.user_id)])
-    except (RedisError, OSError):
-        logger.exception("could not publish subscription.updated for %s", after.id)

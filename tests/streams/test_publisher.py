@@ -99,3 +99,35 @@ async def test_streams_are_capped(redis: Redis, redis_prefix: str) -> None:
     entries: Any = await redis.xrange(stream_key(redis_prefix, topic))
     assert [json.loads(f[b"d"])["n"] for _, f in entries] == [7, 8, 9, 10, 11]
     assert await publisher.publish(Event.create("x"), []) == {}
+
+
+async def test_publish_many_is_one_round_trip_with_the_same_effect(
+    redis: Redis, redis_prefix: str
+) -> None:
+    # A fresh client has not loaded the script: the pipeline must load it itself.
+    await redis.script_flush()
+    publisher = EventPublisher(redis, prefix=redis_prefix)
+    started = [Event.create("operation.started", operation_id=f"op_{n}") for n in range(3)]
+    answers = await publisher.publish_many(
+        [
+            (started[0], [operation_topic("op_0"), user_topic("usr_a")]),
+            (Event.create("ignored"), []),
+            (started[1], [operation_topic("op_1"), user_topic("usr_a")]),
+            (started[2], [operation_topic("op_2")]),
+        ]
+    )
+    assert [sorted(a) for a in answers] == [
+        sorted([operation_topic("op_0"), user_topic("usr_a")]),
+        [],
+        sorted([operation_topic("op_1"), user_topic("usr_a")]),
+        [operation_topic("op_2")],
+    ]
+    user_entries: Any = await redis.xrange(stream_key(redis_prefix, user_topic("usr_a")))
+    assert [json.loads(f[b"d"])["operation_id"] for _, f in user_entries] == ["op_0", "op_1"]
+    assert [i.decode() for i, _ in user_entries] == [
+        answers[0][user_topic("usr_a")],
+        answers[2][user_topic("usr_a")],
+    ]
+    only: Any = await redis.xrange(stream_key(redis_prefix, operation_topic("op_2")))
+    [(only_id, _)] = only
+    assert only_id.decode() == answers[3][operation_topic("op_2")]
