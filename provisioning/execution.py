@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -109,15 +109,24 @@ class Executor:
             )
         await self.audit("operation.started", op)
 
-    async def announce_many(self, ops: Sequence[OperationRecord]) -> None:
-        """``operation.started`` of many new operations, in one round trip to Redis."""
+    async def announce_many(
+        self,
+        ops: Sequence[OperationRecord],
+        *,
+        along: Sequence[tuple[Event, Iterable[str]]] = (),
+    ) -> None:
+        """``operation.started`` of many new operations, then ``along``, in one round trip."""
+        items = [*(_started(op) for op in ops), *along]
+        if not items:
+            return
         try:
             await self._retry.call(
-                partial(self._publisher.publish_many, [_started(op) for op in ops]),
+                partial(self._publisher.publish_many, items),
                 what=f"publishing {len(ops)} operation.started",
             )
         except Exception as exc:
-            logger.warning("%d operation.started not published (%s)", len(ops), type(exc).__name__)
+            # As a lost progress event: the tables are the truth, snapshots show it.
+            logger.warning("%d events not published (%s)", len(items), type(exc).__name__)
 
     async def run_steps(self, op: OperationRecord, steps: Sequence[Step]) -> Outcome:
         """Runs the steps not yet completed, in order; each transient error is retried."""

@@ -11,7 +11,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from streams import EventPublisher
+from streams import Event, EventPublisher
 
 from . import leases
 from . import operations as ops
@@ -200,10 +200,16 @@ class OperationRunner:
             lease_seconds=self._lease_seconds,
         )
 
-    async def launch(self, created: Sequence[OperationRecord]) -> None:
-        """Announces operations from ``create_provisions`` in one round trip, and runs them.
-        Should this process die first, their leases expire and a sweep resumes them."""
-        await self._exec.announce_many(created)
+    async def launch(
+        self,
+        created: Sequence[OperationRecord],
+        *,
+        along: Sequence[tuple[Event, Iterable[str]]] = (),
+    ) -> None:
+        """Announces operations from ``create_provisions`` in one round trip to Redis, with the
+        events ``along`` after them, and runs them. Should this process die before, their
+        leases expire and a sweep resumes them."""
+        await self._exec.announce_many(created, along=along)
         for op in created:
             self._spawn(op, started_published=True)
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import asyncpg
 
 from app.audit import record_audit
-from app.billing.inbox import InboxEvent
+from app.billing.inbox import Batch, InboxEvent
 from app.billing.lifecycle import Lifecycle, PaymentConfirmation, StripeState
 from app.billing.provider import PaymentProvider, PaymentProviderNotFound
 from app.billing.stripe_objects import (
@@ -31,6 +32,7 @@ from app.billing.subscriptions import (
     get_subscription_by_session,
     get_subscription_by_stripe_id,
 )
+from app.db import Connection
 
 __all__ = ["StripeEventHandlers"]
 
@@ -82,9 +84,9 @@ class StripeEventHandlers:
         else:
             await handler(event, record)
 
-    async def handle_many(self, events: Sequence[InboxEvent]) -> set[str]:
-        """Fulfils the paid Checkout Sessions of a batch together; answers the ids of the
-        events fully handled. The rest go through `__call__`, one by one."""
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        """Fulfils the paid Checkout Sessions of a batch together, in the inbox's transaction;
+        the rest go through `__call__`, one by one."""
         confirmations = [
             PaymentConfirmation(
                 event_id=event.id,
@@ -97,7 +99,10 @@ class StripeEventHandlers:
             for event in events
             if _confirms_payment(event)
         ]
-        return await self._lifecycle.fulfil_many(confirmations) if confirmations else set()
+        if not confirmations:
+            return Batch()
+        fulfilment = await self._lifecycle.fulfil_many(conn, confirmations)
+        return Batch(fulfilment.event_ids, partial(self._lifecycle.announce, fulfilment))
 
     async def _local_subscription(self, event: InboxEvent) -> SubscriptionRecord | None:
         obj = event.object

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -21,7 +21,14 @@ import asyncpg
 
 from app.db import Connection
 
-__all__ = ["InboxEvent", "InboxHandler", "WebhookInbox", "requeue_events"]
+__all__ = [
+    "Batch",
+    "BatchNotHandled",
+    "InboxEvent",
+    "InboxHandler",
+    "WebhookInbox",
+    "requeue_events",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +41,27 @@ SWEEP_SECONDS = 5.0
 BATCH = 100
 
 
+class BatchNotHandled(Exception):
+    """`handle_many` gave up on the batch: its transaction rolls back, and the inbox hands the
+    same events to `__call__` one by one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What `handle_many` did: the events it handled for good, and what is left to do once
+    its transaction has committed (announcing, typically)."""
+
+    handled: frozenset[str] = frozenset()
+    after_commit: Callable[[], Awaitable[None]] | None = None
+
+
 class InboxHandler(Protocol):
     async def __call__(self, event: InboxEvent, /) -> None:
         """Handles one event; raising leaves it to be retried."""
 
-    async def handle_many(self, events: Sequence[InboxEvent], /) -> set[str]:
-        """Handles what it can of a batch together; answers the ids it handled for good."""
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent], /) -> Batch:
+        """Handles what it can of a batch, in the inbox's transaction (raises
+        `BatchNotHandled` to leave all of it to `__call__`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,45 +128,41 @@ class WebhookInbox:
                 await self._wake.wait()
             self._wake = anyio.Event()
 
-    async def process_due(self, event_id: str | None = None) -> int:
-        """Claims and processes a batch of due events (or just `event_id`); answers how many."""
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(_CLAIM, event_id, LOCK_SECONDS, BATCH)
-        events = [
-            InboxEvent(
-                id=r["id"],
-                type=r["type"],
-                created=r["stripe_created"],
-                payload=_as_mapping(r["payload"]),
-                attempts=r["attempts"],
-            )
-            for r in rows
-        ]
-        handled = await self._process_together(events) if events else set()
-        # The rest side by side: each handler locks the subscription it changes, and applies
-        # Stripe's current state rather than the payload's, so their order does not matter.
+    async def process_due(self, event_id: str | None = None, *, together: bool = True) -> int:
+        """Claims and processes a batch of due events (or just `event_id`); answers how many.
+
+        In the transaction that claims them, the handler handles what it can of the batch at
+        once (a burst of payments: a few round trips in all rather than a dozen each) and
+        those are marked processed; the rest are handled one by one after it commits."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                rows = await conn.fetch(_CLAIM, event_id, LOCK_SECONDS, BATCH)
+                events = [_event(row) for row in rows]
+                batch = await self._handle.handle_many(conn, events) if together else Batch()
+                if batch.handled:
+                    await conn.execute(
+                        "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
+                        " locked_until = NULL, last_error = NULL WHERE id = ANY($1::text[])",
+                        list(batch.handled),
+                    )
+        except BatchNotHandled as exc:
+            # Nothing was committed: the same events, one by one.
+            logger.info("webhook batch handled one by one: %s", exc)
+            return await self.process_due(event_id, together=False)
+        except Exception:
+            if not together:
+                raise
+            logger.exception("webhook batch failed; handling its events one by one")
+            return await self.process_due(event_id, together=False)
+        if batch.after_commit is not None:
+            await batch.after_commit()
+        # Side by side: each handler locks the subscription it changes, and applies Stripe's
+        # current state rather than the payload's, so their order does not matter.
         async with anyio.create_task_group() as tg:
             for event in events:
-                if event.id not in handled:
+                if event.id not in batch.handled:
                     tg.start_soon(self._process, event)
         return len(events)
-
-    async def _process_together(self, events: Sequence[InboxEvent]) -> set[str]:
-        """A burst of payments is fulfilled in a few round trips rather than a dozen each."""
-        try:
-            handled = await self._handle.handle_many(events)
-        except Exception:
-            # Nothing is lost: what the batch did not commit is done again one by one.
-            logger.exception("webhook batch of %d failed; handling them one by one", len(events))
-            return set()
-        if handled:
-            async with self._pool.acquire() as conn:
-                await conn.execute(
-                    "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
-                    " locked_until = NULL, last_error = NULL WHERE id = ANY($1::text[])",
-                    list(handled),
-                )
-        return handled
 
     async def _process(self, event: InboxEvent) -> None:
         try:
@@ -175,6 +193,16 @@ class WebhookInbox:
                 f"{exc.__class__.__name__}: {exc}"[:2000],
                 float(backoff),
             )
+
+
+def _event(row: asyncpg.Record) -> InboxEvent:
+    return InboxEvent(
+        id=row["id"],
+        type=row["type"],
+        created=row["stripe_created"],
+        payload=_as_mapping(row["payload"]),
+        attempts=row["attempts"],
+    )
 
 
 def _as_mapping(value: Any) -> Mapping[str, Any]:

@@ -29,11 +29,19 @@ from app.billing.subscriptions import (
     queue_stripe_cancellation,
     set_subscription_fields,
 )
-from app.billing.updates import publish_subscription, publish_subscriptions
-from provisioning import NothingToDeprovision, OperationRunner, ProvisionRequest, ResourceSpec
+from app.billing.updates import publish_subscription, subscription_updates
+from app.db import Connection
+from provisioning import (
+    NothingToDeprovision,
+    OperationRecord,
+    OperationRunner,
+    ProvisionRequest,
+    ResourceSpec,
+)
 from streams import EventPublisher
 
 __all__ = [
+    "Fulfilment",
     "Lifecycle",
     "PaymentConfirmation",
     "StripeState",
@@ -108,6 +116,16 @@ class PaymentConfirmation:
     customer_id: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class Fulfilment:
+    """What `fulfil_many` committed: the events it handled, the operations it created and the
+    subscriptions it changed, as `(after, before)`."""
+
+    event_ids: frozenset[str]
+    operations: tuple[OperationRecord, ...]
+    changes: tuple[tuple[SubscriptionRecord, SubscriptionRecord], ...]
+
+
 class Lifecycle:
     def __init__(self, pool: asyncpg.Pool, publisher: EventPublisher) -> None:
         self._pool = pool
@@ -149,49 +167,55 @@ class Lifecycle:
             after = await self._start_provisioning(after)
         return after
 
-    async def fulfil_many(self, confirmations: Sequence[PaymentConfirmation]) -> set[str]:
-        """`fulfil` for a burst of payments, in one transaction and one round trip to Redis for
-        all. Answers the ids of the events it fulfilled; the others (a repeat, a subscription
-        already past `pending_payment`, one unknown here) are left for `fulfil`."""
-        runner = self._runner()
-        async with self._pool.acquire() as conn, conn.transaction():
-            found = await lock_for_payment(
-                conn,
-                [c.subscription_id for c in confirmations if c.subscription_id],
-                [c.checkout_session_id for c in confirmations if c.checkout_session_id],
+    async def fulfil_many(
+        self, conn: Connection, confirmations: Sequence[PaymentConfirmation]
+    ) -> Fulfilment:
+        """`fulfil` for a burst of payments, in the caller's transaction, in a few statements
+        for all of them; `announce` starts them once it has committed. The confirmations it
+        leaves (a repeat, a subscription already past `pending_payment` or unknown here) are
+        for `fulfil`."""
+        found = await lock_for_payment(
+            conn,
+            [c.subscription_id for c in confirmations if c.subscription_id],
+            [c.checkout_session_id for c in confirmations if c.checkout_session_id],
+        )
+        by_id = {r.id: r for r in found}
+        by_session = {
+            r.stripe_checkout_session_id: r for r in found if r.stripe_checkout_session_id
+        }
+        paid: dict[str, tuple[PaymentConfirmation, SubscriptionRecord]] = {}
+        for confirmation in confirmations:
+            record = by_id.get(confirmation.subscription_id or "") or by_session.get(
+                confirmation.checkout_session_id or ""
             )
-            by_id = {r.id: r for r in found}
-            by_session = {
-                r.stripe_checkout_session_id: r for r in found if r.stripe_checkout_session_id
-            }
-            paid: dict[str, tuple[PaymentConfirmation, SubscriptionRecord]] = {}
-            for confirmation in confirmations:
-                record = by_id.get(confirmation.subscription_id or "") or by_session.get(
-                    confirmation.checkout_session_id or ""
-                )
-                if record and record.status == "pending_payment" and not record.operation_id:
-                    paid.setdefault(record.id, (confirmation, record))
-            created = await runner.create_provisions(
-                conn,
-                [
-                    ProvisionRequest(r.id, r.user_id, resource_spec(r), r.resource_id)
-                    for _, r in paid.values()
-                ],
-            )
-            payments = [
-                Payment(
-                    op.subject_id,
-                    paid[op.subject_id][0].stripe_subscription_id,
-                    paid[op.subject_id][0].customer_id,
-                    op.id,
-                )
-                for op in created
-            ]
-            afters = await mark_paid(conn, payments)
-            await record_audits(conn, [e for a in afters for e in _paid_entries(*paid[a.id])])
-        await runner.launch(created)
-        await publish_subscriptions(self._publisher, [(a, paid[a.id][1]) for a in afters])
-        return {paid[a.id][0].event_id for a in afters}
+            if record and record.status == "pending_payment" and not record.operation_id:
+                paid.setdefault(record.id, (confirmation, record))
+        created = await self._runner().create_provisions(
+            conn,
+            [
+                ProvisionRequest(r.id, r.user_id, resource_spec(r), r.resource_id)
+                for _, r in paid.values()
+            ],
+        )
+        payments = [
+            Payment(op.subject_id, c.stripe_subscription_id, c.customer_id, op.id)
+            for op in created
+            for c in [paid[op.subject_id][0]]
+        ]
+        afters = await mark_paid(conn, payments)
+        await record_audits(conn, [e for a in afters for e in _paid_entries(*paid[a.id])])
+        return Fulfilment(
+            event_ids=frozenset(paid[a.id][0].event_id for a in afters),
+            operations=tuple(created),
+            changes=tuple((a, paid[a.id][1]) for a in afters),
+        )
+
+    async def announce(self, fulfilment: Fulfilment) -> None:
+        """After `fulfil_many` committed: every `operation.started` and `subscription.updated`
+        in one round trip to Redis, and the operations running."""
+        await self._runner().launch(
+            fulfilment.operations, along=subscription_updates(fulfilment.changes)
+        )
 
     def _runner(self) -> OperationRunner:
         if self.runner is None:

@@ -13,7 +13,7 @@ from app.billing.plans import PLANS
 from app.billing.subscriptions import SubscriptionRecord
 from streams import Event, EventPublisher, isoformat_z, user_topic
 
-__all__ = ["publish_subscription", "publish_subscriptions", "subscription_json"]
+__all__ = ["publish_subscription", "subscription_json", "subscription_updates"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +64,15 @@ async def publish_subscription(
         logger.exception("could not publish subscription.updated for %s", after.id)
 
 
-async def publish_subscriptions(
-    publisher: EventPublisher, changes: Sequence[tuple[SubscriptionRecord, SubscriptionRecord]]
-) -> None:
-    """`publish_subscription` of many `(after, before)` changes, in one round trip."""
-    items = [
+def subscription_updates(
+    changes: Sequence[tuple[SubscriptionRecord, SubscriptionRecord]],
+) -> list[tuple[Event, list[str]]]:
+    """The `subscription.updated` events of `(after, before)` changes, to publish together."""
+    return [
         (_updated(after), [user_topic(after.user_id)])
         for after, before in changes
         if _changed(before, after)
     ]
-    if not items:
-        return
-    try:
-        await publisher.publish_many(items)
-    except (RedisError, OSError):
-        logger.exception("could not publish %d subscription.updated", len(items))
 
 
 def _updated(after: SubscriptionRecord, extra: Mapping[str, Any] | None = None) -> Event:
