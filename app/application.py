@@ -25,6 +25,7 @@ from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
 from app.billing.handlers import StripeEventHandlers
 from app.billing.inbox import WebhookInbox
+from app.billing.intake import WebhookIntake
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
 from app.billing.routes import billing_routes
@@ -149,13 +150,16 @@ def create_app(
                 max_concurrent=PROVISIONING_CONCURRENCY,
             )
             lifecycle.runner = runner
-            inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
+            handlers = StripeEventHandlers(pool, payments, lifecycle)
+            inbox = WebhookInbox(pool, handlers)
+            intake = WebhookIntake(pool, handlers, inbox)
             shutting_down = anyio.Event()
             async with anyio.create_task_group() as task_group:
                 await task_group.start(hub.run)
                 await task_group.start(runner.run)
                 task_group.start_soon(leases.run)
                 task_group.start_soon(inbox.run)
+                task_group.start_soon(intake.run)
                 task_group.start_soon(hooks.run_sweeps)
                 app.state.services = Services(
                     settings=settings,
@@ -171,6 +175,7 @@ def create_app(
                     hooks=hooks,
                     runner=runner,
                     inbox=inbox,
+                    intake=intake,
                     checkout=CheckoutService(
                         pool, payments, lifecycle, public_url=settings.public_url
                     ),

@@ -24,7 +24,9 @@ class DatabaseUnavailable(Exception):
     """PostgreSQL did not answer at DATABASE_URL."""
 
 
-async def create_pool(dsn: str, *, min_size: int = 2, max_size: int = 40) -> asyncpg.Pool:
+async def create_pool(dsn: str, *, min_size: int = 10, max_size: int = 40) -> asyncpg.Pool:
+    """Ten connections are kept open so that a burst of webhooks does not wait for new ones
+    (a connection costs a TCP, perhaps TLS, and authentication handshake)."""
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,

@@ -12,6 +12,7 @@ from starlette.requests import HTTPConnection
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
 from app.billing.inbox import WebhookInbox
+from app.billing.intake import WebhookIntake
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
 from app.metrics import Metrics
@@ -39,6 +40,7 @@ class Services:
     hooks: BillingHooks
     runner: OperationRunner
     inbox: WebhookInbox
+    intake: WebhookIntake
     checkout: CheckoutService
     rate_limits: RateLimits
     metrics: Metrics

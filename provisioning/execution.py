@@ -84,29 +84,20 @@ class Executor:
                 kind,
                 subject_id=op.subject_id,
                 user_id=op.user_id,
-                detail={
-                    "operation_id": op.id,
-                    "kind": op.kind,
-                    "resource_type": op.resource_type,
-                    "resource_id": op.resource_id,
-                    "plan": op.spec.plan_name,
-                    **detail,
-                },
+                detail={**op.audit_detail(), **detail},
             )
         except Exception:
             logger.exception("operation %s: audit of %s failed", op.id, kind)
 
-    async def announce_start(self, op: OperationRecord, *, published: bool = False) -> None:
+    async def announce_start(self, op: OperationRecord) -> None:
         """``operation.started``, once: ``started_at`` records it with the first step (one write
-        fewer while many start at once); a crash before that step publishes it again.
-        ``published`` says ``announce_many`` did already."""
+        fewer while many start at once); a crash before that step publishes it again."""
         if op.started_at is not None:
             await self.audit("operation.resumed", op, attempts=op.attempts, step=op.step)
             return
-        if not published:
-            await self._publish_progress(
-                op, "operation.started", step=None, progress=0, message=_started_message(op)
-            )
+        await self._publish_progress(
+            op, "operation.started", step=None, progress=0, message=_started_message(op)
+        )
         await self.audit("operation.started", op)
 
     async def announce_many(

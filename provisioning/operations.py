@@ -90,6 +90,16 @@ class OperationRecord:
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
 
+    def audit_detail(self) -> dict[str, Any]:
+        """What every audit row about this operation says of it."""
+        return {
+            "operation_id": self.id,
+            "kind": self.kind,
+            "resource_type": self.resource_type,
+            "resource_id": self.resource_id,
+            "plan": self.spec.plan_name,
+        }
+
     def snapshot(self) -> dict[str, Any]:
         """The body of ``GET /v1/operations/{id}`` (CONTRACT: HTTP API)."""
         return {

@@ -46,7 +46,7 @@ class _Task:
     steps_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     done: anyio.Event = field(default_factory=anyio.Event)
     cancel_requested: bool = False
-    started_published: bool = False
+    announced: bool = False
 
     def cancel(self) -> None:
         self.cancel_requested = True
@@ -188,7 +188,9 @@ class OperationRunner:
         self, conn: ops.Connection, requests: Sequence[ProvisionRequest]
     ) -> list[OperationRecord]:
         """Inserts, in the caller's transaction, a provision for each request whose subject has
-        none yet; ``launch`` runs them once that transaction has committed."""
+        none yet; ``launch`` announces and runs them once that transaction has committed. The
+        caller audits ``operation.started`` of each in that transaction (``audit_detail``):
+        one statement for all, where the runner would write a row each."""
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
         for request in requests:
@@ -211,7 +213,7 @@ class OperationRunner:
         leases expire and a sweep resumes them."""
         await self._exec.announce_many(created, along=along)
         for op in created:
-            self._spawn(op, started_published=True)
+            self._spawn(op, announced=True)
 
     async def cancel(self, op_id: str, *, wait: float = 10.0) -> OperationRecord:
         """Stops a provision that has not finished and rolls back what it created.
@@ -274,13 +276,13 @@ class OperationRunner:
             lambda: backend.rotate_credentials(resource_id), what=f"{resource_id} credentials"
         )
 
-    def _spawn(self, op: OperationRecord, *, started_published: bool = False) -> _Task:
+    def _spawn(self, op: OperationRecord, *, announced: bool = False) -> _Task:
         task = self._tasks.get(op.id)
         if task is not None:
             return task
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
-        task = self._tasks[op.id] = _Task(started_published=started_published)
+        task = self._tasks[op.id] = _Task(announced=announced)
         self._tg.start_soon(self._execute, op, task, name=f"operation {op.id}")
         return task
 
@@ -317,7 +319,8 @@ class OperationRunner:
         if op.finished_at is None:
             if op.cancel_requested:
                 task.cancel()
-            await self._exec.announce_start(op, published=task.started_published)
+            if not task.announced:
+                await self._exec.announce_start(op)
             outcome: Outcome | None = None
             # A cancellation also stops the wait for a slot: rolling back needs none.
             with task.steps_scope:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -140,11 +140,7 @@ class WebhookInbox:
                 events = [_event(row) for row in rows]
                 batch = await self._handle.handle_many(conn, events) if together else Batch()
                 if batch.handled:
-                    await conn.execute(
-                        "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
-                        " locked_until = NULL, last_error = NULL WHERE id = ANY($1::text[])",
-                        list(batch.handled),
-                    )
+                    await self.mark_processed(conn, batch.handled)
         except BatchNotHandled as exc:
             # Nothing was committed: the same events, one by one.
             logger.info("webhook batch handled one by one: %s", exc)
@@ -163,6 +159,13 @@ class WebhookInbox:
                 if event.id not in batch.handled:
                     tg.start_soon(self._process, event)
         return len(events)
+
+    async def mark_processed(self, conn: Connection, event_ids: Iterable[str]) -> None:
+        await conn.execute(
+            "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
+            " locked_until = NULL, last_error = NULL WHERE id = ANY($1::text[])",
+            list(event_ids),
+        )
 
     async def _process(self, event: InboxEvent) -> None:
         try:

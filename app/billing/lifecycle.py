@@ -203,7 +203,18 @@ class Lifecycle:
             for c in [paid[op.subject_id][0]]
         ]
         afters = await mark_paid(conn, payments)
-        await record_audits(conn, [e for a in afters for e in _paid_entries(*paid[a.id])])
+        started = {op.subject_id: op for op in created}
+        await record_audits(
+            conn,
+            [
+                entry
+                for a in afters
+                for entry in (
+                    *_paid_entries(*paid[a.id]),
+                    AuditEntry("operation.started", a.user_id, a.id, started[a.id].audit_detail()),
+                )
+            ],
+        )
         return Fulfilment(
             event_ids=frozenset(paid[a.id][0].event_id for a in afters),
             operations=tuple(created),

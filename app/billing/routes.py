@@ -12,6 +12,7 @@ from starlette.routing import Route
 
 from app.auth import authenticate
 from app.billing.checkout import RESOURCE_NAME
+from app.billing.intake import EventNotStorable, IntakeNotRunning
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, UnknownPlan, get_plan
 from app.billing.provider import PaymentProviderError, SubscriptionAlreadyCanceled
@@ -27,7 +28,6 @@ from app.billing.updates import subscription_json
 from app.billing.webhook_receiver import (
     parse_event,
     read_capped_body,
-    store_event,
     verify_signature,
 )
 from app.errors import APIError
@@ -190,14 +190,15 @@ async def stripe_webhook(request: Request) -> Response:
     )
     event = parse_event(text)
     try:
-        async with found.pool.acquire() as conn:
-            new = await store_event(conn, event)
-    except (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError):
+        new = await found.intake.store(event)
+    except EventNotStorable:
         raise APIError(
             400, "invalid_payload", "The event contains characters that cannot be stored."
         ) from None
-    if new:
-        found.inbox.wake()
+    except (IntakeNotRunning, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        raise APIError(
+            503, "unavailable", "The event could not be stored now; Stripe delivers it again."
+        ) from None
     return JSONResponse({"received": True, "id": event.id, "duplicate": not new})
 
 

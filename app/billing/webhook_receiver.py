@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -22,6 +23,7 @@ __all__ = [
     "parse_event",
     "read_capped_body",
     "store_event",
+    "store_events",
     "verify_signature",
 ]
 
@@ -37,6 +39,9 @@ class VerifiedEvent:
     type: str
     created: datetime
     payload: dict[str, Any]
+    text: str  # as Stripe signed it: stored as is, not encoded again
+    # When it was verified: the inbox row's received_at, however long it waits to be written.
+    received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
 async def read_capped_body(request: Request, limit: int = MAX_WEBHOOK_BYTES) -> bytes:
@@ -101,17 +106,37 @@ def parse_event(text: str) -> VerifiedEvent:
         moment = datetime.fromtimestamp(created, UTC)
     except (OverflowError, ValueError, OSError):
         raise APIError(400, "invalid_payload", "The event's 'created' is out of range.") from None
-    return VerifiedEvent(id=event_id, type=event_type, created=moment, payload=payload)
+    return VerifiedEvent(id=event_id, type=event_type, created=moment, payload=payload, text=text)
 
 
 async def store_event(conn: Connection, event: VerifiedEvent) -> bool:
     """Answers whether the event is new; a redelivery stores nothing again."""
     inserted = await conn.fetchval(
-        "INSERT INTO webhook_events (id, type, stripe_created, payload)"
-        " VALUES ($1, $2, $3, $4::jsonb) ON CONFLICT (id) DO NOTHING RETURNING true",
+        "INSERT INTO webhook_events (id, type, stripe_created, payload, received_at)"
+        " VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT (id) DO NOTHING RETURNING true",
         event.id,
         event.type,
         event.created,
-        json.dumps(event.payload),
+        event.text,
+        event.received_at,
     )
     return bool(inserted)
+
+
+async def store_events(conn: Connection, events: Sequence[VerifiedEvent]) -> set[str]:
+    """Stores events of distinct ids in one statement; answers the ids that were new."""
+    if not events:
+        return set()
+    rows = await conn.fetch(
+        "INSERT INTO webhook_events (id, type, stripe_created, payload, received_at)"
+        " SELECT id, type, created, payload::jsonb, received"
+        " FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[], $5::timestamptz[])"
+        " AS e(id, type, created, payload, received)"
+        " ON CONFLICT (id) DO NOTHING RETURNING id",
+        [e.id for e in events],
+        [e.type for e in events],
+        [e.created for e in events],
+        [e.text for e in events],
+        [e.received_at for e in events],
+    )
+    return {row["id"] for row in rows}

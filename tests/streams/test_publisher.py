@@ -108,6 +108,10 @@ async def test_publish_many_is_one_round_trip_with_the_same_effect(
     await redis.script_flush()
     publisher = EventPublisher(redis, prefix=redis_prefix)
     started = [Event.create("operation.started", operation_id=f"op_{n}") for n in range(3)]
+    pubsub = redis.pubsub()
+    await pubsub.subscribe(channel_name(redis_prefix, operation_topic("op_2")))
+    confirmation: Any = await pubsub.get_message(timeout=5)
+    assert confirmation["type"] == "subscribe"
     answers = await publisher.publish_many(
         [
             (started[0], [operation_topic("op_0"), user_topic("usr_a")]),
@@ -131,3 +135,12 @@ async def test_publish_many_is_one_round_trip_with_the_same_effect(
     only: Any = await redis.xrange(stream_key(redis_prefix, operation_topic("op_2")))
     [(only_id, _)] = only
     assert only_id.decode() == answers[3][operation_topic("op_2")]
+    try:
+        with anyio.fail_after(5):
+            message: Any = None
+            while message is None or message["type"] != "message":
+                message = await pubsub.get_message(timeout=5)
+    finally:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    # The hub frames this announcement without reading the Stream: it must be exact.
+    assert message["data"] == b"\n".join([only_id, b"operation.started", started[2].encode()])

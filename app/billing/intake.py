@@ -1,0 +1,153 @@
+"""Storing verified webhooks in the inbox, in groups: the events that arrive together are
+written by one INSERT and one commit (a group commit), and the payments among them are
+fulfilled in that same transaction.
+
+A burst of 100 confirmations used to be 100 commits on the request path, then a worker's
+claim, then the fulfilment: each a queue of its own. Now a request waits for the group its
+event joined, which is written as soon as the previous one is done; its payment is then
+already committed as a provisioning operation, announced right after.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import asyncpg
+
+from app.billing.inbox import BATCH, Batch, InboxEvent, InboxHandler, WebhookInbox
+from app.billing.webhook_receiver import VerifiedEvent, store_event, store_events
+
+__all__ = ["EventNotStorable", "IntakeNotRunning", "WebhookIntake"]
+
+logger = logging.getLogger(__name__)
+
+_UNSTORABLE = (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError)
+
+
+class EventNotStorable(Exception):
+    """PostgreSQL cannot store this event's text (a NUL character, say)."""
+
+
+class IntakeNotRunning(Exception):
+    """The intake's task is not running: start `WebhookIntake.run` in the app's task group."""
+
+
+@dataclass(eq=False)
+class _Waiting:
+    event: VerifiedEvent
+    done: anyio.Event = field(default_factory=anyio.Event)
+    new: bool = False
+    error: Exception | None = None
+
+
+class WebhookIntake:
+    def __init__(self, pool: asyncpg.Pool, handle: InboxHandler, inbox: WebhookInbox) -> None:
+        self._pool = pool
+        self._handle = handle
+        self._inbox = inbox
+        self._queue: list[_Waiting] = []
+        self._arrived = anyio.Event()
+        self._running = False
+
+    async def store(self, event: VerifiedEvent) -> bool:
+        """Answers, once the event is committed, whether it is new (not a redelivery)."""
+        if not self._running:
+            raise IntakeNotRunning("the webhook intake is not running")
+        waiting = _Waiting(event)
+        self._queue.append(waiting)
+        self._arrived.set()
+        await waiting.done.wait()
+        if waiting.error is not None:
+            raise waiting.error
+        return waiting.new
+
+    async def run(self) -> None:
+        """Writes the queued events, group after group, until cancelled."""
+        self._running = True
+        try:
+            while True:
+                await self._arrived.wait()
+                self._arrived = anyio.Event()
+                while self._queue:
+                    group, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+                    try:
+                        await self._write(group)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        # Its requests answer 503 and Stripe delivers them again.
+                        logger.exception("webhook group of %d not stored", len(group))
+        finally:
+            self._running = False
+            for waiting in self._queue:
+                waiting.error = IntakeNotRunning("the server is shutting down")
+                waiting.done.set()
+
+    async def _write(self, group: Sequence[_Waiting]) -> None:
+        try:
+            try:
+                batch = await self._write_together(group, handle=True)
+            except _UNSTORABLE:
+                batch = await self._write_one_by_one(group)
+            except Exception:
+                # The request boundary of a whole group: store them, fulfil them later.
+                logger.exception("webhook group of %d not handled together", len(group))
+                batch = await self._write_together(group, handle=False)
+        except Exception as exc:
+            for waiting in group:
+                waiting.error = exc
+            raise
+        finally:
+            for waiting in group:
+                waiting.done.set()
+        if batch.after_commit is not None:
+            await batch.after_commit()
+        self._inbox.wake()
+
+    async def _write_together(self, group: Sequence[_Waiting], *, handle: bool) -> Batch:
+        events = _first_of_each(group)
+        async with self._pool.acquire() as conn, conn.transaction():
+            new = await store_events(conn, events)
+            fresh = [_inbox_event(e) for e in events if e.id in new]
+            batch = await self._handle.handle_many(conn, fresh) if handle and fresh else Batch()
+            if batch.handled:
+                await self._inbox.mark_processed(conn, batch.handled)
+        _answer(group, new)
+        return batch
+
+    async def _write_one_by_one(self, group: Sequence[_Waiting]) -> Batch:
+        """One event of the group cannot be stored: store the others, refuse that one."""
+        new: set[str] = set()
+        for event in _first_of_each(group):
+            try:
+                async with self._pool.acquire() as conn:
+                    if await store_event(conn, event):
+                        new.add(event.id)
+            except _UNSTORABLE:
+                for waiting in group:
+                    if waiting.event.id == event.id:
+                        waiting.error = EventNotStorable(event.id)
+        _answer(group, new)
+        return Batch()
+
+
+def _first_of_each(group: Sequence[_Waiting]) -> list[VerifiedEvent]:
+    events: dict[str, VerifiedEvent] = {}
+    for waiting in group:
+        events.setdefault(waiting.event.id, waiting.event)
+    return list(events.values())
+
+
+def _answer(group: Sequence[_Waiting], new: set[str]) -> None:
+    # Only the first delivery of an id in the group counts as new.
+    answered: set[str] = set()
+    for waiting in group:
+        waiting.new = waiting.event.id in new and waiting.event.id not in answered
+        answered.add(waiting.event.id)
+
+
+def _inbox_event(event: VerifiedEvent) -> InboxEvent:
+    return InboxEvent(
+        id=event.id, type=event.type, created=event.created, payload=event.payload, attempts=1
+    )
