@@ -140,3 +140,28 @@ async def test_the_same_event_five_times_at_once_has_one_effect(settings: Settin
             )
         assert operations == 1
         assert paid_audits == 1
+
+
+async def test_one_unstorable_event_among_many_at_once_refuses_only_that_one(
+    settings: Settings,
+) -> None:
+    # Events arriving together are written by one INSERT: one that PostgreSQL cannot store
+    # must not take the others down with it.
+    async with running_stack(settings) as stack:
+        good = [make_event("invoice.created", stripe_object("invoice")) for _ in range(8)]
+        bad = make_event("invoice.created", stripe_object("invoice", description="a\u0000b"))
+        answers: dict[str, httpx.Response] = {}
+
+        async def send(event: dict[str, object]) -> None:
+            answers[str(event["id"])] = await deliver(stack.anonymous, event, secret(stack))
+
+        async with anyio.create_task_group() as tg:
+            for event in [*good[:4], bad, *good[4:]]:
+                tg.start_soon(send, event)
+        assert answers[bad["id"]].status_code == 400
+        assert answers[bad["id"]].json()["error"]["code"] == "invalid_payload"
+        assert all(answers[e["id"]].status_code == 200 for e in good)
+        async with stack.app.state.services.pool.acquire() as conn:
+            stored = {r["id"] for r in await conn.fetch("SELECT id FROM webhook_events")}
+        assert stored >= {e["id"] for e in good}
+        assert bad["id"] not in stored
