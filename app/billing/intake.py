@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
+import anyio.lowlevel
 import asyncpg
 
 from app.billing.inbox import BATCH, Batch, InboxEvent, InboxHandler, WebhookInbox
@@ -52,6 +53,10 @@ class WebhookIntake:
         self._arrived = anyio.Event()
         self._running = False
 
+    @property
+    def running(self) -> bool:
+        return self._running
+
     async def store(self, event: VerifiedEvent) -> bool:
         """Answers, once the event is committed, whether it is new (not a redelivery)."""
         if not self._running:
@@ -70,6 +75,8 @@ class WebhookIntake:
         try:
             while True:
                 await self._arrived.wait()
+                # Requests already received run up to here first: they join this group.
+                await anyio.lowlevel.checkpoint()
                 self._arrived = anyio.Event()
                 while self._queue:
                     group, self._queue = self._queue[:BATCH], self._queue[BATCH:]

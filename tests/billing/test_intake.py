@@ -1,0 +1,88 @@
+"""The webhook intake's group commit, with a handler double whose batch path breaks."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import anyio
+import asyncpg
+import pytest
+
+from app.billing.inbox import Batch, InboxEvent, WebhookInbox
+from app.billing.intake import IntakeNotRunning, WebhookIntake
+from app.billing.webhook_receiver import parse_event
+from app.db import Connection
+from tests.support.stack import wait_for
+from tests.support.stripe_events import make_event, stripe_object
+
+pytestmark = pytest.mark.anyio
+
+
+class BrokenBatchHandler:
+    """Fails every batch; handles events one by one."""
+
+    def __init__(self) -> None:
+        self.batches = 0
+        self.one_by_one: list[str] = []
+
+    async def __call__(self, event: InboxEvent) -> None:
+        self.one_by_one.append(event.id)
+
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        self.batches += 1
+        # Written in the group's transaction, then undone with it.
+        await conn.execute("INSERT INTO audit_log (kind) VALUES ('half-done batch')")
+        raise RuntimeError("the batch path is broken")
+
+
+async def test_a_broken_batch_stores_every_event_and_handles_them_one_by_one(
+    db_pool: asyncpg.Pool,
+) -> None:
+    handler = BrokenBatchHandler()
+    inbox = WebhookInbox(db_pool, handler)
+    intake = WebhookIntake(db_pool, handler, inbox)
+    events = [
+        parse_event(json.dumps(make_event("invoice.paid", stripe_object("invoice"))))
+        for _ in range(5)
+    ]
+    answers: dict[str, bool] = {}
+
+    async def store(index: int) -> None:
+        answers[f"{index}"] = await intake.store(events[index % len(events)])
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.run)
+        tg.start_soon(inbox.run)
+        await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+        async with anyio.create_task_group() as senders:
+            for index in range(7):  # two of them are repeats
+                senders.start_soon(store, index)
+        assert sorted(answers.values()) == [False, False, True, True, True, True, True]
+        assert handler.batches >= 1
+        await wait_for(lambda: _all_processed(db_pool, 5), within=10, what="5 processed")
+        tg.cancel_scope.cancel()
+    async with db_pool.acquire() as conn:
+        half_done = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE kind = 'half-done batch'"
+        )
+    assert half_done == 0
+    assert sorted(handler.one_by_one) == sorted(e.id for e in events)
+
+
+async def test_storing_without_the_intake_running_is_refused(db_pool: asyncpg.Pool) -> None:
+    handler = BrokenBatchHandler()
+    intake = WebhookIntake(db_pool, handler, WebhookInbox(db_pool, handler))
+    event = parse_event(json.dumps(make_event("invoice.paid", {"id": "in_1"})))
+    with pytest.raises(IntakeNotRunning):
+        await intake.store(event)
+
+
+async def _running(intake: WebhookIntake) -> bool:
+    return intake.running
+
+
+async def _all_processed(pool: asyncpg.Pool, count: int) -> bool:
+    async with pool.acquire() as conn:
+        statuses = [r["status"] for r in await conn.fetch("SELECT status FROM webhook_events")]
+    return statuses == ["processed"] * count
