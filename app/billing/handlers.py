@@ -84,6 +84,9 @@ class StripeEventHandlers:
         else:
             await handler(event, record)
 
+    def batchable(self, event: InboxEvent) -> bool:
+        return _confirms_payment(event)
+
     async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
         """Fulfils the paid Checkout Sessions of a batch together, in the inbox's transaction;
         the rest go through `__call__`, one by one."""

@@ -59,6 +59,9 @@ class InboxHandler(Protocol):
     async def __call__(self, event: InboxEvent, /) -> None:
         """Handles one event; raising leaves it to be retried."""
 
+    def batchable(self, event: InboxEvent, /) -> bool:
+        """Whether `handle_many` may handle this event; the others skip its transaction."""
+
     async def handle_many(self, conn: Connection, events: Sequence[InboxEvent], /) -> Batch:
         """Handles what it can of a batch, in the inbox's transaction (raises
         `BatchNotHandled` to leave all of it to `__call__`)."""
@@ -128,28 +131,15 @@ class WebhookInbox:
                 await self._wake.wait()
             self._wake = anyio.Event()
 
-    async def process_due(self, event_id: str | None = None, *, together: bool = True) -> int:
+    async def process_due(self, event_id: str | None = None) -> int:
         """Claims and processes a batch of due events (or just `event_id`); answers how many.
 
-        In the transaction that claims them, the handler handles what it can of the batch at
-        once (a burst of payments: a few round trips in all rather than a dozen each) and
-        those are marked processed; the rest are handled one by one after it commits."""
-        try:
-            async with self._pool.acquire() as conn, conn.transaction():
-                rows = await conn.fetch(_CLAIM, event_id, LOCK_SECONDS, BATCH)
-                events = [_event(row) for row in rows]
-                batch = await self._handle.handle_many(conn, events) if together else Batch()
-                if batch.handled:
-                    await self.mark_processed(conn, batch.handled)
-        except BatchNotHandled as exc:
-            # Nothing was committed: the same events, one by one.
-            logger.info("webhook batch handled one by one: %s", exc)
-            return await self.process_due(event_id, together=False)
-        except Exception:
-            if not together:
-                raise
-            logger.exception("webhook batch failed; handling its events one by one")
-            return await self.process_due(event_id, together=False)
+        The handler handles the events it can batch in one transaction (a burst of payments:
+        a few round trips in all rather than a dozen each); the rest, one by one."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(_CLAIM, event_id, LOCK_SECONDS, BATCH)
+        events = [_event(row) for row in rows]
+        batch = await self._together([e for e in events if self._handle.batchable(e)])
         if batch.after_commit is not None:
             await batch.after_commit()
         # Side by side: each handler locks the subscription it changes, and applies Stripe's
@@ -159,6 +149,23 @@ class WebhookInbox:
                 if event.id not in batch.handled:
                     tg.start_soon(self._process, event)
         return len(events)
+
+    async def _together(self, events: Sequence[InboxEvent]) -> Batch:
+        if not events:
+            return Batch()
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                batch = await self._handle.handle_many(conn, events)
+                if batch.handled:
+                    await self.mark_processed(conn, batch.handled)
+        except BatchNotHandled as exc:
+            # Nothing was committed; the events are claimed: one by one, now.
+            logger.info("webhook batch handled one by one: %s", exc)
+            return Batch()
+        except Exception:
+            logger.exception("webhook batch of %d failed; handling them one by one", len(events))
+            return Batch()
+        return batch
 
     async def mark_processed(self, conn: Connection, event_ids: Iterable[str]) -> None:
         await conn.execute(

@@ -114,6 +114,12 @@ class WebhookIntake:
 
     async def _write_together(self, group: Sequence[_Waiting], *, handle: bool) -> Batch:
         events = _first_of_each(group)
+        if not (handle and any(self._handle.batchable(_inbox_event(e)) for e in events)):
+            # Nothing to fulfil here: one statement, its own transaction.
+            async with self._pool.acquire() as conn:
+                new = await store_events(conn, events)
+            _answer(group, new)
+            return Batch()
         async with self._pool.acquire() as conn, conn.transaction():
             new = await store_events(conn, events)
             fresh = [_inbox_event(e) for e in events if e.id in new]

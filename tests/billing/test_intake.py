@@ -29,6 +29,9 @@ class BrokenBatchHandler:
     async def __call__(self, event: InboxEvent) -> None:
         self.one_by_one.append(event.id)
 
+    def batchable(self, event: InboxEvent) -> bool:
+        return True
+
     async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
         self.batches += 1
         # Written in the group's transaction, then undone with it.
