@@ -35,7 +35,7 @@ from streams import (
     operation_topic,
 )
 
-__all__ = ["direct_stream_routes", "stream_routes"]
+__all__ = ["answering_errors", "direct_stream_routes", "stream_routes"]
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from app.requests import read_json, require_string
 from app.services import services
 from app.users import User
 
-__all__ = ["billing_routes", "owned_subscription"]
+__all__ = ["billing_routes", "owned_subscription", "stripe_webhook"]
 
 logger = logging.getLogger(__name__)
 
