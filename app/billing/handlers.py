@@ -17,8 +17,9 @@ from typing import Any
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.fulfilment import PaymentConfirmation
 from app.billing.inbox import Batch, InboxEvent
-from app.billing.lifecycle import Lifecycle, PaymentConfirmation, StripeState
+from app.billing.lifecycle import Lifecycle, StripeState
 from app.billing.provider import PaymentProvider, PaymentProviderNotFound
 from app.billing.stripe_objects import (
     invoice_subscription_id,

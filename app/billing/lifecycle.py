@@ -15,17 +15,14 @@ from datetime import datetime
 
 import asyncpg
 
-from app.audit import AuditEntry, record_audit, record_audits
-from app.billing.plans import get_plan
+from app.audit import record_audit
+from app.billing.fulfilment import Fulfilment, PaymentConfirmation, fulfil_many, resource_spec
 from app.billing.provider import SubscriptionInfo
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
     TERMINAL_STATUSES,
-    Payment,
     SubscriptionRecord,
     get_subscription,
-    lock_for_payment,
-    mark_paid,
     queue_stripe_cancellation,
     set_subscription_fields,
 )
@@ -33,31 +30,13 @@ from app.billing.updates import publish_subscription, subscription_updates
 from app.db import Connection
 from provisioning import (
     NothingToDeprovision,
-    OperationRecord,
     OperationRunner,
-    ProvisionRequest,
-    ResourceSpec,
 )
 from streams import EventPublisher
 
-__all__ = [
-    "Fulfilment",
-    "Lifecycle",
-    "PaymentConfirmation",
-    "StripeState",
-    "resource_spec",
-    "status_for_stripe",
-]
+__all__ = ["Lifecycle", "StripeState", "status_for_stripe"]
 
 logger = logging.getLogger(__name__)
-
-
-def resource_spec(record: SubscriptionRecord) -> ResourceSpec:
-    plan = get_plan(record.plan)
-    limits = {"max_resources": plan.limits.max_per_user}
-    if plan.limits.max_connections is not None:
-        limits["max_connections"] = plan.limits.max_connections
-    return ResourceSpec(resource_type=plan.resource_type, plan_name=plan.name, limits=limits)
 
 
 def status_for_stripe(stripe_status: str, current: str) -> str:
@@ -104,28 +83,6 @@ class StripeState:
         )
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class PaymentConfirmation:
-    """A Stripe event saying a Checkout Session is paid, as `fulfil_many` takes it."""
-
-    event_id: str
-    event_type: str
-    subscription_id: str | None
-    checkout_session_id: str | None
-    stripe_subscription_id: str | None
-    customer_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class Fulfilment:
-    """What `fulfil_many` committed: the events it handled, the operations it created and the
-    subscriptions it changed, as `(after, before)`."""
-
-    event_ids: frozenset[str]
-    operations: tuple[OperationRecord, ...]
-    changes: tuple[tuple[SubscriptionRecord, SubscriptionRecord], ...]
-
-
 class Lifecycle:
     def __init__(self, pool: asyncpg.Pool, publisher: EventPublisher) -> None:
         self._pool = pool
@@ -170,56 +127,9 @@ class Lifecycle:
     async def fulfil_many(
         self, conn: Connection, confirmations: Sequence[PaymentConfirmation]
     ) -> Fulfilment:
-        """`fulfil` for a burst of payments, in the caller's transaction, in a few statements
-        for all of them; `announce` starts them once it has committed. The confirmations it
-        leaves (a repeat, a subscription already past `pending_payment` or unknown here) are
-        for `fulfil`."""
-        found = await lock_for_payment(
-            conn,
-            [c.subscription_id for c in confirmations if c.subscription_id],
-            [c.checkout_session_id for c in confirmations if c.checkout_session_id],
-        )
-        by_id = {r.id: r for r in found}
-        by_session = {
-            r.stripe_checkout_session_id: r for r in found if r.stripe_checkout_session_id
-        }
-        paid: dict[str, tuple[PaymentConfirmation, SubscriptionRecord]] = {}
-        for confirmation in confirmations:
-            record = by_id.get(confirmation.subscription_id or "") or by_session.get(
-                confirmation.checkout_session_id or ""
-            )
-            if record and record.status == "pending_payment" and not record.operation_id:
-                paid.setdefault(record.id, (confirmation, record))
-        created = await self._runner().create_provisions(
-            conn,
-            [
-                ProvisionRequest(r.id, r.user_id, resource_spec(r), r.resource_id)
-                for _, r in paid.values()
-            ],
-        )
-        payments = [
-            Payment(op.subject_id, c.stripe_subscription_id, c.customer_id, op.id)
-            for op in created
-            for c in [paid[op.subject_id][0]]
-        ]
-        afters = await mark_paid(conn, payments)
-        started = {op.subject_id: op for op in created}
-        await record_audits(
-            conn,
-            [
-                entry
-                for a in afters
-                for entry in (
-                    *_paid_entries(*paid[a.id]),
-                    AuditEntry("operation.started", a.user_id, a.id, started[a.id].audit_detail()),
-                )
-            ],
-        )
-        return Fulfilment(
-            event_ids=frozenset(paid[a.id][0].event_id for a in afters),
-            operations=tuple(created),
-            changes=tuple((a, paid[a.id][1]) for a in afters),
-        )
+        """`fulfil` for a burst of payments, in the caller's transaction (see `fulfilment`);
+        `announce` starts them once it has committed."""
+        return await fulfil_many(conn, self._runner(), confirmations)
 
     async def announce(self, fulfilment: Fulfilment) -> None:
         """After `fulfil_many` committed: every `operation.started` and `subscription.updated`
@@ -319,26 +229,3 @@ class Lifecycle:
             )
         except NothingToDeprovision:
             logger.info("subscription %s ended before anything was provisioned", record.id)
-
-
-def _paid_entries(
-    confirmation: PaymentConfirmation, record: SubscriptionRecord
-) -> tuple[AuditEntry, AuditEntry]:
-    """What `StripeEventHandlers` and `fulfil` audit, one event at a time."""
-    return (
-        AuditEntry(
-            f"stripe.{confirmation.event_type}",
-            record.user_id,
-            record.id,
-            {"event_id": confirmation.event_id, "object_id": confirmation.checkout_session_id},
-        ),
-        AuditEntry(
-            "subscription.paid",
-            record.user_id,
-            record.id,
-            {
-                "source": confirmation.event_type,
-                "stripe_subscription_id": confirmation.stripe_subscription_id,
-            },
-        ),
-    )
