@@ -150,9 +150,8 @@ def create_app(
                 max_concurrent=PROVISIONING_CONCURRENCY,
             )
             lifecycle.runner = runner
-            handlers = StripeEventHandlers(pool, payments, lifecycle)
-            inbox = WebhookInbox(pool, handlers)
-            intake = WebhookIntake(pool, handlers, inbox)
+            inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
+            intake = WebhookIntake(pool, inbox)
             shutting_down = anyio.Event()
             async with anyio.create_task_group() as task_group:
                 await task_group.start(hub.run)

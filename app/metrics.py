@@ -144,11 +144,6 @@ class CountingPublisher(EventPublisher):
         super().__init__(redis, prefix=prefix)
         self._counter = counter
 
-    async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
-        ids = await super().publish(event, topics)
-        self._counter.labels(event.type).inc()
-        return ids
-
     async def publish_many(
         self, items: Sequence[tuple[Event, Iterable[str]]]
     ) -> list[dict[str, str]]:

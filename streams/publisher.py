@@ -15,26 +15,12 @@ __all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher"]
 DEFAULT_MAXLEN: Final = 1000
 DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
 
-# KEYS: one Stream per topic. ARGV: type, JSON, trim operator, maxlen, ttl, then one channel per
-# key. The announcement is "<stream id>\n<type>\n<json>" so that the hub can frame it without a
-# read or a JSON parse. A script runs atomically: no reader sees the entry before its TTL is set,
-# and the announcement cannot be lost between XADD and PUBLISH.
+# KEYS: the Streams of every event's topics, in order. ARGV: trim operator, maxlen, ttl, then
+# for each event its type, its JSON, its number of topics n and their n channels. The
+# announcement is "<stream id>\n<type>\n<json>" so that the hub can frame it without a read or
+# a JSON parse. A script runs atomically: no reader sees an entry before its TTL is set, and an
+# announcement cannot be lost between XADD and PUBLISH.
 _PUBLISH_LUA: Final = """
-local etype, data, op, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local ids = {}
-for i, key in ipairs(KEYS) do
-  local id = redis.call('XADD', key, 'MAXLEN', op, maxlen, '*', 't', etype, 'd', data)
-  redis.call('EXPIRE', key, ttl)
-  redis.call('PUBLISH', ARGV[5 + i], id .. '\\n' .. etype .. '\\n' .. data)
-  ids[i] = id
-end
-return ids
-"""
-
-
-# The same for many events at once. ARGV: trim operator, maxlen, ttl, then for each event: type,
-# JSON, its number of topics n, and n channels; KEYS: the events' Streams, in the same order.
-_PUBLISH_MANY_LUA: Final = """
 local op, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
 local a, k, ids = 4, 1, {}
 while a <= #ARGV do
@@ -80,7 +66,6 @@ class EventPublisher:
         self._ttl = ttl_seconds
         self._trim_op = "=" if exact_trim else "~"
         self._script = redis.register_script(_PUBLISH_LUA)
-        self._many_script = redis.register_script(_PUBLISH_MANY_LUA)
 
     @property
     def prefix(self) -> str:
@@ -88,19 +73,15 @@ class EventPublisher:
 
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
         """Publish ``event`` to every topic; answers each topic's Stream id (its SSE ``id``)."""
-        unique: Sequence[str] = list(dict.fromkeys(topics))
-        if not unique:
-            return {}
-        keys, args = self._script_input(event, unique)
-        ids = await self._script(keys=keys, args=args)
-        return _ids_by_topic(unique, ids)
+        [ids] = await self.publish_many([(event, topics)])
+        return ids
 
     async def publish_many(
         self, items: Sequence[tuple[Event, Iterable[str]]]
     ) -> list[dict[str, str]]:
         """Publishes several events, in order, in one command (one script: atomic, and a
         burst's hundreds of events cost one round trip and one command to encode); answers
-        each one's Stream ids, as ``publish``."""
+        each one's Stream ids, as ``publish``. A topic named twice for one event counts once."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
         keys: list[str] = []
         args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl]
@@ -110,27 +91,9 @@ class EventPublisher:
             keys += [stream_key(self._prefix, topic) for topic in topics]
             args += [event.type, event.encode(), len(topics)]
             args += [channel_name(self._prefix, topic) for topic in topics]
-        ids = iter(await self._many_script(keys=keys, args=args) if keys else [])
-        return [_ids_by_topic(topics, [next(ids) for _ in topics]) for _, topics in planned]
-
-    def _script_input(
-        self, event: Event, topics: Sequence[str]
-    ) -> tuple[list[str], list[bytes | str | int]]:
-        keys = [stream_key(self._prefix, topic) for topic in topics]
-        channels = [channel_name(self._prefix, topic) for topic in topics]
-        args: list[bytes | str | int] = [
-            event.type,
-            event.encode(),
-            self._trim_op,
-            self._maxlen,
-            self._ttl,
-            *channels,
-        ]
-        return keys, args
+        ids = iter(await self._script(keys=keys, args=args) if keys else [])
+        return [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
 
 
-def _ids_by_topic(topics: Sequence[str], ids: Sequence[object]) -> dict[str, str]:
-    return {
-        topic: raw.decode() if isinstance(raw, bytes) else str(raw)
-        for topic, raw in zip(topics, ids, strict=True)
-    }
+def _text(raw: object) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)

@@ -74,11 +74,14 @@ async def fulfil_many(
             for _, r in paid.values()
         ],
     )
-    payments = [
-        Payment(op.subject_id, c.stripe_subscription_id, c.customer_id, op.id)
-        for op in created
-        for c in [paid[op.subject_id][0]]
-    ]
+    payments = []
+    for op in created:
+        confirmation = paid[op.subject_id][0]
+        payments.append(
+            Payment(
+                op.subject_id, confirmation.stripe_subscription_id, confirmation.customer_id, op.id
+            )
+        )
     afters = await mark_paid(conn, payments)
     started = {op.subject_id: op for op in created}
     await record_audits(

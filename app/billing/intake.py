@@ -18,7 +18,7 @@ import anyio
 import anyio.lowlevel
 import asyncpg
 
-from app.billing.inbox import BATCH, Batch, InboxEvent, InboxHandler, WebhookInbox
+from app.billing.inbox import BATCH, Batch, InboxEvent, WebhookInbox
 from app.billing.webhook_receiver import VerifiedEvent, store_event, store_events
 
 __all__ = ["EventNotStorable", "IntakeNotRunning", "WebhookIntake"]
@@ -45,9 +45,10 @@ class _Waiting:
 
 
 class WebhookIntake:
-    def __init__(self, pool: asyncpg.Pool, handle: InboxHandler, inbox: WebhookInbox) -> None:
+    def __init__(self, pool: asyncpg.Pool, inbox: WebhookInbox) -> None:
+        """Events go into `inbox`'s table; its handler's batch runs in the group's transaction,
+        and the inbox worker is woken for what is left."""
         self._pool = pool
-        self._handle = handle
         self._inbox = inbox
         self._queue: list[_Waiting] = []
         self._arrived = anyio.Event()
@@ -94,13 +95,13 @@ class WebhookIntake:
     async def _write(self, group: Sequence[_Waiting]) -> None:
         try:
             try:
-                batch = await self._write_together(group, handle=True)
+                new, batch = await self._write_together(group, handle=True)
             except _UNSTORABLE:
-                batch = await self._write_one_by_one(group)
+                new, batch = await self._write_one_by_one(group), Batch()
             except Exception:
                 # The request boundary of a whole group: store them, fulfil them later.
                 logger.exception("webhook group of %d not handled together", len(group))
-                batch = await self._write_together(group, handle=False)
+                new, batch = await self._write_together(group, handle=False)
         except Exception as exc:
             for waiting in group:
                 waiting.error = exc
@@ -110,26 +111,28 @@ class WebhookIntake:
                 waiting.done.set()
         if batch.after_commit is not None:
             await batch.after_commit()
-        self._inbox.wake()
+        if new - batch.handled:
+            self._inbox.wake()
 
-    async def _write_together(self, group: Sequence[_Waiting], *, handle: bool) -> Batch:
-        events = _first_of_each(group)
-        if not (handle and any(self._handle.batchable(_inbox_event(e)) for e in events)):
+    async def _write_together(
+        self, group: Sequence[_Waiting], *, handle: bool
+    ) -> tuple[set[str], Batch]:
+        """Answers the ids that were new, and what the batch handler did with them."""
+        verified = _first_of_each(group)
+        events = [_inbox_event(e) for e in verified]
+        if not (handle and self._inbox.any_batchable(events)):
             # Nothing to fulfil here: one statement, its own transaction.
             async with self._pool.acquire() as conn:
-                new = await store_events(conn, events)
+                new = await store_events(conn, verified)
             _answer(group, new)
-            return Batch()
+            return new, Batch()
         async with self._pool.acquire() as conn, conn.transaction():
-            new = await store_events(conn, events)
-            fresh = [_inbox_event(e) for e in events if e.id in new]
-            batch = await self._handle.handle_many(conn, fresh) if handle and fresh else Batch()
-            if batch.handled:
-                await self._inbox.mark_processed(conn, batch.handled)
+            new = await store_events(conn, verified)
+            batch = await self._inbox.handle_together(conn, [e for e in events if e.id in new])
         _answer(group, new)
-        return batch
+        return new, batch
 
-    async def _write_one_by_one(self, group: Sequence[_Waiting]) -> Batch:
+    async def _write_one_by_one(self, group: Sequence[_Waiting]) -> set[str]:
         """One event of the group cannot be stored: store the others, refuse that one."""
         new: set[str] = set()
         for event in _first_of_each(group):
@@ -142,7 +145,7 @@ class WebhookIntake:
                     if waiting.event.id == event.id:
                         waiting.error = EventNotStorable(event.id)
         _answer(group, new)
-        return Batch()
+        return new
 
 
 def _first_of_each(group: Sequence[_Waiting]) -> list[VerifiedEvent]:

@@ -28,10 +28,7 @@ from app.billing.subscriptions import (
 )
 from app.billing.updates import publish_subscription, subscription_updates
 from app.db import Connection
-from provisioning import (
-    NothingToDeprovision,
-    OperationRunner,
-)
+from provisioning import NothingToDeprovision, OperationRunner
 from streams import EventPublisher
 
 __all__ = ["Lifecycle", "StripeState", "status_for_stripe"]

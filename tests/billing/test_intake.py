@@ -44,7 +44,7 @@ async def test_a_broken_batch_stores_every_event_and_handles_them_one_by_one(
 ) -> None:
     handler = BrokenBatchHandler()
     inbox = WebhookInbox(db_pool, handler)
-    intake = WebhookIntake(db_pool, handler, inbox)
+    intake = WebhookIntake(db_pool, inbox)
     events = [
         parse_event(json.dumps(make_event("invoice.paid", stripe_object("invoice"))))
         for _ in range(5)
@@ -75,7 +75,7 @@ async def test_a_broken_batch_stores_every_event_and_handles_them_one_by_one(
 
 async def test_storing_without_the_intake_running_is_refused(db_pool: asyncpg.Pool) -> None:
     handler = BrokenBatchHandler()
-    intake = WebhookIntake(db_pool, handler, WebhookInbox(db_pool, handler))
+    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, handler))
     event = parse_event(json.dumps(make_event("invoice.paid", {"id": "in_1"})))
     with pytest.raises(IntakeNotRunning):
         await intake.store(event)
