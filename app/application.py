@@ -141,6 +141,8 @@ def create_app(
             )
             lifecycle = Lifecycle(pool, publisher)
             hooks = BillingHooks(pool, payments, publisher, lifecycle)
+            inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
+            intake = WebhookIntake(pool, inbox)
             runner = OperationRunner(
                 pool,
                 publisher,
@@ -148,10 +150,9 @@ def create_app(
                 backends if backends is not None else default_backends(settings),
                 instance_id=instance_id,
                 max_concurrent=PROVISIONING_CONCURRENCY,
+                give_way_to=intake,
             )
             lifecycle.runner = runner
-            inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
-            intake = WebhookIntake(pool, inbox)
             shutting_down = anyio.Event()
             async with anyio.create_task_group() as task_group:
                 await task_group.start(hub.run)

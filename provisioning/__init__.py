@@ -16,6 +16,7 @@ from .errors import (
     RunnerNotRunning,
     is_transient,
 )
+from .foreground import Foreground
 from .graph import GraphBackend
 from .hooks import SubscriptionHooks
 from .operations import OperationRecord, OperationStatus, get_operation, get_operation_for_subject
@@ -27,6 +28,7 @@ from .runner import OperationRunner
 __all__ = [
     "BackendNotConfigured",
     "Credentials",
+    "Foreground",
     "GraphBackend",
     "LeaseLost",
     "NothingToDeprovision",

@@ -27,6 +27,7 @@ from .errors import (
     RunnerNotRunning,
 )
 from .execution import Executor, Outcome
+from .foreground import Foreground, give_way
 from .hooks import SubscriptionHooks
 from .limits import check_limits_step
 from .operations import OperationRecord
@@ -62,7 +63,8 @@ class OperationRunner:
     resumes them from their last completed step. At most ``max_concurrent`` run their steps at
     once; the others wait, announced and leased. An outcome the hooks or Redis could not take
     is offered again ``finalize_retry_seconds`` later; resources whose removal failed are
-    removed again every ``orphan_retry_seconds``.
+    removed again every ``orphan_retry_seconds``. An operation that gets a slot first gives way
+    to ``give_way_to`` (the webhook intake), for at most ``give_way_seconds``.
     """
 
     def __init__(
@@ -79,6 +81,8 @@ class OperationRunner:
         retry: RetryPolicy | None = None,
         finalize_retry_seconds: float = 30.0,
         orphan_retry_seconds: float = 60.0,
+        give_way_to: Foreground | None = None,
+        give_way_seconds: float = 0.5,
     ) -> None:
         if max_concurrent < 1 or lease_seconds <= 0:
             raise ValueError("OperationRunner needs max_concurrent >= 1 and lease_seconds > 0")
@@ -96,6 +100,8 @@ class OperationRunner:
         self._reaper = OrphanReaper(pool, hooks, self._backends, interval=orphan_retry_seconds)
         self._tasks: dict[str, _Task] = {}
         self._tg: TaskGroup | None = None
+        self._foreground = give_way_to
+        self._give_way_seconds = give_way_seconds
 
     @property
     def instance_id(self) -> str:
@@ -325,6 +331,7 @@ class OperationRunner:
             # A cancellation also stops the wait for a slot: rolling back needs none.
             with task.steps_scope:
                 async with self._limiter:
+                    await give_way(self._foreground, at_most=self._give_way_seconds)
                     outcome = await self._exec.run_steps(op, self._steps(op, backend))
             op = await self._exec.conclude(op, outcome or Outcome("cancelled"), backend)
         if not await self._exec.finalize(op):

@@ -53,6 +53,9 @@ class WebhookIntake:
         self._queue: list[_Waiting] = []
         self._arrived = anyio.Event()
         self._running = False
+        # Set while nothing is queued or being written: what the provisioning runner waits for.
+        self._idle = anyio.Event()
+        self._idle.set()
 
     @property
     def running(self) -> bool:
@@ -63,12 +66,25 @@ class WebhookIntake:
         if not self._running:
             raise IntakeNotRunning("the webhook intake is not running")
         waiting = _Waiting(event)
+        if self._idle.is_set():
+            self._idle = anyio.Event()
         self._queue.append(waiting)
         self._arrived.set()
         await waiting.done.wait()
         if waiting.error is not None:
             raise waiting.error
         return waiting.new
+
+    async def quiet(self) -> None:
+        """Returns once no event waits to be written: provisioning steps give way to a burst
+        of webhooks (`provisioning.Foreground`)."""
+        while True:
+            idle = self._idle
+            await idle.wait()
+            # Requests already received store their events before this answers.
+            await anyio.lowlevel.checkpoint()
+            if self._idle is idle:
+                return
 
     async def run(self) -> None:
         """Writes the queued events, group after group, until cancelled."""
@@ -86,8 +102,10 @@ class WebhookIntake:
                     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                         # Its requests answer 503 and Stripe delivers them again.
                         logger.exception("webhook group of %d not stored", len(group))
+                self._idle.set()
         finally:
             self._running = False
+            self._idle.set()
             for waiting in self._queue:
                 waiting.error = IntakeNotRunning("the server is shutting down")
                 waiting.done.set()

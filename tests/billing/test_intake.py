@@ -81,6 +81,59 @@ async def test_storing_without_the_intake_running_is_refused(db_pool: asyncpg.Po
         await intake.store(event)
 
 
+class HeldBatchHandler:
+    """Handles every event in the group's transaction, once `release` is set."""
+
+    def __init__(self) -> None:
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+
+    async def __call__(self, event: InboxEvent) -> None:
+        raise AssertionError(f"{event.id} was left for the worker")
+
+    def batchable(self, event: InboxEvent) -> bool:
+        return True
+
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        self.holding.set()
+        await self.release.wait()
+        return Batch(handled=frozenset(e.id for e in events))
+
+
+async def test_the_intake_is_quiet_only_once_every_waiting_event_is_written(
+    db_pool: asyncpg.Pool,
+) -> None:
+    handler = HeldBatchHandler()
+    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, handler))
+    with anyio.fail_after(1):
+        await intake.quiet()  # nothing waits
+    event = parse_event(json.dumps(make_event("invoice.paid", stripe_object("invoice"))))
+    quiet_at: list[float] = []
+
+    async def wait_for_quiet() -> None:
+        await intake.quiet()
+        quiet_at.append(anyio.current_time())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.run)
+        await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+        tg.start_soon(intake.store, event)
+        with anyio.fail_after(10):
+            await handler.holding.wait()
+        tg.start_soon(wait_for_quiet)
+        await anyio.sleep(0.2)
+        assert quiet_at == []  # the event is still being written
+        handler.release.set()
+        await wait_for(lambda: _quiet_after(quiet_at), within=5, what="the intake to be quiet")
+        # By then the event is committed and handled.
+        assert await _all_processed(db_pool, 1)
+        tg.cancel_scope.cancel()
+
+
+async def _quiet_after(quiet_at: list[float]) -> bool:
+    return bool(quiet_at)
+
+
 async def _running(intake: WebhookIntake) -> bool:
     return intake.running
 
