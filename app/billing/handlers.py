@@ -90,7 +90,8 @@ class StripeEventHandlers:
 
     async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
         """Fulfils the paid Checkout Sessions of a batch together, in the inbox's transaction;
-        the rest go through `__call__`, one by one."""
+        the rest go through `__call__`, one by one. Given no events, it runs its statements on
+        no rows (the intake's warm-up)."""
         confirmations = [
             PaymentConfirmation(
                 event_id=event.id,
@@ -103,8 +104,6 @@ class StripeEventHandlers:
             for event in events
             if _confirms_payment(event)
         ]
-        if not confirmations:
-            return Batch()
         fulfilment = await self._lifecycle.fulfil_many(conn, confirmations)
         return Batch(fulfilment.event_ids, partial(self._lifecycle.announce, fulfilment))
 

@@ -7,7 +7,13 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend, ResourceSpec, get_operation
+from provisioning import (
+    GraphBackend,
+    OperationRecord,
+    OperationRunner,
+    ResourceSpec,
+    get_operation,
+)
 from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import RecordingHooks, operation_events, running, wait_for
@@ -31,6 +37,16 @@ class BusyForeground:
         await self.finish.wait()
 
 
+async def _start_behind(
+    runner: OperationRunner, burst: BusyForeground, user_id: str
+) -> OperationRecord:
+    """Starts a provision and answers it once it waits for the burst to end."""
+    op = await runner.start("provision", new_subject(), user_id, GRAPH)
+    with anyio.fail_after(10):
+        await burst.waited_on.wait()
+    return op
+
+
 async def test_an_operation_is_announced_at_once_and_steps_in_once_the_burst_is_over(
     db_pool: asyncpg.Pool,
     redis: Redis,
@@ -44,9 +60,7 @@ async def test_an_operation_is_announced_at_once_and_steps_in_once_the_burst_is_
     async with running(
         db_pool, publisher, hooks, [graph_backend], give_way_to=burst, give_way_seconds=30
     ) as runner:
-        op = await runner.start("provision", new_subject(), user_id, GRAPH)
-        with anyio.fail_after(10):
-            await burst.waited_on.wait()
+        op = await _start_behind(runner, burst, user_id)
         await anyio.sleep(0.3)  # long enough for a first step to have begun, were it let
         async with db_pool.acquire() as conn:
             waiting = await get_operation(conn, op.id)
@@ -89,9 +103,7 @@ async def test_cancelling_an_operation_that_gives_way_rolls_back_at_once(
     async with running(
         db_pool, publisher, hooks, [graph_backend], give_way_to=burst, give_way_seconds=30
     ) as runner:
-        op = await runner.start("provision", new_subject(), user_id, GRAPH)
-        with anyio.fail_after(10):
-            await burst.waited_on.wait()
+        op = await _start_behind(runner, burst, user_id)
         await runner.cancel(op.id)
         done = await wait_for(db_pool, op.id, limit=10)
     assert done.status == "cancelled"
