@@ -8,9 +8,10 @@ webhooks at a steady rate: `--provisionings` of them confirm a payment (each sta
 graph provisioning), the rest are other events Lookout stores and audits. 100 provisionings
 started together: `--rate 1000 --seconds 0.1`. It prints: acknowledgement latency; from the
 confirmation's arrival (its inbox row's `received_at`) and from its acknowledgement to
-`operation.started` on the stream (the Stream id's clock); `operation.started` → terminal
-event; operations per second. `--profile FILE` records the server with py-spy (installed
-separately) for 15 s from the first webhook, as collapsed stacks.
+`operation.started` on the stream (the Stream id's clock); from its arrival to
+`operation.completed`; `operation.started` → terminal event; operations per second.
+`--profile FILE` records the server with py-spy (installed separately) for 15 s from the
+first webhook, as collapsed stacks.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         from_received: list[float] = []
         to_started: list[float] = []
         to_created: list[float] = []
+        to_completed: list[float] = []
         durations: list[float] = []
         for row in rows:
             acked = ack_at.get(row["subject_id"])
@@ -191,7 +193,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
                 started_ms = _stream_ms(first[0][0])
                 to_started.append(started_ms - acked * 1000)
                 if row["subject_id"] in received_at:
-                    from_received.append(started_ms - received_at[row["subject_id"]] * 1000)
+                    received_ms = received_at[row["subject_id"]] * 1000
+                    from_received.append(started_ms - received_ms)
+                    if row["status"] == "completed":
+                        to_completed.append(_stream_ms(last[0][0]) - received_ms)
                 durations.append(float(_stream_ms(last[0][0]) - started_ms))
         await redis.aclose()
         finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
@@ -205,6 +210,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         print(line("ack -> operation row (provisioning start)", to_created))
         print(line("received -> operation.started on the stream", from_received))
         print(line("ack -> operation.started on the stream", to_started))
+        print(line("received -> operation.completed", to_completed))
         print(line("operation.started -> terminal event", durations))
         statuses = {
             s: sum(1 for r in rows if r["status"] == s) for s in {r["status"] for r in rows}
