@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import anyio
 import anyio.lowlevel
 import asyncpg
+from anyio.streams.memory import MemoryObjectReceiveStream
 
 from app.billing.inbox import BATCH, Batch, InboxEvent, WebhookInbox
 from app.billing.webhook_receiver import VerifiedEvent, store_event, store_events
@@ -37,6 +39,16 @@ class IntakeNotRunning(Exception):
     """The intake's task is not running: start `WebhookIntake.run` in the app's task group."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Announcement:
+    """What is left to do for a committed group: run its batch's `after_commit`, wake the
+    inbox worker for the events the batch left, and count its events settled."""
+
+    batch: Batch
+    left_for_the_worker: bool
+    events: int
+
+
 @dataclass(eq=False)
 class _Waiting:
     event: VerifiedEvent
@@ -54,7 +66,9 @@ class WebhookIntake:
         self._queue: list[_Waiting] = []
         self._arrived = anyio.Event()
         self._running = False
-        # Set while nothing is queued or being written: what the provisioning runner waits for.
+        # Events stored but whose group is not yet written and announced; `_idle` is set
+        # while there are none: what the provisioning runner waits for.
+        self._unsettled = 0
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -69,6 +83,7 @@ class WebhookIntake:
         waiting = _Waiting(event)
         if self._idle.is_set():
             self._idle = anyio.Event()
+        self._unsettled += 1
         self._queue.append(waiting)
         self._arrived.set()
         await waiting.done.wait()
@@ -77,8 +92,8 @@ class WebhookIntake:
         return waiting.new
 
     async def quiet(self) -> None:
-        """Returns once no event waits to be written: provisioning steps give way to a burst
-        of webhooks (`provisioning.Foreground`)."""
+        """Returns once every event stored is written and announced: provisioning steps give
+        way to a burst of webhooks (`provisioning.Foreground`)."""
         while True:
             idle = self._idle
             await idle.wait()
@@ -88,23 +103,28 @@ class WebhookIntake:
                 return
 
     async def run(self) -> None:
-        """Writes the queued events, group after group, until cancelled."""
+        """Writes the queued events, group after group, until cancelled. Each group is
+        announced (`Batch.after_commit`) by a second task, in order, while the next one is
+        written: a write need not wait for Redis, nor a slow Redis hold up the webhooks."""
         self._running = True
+        announce, announcements = anyio.create_memory_object_stream[_Announcement](math.inf)
         try:
-            await self._warm_up()
-            while True:
-                await self._arrived.wait()
-                # Requests already received run up to here first: they join this group.
-                await anyio.lowlevel.checkpoint()
-                self._arrived = anyio.Event()
-                while self._queue:
-                    group, self._queue = self._queue[:BATCH], self._queue[BATCH:]
-                    try:
-                        await self._write(group)
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                        # Its requests answer 503 and Stripe delivers them again.
-                        logger.exception("webhook group of %d not stored", len(group))
-                self._idle.set()
+            async with announce, announcements, anyio.create_task_group() as tg:
+                await self._warm_up()
+                tg.start_soon(self._announce_in_order, announcements)
+                while True:
+                    await self._arrived.wait()
+                    # Requests already received run up to here first: they join this group.
+                    await anyio.lowlevel.checkpoint()
+                    self._arrived = anyio.Event()
+                    while self._queue:
+                        group, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+                        try:
+                            announce.send_nowait(await self._write(group))
+                        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                            # Its requests answer 503 and Stripe delivers them again.
+                            logger.exception("webhook group of %d not stored", len(group))
+                            self._settle(len(group))
         finally:
             self._running = False
             self._idle.set()
@@ -127,7 +147,24 @@ class WebhookIntake:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             logger.warning("webhook intake not warmed up (%s); its first group will be slower", exc)
 
-    async def _write(self, group: Sequence[_Waiting]) -> None:
+    async def _announce_in_order(
+        self, announcements: MemoryObjectReceiveStream[_Announcement]
+    ) -> None:
+        async for announcement in announcements:
+            try:
+                if announcement.batch.after_commit is not None:
+                    await announcement.batch.after_commit()
+                if announcement.left_for_the_worker:
+                    self._inbox.wake()
+            finally:
+                self._settle(announcement.events)
+
+    def _settle(self, events: int) -> None:
+        self._unsettled -= events
+        if self._unsettled == 0:
+            self._idle.set()
+
+    async def _write(self, group: Sequence[_Waiting]) -> _Announcement:
         try:
             try:
                 new, batch = await self._write_together(group, handle=True)
@@ -144,10 +181,7 @@ class WebhookIntake:
         finally:
             for waiting in group:
                 waiting.done.set()
-        if batch.after_commit is not None:
-            await batch.after_commit()
-        if new - batch.handled:
-            self._inbox.wake()
+        return _Announcement(batch, bool(new - batch.handled), len(group))
 
     async def _write_together(
         self, group: Sequence[_Waiting], *, handle: bool

@@ -138,6 +138,63 @@ async def test_the_intake_is_quiet_only_once_every_waiting_event_is_written(
         tg.cancel_scope.cancel()
 
 
+class StalledAnnouncementHandler:
+    """Handles every event in the group's transaction; announcing them waits for `release`
+    (as publishing to a Redis that does not answer would)."""
+
+    def __init__(self) -> None:
+        self.release = anyio.Event()
+        self.announced: list[frozenset[str]] = []
+
+    async def __call__(self, event: InboxEvent) -> None:
+        raise AssertionError(f"{event.id} was left for the worker")
+
+    def batchable(self, event: InboxEvent) -> bool:
+        return True
+
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        handled = frozenset(e.id for e in events)
+
+        async def announce() -> None:
+            await self.release.wait()
+            self.announced.append(handled)
+
+        return Batch(handled, announce if events else None)
+
+
+async def test_a_stalled_announcement_holds_up_no_webhook_and_keeps_the_order(
+    db_pool: asyncpg.Pool,
+) -> None:
+    handler = StalledAnnouncementHandler()
+    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, handler))
+    first, second = (
+        parse_event(json.dumps(make_event("invoice.paid", stripe_object("invoice"))))
+        for _ in range(2)
+    )
+    quiet = anyio.Event()
+
+    async def wait_for_quiet() -> None:
+        await intake.quiet()
+        quiet.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.run)
+        await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+        with anyio.fail_after(10):
+            # Each is answered, committed, though the first group's announcement is stuck.
+            assert await intake.store(first) is True
+            tg.start_soon(wait_for_quiet)
+            assert await intake.store(second) is True
+        assert await _all_processed(db_pool, 2)
+        await anyio.sleep(0.1)
+        assert not quiet.is_set() and handler.announced == []
+        handler.release.set()
+        with anyio.fail_after(10):
+            await quiet.wait()
+        tg.cancel_scope.cancel()
+    assert handler.announced == [frozenset({first.id}), frozenset({second.id})]
+
+
 async def _quiet_after(quiet_at: list[float]) -> bool:
     return bool(quiet_at)
 
