@@ -1,9 +1,9 @@
-"""Leases on operations: renewal while running, release, and claiming expired ones."""
+"""Leases on operations: release, and claiming expired ones (`LeaseKeeper` renews them)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import anyio
 import asyncpg
@@ -13,28 +13,11 @@ from .operations import Connection, OperationRecord, lease_until
 __all__ = [
     "claim_expired",
     "claim_operation",
-    "keep_lease",
     "release_lease",
     "release_quietly",
-    "renew_lease",
 ]
 
 logger = logging.getLogger(__name__)
-
-
-async def renew_lease(
-    conn: Connection, op_id: str, owner: str, lease_seconds: float
-) -> bool | None:
-    """Extends the lease; answers ``cancel_requested``, or None when the lease was lost."""
-    value: bool | None = await conn.fetchval(
-        f"UPDATE operations SET lease_expires_at = {lease_until(3)}"
-        " WHERE id = $1 AND lease_owner = $2 AND finalized_at IS NULL"
-        " RETURNING cancel_requested",
-        op_id,
-        owner,
-        lease_seconds,
-    )
-    return value
 
 
 async def release_lease(
@@ -82,43 +65,6 @@ async def claim_operation(
     """Takes this one operation if its lease expired."""
     row = await conn.fetchrow(_CLAIM, owner, lease_seconds, op_id, 1)
     return None if row is None else OperationRecord.from_row(row)
-
-
-async def keep_lease(
-    pool: asyncpg.Pool,
-    op_id: str,
-    owner: str,
-    lease_seconds: float,
-    *,
-    on_cancel_requested: Callable[[], None],
-    on_lost: Callable[[], None],
-) -> None:
-    """Renews the lease every third of its length until ``on_lost`` is called.
-
-    Calls ``on_cancel_requested`` (once) when another instance asked for a cancellation, and
-    ``on_lost`` when the lease went to another instance, or could not be renewed for a whole
-    lease (someone else may have it by then).
-    """
-    last_renewed = anyio.current_time()
-    cancel_seen = False
-    while True:
-        await anyio.sleep(lease_seconds / 3)
-        try:
-            async with pool.acquire() as conn:
-                state = await renew_lease(conn, op_id, owner, lease_seconds)
-        except Exception as exc:
-            logger.warning("operation %s: lease not renewed (%s)", op_id, type(exc).__name__)
-            if anyio.current_time() - last_renewed < lease_seconds:
-                continue
-            state = None
-        if state is None:
-            on_lost()
-            return
-        last_renewed = anyio.current_time()
-        if state and not cancel_seen:
-            cancel_seen = True
-            logger.info("operation %s: cancellation requested", op_id)
-            on_cancel_requested()
 
 
 async def release_quietly(pool: asyncpg.Pool, op_id: str, owner: str, retry_after: float) -> None:

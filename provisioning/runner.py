@@ -29,6 +29,7 @@ from .errors import (
 from .execution import Executor, Outcome
 from .foreground import Foreground, give_way
 from .hooks import SubscriptionHooks
+from .lease_keeper import LeaseKeeper
 from .limits import check_limits_step
 from .operations import OperationRecord
 from .reaper import OrphanReaper
@@ -97,6 +98,7 @@ class OperationRunner:
         self._finalize_retry = finalize_retry_seconds
         self._retry = retry or RetryPolicy()
         self._exec = Executor(pool, publisher, hooks, owner=instance_id, retry=self._retry)
+        self._leases = LeaseKeeper(pool, instance_id, lease_seconds)
         self._reaper = OrphanReaper(pool, hooks, self._backends, interval=orphan_retry_seconds)
         self._tasks: dict[str, _Task] = {}
         self._tg: TaskGroup | None = None
@@ -129,6 +131,7 @@ class OperationRunner:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._reaper.run)
+            tg.start_soon(self._leases.run)
             try:
                 task_status.started()
                 while True:
@@ -299,8 +302,13 @@ class OperationRunner:
 
     async def _execute(self, op: OperationRecord, task: _Task) -> None:
         try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._keep_lease, op.id, task, tg.cancel_scope)
+            # A lost lease stops the work here: another instance has the operation now.
+            with (
+                anyio.CancelScope() as lease_scope,
+                self._leases.keeping(
+                    op.id, on_cancel_requested=task.cancel, on_lost=lease_scope.cancel
+                ),
+            ):
                 try:
                     await self._process(op, task)
                 except LeaseLost:
@@ -308,7 +316,6 @@ class OperationRunner:
                 except Exception:
                     logger.exception("operation %s stopped; it resumes later", op.id)
                     await self._release(op.id, self._finalize_retry)
-                tg.cancel_scope.cancel()
         except anyio.get_cancelled_exc_class():
             # Shutting down: let the next instance (or this one, restarted) resume it at once.
             await self._release(op.id, 0.0)
@@ -336,13 +343,3 @@ class OperationRunner:
             op = await self._exec.conclude(op, outcome or Outcome("cancelled"), backend)
         if not await self._exec.finalize(op):
             await self._release(op.id, self._finalize_retry)
-
-    async def _keep_lease(self, op_id: str, task: _Task, on_lost: anyio.CancelScope) -> None:
-        await leases.keep_lease(
-            self._pool,
-            op_id,
-            self._instance_id,
-            self._lease_seconds,
-            on_cancel_requested=task.cancel,
-            on_lost=on_lost.cancel,
-        )
