@@ -143,18 +143,56 @@ async def test_stripe_events_move_the_status_as_described(settings: Settings) ->
         resource_id = (await stack.subscription(sub_id))["resource_id"]
         await stack.emulator.post(f"{control}/portal_cancel", json={"at_period_end": False})
         await stack.wait_for_status(sub_id, "canceled")
+        await wait_for(
+            lambda: _database_gone(stack, resource_id), what="the graph's database to be dropped"
+        )
 
-        async def dropped() -> bool:
-            admin = await asyncpg.connect(stack.settings.database_url)
-            try:
-                exists = await admin.fetchval(
-                    "SELECT 1 FROM pg_database WHERE datname = $1", f"lookout_{resource_id}"
+
+async def test_a_cancellation_at_period_end_keeps_the_graph_until_the_period_ends(
+    settings: Settings,
+) -> None:
+    async with running_stack(settings) as stack:
+        started = await stack.checkout("graph-standard", "until-the-end")
+        sub_id = started["subscription_id"]
+        await stack.pay(started["checkout_session_id"])
+        await stack.wait_for_status(sub_id, "active")
+        resource_id = (await stack.subscription(sub_id))["resource_id"]
+
+        cancelled = await stack.http.post(f"/v1/subscriptions/{sub_id}/cancel")
+        assert cancelled.status_code == 200, cancelled.text
+        await wait_for(lambda: _cancel_flag(stack, sub_id, True), what="the cancellation")
+        await wait_processed(stack)
+        # Paid for until the period ends: still active, the database still there.
+        assert (await stack.subscription(sub_id))["status"] == "active"
+        assert not await _database_gone(stack, resource_id)
+
+        stripe_id = await stripe_subscription_id(stack, sub_id)
+        await stack.emulator.post(f"/_emulator/subscriptions/{stripe_id}/renew", json={})
+        await stack.wait_for_status(sub_id, "canceled")
+
+        async def deprovisioned() -> asyncpg.Record | None:
+            async with stack.app.state.services.pool.acquire() as conn:
+                found: asyncpg.Record | None = await conn.fetchrow(
+                    "SELECT status, completed_steps FROM operations"
+                    " WHERE subject_id = $1 AND kind = 'deprovision' AND status = 'completed'",
+                    sub_id,
                 )
-            finally:
-                await admin.close()
-            return exists is None
+            return found
 
-        await wait_for(dropped, what="the graph's database to be dropped")
+        deprovision = await wait_for(deprovisioned, what="the deprovision to complete")
+        assert deprovision["completed_steps"] == ["revoke_access", "drop_database", "drop_role"]
+        assert await _database_gone(stack, resource_id)
+
+
+async def _database_gone(stack: Stack, resource_id: str) -> bool:
+    admin = await asyncpg.connect(stack.settings.database_url)
+    try:
+        exists = await admin.fetchval(
+            "SELECT 1 FROM pg_database WHERE datname = $1", f"lookout_{resource_id}"
+        )
+    finally:
+        await admin.close()
+    return exists is None
 
 
 async def test_checkout_expiry_and_async_payments(settings: Settings) -> None:
