@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import anyio
 import asyncpg
@@ -15,44 +14,29 @@ from streams import Event, EventPublisher
 
 from . import leases
 from . import operations as ops
-from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step
+from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec
 from .bulk import ProvisionRequest, create_provisions
 from .errors import (
     BackendNotConfigured,
-    LeaseLost,
     NothingToDeprovision,
     OperationNotCancellable,
     OperationNotFound,
     ResourceNotFound,
     RunnerNotRunning,
 )
-from .execution import Executor, Outcome
-from .foreground import Foreground, give_way
+from .execution import Executor
+from .foreground import Foreground
 from .hooks import SubscriptionHooks
 from .lease_keeper import LeaseKeeper
-from .limits import check_limits_step
 from .operations import OperationRecord
 from .reaper import OrphanReaper
 from .resources import get_resource, resource_for_subject
 from .retry import RetryPolicy
+from .workers import OperationTask, Workers
 
 __all__ = ["OperationRunner"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(eq=False)
-class _Task:
-    """This process's handle on one operation it works on."""
-
-    steps_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    cancel_requested: bool = False
-    announced: bool = False
-
-    def cancel(self) -> None:
-        self.cancel_requested = True
-        self.steps_scope.cancel()
 
 
 class OperationRunner:
@@ -92,18 +76,24 @@ class OperationRunner:
         self._backends = {b.resource_type: b for b in backends}
         self._instance_id = instance_id
         self._max_concurrent = max_concurrent
-        self._limiter = anyio.CapacityLimiter(max_concurrent)
         self._lease_seconds = lease_seconds
         self._sweep_interval = sweep_interval if sweep_interval is not None else lease_seconds / 3
-        self._finalize_retry = finalize_retry_seconds
         self._retry = retry or RetryPolicy()
         self._exec = Executor(pool, publisher, hooks, owner=instance_id, retry=self._retry)
         self._leases = LeaseKeeper(pool, instance_id, lease_seconds)
         self._reaper = OrphanReaper(pool, hooks, self._backends, interval=orphan_retry_seconds)
-        self._tasks: dict[str, _Task] = {}
+        self._workers = Workers(
+            pool,
+            self._exec,
+            self._leases,
+            self.backend,
+            owner=instance_id,
+            max_concurrent=max_concurrent,
+            finalize_retry=finalize_retry_seconds,
+            give_way_to=give_way_to,
+            give_way_seconds=give_way_seconds,
+        )
         self._tg: TaskGroup | None = None
-        self._foreground = give_way_to
-        self._give_way_seconds = give_way_seconds
 
     @property
     def instance_id(self) -> str:
@@ -116,7 +106,7 @@ class OperationRunner:
     @property
     def active(self) -> frozenset[str]:
         """Ids of the operations this process works on now."""
-        return frozenset(self._tasks)
+        return self._workers.active
 
     def backend(self, resource_type: str) -> ProvisionerBackend:
         try:
@@ -243,7 +233,7 @@ class OperationRunner:
                     )
                 return current
         await self._exec.audit("operation.cancel_requested", op)
-        task = self._tasks.get(op_id)
+        task = self._workers.get(op_id)
         if task is None and self._tg is not None:
             # Its instance may have died: take it up here, where the request is seen at once.
             async with self._pool.acquire() as conn:
@@ -264,7 +254,7 @@ class OperationRunner:
         """Claims operations whose lease expired, as many as there is room for; answers how many."""
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
-        room = self._max_concurrent - len(self._tasks)
+        room = self._workers.room
         if room <= 0:
             return 0
         async with self._pool.acquire() as conn:
@@ -285,61 +275,7 @@ class OperationRunner:
             lambda: backend.rotate_credentials(resource_id), what=f"{resource_id} credentials"
         )
 
-    def _spawn(self, op: OperationRecord, *, announced: bool = False) -> _Task:
-        task = self._tasks.get(op.id)
-        if task is not None:
-            return task
+    def _spawn(self, op: OperationRecord, *, announced: bool = False) -> OperationTask:
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
-        task = self._tasks[op.id] = _Task(announced=announced)
-        self._tg.start_soon(self._execute, op, task, name=f"operation {op.id}")
-        return task
-
-    def _steps(self, op: OperationRecord, backend: ProvisionerBackend) -> Sequence[Step]:
-        if op.kind == "provision":
-            return (check_limits_step(self._pool), *backend.steps("provision"))
-        return tuple(backend.steps("deprovision"))
-
-    async def _execute(self, op: OperationRecord, task: _Task) -> None:
-        try:
-            # A lost lease stops the work here: another instance has the operation now.
-            with (
-                anyio.CancelScope() as lease_scope,
-                self._leases.keeping(
-                    op.id, on_cancel_requested=task.cancel, on_lost=lease_scope.cancel
-                ),
-            ):
-                try:
-                    await self._process(op, task)
-                except LeaseLost:
-                    logger.warning("operation %s: another instance took it over", op.id)
-                except Exception:
-                    logger.exception("operation %s stopped; it resumes later", op.id)
-                    await self._release(op.id, self._finalize_retry)
-        except anyio.get_cancelled_exc_class():
-            # Shutting down: let the next instance (or this one, restarted) resume it at once.
-            await self._release(op.id, 0.0)
-            raise
-        finally:
-            self._tasks.pop(op.id, None)
-            task.done.set()
-
-    async def _release(self, op_id: str, retry_after: float) -> None:
-        await leases.release_quietly(self._pool, op_id, self._instance_id, retry_after)
-
-    async def _process(self, op: OperationRecord, task: _Task) -> None:
-        backend = self.backend(op.resource_type)
-        if op.finished_at is None:
-            if op.cancel_requested:
-                task.cancel()
-            if not task.announced:
-                await self._exec.announce_start(op)
-            outcome: Outcome | None = None
-            # A cancellation also stops the wait for a slot: rolling back needs none.
-            with task.steps_scope:
-                async with self._limiter:
-                    await give_way(self._foreground, at_most=self._give_way_seconds)
-                    outcome = await self._exec.run_steps(op, self._steps(op, backend))
-            op = await self._exec.conclude(op, outcome or Outcome("cancelled"), backend)
-        if not await self._exec.finalize(op):
-            await self._release(op.id, self._finalize_retry)
+        return self._workers.spawn(self._tg, op, announced=announced)

@@ -1,0 +1,140 @@
+"""The operations one process works on: a task each, its lease kept, its steps run in one of
+a bounded number of slots, its outcome concluded and reported."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import asyncpg
+from anyio.abc import TaskGroup
+
+from . import leases
+from .backend import ProvisionerBackend, Step
+from .errors import LeaseLost
+from .execution import Executor, Outcome
+from .foreground import Foreground, give_way
+from .lease_keeper import LeaseKeeper
+from .limits import check_limits_step
+from .operations import OperationRecord
+
+__all__ = ["OperationTask", "Workers"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class OperationTask:
+    """This process's handle on one operation it works on."""
+
+    steps_scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    done: anyio.Event = field(default_factory=anyio.Event)
+    cancel_requested: bool = False
+    announced: bool = False
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        self.steps_scope.cancel()
+
+
+class Workers:
+    """Runs each operation it is given in a task of the runner's task group."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        executor: Executor,
+        leases: LeaseKeeper,
+        backend: Callable[[str], ProvisionerBackend],
+        *,
+        owner: str,
+        max_concurrent: int,
+        finalize_retry: float,
+        give_way_to: Foreground | None,
+        give_way_seconds: float,
+    ) -> None:
+        self._pool = pool
+        self._exec = executor
+        self._leases = leases
+        self._backend = backend
+        self._owner = owner
+        self._max_concurrent = max_concurrent
+        self._finalize_retry = finalize_retry
+        self._give_way_to = give_way_to
+        self._give_way_seconds = give_way_seconds
+        self._limiter = anyio.CapacityLimiter(max_concurrent)
+        self._tasks: dict[str, OperationTask] = {}
+
+    @property
+    def active(self) -> frozenset[str]:
+        return frozenset(self._tasks)
+
+    @property
+    def room(self) -> int:
+        """How many more operations could run their steps now."""
+        return self._max_concurrent - len(self._tasks)
+
+    def get(self, op_id: str) -> OperationTask | None:
+        return self._tasks.get(op_id)
+
+    def spawn(
+        self, tg: TaskGroup, op: OperationRecord, *, announced: bool = False
+    ) -> OperationTask:
+        """The operation's task, started in ``tg`` unless it already runs here."""
+        task = self._tasks.get(op.id)
+        if task is not None:
+            return task
+        task = self._tasks[op.id] = OperationTask(announced=announced)
+        tg.start_soon(self._execute, op, task, name=f"operation {op.id}")
+        return task
+
+    def _steps(self, op: OperationRecord, backend: ProvisionerBackend) -> Sequence[Step]:
+        if op.kind == "provision":
+            return (check_limits_step(self._pool), *backend.steps("provision"))
+        return tuple(backend.steps("deprovision"))
+
+    async def _execute(self, op: OperationRecord, task: OperationTask) -> None:
+        try:
+            # A lost lease stops the work here: another instance has the operation now.
+            with (
+                anyio.CancelScope() as lease_scope,
+                self._leases.keeping(
+                    op.id, on_cancel_requested=task.cancel, on_lost=lease_scope.cancel
+                ),
+            ):
+                try:
+                    await self._process(op, task)
+                except LeaseLost:
+                    logger.warning("operation %s: another instance took it over", op.id)
+                except Exception:
+                    logger.exception("operation %s stopped; it resumes later", op.id)
+                    await self._release(op.id, self._finalize_retry)
+        except anyio.get_cancelled_exc_class():
+            # Shutting down: let the next instance (or this one, restarted) resume it at once.
+            await self._release(op.id, 0.0)
+            raise
+        finally:
+            self._tasks.pop(op.id, None)
+            task.done.set()
+
+    async def _release(self, op_id: str, retry_after: float) -> None:
+        await leases.release_quietly(self._pool, op_id, self._owner, retry_after)
+
+    async def _process(self, op: OperationRecord, task: OperationTask) -> None:
+        backend = self._backend(op.resource_type)
+        if op.finished_at is None:
+            if op.cancel_requested:
+                task.cancel()
+            if not task.announced:
+                await self._exec.announce_start(op)
+            outcome: Outcome | None = None
+            # A cancellation also stops the wait for a slot: rolling back needs none.
+            with task.steps_scope:
+                async with self._limiter:
+                    await give_way(self._give_way_to, at_most=self._give_way_seconds)
+                    outcome = await self._exec.run_steps(op, self._steps(op, backend))
+            op = await self._exec.conclude(op, outcome or Outcome("cancelled"), backend)
+        if not await self._exec.finalize(op):
+            await self._release(op.id, self._finalize_retry)
