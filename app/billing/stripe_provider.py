@@ -1,11 +1,15 @@
-"""`PaymentProvider` on Stripe's official SDK (async methods, retries on, API version pinned)."""
+"""`PaymentProvider` on Stripe's official SDK (async methods, retries on, API version pinned).
+
+This module makes the calls (prices, checkout sessions, subscriptions) and decides what an
+answer means for Lookout; `app.billing.stripe_translation` turns the SDK's objects and errors
+into the provider's own types.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections.abc import Awaitable, Mapping
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import stripe
@@ -16,11 +20,15 @@ from app.billing.plans import Plan, price_lookup_key, stripe_product_name
 from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     CheckoutSessionInfo,
-    PaymentProviderError,
-    PaymentProviderNotFound,
-    PaymentProviderUnavailable,
     SubscriptionAlreadyCanceled,
     SubscriptionInfo,
+)
+from app.billing.stripe_translation import (
+    expandable_id,
+    refused,
+    session_info,
+    subscription_info,
+    translate_error,
 )
 
 __all__ = ["STRIPE_API_VERSION", "StripeHTTPXClient", "StripePaymentProvider"]
@@ -46,92 +54,6 @@ class StripeHTTPXClient(stripe.HTTPXClient):
         if isinstance(kwargs.get("data"), str | bytes):
             kwargs["content"] = kwargs.pop("data")
         return args, kwargs
-
-
-def _translate(what: str, exc: stripe.StripeError) -> PaymentProviderError:
-    message = exc.user_message or str(exc)
-    status = exc.http_status
-    if isinstance(exc, stripe.APIConnectionError | stripe.RateLimitError | stripe.APIError) or (
-        status is not None and (status >= 500 or status == 409)
-    ):
-        return PaymentProviderUnavailable(f"{what}: Stripe is unavailable ({message}); retry later")
-    if isinstance(exc, stripe.IdempotencyError):
-        return PaymentProviderError(
-            f"{what}: Stripe refused the idempotency key, used before with other parameters "
-            f"({message}); use a new key for a different request"
-        )
-    if isinstance(exc, stripe.AuthenticationError | stripe.PermissionError):
-        return PaymentProviderError(
-            f"{what}: Stripe refused the API key ({message}); check STRIPE_API_KEY"
-        )
-    if status == 404:
-        return PaymentProviderNotFound(f"{what}: {message}")
-    return PaymentProviderError(f"{what}: {message}")
-
-
-def _refused(exc: stripe.StripeError, status: int) -> bool:
-    return isinstance(exc, stripe.InvalidRequestError) and exc.http_status == status
-
-
-def _at(value: int) -> datetime:
-    return datetime.fromtimestamp(value, UTC)
-
-
-def _ts(value: int | None) -> datetime | None:
-    return None if value is None else _at(value)
-
-
-def _id(value: Any) -> str | None:
-    """An expandable field: an id, an expanded object, or None."""
-    if value is None or isinstance(value, str):
-        return value
-    object_id = getattr(value, "id", None)
-    return object_id if isinstance(object_id, str) else None
-
-
-def _metadata(value: Any) -> dict[str, str]:
-    if value is None:
-        return {}
-    raw = value.to_dict() if hasattr(value, "to_dict") else dict(value)
-    return {str(k): str(v) for k, v in raw.items()}
-
-
-def session_info(session: stripe.checkout.Session) -> CheckoutSessionInfo:
-    return CheckoutSessionInfo(
-        id=session.id,
-        status=session.status or "open",
-        payment_status=session.payment_status,
-        url=session.url,
-        metadata=_metadata(session.metadata),
-        subscription_id=_id(session.subscription),
-        customer_id=_id(session.customer),
-        client_reference_id=session.client_reference_id,
-        created=_at(session.created),
-        expires_at=_at(session.expires_at),
-    )
-
-
-def subscription_info(sub: stripe.Subscription) -> SubscriptionInfo:
-    items = list(sub.items.data)
-    first = items[0] if items else None
-    return SubscriptionInfo(
-        id=sub.id,
-        status=sub.status,
-        customer_id=_id(sub.customer) or "",
-        metadata=_metadata(sub.metadata),
-        cancel_at_period_end=sub.cancel_at_period_end,
-        # Current API versions keep the period on the items; a subscription has one here.
-        current_period_start=_ts(first.current_period_start) if first else None,
-        current_period_end=_ts(first.current_period_end) if first else None,
-        created=_at(sub.created),
-        cancel_at=_ts(sub.cancel_at),
-        canceled_at=_ts(sub.canceled_at),
-        ended_at=_ts(sub.ended_at),
-        price_id=first.price.id if first else None,
-        price_lookup_key=first.price.lookup_key if first else None,
-        latest_invoice_id=_id(sub.latest_invoice),
-        items=tuple(item.id for item in items),
-    )
 
 
 class StripePaymentProvider:
@@ -165,7 +87,7 @@ class StripePaymentProvider:
         try:
             return await request
         except stripe.StripeError as exc:
-            raise _translate(what, exc) from exc
+            raise translate_error(what, exc) from exc
 
     # -- prices --------------------------------------------------------------------------
     async def _find_price(self, lookup_key: str) -> stripe.Price | None:
@@ -223,7 +145,7 @@ class StripePaymentProvider:
             }
         else:
             # A new amount for the same plan: a new Price of the same Product takes the key.
-            params["product"] = _id(replacing.product) or ""
+            params["product"] = expandable_id(replacing.product) or ""
             params["transfer_lookup_key"] = True
         price = plan.price
         # Concurrent creators (several processes) send the same key: Stripe creates one Price.
@@ -289,8 +211,8 @@ class StripePaymentProvider:
                 session_id, options={"idempotency_key": f"lookout-expire-{session_id}"}
             )
         except stripe.StripeError as exc:
-            if not _refused(exc, 400):
-                raise _translate(f"expiring the checkout session {session_id}", exc) from exc
+            if not refused(exc, 400):
+                raise translate_error(f"expiring the checkout session {session_id}", exc) from exc
             # No longer open (paid or expired already): its current state says which.
             return await self.retrieve_checkout_session(session_id)
         return session_info(session)
@@ -315,13 +237,13 @@ class StripePaymentProvider:
             )
         except stripe.StripeError as exc:
             if (
-                _refused(exc, 400)
+                refused(exc, 400)
                 and (await self.retrieve_subscription(subscription_id)).status == "canceled"
             ):
                 raise SubscriptionAlreadyCanceled(
                     f"{what}: it has already ended in Stripe"
                 ) from exc
-            raise _translate(what, exc) from exc
+            raise translate_error(what, exc) from exc
         return subscription_info(sub)
 
     async def cancel_subscription_now(
@@ -334,10 +256,10 @@ class StripePaymentProvider:
             )
         except stripe.StripeError as exc:
             # Stripe answers 404 "No such subscription" for one that is already canceled.
-            if _refused(exc, 404):
+            if refused(exc, 404):
                 current = await self.retrieve_subscription(subscription_id)
                 if current.status == "canceled":
                     logger.info("%s: already canceled in Stripe", what)
                     return current
-            raise _translate(what, exc) from exc
+            raise translate_error(what, exc) from exc
         return subscription_info(sub)
