@@ -1,9 +1,13 @@
-"""The per-process hub: one Redis pub/sub connection, fanned out to every local client."""
+"""The per-process hub: one Redis pub/sub connection, fanned out to every local client.
+
+Here: the clients' subscriptions and the channels they hold (a channel is wanted while one
+local client is on it), the ticker behind keep-alives, duration limits and pings, and starting
+and stopping. Keeping those channels subscribed on Redis, across reconnects, is ``link``'s.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -11,9 +15,9 @@ import anyio
 import anyio.abc
 from redis.asyncio import Redis
 
-from .frames import Frame
 from .history import StreamHistory
-from .pubsub import PubSubConnection, PubSubError, RedisEndpoint, encode_command
+from .link import Channel, HubLink
+from .pubsub import RedisEndpoint
 from .subscription import Signal, Subscription
 from .topics import channel_name
 
@@ -21,33 +25,9 @@ __all__ = ["EventHub", "HubClosed", "HubStats"]
 
 logger = logging.getLogger(__name__)
 
-_CONNECTION_ERRORS = (
-    OSError,
-    TimeoutError,
-    anyio.EndOfStream,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    PubSubError,
-)
-_SUBSCRIBE_BATCH = 512
-# Markers in the FIFO of replies the hub waits for (one per channel of each command).
-_UNSUBSCRIBED = "unsubscribed"
-_PONG = "pong"
-_READY = "ready"
-
 
 class HubClosed(RuntimeError):
     """The hub is shutting down; open the stream on another instance."""
-
-
-class _Channel:
-    __slots__ = ("confirmed", "members", "name", "subs")
-
-    def __init__(self, name: bytes) -> None:
-        self.name = name
-        self.subs: dict[Subscription, None] = {}
-        self.members: tuple[Subscription, ...] = ()
-        self.confirmed = anyio.Event()
 
 
 @dataclass(slots=True)
@@ -86,24 +66,26 @@ class EventHub:
         self._prefix = prefix
         self.name = name
         self._shutdown = shutdown
-        self._endpoint = endpoint or RedisEndpoint.from_client(redis)
         self._queue_size = queue_size
         self._tick = tick_seconds
         self._ping = ping_seconds
-        self._backoff = (backoff_min, backoff_max)
         self.history = StreamHistory(redis, prefix=prefix, concurrency=history_concurrency)
-        self._channels: dict[bytes, _Channel] = {}
+        self._channels: dict[bytes, Channel] = {}
         self._subs: dict[Subscription, None] = {}
-        self._acks: deque[_Channel | str] = deque()
-        self._outbox: list[bytes] = []
-        self._outbox_ready = anyio.Event()
-        self._conn: PubSubConnection | None = None
-        self._connected = anyio.Event()
         self._closed = False
         self._scope: anyio.CancelScope | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.reconnects = 0
         self.stats = HubStats()
+        self._link = HubLink(
+            endpoint or RedisEndpoint.from_client(redis),
+            self._channels,
+            self.stats,
+            name=name,
+            ping_seconds=ping_seconds,
+            backoff=(backoff_min, backoff_max),
+            on_resync=self._resync,
+        )
 
     @property
     def prefix(self) -> str:
@@ -111,7 +93,7 @@ class EventHub:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._link.connected
 
     @property
     def closed(self) -> bool:
@@ -124,7 +106,7 @@ class EventHub:
         return 0 if channel is None else len(channel.subs)
 
     async def wait_connected(self) -> None:
-        await self._connected.wait()
+        await self._link.wait_connected()
 
     def subscribe(
         self, topic: str, *, keepalive: float = 15.0, max_seconds: float | None = None
@@ -137,9 +119,8 @@ class EventHub:
         name = channel_name(self._prefix, topic).encode()
         channel = self._channels.get(name)
         if channel is None:
-            channel = self._channels[name] = _Channel(name)
-            if self._conn is not None:
-                self._queue_command(encode_command("SUBSCRIBE", name), [channel])
+            channel = self._channels[name] = Channel(name)
+            self._link.subscribe(channel)
         now = anyio.current_time()
         sub = Subscription(
             topic,
@@ -166,8 +147,7 @@ class EventHub:
         channel.members = tuple(channel.subs)
         if not channel.subs and self._channels.get(channel.name) is channel:
             del self._channels[channel.name]
-            if self._conn is not None:
-                self._queue_command(encode_command("UNSUBSCRIBE", channel.name), [_UNSUBSCRIBED])
+            self._link.unsubscribe(channel.name)
 
     def close(self) -> None:
         """Tell every subscriber ``Signal.CLOSED`` and stop. Safe to call more than once."""
@@ -176,8 +156,7 @@ class EventHub:
         self._closed = True
         for sub in list(self._subs):
             sub._terminate(Signal.CLOSED)
-        for channel in self._channels.values():
-            channel.confirmed.set()  # nobody waits for a subscription that will not come
+        self._link.close()
         if self._scope is not None:
             self._scope.cancel()
 
@@ -212,104 +191,19 @@ class EventHub:
                 if self._shutdown is not None:
                     tg.start_soon(self._close_on, self._shutdown)
                 task_status.started()
-                await self._connection_loop()
+                await self._link.run()
                 tg.cancel_scope.cancel()
 
     async def _close_on(self, event: anyio.Event) -> None:
         await event.wait()
         self.close()
 
-    async def _connection_loop(self) -> None:
-        delay, first = self._backoff[0], True
-        while not self._closed:
-            try:
-                conn = await PubSubConnection.connect(self._endpoint, name=self.name)
-            except _CONNECTION_ERRORS as exc:
-                logger.warning("event hub cannot reach Redis (%s); retrying in %.1fs", exc, delay)
-            else:
-                delay = self._backoff[0]
-                async with conn:
-                    await self._serve(conn, resync=not first)
-                first = False
-                if self._closed:
-                    return
-                logger.warning("event hub lost Redis; reconnecting in %.1fs", delay)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, self._backoff[1])
-
-    async def _serve(self, conn: PubSubConnection, *, resync: bool) -> None:
-        self._acks.clear()
-        self._outbox.clear()
-        self._conn = conn
-        names = list(self._channels)
-        for start in range(0, len(names), _SUBSCRIBE_BATCH):
-            batch = names[start : start + _SUBSCRIBE_BATCH]
-            self._queue_command(
-                encode_command("SUBSCRIBE", *batch), [self._channels[n] for n in batch]
-            )
-        # The PING's answer comes after every re-subscription's: then nothing more is missed.
-        self._queue_command(encode_command("PING"), [_READY if resync else _PONG])
-        try:
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._write_loop, conn, tg.cancel_scope)
-                try:
-                    await self._read_loop(conn)
-                except _CONNECTION_ERRORS as exc:
-                    logger.info("event hub connection ended: %r", exc)
-                finally:
-                    tg.cancel_scope.cancel()
-        finally:
-            self._conn = None
-            if self._connected.is_set():
-                self._connected = anyio.Event()
-
-    def _queue_command(self, command: bytes, acks: list[_Channel | str]) -> None:
-        self._outbox.append(command)
-        self._acks.extend(acks)
-        self._outbox_ready.set()
-
-    async def _write_loop(self, conn: PubSubConnection, scope: anyio.CancelScope) -> None:
-        try:
-            while True:
-                await self._outbox_ready.wait()
-                self._outbox_ready = anyio.Event()
-                data, self._outbox = b"".join(self._outbox), []
-                await conn.send(data)
-        except _CONNECTION_ERRORS as exc:
-            logger.info("event hub could not write to Redis: %r", exc)
-            scope.cancel()
-
-    async def _read_loop(self, conn: PubSubConnection) -> None:
-        channels = self._channels
-        silence = max(self._ping * 3, 1.0)
-        while True:
-            with anyio.fail_after(silence):
-                replies = await conn.receive()
-            now = anyio.current_time()
-            for reply in replies:
-                if type(reply) is list and reply[0] == b"message":
-                    channel = channels.get(reply[1])
-                    if channel is not None and channel.members:
-                        frame = Frame.from_announcement(reply[2])
-                        for sub in channel.members:
-                            sub._offer(frame, now)
-                        self.stats.offered += len(channel.members)
-                else:
-                    self._acknowledge(reply)
-
-    def _acknowledge(self, reply: object) -> None:
-        if not self._acks:
-            raise PubSubError(f"unexpected reply on the hub's connection: {reply!r}")
-        expected = self._acks.popleft()
-        if isinstance(expected, _Channel):
-            expected.confirmed.set()
-        elif expected in (_READY, _PONG) and not self._connected.is_set():
-            self._connected.set()
-            if expected == _READY:
-                self.reconnects += 1
-                logger.info("event hub reconnected; %d subscribers catch up", len(self._subs))
-                for sub in list(self._subs):
-                    sub._request_resync()
+    def _resync(self) -> None:
+        # The link is back after a gap: what was published meanwhile is only in the Streams.
+        self.reconnects += 1
+        logger.info("event hub reconnected; %d subscribers catch up", len(self._subs))
+        for sub in list(self._subs):
+            sub._request_resync()
 
     async def _tick_loop(self) -> None:
         next_ping = anyio.current_time() + self._ping
@@ -318,9 +212,9 @@ class EventHub:
             now = anyio.current_time()
             for sub in list(self._subs):
                 sub._tick(now)
-            if now >= next_ping and self._conn is not None and self._connected.is_set():
+            if now >= next_ping and self._link.live:
                 next_ping = now + self._ping
-                self._queue_command(encode_command("PING"), [_PONG])
+                self._link.ping()
 
     def __repr__(self) -> str:
         return (

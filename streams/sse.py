@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Final, Protocol
-from urllib.parse import parse_qs
+from typing import Any, Final
 
 import anyio
 from redis.exceptions import RedisError
@@ -33,6 +31,13 @@ from .frames import (
 )
 from .history import Catchup
 from .hub import EventHub, HubClosed
+from .params import (  # the caller's side, also importable from here as it always was
+    TERMINAL_STATUSES,
+    Releasable,
+    SnapshotProvider,
+    StreamOptions,
+    last_event_id,
+)
 from .subscription import Signal, Subscription
 from .topics import operation_topic, user_topic
 
@@ -47,42 +52,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Snapshot statuses after which an operation publishes nothing more.
-TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 _SIGNAL_COMMENTS: Final = {
     Signal.EXPIRED: comment_frame("stream duration limit reached; reconnect to resume"),
     Signal.CLOSED: comment_frame("server shutting down; reconnect to resume"),
 }
 _KEEPALIVE: Final = comment_frame("keep-alive")
-
-
-class SnapshotProvider(Protocol):
-    """The current state of a topic's subject, sent in ``stream.reset`` when history is lost."""
-
-    async def __call__(self, topic: str) -> Mapping[str, Any]: ...
-
-
-class Releasable(Protocol):
-    async def release(self) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class StreamOptions:
-    keepalive_seconds: float = 15.0
-    retry_ms: int = 3000
-    max_seconds: float | None = 3600.0
-    ready_timeout: float = 10.0
-    history_page: int = 500
-
-
-def last_event_id(scope: Scope) -> str | None:
-    """The client's position: the ``Last-Event-ID`` header, else ``?last_event_id=``."""
-    for name, value in scope.get("headers", ()):
-        if name == b"last-event-id":
-            return str(value.decode("latin-1").strip()) or None
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    values = query.get("last_event_id")
-    return values[0].strip() or None if values else None
 
 
 class _Ended(Exception):

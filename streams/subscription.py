@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from .frames import Frame
 
 if TYPE_CHECKING:
-    from .hub import _Channel
+    from .link import Channel
 
 __all__ = ["Signal", "Subscription"]
 
@@ -51,7 +51,7 @@ class Subscription:
     def __init__(
         self,
         topic: str,
-        channel: _Channel,
+        channel: Channel,
         release: Callable[[Subscription], None],
         *,
         maxsize: int,

@@ -1,0 +1,52 @@
+"""What a caller gives an SSE stream: its options, the client's position from the request, a
+snapshot of the topic's subject for ``stream.reset``, and a lease to release at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+from urllib.parse import parse_qs
+
+from starlette.types import Scope
+
+__all__ = [
+    "TERMINAL_STATUSES",
+    "Releasable",
+    "SnapshotProvider",
+    "StreamOptions",
+    "last_event_id",
+]
+
+# Snapshot statuses after which an operation publishes nothing more.
+TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
+
+
+class SnapshotProvider(Protocol):
+    """The current state of a topic's subject, sent in ``stream.reset`` when history is lost."""
+
+    async def __call__(self, topic: str) -> Mapping[str, Any]: ...
+
+
+class Releasable(Protocol):
+    async def release(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StreamOptions:
+    keepalive_seconds: float = 15.0
+    retry_ms: int = 3000
+    max_seconds: float | None = 3600.0
+    ready_timeout: float = 10.0
+    history_page: int = 500
+
+
+def last_event_id(scope: Scope) -> str | None:
+    """The client's position: the ``Last-Event-ID`` header, else ``?last_event_id=``."""
+    for name, value in scope.get("headers", ()):
+        if name == b"last-event-id":
+            return str(value.decode("latin-1").strip()) or None
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    values = query.get("last_event_id")
+    return values[0].strip() or None if values else None
