@@ -28,13 +28,7 @@ async def record_audit(
     subject_id: str | None = None,
     detail: Mapping[str, Any] | None = None,
 ) -> None:
-    await conn.execute(
-        "INSERT INTO audit_log (kind, user_id, subject_id, detail) VALUES ($1, $2, $3, $4::jsonb)",
-        kind,
-        user_id,
-        subject_id,
-        json.dumps(dict(detail or {}), default=str),
-    )
+    await record_audits(conn, [AuditEntry(kind, user_id, subject_id, detail or {})])
 
 
 async def record_audits(conn: Connection, entries: Sequence[AuditEntry]) -> None:

@@ -6,12 +6,11 @@ round trip each) is what lets `operation.started` follow each payment within mil
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .backend import ResourceSpec
-from .operations import Connection, OperationRecord, lease_until
+from .operations import Connection, OperationRecord, jsonb_text, lease_until
 
 __all__ = ["ProvisionRequest", "create_provisions"]
 
@@ -58,7 +57,7 @@ async def create_provisions(
     """Inserts a provision, leased to ``lease_owner``, for each ``(operation id, request)``
     whose subject has none yet, with its resource row; answers the operations created. With
     no requests the statement runs all the same (it warms a connection up)."""
-    columns: list[list[str]] = [[] for _ in range(7)]
+    columns: list[list[str | None]] = [[] for _ in range(7)]
     for op_id, request in requests:
         spec = request.spec
         values = (
@@ -67,7 +66,7 @@ async def create_provisions(
             request.user_id,
             spec.resource_type,
             request.resource_id,
-            json.dumps(spec.to_json(), separators=(",", ":")),
+            jsonb_text(spec.to_json()),
             spec.plan_name,
         )
         for column, value in zip(columns, values, strict=True):

@@ -25,6 +25,7 @@ __all__ = [
     "finish_operation",
     "get_operation",
     "get_operation_for_subject",
+    "jsonb_text",
     "lease_until",
     "mark_outcome",
     "mark_started",
@@ -38,7 +39,7 @@ ACTIVE_STATUSES: Final = ("pending", "running")
 TERMINAL_STATUSES: Final = ("completed", "failed", "cancelled")
 
 
-def _json_in(value: Mapping[str, Any] | None) -> str | None:
+def jsonb_text(value: Mapping[str, Any] | None) -> str | None:
     # Sent as text and cast in SQL (``$n::text::jsonb``), so that a jsonb codec on the pool,
     # if the app adds one, cannot encode it twice.
     return None if value is None else json.dumps(value, separators=(",", ":"))
@@ -168,7 +169,7 @@ async def create_operation(
         user_id,
         spec.resource_type,
         resource_id,
-        _json_in(spec.to_json()),
+        jsonb_text(spec.to_json()),
         lease_owner,
         lease_seconds,
         spec.plan_name,
@@ -256,7 +257,7 @@ async def finish_operation(
             owner,
             status,
             error,
-            _json_in(result),
+            jsonb_text(result),
         )
         if row is None:
             return None

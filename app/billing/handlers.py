@@ -89,9 +89,9 @@ class StripeEventHandlers:
         return _confirms_payment(event)
 
     async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
-        """Fulfils the paid Checkout Sessions of a batch together, in the inbox's transaction;
-        the rest go through `__call__`, one by one. Given no events, it runs its statements on
-        no rows (the intake's warm-up)."""
+        """Fulfils paid Checkout Sessions (the events `batchable` chose) together, in the
+        inbox's transaction. Given no events, it runs its statements on no rows (the intake's
+        warm-up)."""
         confirmations = [
             PaymentConfirmation(
                 event_id=event.id,
@@ -102,7 +102,6 @@ class StripeEventHandlers:
                 customer_id=object_id(event.object.get("customer")),
             )
             for event in events
-            if _confirms_payment(event)
         ]
         fulfilment = await self._lifecycle.fulfil_many(conn, confirmations)
         return Batch(fulfilment.event_ids, partial(self._lifecycle.announce, fulfilment))

@@ -22,7 +22,7 @@ import asyncpg
 from anyio.streams.memory import MemoryObjectReceiveStream
 
 from app.billing.inbox import BATCH, Batch, InboxEvent, WebhookInbox
-from app.billing.webhook_receiver import VerifiedEvent, store_event, store_events
+from app.billing.webhook_receiver import VerifiedEvent, store_events
 
 __all__ = ["EventNotStorable", "IntakeNotRunning", "WebhookIntake"]
 
@@ -189,15 +189,15 @@ class WebhookIntake:
         """Answers the ids that were new, and what the batch handler did with them."""
         verified = _first_of_each(group)
         events = [_inbox_event(e) for e in verified]
+        batch = Batch()
         if not (handle and self._inbox.any_batchable(events)):
             # Nothing to fulfil here: one statement, its own transaction.
             async with self._pool.acquire() as conn:
                 new = await store_events(conn, verified)
-            _answer(group, new)
-            return new, Batch()
-        async with self._pool.acquire() as conn, conn.transaction():
-            new = await store_events(conn, verified)
-            batch = await self._inbox.handle_together(conn, [e for e in events if e.id in new])
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                new = await store_events(conn, verified)
+                batch = await self._inbox.handle_together(conn, [e for e in events if e.id in new])
         _answer(group, new)
         return new, batch
 
@@ -207,8 +207,7 @@ class WebhookIntake:
         for event in _first_of_each(group):
             try:
                 async with self._pool.acquire() as conn:
-                    if await store_event(conn, event):
-                        new.add(event.id)
+                    new |= await store_events(conn, [event])
             except _UNSTORABLE:
                 for waiting in group:
                     if waiting.event.id == event.id:

@@ -22,7 +22,6 @@ __all__ = [
     "VerifiedEvent",
     "parse_event",
     "read_capped_body",
-    "store_event",
     "store_events",
     "verify_signature",
 ]
@@ -107,20 +106,6 @@ def parse_event(text: str) -> VerifiedEvent:
     except (OverflowError, ValueError, OSError):
         raise APIError(400, "invalid_payload", "The event's 'created' is out of range.") from None
     return VerifiedEvent(id=event_id, type=event_type, created=moment, payload=payload, text=text)
-
-
-async def store_event(conn: Connection, event: VerifiedEvent) -> bool:
-    """Answers whether the event is new; a redelivery stores nothing again."""
-    inserted = await conn.fetchval(
-        "INSERT INTO webhook_events (id, type, stripe_created, payload, received_at)"
-        " VALUES ($1, $2, $3, $4::jsonb, $5) ON CONFLICT (id) DO NOTHING RETURNING true",
-        event.id,
-        event.type,
-        event.created,
-        event.text,
-        event.received_at,
-    )
-    return bool(inserted)
 
 
 async def store_events(conn: Connection, events: Sequence[VerifiedEvent]) -> set[str]:

@@ -35,6 +35,14 @@ async def wait_processed(stack: Stack) -> None:
     await wait_for(idle, what="the inbox to be processed")
 
 
+async def active_graph(stack: Stack, name: str) -> str:
+    """A graph-standard subscription, paid for and provisioned; answers its id."""
+    started = await stack.checkout("graph-standard", name)
+    await stack.pay(started["checkout_session_id"])
+    await stack.wait_for_status(started["subscription_id"], "active")
+    return str(started["subscription_id"])
+
+
 def comparable(subscription: dict[str, Any]) -> dict[str, Any]:
     keep = ("status", "plan", "cancel_at_period_end", "resource_type")
     return {k: subscription[k] for k in keep} | {
@@ -99,10 +107,7 @@ async def stripe_subscription_id(stack: Stack, subscription_id: str) -> str:
 
 async def test_stripe_events_move_the_status_as_described(settings: Settings) -> None:
     async with running_stack(settings) as stack:
-        started = await stack.checkout("graph-standard", "moves")
-        sub_id = started["subscription_id"]
-        await stack.pay(started["checkout_session_id"])
-        await stack.wait_for_status(sub_id, "active")
+        sub_id = await active_graph(stack, "moves")
         stripe_id = await stripe_subscription_id(stack, sub_id)
         control = f"/_emulator/subscriptions/{stripe_id}"
 
@@ -152,10 +157,7 @@ async def test_a_cancellation_at_period_end_keeps_the_graph_until_the_period_end
     settings: Settings,
 ) -> None:
     async with running_stack(settings) as stack:
-        started = await stack.checkout("graph-standard", "until-the-end")
-        sub_id = started["subscription_id"]
-        await stack.pay(started["checkout_session_id"])
-        await stack.wait_for_status(sub_id, "active")
+        sub_id = await active_graph(stack, "until-the-end")
         resource_id = (await stack.subscription(sub_id))["resource_id"]
 
         cancelled = await stack.http.post(f"/v1/subscriptions/{sub_id}/cancel")
@@ -256,10 +258,7 @@ async def test_cancel_and_reactivate_reach_stripe_with_idempotency_keys(
     settings: Settings,
 ) -> None:
     async with running_stack(settings) as stack:
-        started = await stack.checkout("graph-standard", "toggle")
-        sub_id = started["subscription_id"]
-        await stack.pay(started["checkout_session_id"])
-        await stack.wait_for_status(sub_id, "active")
+        sub_id = await active_graph(stack, "toggle")
         stripe_id = await stripe_subscription_id(stack, sub_id)
         await stack.emulator.delete("/_emulator/requests")
 

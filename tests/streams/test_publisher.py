@@ -101,10 +101,10 @@ async def test_streams_are_capped(redis: Redis, redis_prefix: str) -> None:
     assert await publisher.publish(Event.create("x"), []) == {}
 
 
-async def test_publish_many_is_one_round_trip_with_the_same_effect(
+async def test_publish_many_publishes_each_event_in_order_as_publish_does(
     redis: Redis, redis_prefix: str
 ) -> None:
-    # A fresh client has not loaded the script: the pipeline must load it itself.
+    # With the script gone from Redis (a restart), the first call must load it again.
     await redis.script_flush()
     publisher = EventPublisher(redis, prefix=redis_prefix)
     started = [Event.create("operation.started", operation_id=f"op_{n}") for n in range(3)]
