@@ -12,6 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+import asyncpg
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -26,9 +28,12 @@ from provisioning import get_operation
 from streams import (
     EventStreamResponse,
     InvalidStreamToken,
+    LeaseSource,
+    ReconnectLater,
     StreamHandler,
     StreamLease,
     StreamOptions,
+    StreamRefused,
     TooManyStreams,
     isoformat_z,
     last_event_id,
@@ -43,14 +48,38 @@ STREAM_TOKEN_SECONDS = 300.0
 EXPIRED_HISTORY_POSITION = "0-1"
 
 
-def answering_errors(handler: Callable[[Request], Awaitable[Response]]) -> StreamHandler:
-    """Outside the middleware, a handler turns its own errors into the contract's answers."""
+# Redis or PostgreSQL cannot be reached (down, restarting, out of connections, timed out).
+_OUTAGE: tuple[type[BaseException], ...] = (
+    RedisError,
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,  # the connection went away under the query
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+
+
+def answering_errors(
+    handler: Callable[[Request], Awaitable[Response]], *, reconnect_on_outage: bool = False
+) -> StreamHandler:
+    """Outside the middleware, a handler turns its own errors into the contract's answers.
+
+    ``reconnect_on_outage`` (the streams): a server that cannot be reached as the stream opens
+    answers what makes every EventSource reconnect, where a 500 would make it give up for good.
+    """
+    outage = _OUTAGE if reconnect_on_outage else ()
 
     async def run(request: Request) -> ASGIApp:
         try:
             return await handler(request)
         except APIError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except outage as exc:
+            logger.warning("no stream on %s for now: %r", request.url.path, exc)
+            return ReconnectLater()
         except Exception:
             logger.exception("unhandled error on %s", request.url.path)
             return error_response(500, "internal_error", "Something went wrong on our side.")
@@ -72,16 +101,23 @@ async def stream_user_id(request: Request) -> str:
     return user_id
 
 
-async def _lease(request: Request, user_id: str) -> StreamLease:
-    try:
-        return await services(request).leases.acquire(user_id)
-    except TooManyStreams as exc:
-        raise APIError(
-            429,
-            "too_many_streams",
-            f"You have {exc.limit} event streams open, the most allowed; close one first.",
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from None
+def _lease(request: Request, user_id: str) -> LeaseSource:
+    """Taken by the stream itself as it starts, so that it is given back however it ends."""
+    leases = services(request).leases
+
+    async def take() -> StreamLease:
+        try:
+            return await leases.acquire(user_id)
+        except TooManyStreams as exc:
+            refusal = error_response(
+                429,
+                "too_many_streams",
+                f"You have {exc.limit} event streams open, the most allowed; close one first.",
+                headers={"Retry-After": str(exc.retry_after)},
+            )
+            raise StreamRefused(refusal, str(exc)) from None
+
+    return take
 
 
 def _options(request: Request) -> StreamOptions:
@@ -121,7 +157,7 @@ async def operation_events(request: Request) -> Response:
         last_event_id=position,
         snapshot=snapshot,
         options=_options(request),
-        lease=await _lease(request, user_id),
+        take_lease=_lease(request, user_id),
     )
 
 
@@ -140,7 +176,7 @@ async def user_events(request: Request) -> Response:
         last_event_id=last_event_id(request.scope),
         snapshot=snapshot,
         options=_options(request),
-        lease=await _lease(request, user_id),
+        take_lease=_lease(request, user_id),
     )
 
 
@@ -155,8 +191,11 @@ async def stream_tokens(request: Request) -> Response:
 
 
 direct_stream_routes: list[tuple[str, StreamHandler]] = [
-    ("/v1/operations/{operation_id}/events", answering_errors(operation_events)),
-    ("/v1/events", answering_errors(user_events)),
+    (
+        "/v1/operations/{operation_id}/events",
+        answering_errors(operation_events, reconnect_on_outage=True),
+    ),
+    ("/v1/events", answering_errors(user_events, reconnect_on_outage=True)),
 ]
 stream_routes = [
     # Reached only by methods other than GET (a 405), since GET is served directly.

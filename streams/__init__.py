@@ -13,9 +13,12 @@ from .routing import DirectRoutes, StreamHandler
 from .sse import (
     TERMINAL_STATUSES,
     EventStreamResponse,
+    LeaseSource,
+    ReconnectLater,
     Releasable,
     SnapshotProvider,
     StreamOptions,
+    StreamRefused,
     last_event_id,
 )
 from .subscription import Signal, Subscription
@@ -37,6 +40,8 @@ __all__ = [
     "HubClosed",
     "InvalidEventId",
     "InvalidStreamToken",
+    "LeaseSource",
+    "ReconnectLater",
     "RedisEndpoint",
     "Releasable",
     "Signal",
@@ -46,6 +51,7 @@ __all__ = [
     "StreamLease",
     "StreamLeases",
     "StreamOptions",
+    "StreamRefused",
     "StreamTokens",
     "Subscription",
     "TooManyStreams",

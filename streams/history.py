@@ -15,26 +15,52 @@ from .topics import stream_key
 __all__ = ["Catchup", "StreamHistory"]
 
 # One atomic read: what the Stream has lost (so a gap is reported, never skipped silently) and
-# the entries after a position. Returns {exists, max-deleted id, entries-added, length,
-# first id, last id, last type, entries}.
+# the entries after a position. ARGV: the position ("-" for the very start), the page size.
+# Returns {exists, max-deleted id, entries-added, length, first id, last-generated id,
+# last type, whether the position itself is kept, entries}. The read starts AT the position,
+# so that one more entry says whether the Stream still holds it: a position the Stream never
+# held (Redis lost it: a failover, a restart without persistence) is a gap too.
 _CATCHUP_LUA: Final = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
 local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local out = {1, '0-0', -1, 0, '', '', ''}
+local out = {1, '0-0', -1, 0, '', '0-0', '', 0}
 for i = 1, #info, 2 do
   local k, v = info[i], info[i + 1]
   if k == 'max-deleted-entry-id' then out[2] = v
   elseif k == 'entries-added' then out[3] = v
   elseif k == 'length' then out[4] = v
   elseif k == 'first-entry' and v then out[5] = v[1]
+  elseif k == 'last-generated-id' then out[6] = v
   elseif k == 'last-entry' and v then
-    out[6] = v[1]
     local fields = v[2]
     for j = 1, #fields, 2 do if fields[j] == 't' then out[7] = fields[j + 1] end end
   end
 end
-out[8] = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
+local limit = tonumber(ARGV[2])
+local entries
+if ARGV[1] == '-' then
+  entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)
+else
+  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', limit + 1)
+  if entries[1] and entries[1][1] == ARGV[1] then
+    out[8] = 1
+    table.remove(entries, 1)
+  elseif #entries > limit then
+    table.remove(entries)
+  end
+end
+out[9] = entries
 return out
+"""
+
+# The newest id the Stream ever generated (kept or not): where "live from now" begins.
+_HEAD_LUA: Final = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+for i = 1, #info, 2 do
+  if info[i] == 'last-generated-id' then return info[i + 1] end
+end
+return false
 """
 
 
@@ -54,8 +80,10 @@ def _frame(entry: Sequence[Any]) -> Frame:
 class Catchup:
     """One page of history after a position.
 
-    ``reset``: entries after the position are no longer kept (trimmed, deleted or expired).
-    ``last`` / ``last_terminal``: the newest entry at read time, where a reset resumes.
+    ``reset``: what followed the position is not all kept (trimmed, deleted, expired, or lost
+    by Redis: a position the Stream never held or beyond its newest id).
+    ``last``: the newest id the Stream generated at read time, where a reset resumes (None: no
+    Stream); ``last_terminal``: whether its newest kept entry ends the topic.
     ``more``: the page was full; read again after its last frame.
     """
 
@@ -66,6 +94,35 @@ class Catchup:
     more: bool
 
 
+def _gap(
+    position: StreamPosition | None,
+    *,
+    head: StreamPosition,
+    first: StreamPosition | None,
+    max_deleted: StreamPosition,
+    trimmed: bool,
+    held: bool,
+) -> bool:
+    """Whether entries after ``position`` may be missing from an existing Stream."""
+    if position is None:  # from the very start: is the start itself gone?
+        return trimmed or max_deleted > (0, 0)
+    if position > head:
+        # Ahead of every id the Stream generated: Redis lost what it had acknowledged (a
+        # failover to a replica that lagged, a restart without persistence).
+        return True
+    if max_deleted > position:
+        return True  # an entry after the position was deleted
+    if first is None:
+        # Nothing is kept: all is lost unless nothing came after the position.
+        return position < head
+    if position < first:
+        # Trimming removes the oldest entries: before the first kept entry of a trimmed Stream,
+        # what followed the position may be gone.
+        return trimmed
+    # Within the kept range the Stream must hold the position itself, unless it was deleted.
+    return not held and max_deleted != position
+
+
 class StreamHistory:
     """Reads of the Streams written by ``EventPublisher`` (same ``prefix``)."""
 
@@ -73,6 +130,7 @@ class StreamHistory:
         self._redis = redis
         self._prefix = prefix
         self._script = redis.register_script(_CATCHUP_LUA)
+        self._head_script = redis.register_script(_HEAD_LUA)
         # Bounds the history reads of a reconnect storm to what the pool can serve.
         self._limiter = anyio.CapacityLimiter(concurrency)
 
@@ -80,38 +138,42 @@ class StreamHistory:
         self, topic: str, position: StreamPosition | None, *, limit: int = 500
     ) -> Catchup:
         """Entries after ``position`` (exclusive); ``None`` reads from the very start, and then
-        ``reset`` means the start itself is gone."""
-        start = "-" if position is None else "(" + format_stream_id(position)
+        ``reset`` means the start itself is gone. A missing Stream is a gap after a position
+        (its history expired or was lost) and nothing at all from the start."""
+        start = "-" if position is None else format_stream_id(position)
         async with self._limiter:
             reply = await self._script(keys=[stream_key(self._prefix, topic)], args=[start, limit])
         if not int(reply[0]):
             return Catchup(
                 [], reset=position is not None, last=None, last_terminal=False, more=False
             )
-        max_deleted = parse_stream_id(_bytes(reply[1]))
         added, length = int(reply[2]), int(reply[3])
-        first = parse_stream_id(_bytes(reply[4])) if reply[4] else None
-        last = parse_stream_id(_bytes(reply[5])) if reply[5] else None
-        frames = [_frame(entry) for entry in reply[7]]
-        trimmed = added < 0 or added > length  # entries-added is missing before Redis 7.0
-        if position is None:
-            reset = trimmed or max_deleted > (0, 0)
-        else:
-            # Trimming removes the oldest entries: a position before the first kept entry of a
-            # trimmed Stream may have lost what followed it.
-            reset = max_deleted > position or (
-                trimmed
-                and (first is None or position < first)
-                and (last is None or position < last)
-            )
+        head = parse_stream_id(_bytes(reply[5]))
+        frames = [_frame(entry) for entry in reply[8]]
+        reset = _gap(
+            position,
+            head=head,
+            first=parse_stream_id(_bytes(reply[4])) if reply[4] else None,
+            max_deleted=parse_stream_id(_bytes(reply[1])),
+            # entries-added is missing before Redis 7.0: then assume the worst.
+            trimmed=added < 0 or added > length,
+            held=bool(int(reply[7])),
+        )
         last_type = _bytes(reply[6])
         return Catchup(
             frames,
             reset=reset,
-            last=last,
+            last=head if head > (0, 0) else None,
             last_terminal=bool(last_type) and Frame(b"0-0", last_type, b"").terminal,
             more=len(frames) >= limit,
         )
+
+    async def head(self, topic: str) -> StreamPosition | None:
+        """The newest id ``topic``'s Stream generated (None: there is no Stream): reading after
+        it later yields exactly what was published since."""
+        async with self._limiter:
+            reply = await self._head_script(keys=[stream_key(self._prefix, topic)])
+        return None if reply is None else parse_stream_id(_bytes(reply))
 
     async def last_frame(self, topic: str) -> Frame | None:
         """The newest kept entry of ``topic``."""

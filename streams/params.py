@@ -1,21 +1,23 @@
 """What a caller gives an SSE stream: its options, the client's position from the request, a
-snapshot of the topic's subject for ``stream.reset``, and a lease to release at the end.
+snapshot of the topic's subject for ``stream.reset``, and how to take the lease it holds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qs
 
-from starlette.types import Scope
+from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "LeaseSource",
     "Releasable",
     "SnapshotProvider",
     "StreamOptions",
+    "StreamRefused",
     "last_event_id",
 ]
 
@@ -31,6 +33,18 @@ class SnapshotProvider(Protocol):
 
 class Releasable(Protocol):
     async def release(self) -> None: ...
+
+
+# Takes a stream's lease (its place in the user's limit), as the stream starts.
+LeaseSource = Callable[[], Awaitable[Releasable]]
+
+
+class StreamRefused(Exception):
+    """Raised by a ``LeaseSource`` to answer ``response`` (e.g. a 429) instead of the stream."""
+
+    def __init__(self, response: ASGIApp, reason: str) -> None:
+        super().__init__(reason)
+        self.response = response
 
 
 @dataclass(frozen=True, slots=True)

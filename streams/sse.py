@@ -33,9 +33,11 @@ from .history import Catchup
 from .hub import EventHub, HubClosed
 from .params import (  # the caller's side, also importable from here as it always was
     TERMINAL_STATUSES,
+    LeaseSource,
     Releasable,
     SnapshotProvider,
     StreamOptions,
+    StreamRefused,
     last_event_id,
 )
 from .subscription import Signal, Subscription
@@ -44,9 +46,12 @@ from .topics import operation_topic, user_topic
 __all__ = [
     "TERMINAL_STATUSES",
     "EventStreamResponse",
+    "LeaseSource",
+    "ReconnectLater",
     "Releasable",
     "SnapshotProvider",
     "StreamOptions",
+    "StreamRefused",
     "last_event_id",
 ]
 
@@ -57,6 +62,26 @@ _SIGNAL_COMMENTS: Final = {
     Signal.CLOSED: comment_frame("server shutting down; reconnect to resume"),
 }
 _KEEPALIVE: Final = comment_frame("keep-alive")
+_HEADERS: Final = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+_UNAVAILABLE: Final = comment_frame("event source unavailable; reconnect later")
+
+
+def _reconnect_body(retry_ms: int, comment: bytes = _UNAVAILABLE) -> bytes:
+    """A whole stream that only says when to come back."""
+    return retry_frame(retry_ms) + comment
+
+
+class ReconnectLater(Response):
+    """A stream that cannot be served now (Redis or the database unreachable): 200 with
+    ``retry:`` and an immediate end makes every EventSource reconnect (on another instance, or
+    once the server is back), where an error status would make it give up for good."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, retry_ms: int = StreamOptions().retry_ms) -> None:
+        super().__init__(_reconnect_body(retry_ms), headers=_HEADERS)
 
 
 class _Ended(Exception):
@@ -68,7 +93,9 @@ class EventStreamResponse(Response):
 
     ``from_start``: without a position, replay the whole kept history (operation streams);
     otherwise start live. ``end_on_terminal``: close right after a terminal event.
-    ``lease``: released when the stream ends (see ``leases``).
+    ``take_lease``: takes the stream's place in its user's limit (see ``leases``) as the stream
+    starts; it is released when the stream ends, however it ends. It may raise
+    ``StreamRefused`` to answer with another response (a 429) instead.
     """
 
     media_type = "text/event-stream"
@@ -83,14 +110,12 @@ class EventStreamResponse(Response):
         from_start: bool = False,
         end_on_terminal: bool = False,
         options: StreamOptions | None = None,
-        lease: Releasable | None = None,
+        take_lease: LeaseSource | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.status_code = 200
         self.background = None
-        self.init_headers(
-            {"Cache-Control": "no-store", "X-Accel-Buffering": "no", **(headers or {})}
-        )
+        self.init_headers({**_HEADERS, **(headers or {})})
         self._hub = hub
         self._topic = topic
         self._requested = last_event_id
@@ -98,8 +123,9 @@ class EventStreamResponse(Response):
         self._from_start = from_start
         self._end_on_terminal = end_on_terminal
         self._options = options or StreamOptions()
-        self._lease = lease
+        self._take_lease = take_lease
         self._last: StreamPosition | None = None
+        self._unplaceable = False
         self._sending = False
         self._send: Send | None = None
         self._aborter = TaskAborter()
@@ -117,29 +143,44 @@ class EventStreamResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         self._send = send
         opts = self._options
-        try:
-            position = self._initial_position()
-            if position is None and not self._from_start and self._requested is None:
-                # Live from now: whatever comes after the newest entry, read before subscribing.
-                frame = await self._hub.history.last_frame(self._topic)
-                position = frame.position if frame is not None else (0, 0)
-            sub = self._hub.subscribe(
-                self._topic, keepalive=opts.keepalive_seconds, max_seconds=opts.max_seconds
-            )
-        except (HubClosed, RedisError) as exc:
-            # A 200 that ends at once makes EventSource retry (on another instance, or once
-            # Redis is back); an error status would make it give up.
-            logger.warning("refusing a stream of %s: %s", self._topic, exc)
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            body = retry_frame(opts.retry_ms) + _SIGNAL_COMMENTS[Signal.CLOSED]
-            await send({"type": "http.response.body", "body": body, "more_body": False})
-            await self._release_lease()
-            return
-        sub.on_terminal = self._on_terminal
+        lease: Releasable | None = None
+        sub: Subscription | None = None
         watcher: asyncio.Task[None] | None = None
+        # Everything from taking the lease on runs in this block, whose `finally` gives the
+        # lease back: a lease left behind would be renewed for as long as the process lives.
         try:
             with self._aborter:
-                watcher = asyncio.get_running_loop().create_task(self._watch_disconnect(receive))
+                try:
+                    if self._take_lease is not None:
+                        # Not abortable: a command Redis already received would take the place
+                        # after we stopped waiting, and nobody would give it back for a ttl.
+                        lease = await self._take_lease()
+                    # From here a client that goes away ends the stream, even while Redis
+                    # stalls the reads that start it.
+                    watcher = asyncio.get_running_loop().create_task(
+                        self._watch_disconnect(receive)
+                    )
+                    position = await self._start_position()
+                    sub = self._hub.subscribe(
+                        self._topic, keepalive=opts.keepalive_seconds, max_seconds=opts.max_seconds
+                    )
+                except StreamRefused as refused:
+                    await refused.response(scope, receive, send)
+                    return
+                except (HubClosed, RedisError) as exc:
+                    # A 200 that ends at once makes EventSource retry (on another instance, or
+                    # once Redis is back); an error status would make it give up.
+                    logger.warning("refusing a stream of %s: %s", self._topic, exc)
+                    closing = isinstance(exc, HubClosed)
+                    body = _reconnect_body(
+                        opts.retry_ms, _SIGNAL_COMMENTS[Signal.CLOSED] if closing else _UNAVAILABLE
+                    )
+                    await send(
+                        {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                    )
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
+                sub.on_terminal = self._on_terminal
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
                 )
@@ -152,33 +193,43 @@ class EventStreamResponse(Response):
                     logger.warning("stream of %s ends: Redis failed (%s)", self._topic, exc)
                 await self._finish()
         finally:
-            sub.on_terminal = None
+            if sub is not None:
+                sub.on_terminal = None
+                sub.close()
             if watcher is not None:
                 watcher.cancel()
-            sub.close()
-            await self._release_lease()
+            if lease is not None:
+                await self._release(lease)
 
-    async def _release_lease(self) -> None:
-        if self._lease is not None:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-                await self._lease.release()
+    async def _release(self, lease: Releasable) -> None:
+        with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+            try:
+                await lease.release()
+            except RedisError as exc:  # it lapses after the lease ttl, no longer renewed
+                logger.warning("could not release a stream lease of %s: %s", self._topic, exc)
 
-    def _initial_position(self) -> StreamPosition | None:
-        if self._requested is None:
+    async def _start_position(self) -> StreamPosition | None:
+        """Where the stream starts: after the client's position; else from the very start
+        (``from_start``), else after the newest id the Stream has generated (live). ``None``:
+        from the start of the Stream, which for a live stream holds only what came since."""
+        if self._requested is not None:
+            try:
+                return parse_stream_id(self._requested)
+            except InvalidEventId:
+                self._unplaceable = True  # a history that cannot be placed: stream.reset
+                return None
+        if self._from_start:
             return None
-        try:
-            return parse_stream_id(self._requested)
-        except InvalidEventId:
-            return None  # a history that cannot be placed: answered with stream.reset
+        return await self._hub.history.head(self._topic)
 
     async def _serve(self, sub: Subscription, position: StreamPosition | None) -> None:
         with anyio.move_on_after(self._options.ready_timeout) as waited:
             await sub.ready()
         if waited.cancelled_caught:
-            await self._write(comment_frame("event source unavailable; reconnect later"))
+            await self._write(_UNAVAILABLE)
             return
         self._last = position
-        if self._requested is not None and position is None:
+        if self._unplaceable:
             await self._reset(None, None, False)
         else:
             await self._catch_up()
@@ -189,6 +240,7 @@ class EventStreamResponse(Response):
             elif item is Signal.IDLE:
                 await self._write(_KEEPALIVE)
             elif item is Signal.RESYNC:
+                # The hub was away: catch up from the Stream; a reset only for a real gap.
                 await self._catch_up()
             else:
                 comment = _SIGNAL_COMMENTS.get(item)
@@ -226,7 +278,8 @@ class EventStreamResponse(Response):
         event = Event.create("stream.reset", **fields)
         stream_id = b"" if last is None else b"id: " + format_stream_id(last).encode() + b"\n"
         await self._write(stream_id + b"event: stream.reset\ndata: " + event.encode() + b"\n\n")
-        self._last = last if last is not None else (0, 0)
+        # Resume after what the snapshot covers; without a Stream, from its start once it exists.
+        self._last = last
         if self._end_on_terminal and (last_terminal or snapshot.get("status") in TERMINAL_STATUSES):
             raise _Ended
 

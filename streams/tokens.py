@@ -59,12 +59,15 @@ class StreamTokens:
         return f"{_VERSION}.{payload}.{self._mac(payload)}", datetime.fromtimestamp(expires, UTC)
 
     def verify(self, token: str) -> str:
-        """The user id the token was issued to; raises InvalidStreamToken or ExpiredStreamToken."""
+        """The user id the token was issued to; raises InvalidStreamToken or ExpiredStreamToken
+        (for any string at all: a token comes straight from a query string)."""
+        if not token.isascii():  # every token issued here is base64url
+            raise InvalidStreamToken("malformed stream token; get a new one from /v1/stream-tokens")
         version, _, rest = token.partition(".")
         payload, _, mac = rest.partition(".")
         if version != _VERSION or not payload or not mac:
             raise InvalidStreamToken("malformed stream token; get a new one from /v1/stream-tokens")
-        if not hmac.compare_digest(mac, self._mac(payload)):
+        if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
             raise InvalidStreamToken("stream token signature does not match; get a new token")
         try:
             claims = json.loads(_unb64(payload))

@@ -10,8 +10,8 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from streams.hub import EventHub
-from streams.leases import StreamLeases, TooManyStreams
-from streams.sse import EventStreamResponse, StreamOptions
+from streams.leases import StreamLease, StreamLeases, TooManyStreams
+from streams.sse import EventStreamResponse, StreamOptions, StreamRefused
 from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
 from tests.streams.conftest import Snapshots
 from tests.streams.sse_client import read_sse, wait_until
@@ -67,14 +67,17 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
 ) -> None:
     leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
 
-    async def events(request: Request) -> Response:
+    async def take() -> StreamLease:
         try:
-            lease = await leases.acquire("usr_l")
+            return await leases.acquire("usr_l")
         except TooManyStreams as exc:
             body = {"error": {"code": "too_many_streams", "message": str(exc)}}
-            return JSONResponse(body, 429, headers={"Retry-After": str(exc.retry_after)})
+            refusal = JSONResponse(body, 429, headers={"Retry-After": str(exc.retry_after)})
+            raise StreamRefused(refusal, str(exc)) from None
+
+    async def events(request: Request) -> Response:
         return EventStreamResponse.for_user(
-            hub, "usr_l", last_event_id=None, snapshot=snapshots, lease=lease,
+            hub, "usr_l", last_event_id=None, snapshot=snapshots, take_lease=take,
             options=StreamOptions(max_seconds=None),
         )  # fmt: skip
 
