@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import httpx
@@ -11,8 +13,9 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.settings import Settings
-from streams import operation_topic, stream_key
-from tests.support.stack import Stack, running_stack
+from streams import Event, operation_topic, stream_key, user_topic
+from tests.support.redis_server import redis_process
+from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -153,3 +156,106 @@ async def test_a_finished_operation_whose_history_expired_says_so(settings: Sett
         assert snapshot["snapshot"]["status"] == "completed"
         assert snapshot["snapshot"]["progress"] == 100
         assert snapshot["snapshot"]["id"] == operation_id
+
+
+async def test_a_non_ascii_or_malformed_token_is_a_401_without_a_traceback(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_stack(settings) as stack:
+        token = (await stack.http.post("/v1/stream-tokens")).json()["token"]
+        version, payload, mac = token.split(".")
+        caplog.clear()
+        for bad in (
+            "é",
+            f"{version}.{payload}.{mac[:-1]}é",  # non-ASCII where the MAC is compared
+            f"{version}.{payload}é.{mac}",
+            f"{version}.{payload}",
+            "v1..",
+            "",
+        ):
+            for path in ("/v1/events", "/v1/operations/op_x/events"):
+                answer = await stack.anonymous.get(path, params={"token": bad})
+                assert answer.status_code == 401, (bad, answer.text)
+                assert answer.json()["error"]["code"] == "invalid_token"
+                assert answer.json()["error"]["message"]
+        logged = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+        assert not logged, [r.getMessage() for r in logged]
+
+
+async def test_streams_opened_while_redis_is_down_say_reconnect_and_work_once_it_is_back(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A plain EventSource gives up for good on an error status: while Redis is down, each
+    stream answers 200 with `retry:` and ends, so the browser keeps coming back."""
+    with redis_process(tmp_path / "redis", persistence="aof") as server:
+        await server.wait_ready()
+        async with running_stack(replace(settings, redis_url=server.url)) as stack:
+            operation_id = await finished_operation(stack, "outage")
+            token = (await stack.http.post("/v1/stream-tokens")).json()["token"]
+            operation_path = f"/v1/operations/{operation_id}/events?token={token}"
+            user_path = f"/v1/events?token={token}"
+            history = await event_ids(stack.anonymous, operation_path)
+
+            server.kill()
+            attempts: list[tuple[str, dict[str, str]]] = [
+                (user_path, {}),
+                (user_path, {"Last-Event-ID": history[0]}),
+                (operation_path, {}),
+                (operation_path, {"Last-Event-ID": history[-1]}),  # would be a 204
+            ]
+            for path, headers in attempts:
+                with anyio.fail_after(20):
+                    answer = await stack.anonymous.get(path, headers=headers)
+                assert answer.status_code == 200, (path, headers, answer.text)
+                assert answer.headers["content-type"].startswith("text/event-stream")
+                assert answer.text.startswith("retry: "), answer.text
+                assert "reconnect" in answer.text
+            services = stack.app.state.services
+            assert services.leases.held == 0
+
+            server.start()
+            await server.wait_ready()
+
+            async def hub_connected() -> bool | None:
+                return services.hub.connected or None
+
+            await wait_for(hub_connected, within=20, what="the hub to reconnect")
+            # What the EventSource finds when it comes back: the whole operation, and live events.
+            assert await event_ids(stack.anonymous, operation_path) == history
+            async with aconnect_sse(stack.anonymous, "GET", user_path) as source:
+                assert source.response.status_code == 200
+                sent = await services.publisher.publish(
+                    Event.create("subscription.updated", subscription_id="sub_x"),
+                    [user_topic(stack.user_id)],
+                )
+                with anyio.fail_after(10):
+                    async for sse in source.aiter_sse():
+                        if sse.data:
+                            assert (sse.event, sse.id) == (
+                                "subscription.updated",
+                                sent[user_topic(stack.user_id)],
+                            )
+                            break
+
+
+async def test_an_unreadable_entry_in_a_users_history_does_not_keep_a_stream_slot(
+    settings: Settings,
+) -> None:
+    """Whatever happens between taking a stream's lease and serving it, the lease goes back:
+    here the user's Stream ends with an entry no instance wrote (an operator's XADD)."""
+    limited = replace(settings, max_streams_per_user=1)
+    async with running_stack(limited) as stack:
+        services = stack.app.state.services
+        key = stream_key(stack.settings.redis_prefix, user_topic(stack.user_id))
+        await services.redis.xadd(key, {b"t": b"\xff\xfe", b"d": b"{}"})
+        statuses = []
+        for _ in range(2):
+            async with stack.http.stream("GET", "/v1/events") as response:
+                statuses.append(response.status_code)
+
+        async def released() -> bool | None:
+            return await services.leases.count(stack.user_id) == 0 or None
+
+        await wait_for(released, within=10, what="the stream's lease to be released")
+        assert services.leases.held == 0
+        assert statuses == [200, 200]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import httpx
 import pytest
@@ -16,6 +18,7 @@ from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
 from tests.streams.conftest import Snapshots
 from tests.streams.sse_client import read_sse, wait_until
 from tests.support.live import live_server
+from tests.support.redis_server import redis_process
 
 pytestmark = pytest.mark.anyio
 
@@ -98,6 +101,60 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
             assert third.status_code == 200
 
 
+async def test_a_client_gone_while_redis_stalls_the_start_gives_its_place_back(
+    redis: Redis, redis_prefix: str, snapshots: Snapshots, tmp_path: Path
+) -> None:
+    """The hub's Redis stops answering (SIGSTOP) while a stream starts, after its lease was
+    taken: the client that gives up must not keep its place for as long as Redis stalls."""
+    leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
+
+    async def events(request: Request) -> Response:
+        return EventStreamResponse.for_user(
+            hub, "usr_s", last_event_id=None, snapshot=snapshots,
+            take_lease=lambda: leases.acquire("usr_s"), options=StreamOptions(max_seconds=None),
+        )  # fmt: skip
+
+    async def open_streams(expected: int) -> bool:
+        return await leases.count("usr_s") == expected
+
+    with redis_process(tmp_path, persistence="none") as server:
+        await server.wait_ready()
+        stalling = server.client()
+        try:
+            async with (
+                EventHub(stalling, prefix=redis_prefix, tick_seconds=0.05) as hub,
+                anyio.create_task_group() as renewer,
+            ):
+                await hub.wait_connected()
+                await renewer.start(leases.run)
+                app = Starlette(routes=[Route("/events", events)])
+                async with (
+                    live_server(app) as base,
+                    httpx.AsyncClient(base_url=base, timeout=30) as client,
+                ):
+                    server.pause()
+
+                    async def give_up_waiting() -> None:
+                        async with client.stream("GET", "/events"):
+                            raise AssertionError("no answer can come from a stopped Redis")
+
+                    async with anyio.create_task_group() as attempt:
+                        attempt.start_soon(give_up_waiting)
+                        await wait_until(lambda: open_streams(1))
+                        await anyio.sleep(0.3)  # the start now waits on the stopped Redis
+                        attempt.cancel_scope.cancel()  # the client closes its connection
+
+                    await wait_until(lambda: open_streams(0), within=5)
+                    assert leases.held == 0
+                    server.resume()
+                    async with client.stream("GET", "/events") as again:
+                        assert again.status_code == 200
+                        assert (await anext(read_sse(again))).kind == "retry"
+                renewer.cancel_scope.cancel()
+        finally:
+            await stalling.aclose()
+
+
 def test_tokens_are_bound_to_a_user_and_expire() -> None:
     now = [1_700_000_000.0]
     tokens = StreamTokens("k" * 32, clock=lambda: now[0])
@@ -115,6 +172,9 @@ def test_tokens_are_bound_to_a_user_and_expire() -> None:
         f"{version}.{payload}.{mac[:-2]}AA",
         forged,  # signed with another key
         f"v2.{payload}.{mac}",
+        "é",  # a query string may hold anything
+        f"{version}.{payload}.{mac[:-1]}é",
+        f"{version}.é.{mac}",
     ):
         with pytest.raises(InvalidStreamToken):
             tokens.verify(bad)

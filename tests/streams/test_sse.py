@@ -5,11 +5,12 @@ import json
 import anyio
 import httpx
 import pytest
+from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from streams import Event, EventPublisher, operation_topic, user_topic
+from streams import Event, EventPublisher, operation_topic, stream_key, user_topic
 from streams.hub import EventHub
 from streams.routing import DirectRoutes
 from streams.sse import EventStreamResponse, StreamOptions
@@ -231,3 +232,24 @@ async def test_direct_routes_serve_streams_ahead_of_the_app(
         reply = await client.get("/ops/op_direct/events", headers={"Last-Event-ID": ids[-1]})
         assert reply.status_code == 204
     assert seen == [(inner, {"op_id": "op_direct"}), (inner, {"op_id": "missing"})]
+
+
+async def test_a_stream_without_a_position_asked_for_no_history_and_gets_no_reset(
+    app: Starlette, publisher: EventPublisher, redis: Redis, redis_prefix: str
+) -> None:
+    # A new user (no Stream yet), and one whose Stream has expired after a history.
+    gone = user_topic("usr_gone")
+    await publisher.publish(Event.create("subscription.updated", subscription_id="s0"), [gone])
+    await redis.delete(stream_key(redis_prefix, gone))
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for user in ("usr_new", "usr_gone"):
+            topic = user_topic(user)
+            async with client.stream("GET", f"/users/{user}/events") as response:
+                items = read_sse(response)
+                assert (await anext(items)).kind == "retry"
+                sent = await publisher.publish(
+                    Event.create("subscription.updated", subscription_id="s1"), [topic]
+                )
+                with anyio.fail_after(10):
+                    first = await anext(items)
+                assert (first.event, first.id) == ("subscription.updated", sent[topic]), user
