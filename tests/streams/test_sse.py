@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 
 import anyio
 import httpx
@@ -235,21 +236,48 @@ async def test_direct_routes_serve_streams_ahead_of_the_app(
 
 
 async def test_a_stream_without_a_position_asked_for_no_history_and_gets_no_reset(
-    app: Starlette, publisher: EventPublisher, redis: Redis, redis_prefix: str
+    hub: EventHub,
+    snapshots: Snapshots,
+    publisher: EventPublisher,
+    redis: Redis,
+    redis_prefix: str,
 ) -> None:
     # A new user (no Stream yet), and one whose Stream has expired after a history.
     gone = user_topic("usr_gone")
     await publisher.publish(Event.create("subscription.updated", subscription_id="s0"), [gone])
     await redis.delete(stream_key(redis_prefix, gone))
+    # A keep-alive is written only once the stream has caught up: whatever came before it is
+    # how the stream begins.
+    app = make_app(hub, snapshots, StreamOptions(keepalive_seconds=0.2, max_seconds=None))
     async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
         for user in ("usr_new", "usr_gone"):
             topic = user_topic(user)
             async with client.stream("GET", f"/users/{user}/events") as response:
                 items = read_sse(response)
                 assert (await anext(items)).kind == "retry"
+                with anyio.fail_after(10):
+                    begins = [item async for item in until_keepalive(items)]
+                assert begins == [], user
                 sent = await publisher.publish(
                     Event.create("subscription.updated", subscription_id="s1"), [topic]
                 )
                 with anyio.fail_after(10):
-                    first = await anext(items)
+                    first = [i async for i in until_event(items)][-1]
                 assert (first.event, first.id) == ("subscription.updated", sent[topic]), user
+    assert snapshots.asked == []
+
+
+async def until_keepalive(items: AsyncIterator[SSEItem]) -> AsyncIterator[SSEItem]:
+    """The items before the next keep-alive comment."""
+    async for item in items:
+        if item.kind == "comment" and item.text == "keep-alive":
+            return
+        yield item
+
+
+async def until_event(items: AsyncIterator[SSEItem]) -> AsyncIterator[SSEItem]:
+    """The next event, past comments."""
+    async for item in items:
+        if item.kind == "event":
+            yield item
+            return
