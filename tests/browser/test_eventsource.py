@@ -4,17 +4,22 @@ duplicate, and stops for good after the 204 that follows the terminal event."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import pytest
+from redis.exceptions import RedisError
 
 from app.settings import Settings
 from provisioning import GraphBackend, SharedRepositoryBackend
-from streams import StreamOptions
+from streams import Event, StreamOptions, user_topic
 from tests.browser.proxy import dropping_proxy
 from tests.browser.support import GatedBackend, operation_id_of, server_events
+from tests.support.redis_server import redis_process
 from tests.support.stack import running_stack
 
 if TYPE_CHECKING:
@@ -35,6 +40,8 @@ OPEN = """(url) => {
   source.onopen = () => { got.opens += 1; };
   source.onerror = () => { got.errors.push(source.readyState); };
 }"""
+# The same on the user's stream.
+OPEN_USER = OPEN.replace('"stream.reset", "message"', '"stream.reset", "subscription.updated"')
 RETRY_SECONDS = StreamOptions().retry_ms / 1000
 STATE = "() => ({ ...window.__got, readyState: window.__source.readyState })"
 
@@ -114,4 +121,43 @@ async def test_eventsource_resumes_by_last_event_id_and_stops_after_204(
         await anyio.sleep(RETRY_SECONDS * 1.3)
         assert len(asked) == 3
         assert len(proxy.requests(path)) == 3
+        assert page_errors == []
+
+
+async def test_eventsource_keeps_coming_back_through_a_redis_outage(
+    settings: Settings, page: Page, page_errors: list[str], tmp_path: Path
+) -> None:
+    """Opened while Redis is down, the browser's own EventSource gets 200 with `retry:` and a
+    close, not an error status that would end it for good; once Redis is back it is served, and
+    a stream opened without a position never begins with stream.reset."""
+    with redis_process(tmp_path / "redis") as server:
+        await server.wait_ready()
+        async with running_stack(replace(settings, redis_url=server.url)) as stack:
+            token = (await stack.http.post("/v1/stream-tokens")).json()["token"]
+            await page.goto(f"{stack.url}/healthz")
+            server.kill()
+            await page.evaluate(OPEN_USER, f"/v1/events?token={token}")
+            # Two failed attempts, and the browser is still trying (CONNECTING, not CLOSED).
+            await page.wait_for_function(
+                "() => window.__got.errors.length >= 2 || window.__source.readyState === 2"
+            )
+            outage = await received(page)
+            assert outage["readyState"] != 2, outage
+            assert set(outage["errors"]) == {0}
+
+            server.start()
+            await server.wait_ready()
+            services = stack.app.state.services
+            topic = user_topic(stack.user_id)
+            sent: list[str] = []
+            with anyio.fail_after(30):
+                while not (await received(page))["events"]:
+                    event = Event.create("subscription.updated", subscription_id="sub_x")
+                    with contextlib.suppress(RedisError):  # the app's pool may still reconnect
+                        sent.append((await services.publisher.publish(event, [topic]))[topic])
+                    await anyio.sleep(0.5)
+            after = await received(page)
+            assert after["readyState"] == 1
+            assert [e["type"] for e in after["events"]] == ["subscription.updated"]
+            assert after["events"][0]["id"] in sent
         assert page_errors == []
