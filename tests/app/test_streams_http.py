@@ -178,6 +178,10 @@ async def test_a_non_ascii_or_malformed_token_is_a_401_without_a_traceback(
                 assert answer.status_code == 401, (bad, answer.text)
                 assert answer.json()["error"]["code"] == "invalid_token"
                 assert answer.json()["error"]["message"]
+        # Bytes that are not UTF-8 at all, as a browser would send them.
+        answer = await stack.anonymous.get("/v1/events?token=%FF%FEv1.%C3%A9")
+        assert answer.status_code == 401
+        assert answer.json()["error"]["code"] == "invalid_token"
         logged = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
         assert not logged, [r.getMessage() for r in logged]
 
