@@ -139,7 +139,7 @@ async def operation_events(request: Request) -> Response:
     if (
         position is None
         and operation.is_terminal
-        and await found.hub.history.last_frame(topic) is None
+        and await found.hub.history.head(topic) is None
     ):
         # Its history has expired: a position before any kept event makes the stream say so
         # (`stream.reset` with the snapshot) and end, instead of waiting for nothing.

@@ -62,10 +62,8 @@ _SIGNAL_COMMENTS: Final = {
     Signal.CLOSED: comment_frame("server shutting down; reconnect to resume"),
 }
 _KEEPALIVE: Final = comment_frame("keep-alive")
-_HEADERS: Final = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-
-
 _UNAVAILABLE: Final = comment_frame("event source unavailable; reconnect later")
+_HEADERS: Final = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
 def _reconnect_body(retry_ms: int, comment: bytes = _UNAVAILABLE) -> bytes:
