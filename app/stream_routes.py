@@ -136,11 +136,7 @@ async def operation_events(request: Request) -> Response:
     topic = operation_topic(op_id)
     if await found.hub.history.is_fully_delivered(topic, position):
         return Response(status_code=204)
-    if (
-        position is None
-        and operation.is_terminal
-        and await found.hub.history.head(topic) is None
-    ):
+    if position is None and operation.is_terminal and await found.hub.history.head(topic) is None:
         # Its history has expired: a position before any kept event makes the stream say so
         # (`stream.reset` with the snapshot) and end, instead of waiting for nothing.
         position = EXPIRED_HISTORY_POSITION
