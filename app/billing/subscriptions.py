@@ -109,9 +109,15 @@ async def _one_by(
 
 
 async def get_subscription(
-    conn: Connection, subscription_id: str, *, for_update: bool = False
+    conn: Connection,
+    subscription_id: str,
+    *,
+    for_update: bool = False,
+    skip_locked: bool = False,
 ) -> SubscriptionRecord | None:
-    return await _one_by(conn, "id", subscription_id, lock=" FOR UPDATE" if for_update else "")
+    """`skip_locked` (with `for_update`): None also when another transaction holds it."""
+    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
+    return await _one_by(conn, "id", subscription_id, lock=lock if for_update else "")
 
 
 async def get_subscription_by_session(
