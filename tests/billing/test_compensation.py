@@ -46,7 +46,15 @@ async def failed_purchases(stack: Stack, count: int) -> dict[str, str]:
     as `provisioning_failed` queues it; answers Stripe's subscription id by Lookout's."""
     owed: dict[str, str] = {}
     for number in range(count):
-        started = await stack.checkout("graph-standard", f"owed-{number}")
+        # A customer each: one customer's open checkouts count against the plan's limit.
+        _, key = await stack.new_user(f"owed-{number}@example.com")
+        answer = await stack.anonymous.post(
+            "/v1/checkout",
+            json={"plan": "graph-standard", "resource_name": f"owed-{number}"},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert answer.status_code == 201, answer.text
+        started = answer.json()
         paid = await stack.pay(started["checkout_session_id"], deliver_webhooks=False)
         owed[started["subscription_id"]] = paid["object"]["subscription"]
     async with stack.app.state.services.pool.acquire() as conn:
