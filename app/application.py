@@ -28,6 +28,7 @@ from app.billing.inbox import WebhookInbox
 from app.billing.intake import WebhookIntake
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
+from app.billing.reconciler import Reconciler
 from app.billing.routes import billing_routes, stripe_webhook
 from app.billing.stripe_provider import StripePaymentProvider
 from app.db import create_pool, migrate
@@ -161,6 +162,7 @@ def create_app(
                 task_group.start_soon(inbox.run)
                 task_group.start_soon(intake.run)
                 task_group.start_soon(hooks.run_sweeps)
+                task_group.start_soon(Reconciler(pool, lifecycle).run)
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,

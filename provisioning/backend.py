@@ -23,7 +23,7 @@ OperationKind = Literal["provision", "deprovision"]
 class ResourceSpec:
     """What to provision: plans live in ``app/``, so their limits arrive here as data.
 
-    Limits understood: ``max_resources`` (how many resources of this type one user may hold at
+    Limits understood: ``max_resources`` (how many resources of this plan one user may hold at
     once) and, for graphs, ``max_connections`` (the database's connection limit).
     """
 

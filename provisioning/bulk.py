@@ -36,7 +36,7 @@ WITH wanted AS (
     SELECT id, 'provision', subject_id, user_id, resource_type, resource_id, spec::jsonb,
            $8, {lease_until(9)}, 1
       FROM wanted
-    ON CONFLICT (kind, subject_id) DO NOTHING
+    ON CONFLICT (kind, subject_id, generation) DO NOTHING
     RETURNING *
 ), created AS (
     INSERT INTO resources (id, resource_type, user_id, subject_id, plan)

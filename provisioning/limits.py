@@ -12,7 +12,9 @@ __all__ = ["check_limits_step"]
 
 
 def check_limits_step(pool: asyncpg.Pool) -> Step:
-    """``max_resources``: how many live resources of this type the plan lets one user hold."""
+    """``max_resources``: how many live resources of this plan one user may hold (the rule
+    is the billing layer's, handed down as this number; checkout enforced it already, this
+    catches what got past it, such as a Checkout Session paid after a later one)."""
 
     async def check(ctx: StepContext) -> None:
         limit = ctx.spec.limits.get("max_resources")
@@ -21,10 +23,10 @@ def check_limits_step(pool: asyncpg.Pool) -> Step:
         async with pool.acquire() as conn:
             held = await count_held_before(conn, ctx.resource_id)
         if held >= limit:
-            noun = "graph" if ctx.spec.resource_type == "graph" else ctx.spec.resource_type
             raise PlanLimitExceeded(
-                f"Your {ctx.spec.plan_name} plan allows {limit} {noun}(s) at a time and you"
-                f" already have {held}; remove one before adding another."
+                f"Your {ctx.spec.plan_name} plan allows {limit} {ctx.spec.resource_type}(s) of"
+                f" that plan at a time and you already have {held}; remove one before adding"
+                " another."
             )
 
     return Step("check_limits", "Checking your plan's limits", check)

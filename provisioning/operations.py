@@ -78,6 +78,7 @@ class OperationRecord:
     reported_at: datetime | None
     announced_at: datetime | None
     finalized_at: datetime | None
+    generation: int = 0  # the subject's n-th operation of this kind (see ``create_operation``)
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> OperationRecord:
@@ -126,9 +127,9 @@ def lease_until(param: int) -> str:
 _CREATE = f"""
 WITH op AS (
     INSERT INTO operations (id, kind, subject_id, user_id, resource_type, resource_id, spec,
-                            lease_owner, lease_expires_at, attempts)
-    VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, {lease_until(9)}, 1)
-    ON CONFLICT (kind, subject_id) DO NOTHING
+                            lease_owner, lease_expires_at, attempts, generation)
+    VALUES ($1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, {lease_until(9)}, 1, $11)
+    ON CONFLICT (kind, subject_id, generation) DO NOTHING
     RETURNING *
 ), created AS (
     INSERT INTO resources (id, resource_type, user_id, subject_id, plan)
@@ -154,8 +155,10 @@ async def create_operation(
     spec: ResourceSpec,
     lease_owner: str,
     lease_seconds: float,
+    generation: int = 0,
 ) -> tuple[OperationRecord, bool]:
-    """Inserts the operation, leased to ``lease_owner``, unless ``(kind, subject_id)`` has one.
+    """Inserts the operation, leased to ``lease_owner``, unless ``(kind, subject_id)`` has one
+    of this ``generation`` (0 unless a finished one is followed by another).
 
     Answers the subject's operation and whether it was created now. A new provision also
     creates its resource row; a new deprovision marks the resource ``deprovisioning``.
@@ -173,6 +176,7 @@ async def create_operation(
         lease_owner,
         lease_seconds,
         spec.plan_name,
+        generation,
     )
     if row is None:
         existing = await get_operation_for_subject(conn, kind, subject_id)
@@ -189,8 +193,12 @@ async def get_operation(conn: Connection, op_id: str) -> OperationRecord | None:
 async def get_operation_for_subject(
     conn: Connection, kind: OperationKind, subject_id: str
 ) -> OperationRecord | None:
+    """The subject's latest operation of ``kind``."""
     row = await conn.fetchrow(
-        "SELECT * FROM operations WHERE kind = $1 AND subject_id = $2", kind, subject_id
+        "SELECT * FROM operations WHERE kind = $1 AND subject_id = $2"
+        " ORDER BY generation DESC LIMIT 1",
+        kind,
+        subject_id,
     )
     return _one(row)
 

@@ -52,14 +52,15 @@ async def resource_for_subject(conn: Connection, subject_id: str) -> ResourceRec
 
 
 async def count_held_before(conn: Connection, resource_id: str) -> int:
-    """How many live resources of the same type and user were created before this one.
+    """How many live resources of the same plan and user were created before this one (a plan
+    limit counts per plan: 3 of one plan do not stop a first of another).
 
     Counting only earlier ones makes a plan limit decide the same way however concurrent
     provisions interleave: the earliest ones win.
     """
     value: int = await conn.fetchval(
         "SELECT count(*) FROM resources other JOIN resources me"
-        " ON me.user_id = other.user_id AND me.resource_type = other.resource_type"
+        " ON me.user_id = other.user_id AND me.plan = other.plan"
         " WHERE me.id = $1 AND other.id <> me.id"
         " AND other.status IN ('provisioning', 'active', 'deprovisioning')"
         " AND (other.created_at, other.id) < (me.created_at, me.id)",

@@ -145,21 +145,27 @@ class OperationRunner:
         spec: ResourceSpec,
         *,
         resource_id: str | None = None,
+        again: bool = False,
     ) -> OperationRecord:
         """The subject's operation of ``kind``: created and started now, or the existing one.
 
         A deprovision finds the subject's resource when ``resource_id`` is not given (raises
         ``NothingToDeprovision``), and cancels the subject's provision if it is still running.
+        With ``again``, a deprovision that has finished is followed by a new one (the next
+        ``generation``): how a reconciler removes a resource that came back after it.
         """
         if self._tg is None:
             raise RunnerNotRunning("start OperationRunner.run in a task group first")
         backend = self.backend(spec.resource_type)
         provision: OperationRecord | None = None
+        generation = 0
         async with self._pool.acquire() as conn:
             if kind == "deprovision":
                 existing = await ops.get_operation_for_subject(conn, kind, subject_id)
                 if existing is not None:
-                    return existing
+                    if not (again and existing.is_terminal):
+                        return existing
+                    generation = existing.generation + 1
                 if resource_id is None:
                     resource = await resource_for_subject(conn, subject_id)
                     if resource is None:
@@ -176,6 +182,7 @@ class OperationRunner:
                 spec=spec,
                 lease_owner=self._instance_id,
                 lease_seconds=self._lease_seconds,
+                generation=generation,
             )
         if created:
             self._spawn(op)

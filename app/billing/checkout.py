@@ -9,7 +9,7 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.lifecycle import Lifecycle
-from app.billing.plans import Plan
+from app.billing.plans import Plan, plan_limit_refusal
 from app.billing.provider import (
     CheckoutSessionInfo,
     PaymentProvider,
@@ -22,6 +22,7 @@ from app.billing.subscriptions import (
     list_subscriptions,
     set_subscription_fields,
 )
+from app.db import Connection
 from app.errors import APIError
 from app.ids import new_id
 from app.users import User
@@ -34,6 +35,8 @@ RESOURCE_NAME = re.compile(r"[a-z][a-z0-9-]{1,38}[a-z0-9]")
 RESOURCE_ID_PREFIX = {"graph": "gr", "repository": "repo"}
 # A subscription in one of these holds (or is about to hold) its resource.
 HOLDING = ("provisioning", "active", "past_due", "unpaid", "paused")
+# Stripe's Checkout Sessions expire after 24 hours unless told otherwise.
+CHECKOUT_OPEN_HOURS = 24
 
 
 class CheckoutService:
@@ -53,26 +56,26 @@ class CheckoutService:
     async def start(
         self, user: User, plan: Plan, resource_name: str
     ) -> tuple[SubscriptionRecord, CheckoutSessionInfo]:
-        async with self._pool.acquire() as conn:
-            mine = await list_subscriptions(conn, user.id)
-        if any(s.resource_name == resource_name and s.status in HOLDING for s in mine):
-            raise APIError(
-                409,
-                "resource_name_taken",
-                f"You already have a resource named {resource_name!r}; choose another name.",
-            )
-        held = sum(1 for s in mine if s.plan == plan.name and s.status in HOLDING)
-        if held >= plan.limits.max_per_user:
-            raise APIError(
-                409,
-                "plan_limit_reached",
-                f"The {plan.display_name} plan allows {plan.limits.max_per_user} per customer;"
-                " cancel one first or choose a larger plan.",
-            )
-        for orphan in (s for s in mine if s.status == "pending_payment"):
-            if orphan.resource_name == resource_name:
+        async with self._pool.acquire() as conn, conn.transaction():
+            # One checkout of a customer at a time decides: the next one waits here until this
+            # one's subscription row is committed, then counts it (two at once over a limit of
+            # 1 must not both pass). NO KEY UPDATE: rows that reference the user can still be
+            # written meanwhile.
+            await conn.execute("SELECT FROM users WHERE id = $1 FOR NO KEY UPDATE", user.id)
+            named = await list_subscriptions(conn, user.id, resource_name=resource_name)
+            for orphan in (s for s in named if s.status == "pending_payment"):
                 await self._abandon(orphan)
-        async with self._pool.acquire() as conn:
+            # After the abandoning: an earlier checkout of this name may turn out to be paid.
+            named = await list_subscriptions(conn, user.id, resource_name=resource_name)
+            if any(s.status in HOLDING for s in named):
+                raise APIError(
+                    409,
+                    "resource_name_taken",
+                    f"You already have a resource named {resource_name!r}; choose another name.",
+                )
+            refusal = plan_limit_refusal(plan, await self._held(conn, user, plan, resource_name))
+            if refusal is not None:
+                raise APIError(409, "plan_limit_reached", refusal)
             record = await insert_subscription(
                 conn,
                 subscription_id=new_id("sub"),
@@ -112,6 +115,22 @@ class CheckoutService:
                 detail={"plan": plan.name, "checkout_session_id": session.id},
             )
         return record, session
+
+    async def _held(self, conn: Connection, user: User, plan: Plan, resource_name: str) -> int:
+        """How many of `plan` the customer holds or is paying for: `HOLDING`, and checkouts
+        still open (a Checkout Session can be paid for 24 hours), except the one for this
+        `resource_name`, which this checkout replaces."""
+        held: int = await conn.fetchval(
+            "SELECT count(*) FROM subscriptions WHERE user_id = $1 AND plan = $2"
+            " AND (status = ANY($3::text[]) OR (status = 'pending_payment'"
+            " AND resource_name <> $4 AND created_at > now() - make_interval(hours => $5)))",
+            user.id,
+            plan.name,
+            list(HOLDING),
+            resource_name,
+            CHECKOUT_OPEN_HOURS,
+        )
+        return held
 
     async def _abandon(self, orphan: SubscriptionRecord) -> None:
         """An earlier checkout for the same resource that was never paid: expire it in Stripe,

@@ -4,12 +4,17 @@ A failed provisioning cancels the Stripe subscription immediately (not at period
 idempotency key however often it is retried. The cancellation is recorded first, in the same
 transaction that marks the subscription failed, so a cancellation that fails, or a process
 that dies before trying, is retried by the sweep and visible in the audit log meanwhile.
+Every instance sweeps, and the failing instance also tries at once: each row is claimed
+(`FOR UPDATE SKIP LOCKED` plus a lock time, as the webhook inbox claims events), so one call is
+in flight per compensation and its outcome is audited once.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -27,16 +32,81 @@ from app.billing.updates import publish_subscription
 from provisioning import OperationRecord
 from streams import EventPublisher
 
-__all__ = ["BillingHooks", "cancellation_key"]
+__all__ = ["ACTIONS", "BillingHooks", "Compensation", "StripeAction", "cancellation_key"]
 
 logger = logging.getLogger(__name__)
 
 SWEEP_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 600
+# A claim outlives the longest call the Stripe SDK makes (30 s timeout, 2 network retries with
+# backoff: under 100 s), so that no other instance calls Stripe while one is still waiting for
+# its answer; a killed process's claims are taken up again after it.
+LOCK_SECONDS = 180
+# One sweep performs at most this many, so that a backlog cannot hold a sweep for ever.
+SWEEP_LIMIT = 100
+
+# One at a time: the claim covers just the call in flight, and instances share a backlog.
+_CLAIM = """
+UPDATE stripe_compensations c SET attempts = c.attempts + 1,
+       locked_until = now() + make_interval(secs => $2)
+  FROM (SELECT subscription_id, action FROM stripe_compensations
+         WHERE done_at IS NULL AND next_attempt_at <= now()
+           AND (locked_until IS NULL OR locked_until < now())
+           AND ($1::text IS NULL OR subscription_id = $1)
+         ORDER BY next_attempt_at
+         LIMIT 1
+         FOR UPDATE SKIP LOCKED) due
+ WHERE c.subscription_id = due.subscription_id AND c.action = due.action
+RETURNING c.subscription_id, c.action, c.target_id, c.attempts
+"""
 
 
 def cancellation_key(subscription_id: str) -> str:
     return f"lookout-cancel-failed-provisioning-{subscription_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class Compensation:
+    """A claimed row of `stripe_compensations`: `attempts` counts this one."""
+
+    subscription_id: str
+    action: str
+    target_id: str
+    attempts: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StripeAction:
+    """One kind of compensation: the call that performs it (under an idempotency key of its
+    own, so a repeat has one effect) and how its outcome is audited."""
+
+    perform: Callable[[PaymentProvider, Compensation], Awaitable[object]]
+    doing: str  # for the log: "cancelling a Stripe subscription"
+    done_audit: str
+    failed_audit: str
+    target_name: str  # what the audit detail calls `target_id`
+    reason: str
+
+
+async def _cancel_now(provider: PaymentProvider, claimed: Compensation) -> object:
+    return await provider.cancel_subscription_now(
+        claimed.target_id, idempotency_key=cancellation_key(claimed.subscription_id)
+    )
+
+
+# `queue_compensation(conn, subscription_id, <key>, target_id)` asks for one of these.
+ACTIONS: Mapping[str, StripeAction] = MappingProxyType(
+    {
+        "cancel": StripeAction(
+            perform=_cancel_now,
+            doing="cancelling a Stripe subscription",
+            done_audit="stripe.canceled",
+            failed_audit="stripe.cancel_failed",
+            target_name="stripe_subscription_id",
+            reason="provisioning failed",
+        ),
+    }
+)
 
 
 class BillingHooks:
@@ -94,64 +164,69 @@ class BillingHooks:
             await record_audit(conn, kind, user_id=user_id, subject_id=subject_id, detail=detail)
 
     async def cancel_due(self, *, subscription_id: str | None = None) -> int:
-        """Tries the pending cancellations that are due (or the one of `subscription_id`)."""
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT subscription_id, stripe_subscription_id, attempts"
-                " FROM stripe_cancellations WHERE done_at IS NULL AND next_attempt_at <= now()"
-                " AND ($1::text IS NULL OR subscription_id = $1)",
-                subscription_id,
-            )
-        for row in rows:
-            await self._cancel_one(
-                row["subscription_id"], row["stripe_subscription_id"], row["attempts"]
-            )
-        return len(rows)
+        """Performs the compensations that are due (or those of `subscription_id`), each
+        claimed first so that no other instance performs it at the same time; answers how
+        many were tried."""
+        tried = 0
+        while tried < SWEEP_LIMIT:
+            async with self._pool.acquire() as conn:
+                row = await conn.fetchrow(_CLAIM, subscription_id, float(LOCK_SECONDS))
+            if row is None:
+                break
+            tried += 1
+            await self._perform(Compensation(**dict(row.items())))
+        return tried
 
-    async def _cancel_one(self, subscription_id: str, stripe_id: str, attempts: int) -> None:
+    async def _perform(self, claimed: Compensation) -> None:
+        action = ACTIONS[claimed.action]
         try:
-            await self._provider.cancel_subscription_now(
-                stripe_id, idempotency_key=cancellation_key(subscription_id)
-            )
+            await action.perform(self._provider, claimed)
         except PaymentProviderError as exc:
-            backoff = min(2 ** (attempts + 1), MAX_BACKOFF_SECONDS)
+            backoff = min(2**claimed.attempts, MAX_BACKOFF_SECONDS)
             logger.warning(
-                "cancelling Stripe subscription %s failed (%s); retrying in %ds",
-                stripe_id,
+                "%s (%s) failed (%s); retrying in %ds",
+                action.doing,
+                claimed.target_id,
                 exc,
                 backoff,
             )
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
-                    "UPDATE stripe_cancellations SET attempts = attempts + 1, last_error = $2,"
-                    " next_attempt_at = now() + make_interval(secs => $3)"
-                    " WHERE subscription_id = $1",
-                    subscription_id,
+                    "UPDATE stripe_compensations SET last_error = $3, locked_until = NULL,"
+                    " next_attempt_at = now() + make_interval(secs => $4)"
+                    " WHERE subscription_id = $1 AND action = $2 AND done_at IS NULL",
+                    claimed.subscription_id,
+                    claimed.action,
                     str(exc)[:2000],
                     float(backoff),
                 )
                 await record_audit(
                     conn,
-                    "stripe.cancel_failed",
-                    subject_id=subscription_id,
-                    detail={"stripe_subscription_id": stripe_id, "error": str(exc)[:500]},
+                    action.failed_audit,
+                    subject_id=claimed.subscription_id,
+                    detail={action.target_name: claimed.target_id, "error": str(exc)[:500]},
                 )
             return
         async with self._pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE stripe_cancellations SET done_at = now(), attempts = attempts + 1"
-                " WHERE subscription_id = $1",
-                subscription_id,
+            # Only the first to record it audits it: a call repeated after its claim expired
+            # (a process that died after Stripe agreed) must not add a second row.
+            first = await conn.fetchval(
+                "UPDATE stripe_compensations SET done_at = now(), locked_until = NULL,"
+                " last_error = NULL WHERE subscription_id = $1 AND action = $2"
+                " AND done_at IS NULL RETURNING true",
+                claimed.subscription_id,
+                claimed.action,
             )
-            await record_audit(
-                conn,
-                "stripe.canceled",
-                subject_id=subscription_id,
-                detail={"stripe_subscription_id": stripe_id, "reason": "provisioning failed"},
-            )
+            if first:
+                await record_audit(
+                    conn,
+                    action.done_audit,
+                    subject_id=claimed.subscription_id,
+                    detail={action.target_name: claimed.target_id, "reason": action.reason},
+                )
 
     async def run_sweeps(self) -> None:
-        """Retries failed cancellations until cancelled."""
+        """Retries failed compensations until cancelled."""
         while True:
             try:
                 await self.cancel_due()

@@ -13,6 +13,7 @@ __all__ = [
     "PlanPrice",
     "UnknownPlan",
     "get_plan",
+    "plan_limit_refusal",
     "price_lookup_key",
     "stripe_product_name",
 ]
@@ -117,6 +118,24 @@ PLANS: MappingProxyType[str, Plan] = _catalog(
         "A team space in the shared repository: 5 GB, up to 10 members.",
     ),
 )
+
+
+def plan_limit_refusal(plan: Plan, held: int) -> str | None:
+    """The one plan-limit rule: a customer holds at most `max_per_user` resources of each plan
+    at once, counted per plan (3 Graph Standard do not stop a first Graph XLarge). `held` is
+    how many of this plan they hold or are buying. None when one more fits, else the sentence
+    that says why not.
+
+    Checkout enforces it, under a lock on the customer, before anything is charged;
+    provisioning checks it again with the same number (`ResourceSpec.limits["max_resources"]`,
+    see `fulfilment.resource_spec`) counting the resources of the plan created before."""
+    limit = plan.limits.max_per_user
+    if held < limit:
+        return None
+    return (
+        f"The {plan.display_name} plan allows {limit} per customer and you already have {held};"
+        " cancel one first or choose another plan."
+    )
 
 
 def get_plan(name: str) -> Plan:

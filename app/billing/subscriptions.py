@@ -24,6 +24,7 @@ __all__ = [
     "list_subscriptions",
     "lock_for_payment",
     "mark_paid",
+    "queue_compensation",
     "queue_stripe_cancellation",
     "set_subscription_fields",
 ]
@@ -108,9 +109,15 @@ async def _one_by(
 
 
 async def get_subscription(
-    conn: Connection, subscription_id: str, *, for_update: bool = False
+    conn: Connection,
+    subscription_id: str,
+    *,
+    for_update: bool = False,
+    skip_locked: bool = False,
 ) -> SubscriptionRecord | None:
-    return await _one_by(conn, "id", subscription_id, lock=" FOR UPDATE" if for_update else "")
+    """`skip_locked` (with `for_update`): None also when another transaction holds it."""
+    lock = " FOR UPDATE SKIP LOCKED" if skip_locked else " FOR UPDATE"
+    return await _one_by(conn, "id", subscription_id, lock=lock if for_update else "")
 
 
 async def get_subscription_by_session(
@@ -186,11 +193,20 @@ async def queue_stripe_cancellation(
 ) -> None:
     """Records that Stripe must stop charging for this subscription at once; the
     compensation sweep keeps trying until Stripe agrees."""
+    await queue_compensation(conn, subscription_id, "cancel", stripe_subscription_id)
+
+
+async def queue_compensation(
+    conn: Connection, subscription_id: str, action: str, target_id: str
+) -> None:
+    """Records a Stripe `action` (see `app.billing.compensation`) owed for this subscription,
+    once: queueing it again changes nothing."""
     await conn.execute(
-        "INSERT INTO stripe_cancellations (subscription_id, stripe_subscription_id)"
-        " VALUES ($1, $2) ON CONFLICT (subscription_id) DO NOTHING",
+        "INSERT INTO stripe_compensations (subscription_id, action, target_id)"
+        " VALUES ($1, $2, $3) ON CONFLICT (subscription_id, action) DO NOTHING",
         subscription_id,
-        stripe_subscription_id,
+        action,
+        target_id,
     )
 
 
