@@ -7,6 +7,7 @@ nothing, so every refusal here comes from privileges, which do not depend on aut
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from urllib.parse import urlsplit
@@ -47,6 +48,12 @@ def as_customer(credentials: Credentials, database: str | None = None) -> str:
     return parts._replace(path="/" + database).geturl()
 
 
+async def log_in(dsn: str) -> None:
+    """Opens a session and closes it again (a refused one raises)."""
+    conn = await asyncpg.connect(dsn)
+    await conn.close()
+
+
 @asynccontextmanager
 async def connections(dsn: str, count: int) -> AsyncIterator[Sequence[asyncpg.Connection]]:
     async with AsyncExitStack() as stack:
@@ -75,85 +82,107 @@ async def provision(
         return [await runner.rotate_credentials(op.resource_id) for op in ops]
 
 
-async def test_a_graph_login_cannot_escape_its_database_or_its_connection_limit(
+@pytest.fixture
+async def graphs(
     db_pool: asyncpg.Pool,
-    database_url: str,
     publisher: EventPublisher,
     hooks: RecordingHooks,
     graph_backend: GraphBackend,
-    pg_admin_dsn: str,
     user_id: str,
-    name_prefix: str,
-) -> None:
-    # Lookout's own start-up, on its own database (as `lookout serve` runs it).
+) -> list[Credentials]:
+    """Two customers' graphs, after Lookout's own start-up on its database (`migrate`, as
+    `lookout serve` runs it); the first one's login is the customer trying its luck."""
     async with db_pool.acquire() as conn:
         await migrate(conn)
-    mine, other = await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=2)
-    own_db = mine.database
+    return await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=2)
 
+
+async def test_a_graph_login_cannot_lift_its_connection_limit(
+    graphs: list[Credentials],
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    name_prefix: str,
+) -> None:
+    mine = graphs[0]
     async with connections(mine.dsn, 1) as (psql,):
-        assert await psql.fetchval("SELECT current_user") == mine.user
-        # The limit of its database and its own role are not the customer's to lift.
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'ALTER DATABASE "{own_db}" CONNECTION LIMIT -1')
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'ALTER ROLE "{mine.user}" CONNECTION LIMIT -1')
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'ALTER DATABASE "{own_db}" OWNER TO "{mine.user}"')
-        # Nor may it lend its database out: a grant by a non-owner grants nothing.
-        await psql.execute(f'GRANT CONNECT ON DATABASE "{own_db}" TO PUBLIC')
-        await psql.execute(f'GRANT CONNECT ON DATABASE "{own_db}" TO "{other.user}"')
-        assert not await psql.fetchval(
-            "SELECT has_database_privilege('public', $1, 'CONNECT')", own_db
-        )
-        assert not await psql.fetchval(
-            "SELECT has_database_privilege($1, $2, 'CONNECT')", other.user, own_db
-        )
-        # No new roles, databases or schemas.
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'CREATE ROLE "{name_prefix}escape" LOGIN SUPERUSER')
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'CREATE ROLE "{name_prefix}escape"')
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'CREATE DATABASE "{name_prefix}escape"')
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute("CREATE SCHEMA escape")
-        # What the plan is for still works: its graph tables, tables of its own, temp tables.
-        await psql.execute("INSERT INTO nodes (labels) VALUES ('{Person}')")
-        await psql.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
-        await psql.execute("INSERT INTO notes VALUES (1, 'mine')")
-        await psql.execute("CREATE TEMP TABLE scratch (x int)")
-
+        for statement in (
+            f'ALTER DATABASE "{mine.database}" CONNECTION LIMIT -1',
+            f'ALTER ROLE "{mine.user}" CONNECTION LIMIT -1',
+            f'ALTER DATABASE "{mine.database}" OWNER TO "{mine.user}"',
+        ):
+            # Tried, and the sessions counted whatever happened.
+            with contextlib.suppress(asyncpg.InsufficientPrivilegeError):
+                await psql.execute(statement)
         # The plan's number of sessions, and not one more.
         async with connections(mine.dsn, LIMIT - 1):
             with pytest.raises(asyncpg.TooManyConnectionsError):
-                await asyncpg.connect(mine.dsn)
+                await log_in(mine.dsn)
+        for statement in (
+            f'ALTER DATABASE "{mine.database}" CONNECTION LIMIT -1',
+            f'ALTER ROLE "{mine.user}" CONNECTION LIMIT -1',
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await psql.execute(statement)
 
-    # Neither Lookout's database nor another customer's opens to it.
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await asyncpg.connect(as_customer(mine, database_of(database_url)))
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await asyncpg.connect(as_customer(mine, other.database))
-    with pytest.raises(asyncpg.InsufficientPrivilegeError):
-        await asyncpg.connect(as_customer(other, own_db))
-
-    # Lookout itself still opens its database, and the catalog says what the customer got.
-    lookout = await asyncpg.connect(database_url)
-    await lookout.close()
     row = await with_admin(
         pg_admin_dsn,
         lambda c: c.fetchrow(
             "SELECT pg_get_userbyid(d.datdba) AS owner, d.datconnlimit, r.rolconnlimit"
             " FROM pg_database d, pg_roles r WHERE d.datname = $1 AND r.rolname = $2",
-            own_db,
+            mine.database,
             mine.user,
         ),
     )
     assert dict(row) == {
-        "owner": graph_backend.owner_name(own_db.removeprefix(name_prefix)),
+        "owner": graph_backend.owner_name(mine.database.removeprefix(name_prefix)),
         "datconnlimit": LIMIT,
         "rolconnlimit": LIMIT,
     }
+
+
+async def test_a_graph_login_cannot_lend_its_database_out(graphs: list[Credentials]) -> None:
+    mine, other = graphs
+    async with connections(mine.dsn, 1) as (psql,):
+        # A grant by a role that does not own the database grants nothing (a warning).
+        await psql.execute(f'GRANT CONNECT ON DATABASE "{mine.database}" TO PUBLIC')
+        await psql.execute(f'GRANT CONNECT ON DATABASE "{mine.database}" TO "{other.user}"')
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await log_in(as_customer(other, mine.database))
+
+
+async def test_a_graph_login_opens_neither_lookouts_database_nor_another_customers(
+    graphs: list[Credentials], database_url: str
+) -> None:
+    mine, other = graphs
+    for database in (database_of(database_url), other.database):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await log_in(as_customer(mine, database))
+    # Lookout itself still opens its own.
+    await log_in(database_url)
+
+
+async def test_a_graph_login_creates_no_role_database_or_schema(
+    graphs: list[Credentials], name_prefix: str
+) -> None:
+    async with connections(graphs[0].dsn, 1) as (psql,):
+        for statement in (
+            f'CREATE ROLE "{name_prefix}escape" LOGIN SUPERUSER',
+            f'CREATE ROLE "{name_prefix}escape"',
+            f'CREATE DATABASE "{name_prefix}escape"',
+            "CREATE SCHEMA escape",
+        ):
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                await psql.execute(statement)
+
+
+async def test_a_graph_login_still_uses_its_graph_freely(graphs: list[Credentials]) -> None:
+    async with connections(graphs[0].dsn, 1) as (psql,):
+        await psql.execute("INSERT INTO nodes (labels) VALUES ('{Person}')")
+        await psql.execute("CREATE INDEX nodes_created_idx ON nodes (created_at)")
+        await psql.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        await psql.execute("INSERT INTO notes VALUES (1, 'mine')")
+        await psql.execute("CREATE TEMP TABLE scratch (x int)")
+        assert await psql.fetchval("SELECT count(*) FROM nodes") == 1
 
 
 async def test_a_graph_made_by_older_code_is_confined_when_its_grants_are_redone(
@@ -186,7 +215,7 @@ async def test_a_graph_made_by_older_code_is_confined_when_its_grants_are_redone
         assert await psql.fetchval("SELECT count(*) FROM nodes") == 0
         async with connections(again.dsn, LIMIT - 1):
             with pytest.raises(asyncpg.TooManyConnectionsError):
-                await asyncpg.connect(again.dsn)
+                await log_in(again.dsn)
 
 
 async def provision_again(backend: GraphBackend, user_id: str, resource_id: str) -> Credentials:
@@ -241,8 +270,8 @@ async def test_a_repository_login_can_only_read_the_shared_repository(
                 await psql.execute(statement)
         async with connections(reader.dsn, 1):
             with pytest.raises(asyncpg.TooManyConnectionsError):
-                await asyncpg.connect(reader.dsn)
+                await log_in(reader.dsn)
 
     for database in (database_of(database_url), graph.database):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await asyncpg.connect(as_customer(reader, database))
+            await log_in(as_customer(reader, database))
