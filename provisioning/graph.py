@@ -16,7 +16,7 @@ Who may do what, and why:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Protocol, runtime_checkable
 
@@ -165,11 +165,15 @@ class GraphBackend:
     async def _grant_access(self, ctx: StepContext) -> None:
         """Redone whole on every attempt, so it also confines a graph made by older code
         (whose login role owned its database)."""
-        db = quote_ident(self.database_name(ctx.resource_id))
         limit = connection_limit(ctx.spec.limits, what="graph")
-        owner = quote_ident(self.owner_name(ctx.resource_id))
-        role = quote_ident(self.role_name(ctx.resource_id))
-        async with self._connect(ctx.resource_id) as conn, conn.transaction():
+        async with self._connect(ctx.resource_id) as conn:
+            await self._grant_database(conn, ctx.resource_id, limit)
+
+    async def _grant_database(self, conn: asyncpg.Connection, graph_id: str, limit: int) -> None:
+        db = quote_ident(self.database_name(graph_id))
+        owner = quote_ident(self.owner_name(graph_id))
+        role = quote_ident(self.role_name(graph_id))
+        async with conn.transaction():
             await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM PUBLIC")
             await conn.execute(f"ALTER DATABASE {db} OWNER TO {owner}")
             await conn.execute(f"ALTER DATABASE {db} CONNECTION LIMIT {limit}")
@@ -183,15 +187,39 @@ class GraphBackend:
                 f" NOBYPASSRLS CONNECTION LIMIT {limit}"
             )
 
+    @staticmethod
+    async def _grant_schema(conn: asyncpg.Connection, role: str) -> None:
+        # Before PostgreSQL 15 every role may create in public; only the owner may now, and
+        # the owner is not the customer's role: it gets CREATE by name.
+        await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {quote_ident(role)}")
+
     async def _apply_schema(self, ctx: StepContext) -> None:
         db, role = self.database_name(ctx.resource_id), self.role_name(ctx.resource_id)
         async with self._connect(ctx.resource_id, database=db) as conn, conn.transaction():
-            # Before PostgreSQL 15 every role may create in public; only the owner may now,
-            # and the owner is no longer the customer's role: it gets CREATE by name.
-            await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-            await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {quote_ident(role)}")
+            await self._grant_schema(conn, role)
             await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
             await conn.execute(GRAPH_SCHEMA)
+
+    async def confine(self, graph_id: str, limits: Mapping[str, int]) -> None:
+        """Applies again what confines a live graph's login (owner role, grants, connection
+        limits), for a graph provisioned before the owner role existed or changed by hand.
+        Idempotent; ``ResourceNotFound`` when the graph has no database or login role."""
+        db, role = self.database_name(graph_id), self.role_name(graph_id)
+        limit = connection_limit(limits, what="graph")
+        async with self._connect(graph_id, suffix=":confine") as conn:
+            found = await conn.fetchval(
+                "SELECT count(*) FROM pg_database d, pg_roles r"
+                " WHERE d.datname = $1 AND r.rolname = $2",
+                db,
+                role,
+            )
+            if not found:
+                raise ResourceNotFound(f"graph {graph_id} has no database or login role")
+            await _create_role(conn, self.owner_name(graph_id), "NOLOGIN")
+            await self._grant_database(conn, graph_id, limit)
+        async with self._connect(graph_id, database=db, suffix=":confine") as conn:
+            await self._grant_schema(conn, role)
 
     async def _verify(self, ctx: StepContext) -> None:
         credentials = await self.rotate_credentials(ctx.resource_id)

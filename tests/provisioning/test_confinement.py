@@ -19,6 +19,7 @@ from app.db import migrate
 from provisioning import (
     Credentials,
     GraphBackend,
+    ResourceNotFound,
     ResourceSpec,
     SharedRepositoryBackend,
     StepContext,
@@ -185,7 +186,33 @@ async def test_a_graph_login_still_uses_its_graph_freely(graphs: list[Credential
         assert await psql.fetchval("SELECT count(*) FROM nodes") == 1
 
 
-async def test_a_graph_made_by_older_code_is_confined_when_its_grants_are_redone(
+async def make_it_old(admin_dsn: str, graph: Credentials) -> None:
+    """Turns a graph back into what earlier versions made: its login role owned its database,
+    with no connection limit of its own, and it had lifted the database's."""
+    await with_admin(
+        admin_dsn,
+        lambda c: c.execute(
+            f'ALTER DATABASE "{graph.database}" OWNER TO "{graph.user}";'
+            f' ALTER ROLE "{graph.user}" CONNECTION LIMIT -1;'
+            f' DROP ROLE "{graph.database}_owner"'
+        ),
+    )
+    async with connections(graph.dsn, 1) as (psql,):
+        await psql.execute(f'ALTER DATABASE "{graph.database}" CONNECTION LIMIT -1')
+
+
+async def assert_confined(graph: Credentials) -> None:
+    async with connections(graph.dsn, 1) as (psql,):
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):
+            await psql.execute(f'ALTER DATABASE "{graph.database}" CONNECTION LIMIT -1')
+        await psql.execute("INSERT INTO nodes (labels) VALUES ('{Still}')")
+        await psql.execute("CREATE TABLE IF NOT EXISTS later (x int)")
+        async with connections(graph.dsn, LIMIT - 1):
+            with pytest.raises(asyncpg.TooManyConnectionsError):
+                await log_in(graph.dsn)
+
+
+async def test_a_graph_made_by_older_code_is_confined_when_its_steps_resume(
     db_pool: asyncpg.Pool,
     publisher: EventPublisher,
     hooks: RecordingHooks,
@@ -194,28 +221,29 @@ async def test_a_graph_made_by_older_code_is_confined_when_its_grants_are_redone
     user_id: str,
     name_prefix: str,
 ) -> None:
-    """Before this change the login role owned its database: provisioning again (a resumed
-    operation, a repair) hands the database to the owner role and sets the role's limit."""
     (mine,) = await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=1)
-    await with_admin(
-        pg_admin_dsn,
-        lambda c: c.execute(
-            f'ALTER DATABASE "{mine.database}" OWNER TO "{mine.user}";'
-            f' ALTER ROLE "{mine.user}" CONNECTION LIMIT -1'
-        ),
-    )
-    async with connections(mine.dsn, 1) as (psql,):
-        await psql.execute(f'ALTER DATABASE "{mine.database}" CONNECTION LIMIT 7')
-
+    await make_it_old(pg_admin_dsn, mine)
     again = await provision_again(graph_backend, user_id, mine.database.removeprefix(name_prefix))
+    await assert_confined(again)
 
-    async with connections(again.dsn, 1) as (psql,):
-        with pytest.raises(asyncpg.InsufficientPrivilegeError):
-            await psql.execute(f'ALTER DATABASE "{again.database}" CONNECTION LIMIT -1')
-        assert await psql.fetchval("SELECT count(*) FROM nodes") == 0
-        async with connections(again.dsn, LIMIT - 1):
-            with pytest.raises(asyncpg.TooManyConnectionsError):
-                await log_in(again.dsn)
+
+async def test_confine_repairs_a_live_graph_made_by_older_code(
+    db_pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    (mine,) = await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=1)
+    await make_it_old(pg_admin_dsn, mine)
+    graph_id = mine.database.removeprefix(name_prefix)
+    await graph_backend.confine(graph_id, GRAPH.limits)
+    await graph_backend.confine(graph_id, GRAPH.limits)  # idempotent
+    await assert_confined(mine)
+    with pytest.raises(ResourceNotFound):
+        await graph_backend.confine("gr_" + "0" * 24, GRAPH.limits)
 
 
 async def provision_again(backend: GraphBackend, user_id: str, resource_id: str) -> Credentials:
