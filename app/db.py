@@ -114,8 +114,13 @@ async def keep_private(conn: Connection) -> bool:
             db,
         )
         return False
-    async with conn.transaction():
-        await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO CURRENT_USER")
-        await conn.execute(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
+    try:
+        async with conn.transaction():
+            await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO CURRENT_USER")
+            await conn.execute(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # Not worth refusing to start over: say what to do instead.
+        logger.warning("could not take CONNECT on database %s from PUBLIC: %s", db, exc)
+        return False
     logger.info("took CONNECT on database %s from PUBLIC; Lookout's role keeps it", db)
     return True

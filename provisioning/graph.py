@@ -303,10 +303,11 @@ class GraphBackend:
                 pattern,
             )
         prefix_len = len(self._prefix)
+        # NULL: dropped while being measured.
         return {
             r["datname"][prefix_len:]: int(r["size"])
             for r in rows
-            if _is_resource_id(r["datname"][prefix_len:])
+            if r["size"] is not None and _is_resource_id(r["datname"][prefix_len:])
         }
 
     async def rotate_credentials(self, resource_id: str) -> Credentials:
