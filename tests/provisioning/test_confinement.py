@@ -303,3 +303,6 @@ async def test_a_repository_login_can_only_read_the_shared_repository(
     for database in (database_of(database_url), graph.database):
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await log_in(as_customer(reader, database))
+    # Nor does a graph's login open the shared repository.
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):
+        await log_in(as_customer(graph, reader.database))
