@@ -181,11 +181,9 @@ class GraphBackend:
             await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {role}")
             await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role}")
             # The database's limit counts every role's sessions; the role's counts the
-            # customer's on any database. Both hold the plan's number.
-            await conn.execute(
-                f"ALTER ROLE {role} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
-                f" NOBYPASSRLS CONNECTION LIMIT {limit}"
-            )
+            # customer's on any database. Both hold the plan's number. (Its other attributes
+            # were set by CREATE ROLE; naming SUPERUSER or REPLICATION here would need them.)
+            await conn.execute(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
 
     @staticmethod
     async def _grant_schema(conn: asyncpg.Connection, role: str) -> None:

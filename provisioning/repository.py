@@ -158,10 +158,8 @@ class SharedRepositoryBackend:
             await conn.execute(f"GRANT CONNECT ON DATABASE {quote_ident(self.database)} TO {role}")
             await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
             await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
-            await conn.execute(
-                f"ALTER ROLE {role} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS"
-                f" CONNECTION LIMIT {connection_limit(ctx.spec.limits, what='access')}"
-            )
+            limit = connection_limit(ctx.spec.limits, what="access")
+            await conn.execute(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
 
     async def _verify(self, ctx: StepContext) -> None:
         credentials = await self.rotate_credentials(ctx.resource_id)

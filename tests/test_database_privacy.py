@@ -17,10 +17,9 @@ pytestmark = pytest.mark.anyio
 
 
 def as_role(dsn: str, role: str, database: str) -> str:
-    parts = urlsplit(dsn)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return parts._replace(netloc=f"{role}:pw@{host}{port}", path=f"/{database}").geturl()
+    parts = urlsplit(dsn)  # a host and port, or a socket in ?host=
+    server = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{role}:pw@{server}", path=f"/{database}").geturl()
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from provisioning import (
 )
 from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
-from tests.provisioning.support import RecordingHooks, running, wait_for, with_admin
+from tests.provisioning.support import RecordingHooks, running, server_objects, wait_for, with_admin
 
 pytestmark = pytest.mark.anyio
 
@@ -306,3 +306,35 @@ async def test_a_repository_login_can_only_read_the_shared_repository(
     # Nor does a graph's login open the shared repository.
     with pytest.raises(asyncpg.InsufficientPrivilegeError):
         await log_in(as_customer(graph, reader.database))
+
+
+async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confined_graph(
+    db_pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    pg_admin_dsn: str,
+    user_id: str,
+    name_prefix: str,
+) -> None:
+    """`PROVISIONER_DATABASE_URL` may name a CREATEDB CREATEROLE role rather than a superuser."""
+    admin = f"{name_prefix}admin"
+    await with_admin(
+        pg_admin_dsn,
+        lambda c: c.execute(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE PASSWORD 'pw'"),
+    )
+    parts = urlsplit(pg_admin_dsn)  # a host and port, or a socket in ?host=
+    server = parts.netloc.rpartition("@")[2]
+    admin_dsn = parts._replace(netloc=f"{admin}:pw@{server}").geturl()
+    backend = GraphBackend(admin_dsn, name_prefix=name_prefix)
+    subject = new_subject()
+    async with running(db_pool, publisher, hooks, [backend]) as runner:
+        op = await runner.start("provision", subject, user_id, GRAPH)
+        done = await wait_for(db_pool, op.id)
+        assert done.status == "completed", done.error
+        mine = await runner.rotate_credentials(op.resource_id)
+        await assert_confined(mine)
+        sizes = await backend.storage_bytes()  # measured with the admin's own privileges
+        assert list(sizes) == [op.resource_id] and sizes[op.resource_id] > 0
+        gone = await runner.start("deprovision", subject, user_id, GRAPH)
+        assert (await wait_for(db_pool, gone.id)).status == "completed"
+    assert await server_objects(pg_admin_dsn, name_prefix) == ([], [admin])
