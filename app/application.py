@@ -40,6 +40,7 @@ from app.ratelimit import RateLimitMiddleware, RateLimits
 from app.services import Services
 from app.settings import ConfigError, Settings
 from app.stream_routes import answering_errors, direct_stream_routes, stream_routes
+from app.usage_routes import usage_routes
 from provisioning import GraphBackend, OperationRunner, ProvisionerBackend, SharedRepositoryBackend
 from streams import (
     DirectRoutes,
@@ -144,11 +145,13 @@ def create_app(
             hooks = BillingHooks(pool, payments, publisher, lifecycle)
             inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
             intake = WebhookIntake(pool, inbox)
+            chosen = backends if backends is not None else default_backends(settings)
+            metrics.storage.measure(chosen)
             runner = OperationRunner(
                 pool,
                 publisher,
                 hooks,
-                backends if backends is not None else default_backends(settings),
+                chosen,
                 instance_id=instance_id,
                 max_concurrent=PROVISIONING_CONCURRENCY,
                 give_way_to=intake,
@@ -208,6 +211,7 @@ def create_app(
         *billing_routes,
         *operation_routes,
         *stream_routes,
+        *usage_routes,
         *extra_routes,
     ]
     if STATIC_DIR.is_dir():

@@ -9,7 +9,9 @@ from typing import TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-__all__ = ["Connection", "DatabaseUnavailable", "create_pool", "migrate"]
+from provisioning.pgadmin import quote_ident
+
+__all__ = ["Connection", "DatabaseUnavailable", "create_pool", "keep_private", "migrate"]
 
 # What query functions take: a plain connection or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -78,6 +80,47 @@ async def migrate(conn: Connection) -> list[str]:
                 await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", name)
             logger.info("applied migration %s", name)
             applied.append(name)
+        await keep_private(conn)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
     return applied
+
+
+async def keep_private(conn: Connection) -> bool:
+    """Takes CONNECT and TEMPORARY on Lookout's database from PUBLIC, granting them to
+    Lookout's own role first; answers whether it changed anything.
+
+    By default the customer databases go to this same server, and PostgreSQL lets every role
+    open every database (PUBLIC has CONNECT): a customer's login could open Lookout's. Run at
+    every start, since a database restored or created from a template has the default ACL
+    again. Any other role that must open this database (monitoring, backups) needs its own
+    GRANT CONNECT; a role that may not change the ACL (neither owner nor superuser) only
+    warns.
+    """
+    found = await conn.fetchrow(
+        "SELECT d.datname, has_database_privilege('public', d.oid, 'CONNECT') AS open,"
+        " pg_has_role(current_user, d.datdba, 'USAGE') OR r.rolsuper AS may"
+        " FROM pg_database d, pg_roles r"
+        " WHERE d.datname = current_database() AND r.rolname = current_user"
+    )
+    if found is None or not found["open"]:
+        return False
+    db = quote_ident(found["datname"])
+    if not found["may"]:
+        logger.warning(
+            "every role on this server may open Lookout's database; as its owner run"
+            " REVOKE CONNECT, TEMPORARY ON DATABASE %s FROM PUBLIC (after granting CONNECT to"
+            " the roles that need it), or use a server of its own for customer databases",
+            db,
+        )
+        return False
+    try:
+        async with conn.transaction():
+            await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO CURRENT_USER")
+            await conn.execute(f"REVOKE CONNECT, TEMPORARY ON DATABASE {db} FROM PUBLIC")
+    except asyncpg.InsufficientPrivilegeError as exc:
+        # Not worth refusing to start over: say what to do instead.
+        logger.warning("could not take CONNECT on database %s from PUBLIC: %s", db, exc)
+        return False
+    logger.info("took CONNECT on database %s from PUBLIC; Lookout's role keeps it", db)
+    return True

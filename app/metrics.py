@@ -8,18 +8,26 @@ own registry: no module-level state.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
+import anyio
+import asyncpg
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
 from app.db import Connection
+from provisioning import ProvisionerBackend, StorageMeter
 from streams import Event, EventPublisher
 
-__all__ = ["CONTENT_TYPE", "CountingPublisher", "LiveFigures", "Metrics"]
+__all__ = ["CONTENT_TYPE", "CountingPublisher", "LiveFigures", "Metrics", "StorageSizes"]
+
+logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -95,6 +103,55 @@ def _counter(name: str, documentation: str, value: int) -> Metric:
     return CounterMetricFamily(name, documentation, value=value)
 
 
+class StorageSizes:
+    """The size of each graph's database, measured by the backends that can (graphs), at most
+    once per ``ttl`` seconds: ``pg_database_size`` walks every file of every database, a cost
+    not worth paying on each scrape or page view. Measured, never enforced."""
+
+    def __init__(self, *, ttl: float = 60.0, timeout: float = 5.0) -> None:
+        self._meters: list[StorageMeter] = []
+        self._ttl, self._timeout = ttl, timeout
+        self._lock = anyio.Lock()
+        self._next_read = 0.0  # time.monotonic() when the cache goes stale
+        self.sizes: Mapping[str, int] = {}
+        self.measured_at: datetime | None = None
+
+    def measure(self, backends: Iterable[ProvisionerBackend]) -> None:
+        self._meters = [b for b in backends if isinstance(b, StorageMeter)]
+
+    async def read(self) -> Mapping[str, int]:
+        """Sizes in bytes by resource id; the last known ones while the server is down."""
+        async with self._lock:
+            if not self._meters or time.monotonic() < self._next_read:
+                return self.sizes
+            self._next_read = time.monotonic() + self._ttl
+            sizes: dict[str, int] = {}
+            try:
+                with anyio.fail_after(self._timeout):
+                    for meter in self._meters:
+                        sizes.update(await meter.storage_bytes())
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                logger.warning("could not measure the graph databases' sizes: %r", exc)
+                return self.sizes
+            self.sizes, self.measured_at = sizes, datetime.now(UTC)
+            return self.sizes
+
+
+class _StorageCollector(Collector):
+    def __init__(self, storage: StorageSizes) -> None:
+        self._storage = storage
+
+    def collect(self) -> Iterator[Metric]:
+        sizes = GaugeMetricFamily(
+            "lookout_graph_database_bytes",
+            "Size of each graph's database (pg_database_size), measured at most once a minute",
+            labels=["graph"],
+        )
+        for graph, size in sorted(self._storage.sizes.items()):
+            sizes.add_metric([graph], size)
+        yield sizes
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -106,6 +163,8 @@ class Metrics:
         )
         self._state = _StateCollector()
         self.registry.register(self._state)
+        self.storage = StorageSizes()
+        self.registry.register(_StorageCollector(self.storage))
 
     async def refresh(self, conn: Connection, *, live: LiveFigures) -> None:
         inbox = await conn.fetch("SELECT status, count(*) AS n FROM webhook_events GROUP BY status")
@@ -132,6 +191,7 @@ class Metrics:
             for q, col in (("0.5", "p50"), ("0.99", "p99"))
         }
         self._state.snapshot = live
+        await self.storage.read()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

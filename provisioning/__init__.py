@@ -17,7 +17,7 @@ from .errors import (
     is_transient,
 )
 from .foreground import Foreground
-from .graph import GraphBackend
+from .graph import GraphBackend, StorageMeter
 from .hooks import SubscriptionHooks
 from .operations import OperationRecord, OperationStatus, get_operation, get_operation_for_subject
 from .repository import SharedRepositoryBackend
@@ -50,6 +50,7 @@ __all__ = [
     "SharedRepositoryBackend",
     "Step",
     "StepContext",
+    "StorageMeter",
     "SubscriptionHooks",
     "get_operation",
     "get_operation_for_subject",

@@ -24,7 +24,7 @@ class ResourceSpec:
     """What to provision: plans live in ``app/``, so their limits arrive here as data.
 
     Limits understood: ``max_resources`` (how many resources of this plan one user may hold at
-    once) and, for graphs, ``max_connections`` (the database's connection limit).
+    once) and ``max_connections`` (the login role's connection limit, and a graph database's).
     """
 
     resource_type: str

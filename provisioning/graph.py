@@ -1,10 +1,24 @@
-"""Graph plans: one PostgreSQL database per graph, opened only by the graph's own login role."""
+"""Graph plans: one PostgreSQL database per graph, opened only by the graph's own login role.
+
+Who may do what, and why:
+
+- ``<prefix>gr_x_owner`` (NOLOGIN) owns the database. Nobody logs in as it: it exists so that
+  the customer's role does not own its database, since an owner may ``ALTER DATABASE ...
+  CONNECTION LIMIT -1`` or ``GRANT CONNECT ... TO PUBLIC``.
+- ``<prefix>gr_x`` (LOGIN, the customer's) has CONNECT and TEMPORARY on its database only,
+  USAGE and CREATE on its ``public`` schema, and owns the graph tables it creates there. Its
+  ``CONNECTION LIMIT`` is the plan's ``max_connections``; only a role with CREATEROLE may
+  change it, which the customer's role is not.
+- PUBLIC has nothing on the database, so no other non-superuser role can open it, whatever
+  ``pg_hba.conf`` allows.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
+from typing import Protocol, runtime_checkable
 
 import asyncpg
 
@@ -12,6 +26,7 @@ from .backend import Credentials, OperationKind, Step, StepContext
 from .errors import ProvisioningError, ResourceNotFound
 from .pgadmin import (
     admin_connection,
+    connection_limit,
     credentials_dsn,
     new_password,
     quote_ident,
@@ -20,7 +35,7 @@ from .pgadmin import (
     validate_resource_id,
 )
 
-__all__ = ["GRAPH_SCHEMA", "GraphBackend"]
+__all__ = ["GRAPH_SCHEMA", "GraphBackend", "StorageMeter"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,12 +72,20 @@ RETURNING id
 """
 
 
+@runtime_checkable
+class StorageMeter(Protocol):
+    """A backend that can tell how much disk its resources take (measured, not enforced)."""
+
+    async def storage_bytes(self) -> dict[str, int]:
+        """The size in bytes of each resource's database on the server, by resource id."""
+        ...
+
+
 class GraphBackend:
     """Provisions graphs on the server of ``admin_dsn`` (a superuser or CREATEDB+CREATEROLE).
 
-    A graph ``gr_x`` gets the database and the login role ``<name_prefix>gr_x``. The role owns
-    the database and everything in it; CONNECT is revoked from PUBLIC, so no other non-superuser
-    role can open it, whatever ``pg_hba.conf`` allows.
+    A graph ``gr_x`` gets the database and the login role ``<name_prefix>gr_x``, and the
+    NOLOGIN role ``<name_prefix>gr_x_owner`` that owns the database (see the module's doc).
     """
 
     resource_type = "graph"
@@ -81,11 +104,14 @@ class GraphBackend:
     def role_name(self, graph_id: str) -> str:
         return self._prefix + validate_resource_id(graph_id)
 
+    def owner_name(self, graph_id: str) -> str:
+        return self._prefix + validate_resource_id(graph_id) + "_owner"
+
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         if kind == "provision":
             return (
                 Step("create_database", "Creating your graph's database", self._create_database),
-                Step("create_role", "Creating your graph's login role", self._create_role),
+                Step("create_role", "Creating your graph's login role", self._create_roles),
                 Step("grant_access", "Granting your role sole access", self._grant_access),
                 Step("apply_schema", "Creating the nodes and edges tables", self._apply_schema),
                 Step("verify", "Checking that your graph accepts connections", self._verify),
@@ -93,7 +119,7 @@ class GraphBackend:
         return (
             Step("revoke_access", "Revoking access to your graph", self._revoke_access),
             Step("drop_database", "Deleting your graph's database", self._drop_database),
-            Step("drop_role", "Deleting your graph's login role", self._drop_role),
+            Step("drop_role", "Deleting your graph's login role", self._drop_roles),
         )
 
     def _connect(
@@ -108,52 +134,90 @@ class GraphBackend:
 
     async def _create_database(self, ctx: StepContext) -> None:
         db = self.database_name(ctx.resource_id)
-        limit = ctx.spec.limits.get("max_connections", -1)
-        if limit == 0 or limit < -1:
-            raise ProvisioningError(
-                "Your plan allows no database connections, so no graph can be created for it."
-            )
+        limit = connection_limit(ctx.spec.limits, what="graph")
         async with self._connect(ctx.resource_id) as conn:
             if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", db):
                 return
             try:
                 # No IF NOT EXISTS and no transaction for CREATE DATABASE: check, then tolerate
                 # losing the race to a concurrent attempt (which shows as either error).
+                # The admin owns it until grant_access hands it to the owner role.
                 await conn.execute(f"CREATE DATABASE {quote_ident(db)} CONNECTION LIMIT {limit}")
             except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
                 logger.info("database of graph %s already existed", ctx.resource_id)
 
-    async def _create_role(self, ctx: StepContext) -> None:
-        role = self.role_name(ctx.resource_id)
+    async def _create_roles(self, ctx: StepContext) -> None:
+        owner, role = self.owner_name(ctx.resource_id), self.role_name(ctx.resource_id)
         async with self._connect(ctx.resource_id) as conn:
-            if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                return
-            try:
+            await _create_role(conn, owner, "NOLOGIN")
+            if await _create_role(conn, role, "LOGIN"):
+                # Nobody learns this password: the customer gets one from rotate_credentials.
+                await set_password(conn, role, new_password())
+            if not await conn.fetchval(
+                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            ):
+                # A CREATEROLE admin must be a member to hand the database to the owner and
+                # to create the tables as the customer's role (SET ROLE).
                 await conn.execute(
-                    f"CREATE ROLE {quote_ident(role)} LOGIN NOSUPERUSER NOCREATEDB"
-                    " NOCREATEROLE NOREPLICATION NOBYPASSRLS"
+                    f"GRANT {quote_ident(owner)}, {quote_ident(role)} TO CURRENT_USER"
                 )
-            except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
-                return
-            # Nobody learns this password: the customer gets one from rotate_credentials.
-            await set_password(conn, role, new_password())
 
     async def _grant_access(self, ctx: StepContext) -> None:
-        db, role = self.database_name(ctx.resource_id), self.role_name(ctx.resource_id)
-        async with self._connect(ctx.resource_id) as conn, conn.transaction():
-            await conn.execute(f"REVOKE ALL ON DATABASE {quote_ident(db)} FROM PUBLIC")
-            await conn.execute(f"ALTER DATABASE {quote_ident(db)} OWNER TO {quote_ident(role)}")
-            await conn.execute(
-                f"GRANT CONNECT, TEMPORARY ON DATABASE {quote_ident(db)} TO {quote_ident(role)}"
-            )
+        """Redone whole on every attempt, so it also confines a graph made by older code
+        (whose login role owned its database)."""
+        limit = connection_limit(ctx.spec.limits, what="graph")
+        async with self._connect(ctx.resource_id) as conn:
+            await self._grant_database(conn, ctx.resource_id, limit)
+
+    async def _grant_database(self, conn: asyncpg.Connection, graph_id: str, limit: int) -> None:
+        db = quote_ident(self.database_name(graph_id))
+        owner = quote_ident(self.owner_name(graph_id))
+        role = quote_ident(self.role_name(graph_id))
+        async with conn.transaction():
+            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM PUBLIC")
+            await conn.execute(f"ALTER DATABASE {db} OWNER TO {owner}")
+            await conn.execute(f"ALTER DATABASE {db} CONNECTION LIMIT {limit}")
+            # CREATE on the database (new schemas) is not the customer's: its schema is public.
+            await conn.execute(f"REVOKE ALL ON DATABASE {db} FROM {role}")
+            await conn.execute(f"GRANT CONNECT, TEMPORARY ON DATABASE {db} TO {role}")
+            # The database's limit counts every role's sessions; the role's counts the
+            # customer's on any database. Both hold the plan's number. (Its other attributes
+            # were set by CREATE ROLE; naming SUPERUSER or REPLICATION here would need them.)
+            await conn.execute(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
+
+    @staticmethod
+    async def _grant_schema(conn: asyncpg.Connection, role: str) -> None:
+        # Before PostgreSQL 15 every role may create in public; only the owner may now, and
+        # the owner is not the customer's role: it gets CREATE by name.
+        await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+        await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {quote_ident(role)}")
 
     async def _apply_schema(self, ctx: StepContext) -> None:
         db, role = self.database_name(ctx.resource_id), self.role_name(ctx.resource_id)
         async with self._connect(ctx.resource_id, database=db) as conn, conn.transaction():
-            # Before PostgreSQL 15 every role may create in public; only the owner may now.
-            await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+            await self._grant_schema(conn, role)
             await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
             await conn.execute(GRAPH_SCHEMA)
+
+    async def confine(self, graph_id: str, limits: Mapping[str, int]) -> None:
+        """Applies again what confines a live graph's login (owner role, grants, connection
+        limits), for a graph provisioned before the owner role existed or changed by hand.
+        Idempotent; ``ResourceNotFound`` when the graph has no database or login role."""
+        db, role = self.database_name(graph_id), self.role_name(graph_id)
+        limit = connection_limit(limits, what="graph")
+        async with self._connect(graph_id, suffix=":confine") as conn:
+            found = await conn.fetchval(
+                "SELECT count(*) FROM pg_database d, pg_roles r"
+                " WHERE d.datname = $1 AND r.rolname = $2",
+                db,
+                role,
+            )
+            if not found:
+                raise ResourceNotFound(f"graph {graph_id} has no database or login role")
+            await _create_role(conn, self.owner_name(graph_id), "NOLOGIN")
+            await self._grant_database(conn, graph_id, limit)
+        async with self._connect(graph_id, database=db, suffix=":confine") as conn:
+            await self._grant_schema(conn, role)
 
     async def _verify(self, ctx: StepContext) -> None:
         credentials = await self.rotate_credentials(ctx.resource_id)
@@ -173,8 +237,23 @@ class GraphBackend:
             finally:
                 await tx.rollback()
         async with self._connect(ctx.resource_id) as conn:
-            if await conn.fetchval(
-                "SELECT has_database_privilege('public', $1, 'CONNECT')", credentials.database
+            found = await conn.fetchrow(
+                "SELECT has_database_privilege('public', d.oid, 'CONNECT') AS public_connect,"
+                " pg_get_userbyid(d.datdba) = $2 AS owned, r.rolconnlimit, r.rolcreaterole,"
+                " r.rolcreatedb, r.rolsuper"
+                " FROM pg_database d, pg_roles r WHERE d.datname = $1 AND r.rolname = $3",
+                credentials.database,
+                self.owner_name(ctx.resource_id),
+                credentials.user,
+            )
+            if (
+                found is None
+                or found["public_connect"]
+                or not found["owned"]
+                or found["rolconnlimit"] != connection_limit(ctx.spec.limits, what="graph")
+                or found["rolcreaterole"]
+                or found["rolcreatedb"]
+                or found["rolsuper"]
             ):
                 raise ProvisioningError("Your graph's database could not be made private.")
 
@@ -182,8 +261,8 @@ class GraphBackend:
         role = self.role_name(ctx.resource_id)
         async with self._connect(ctx.resource_id) as conn:
             if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
-                # The role owns the database, so it keeps its privileges on it: NOLOGIN is
-                # what shuts it out.
+                # NOLOGIN shuts it out of every database; a graph made by older code has its
+                # role as the database's owner, which keeps CONNECT whatever is revoked.
                 await conn.execute(f"ALTER ROLE {quote_ident(role)} NOLOGIN")
             await terminate_sessions(conn, role=role, database=self.database_name(ctx.resource_id))
 
@@ -193,11 +272,15 @@ class GraphBackend:
             await terminate_sessions(conn, tag=f"lookout:{ctx.resource_id}", database=db)
             await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
 
-    async def _drop_role(self, ctx: StepContext) -> None:
+    async def _drop_roles(self, ctx: StepContext) -> None:
         role = self.role_name(ctx.resource_id)
         async with self._connect(ctx.resource_id, suffix=":drop") as conn:
             await terminate_sessions(conn, role=role)
             await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+            # Owns nothing once the database is gone (drop_database comes first).
+            await conn.execute(
+                f"DROP ROLE IF EXISTS {quote_ident(self.owner_name(ctx.resource_id))}"
+            )
 
     async def teardown(self, resource_id: str) -> None:
         db, role = self.database_name(resource_id), self.role_name(resource_id)
@@ -205,6 +288,25 @@ class GraphBackend:
             await terminate_sessions(conn, tag=f"lookout:{resource_id}", database=db, role=role)
             await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
             await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(self.owner_name(resource_id))}")
+
+    async def storage_bytes(self) -> dict[str, int]:
+        """``pg_database_size`` of every graph database on this server (the admin may read
+        them all). Sizes are measured, not capped: PostgreSQL has no per-database quota."""
+        pattern = self._prefix.replace("\\", "\\\\").replace("_", "\\_").replace("%", "\\%")
+        async with self._connect("storage", suffix=":size") as conn:
+            rows = await conn.fetch(
+                "SELECT datname, pg_database_size(oid) AS size FROM pg_database"
+                " WHERE datname LIKE $1 || 'gr\\_%'",
+                pattern,
+            )
+        prefix_len = len(self._prefix)
+        # NULL: dropped while being measured.
+        return {
+            r["datname"][prefix_len:]: int(r["size"])
+            for r in rows
+            if r["size"] is not None and _is_resource_id(r["datname"][prefix_len:])
+        }
 
     async def rotate_credentials(self, resource_id: str) -> Credentials:
         db, role = self.database_name(resource_id), self.role_name(resource_id)
@@ -225,3 +327,25 @@ class GraphBackend:
             password=password,
             dsn=credentials_dsn(self._dsn, database=db, user=role, password=password),
         )
+
+
+def _is_resource_id(text: str) -> bool:
+    try:
+        validate_resource_id(text)
+    except ValueError:
+        return False
+    return True
+
+
+async def _create_role(conn: asyncpg.Connection, name: str, login: str) -> bool:
+    """Creates the role unless it exists; answers whether this call created it."""
+    if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
+        return False
+    try:
+        await conn.execute(
+            f"CREATE ROLE {quote_ident(name)} {login} NOSUPERUSER NOCREATEDB NOCREATEROLE"
+            " NOREPLICATION NOBYPASSRLS"
+        )
+    except (asyncpg.DuplicateObjectError, asyncpg.UniqueViolationError):
+        return False
+    return True

@@ -7,14 +7,17 @@ import hashlib
 import hmac
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
+from .errors import ProvisioningError
+
 __all__ = [
     "admin_connection",
+    "connection_limit",
     "credentials_dsn",
     "new_password",
     "quote_ident",
@@ -33,6 +36,16 @@ def validate_resource_id(resource_id: str) -> str:
     if not _RESOURCE_ID.match(resource_id):
         raise ValueError(f"resource id {resource_id!r} is not of the form <prefix>_<24 hex digits>")
     return resource_id
+
+
+def connection_limit(limits: Mapping[str, int], *, what: str) -> int:
+    """The plan's ``max_connections`` as a ``CONNECTION LIMIT`` (-1: none given)."""
+    limit = limits.get("max_connections", -1)
+    if limit == 0 or limit < -1:
+        raise ProvisioningError(
+            f"Your plan allows no database connections, so no {what} can be created for it."
+        )
+    return limit
 
 
 def quote_ident(name: str) -> str:

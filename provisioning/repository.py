@@ -12,6 +12,7 @@ from .backend import Credentials, OperationKind, Step, StepContext
 from .errors import ProvisioningError, ResourceNotFound
 from .pgadmin import (
     admin_connection,
+    connection_limit,
     credentials_dsn,
     new_password,
     quote_ident,
@@ -62,7 +63,10 @@ class SharedRepositoryBackend:
     """Grants read access to the shared repository (database ``database``, schema ``schema``).
 
     Each subscription ``repo_x`` gets its own login role ``<name_prefix>repo_x`` with CONNECT,
-    USAGE and SELECT only; deprovisioning revokes them and drops the role.
+    USAGE and SELECT only, read-only transactions by default and, as its ``CONNECTION LIMIT``,
+    the plan's ``max_connections`` (what tells a team plan from a reader's); deprovisioning
+    revokes them and drops the role. The shared database owns nothing of the role's, and PUBLIC
+    has no privilege on it, so a subscriber can neither write it nor lend it out.
     """
 
     resource_type = "repository"
@@ -154,6 +158,8 @@ class SharedRepositoryBackend:
             await conn.execute(f"GRANT CONNECT ON DATABASE {quote_ident(self.database)} TO {role}")
             await conn.execute(f"GRANT USAGE ON SCHEMA {schema} TO {role}")
             await conn.execute(f"GRANT SELECT ON ALL TABLES IN SCHEMA {schema} TO {role}")
+            limit = connection_limit(ctx.spec.limits, what="access")
+            await conn.execute(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
 
     async def _verify(self, ctx: StepContext) -> None:
         credentials = await self.rotate_credentials(ctx.resource_id)
@@ -173,6 +179,12 @@ class SharedRepositoryBackend:
             )
             if writable:
                 raise ProvisioningError("The shared repository could not be made read-only.")
+        async with self._connect(ctx.resource_id) as conn:
+            limit = await conn.fetchval(
+                "SELECT rolconnlimit FROM pg_roles WHERE rolname = $1", credentials.user
+            )
+        if limit != connection_limit(ctx.spec.limits, what="access"):
+            raise ProvisioningError("Your plan's connection limit could not be set.")
 
     async def _revoke_read(self, ctx: StepContext) -> None:
         await self._revoke(ctx.resource_id)

@@ -136,6 +136,9 @@ export class Api {
   graphCredentials(graphId) {
     return this.json("POST", `/v1/graphs/${enc(graphId)}/credentials`);
   }
+  graphUsage(graphId) {
+    return this.json("GET", `/v1/graphs/${enc(graphId)}/usage`);
+  }
   operation(id) {
     return this.json("GET", `/v1/operations/${enc(id)}`);
   }

@@ -33,23 +33,25 @@ function priceParts(price) {
 
 const number = (value) => Number(value).toLocaleString();
 
-function storage(mb) {
-  return mb >= 1024 ? `${number(Math.round(mb / 102.4) / 10)} GB storage` : `${number(mb)} MB storage`;
+export function megabytes(mb) {
+  return mb >= 1024 ? `${number(Math.round(mb / 102.4) / 10)} GB` : `${number(mb)} MB`;
 }
 
 // Optional extras of `GET /v1/plans` (not in the contract): shown when the server sends them.
+// `limits` are enforced; `soft_limits` are measured and shown, never enforced, and say so.
 const LIMITS = [
-  ["storage_mb", storage],
-  ["max_nodes", (n) => `Up to ${number(n)} nodes`],
-  ["max_connections", (n) => `${number(n)} concurrent connections`],
-  ["max_members", (n) => (n === 1 ? "1 member" : `Up to ${number(n)} members`)],
+  ["max_connections", (n) => `${number(n)} connections at once`],
   ["max_per_user", (n) => (n === 1 ? "1 per account" : `Up to ${number(n)} per account`)],
 ];
+const SOFT_LIMITS = [["storage_mb", (mb) => `${megabytes(mb)} storage included (measured, not capped)`]];
 
-function limitList(limits) {
-  if (!limits || typeof limits !== "object") return null;
-  const items = LIMITS.filter(([key]) => typeof limits[key] === "number").map(([key, text]) =>
-    h("li", {}, icon("check"), text(limits[key])),
+function limitList(limits, softLimits) {
+  const pick = (table, values) =>
+    values && typeof values === "object"
+      ? table.filter(([key]) => typeof values[key] === "number").map(([key, text]) => text(values[key]))
+      : [];
+  const items = [...pick(LIMITS, limits), ...pick(SOFT_LIMITS, softLimits)].map((text) =>
+    h("li", {}, icon("check"), text),
   );
   return items.length ? h("ul", { class: "plan-limits" }, items) : null;
 }
@@ -127,7 +129,7 @@ export class PlanCatalog {
         interval ? h("span", { class: "interval" }, ` / ${interval}`) : null,
       ),
       h("p", { class: "plan-blurb muted" }, plan.description || type.blurb || ""),
-      limitList(plan.limits),
+      limitList(plan.limits, plan.soft_limits),
       button,
     );
   }

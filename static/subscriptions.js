@@ -4,12 +4,25 @@
 import { credentialsPanel } from "./credentials.js";
 import { isTerminal } from "./operation-state.js";
 import { OperationTracker } from "./operations.js";
-import { resourceTypeLabel } from "./plans.js";
+import { megabytes, resourceTypeLabel } from "./plans.js";
 import { badge, formatDate, h, icon, replaceChildren, statusLabel, updateBadge } from "./render.js";
 
 // Statuses in which a subscription is still billed, so it can be cancelled at period end.
 const BILLED = new Set(["active", "past_due", "unpaid", "paused"]);
 const ENDED = new Set(["canceled", "expired", "failed"]);
+// The server measures sizes at most once a minute: asking more often shows nothing new.
+const USAGE_REFRESH_MS = 60_000;
+
+function formatBytes(bytes) {
+  const units = ["B", "KB", "MB", "GB", "TB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value >= 10 || unit === 0 ? Math.round(value) : value.toFixed(1)} ${units[unit]}`;
+}
 
 function subscriptionName(sub) {
   return sub.plan_display_name || sub.plan || "Subscription";
@@ -23,6 +36,8 @@ class SubscriptionCard {
     this.showOperation = false;
     this.revealing = false;
     this.credentialsShown = false;
+    this.usage = null; // GET /v1/graphs/{id}/usage, for an active graph
+    this.usageAskedAt = 0;
     const id = sub.id;
     this.title = h("h3", { id: `sub-title-${id}` });
     this.meta = h("p", { class: "sub-meta muted" });
@@ -59,6 +74,7 @@ class SubscriptionCard {
     updateBadge(this.badge, sub.status);
     this.#renderFacts();
     this.#renderActions();
+    this.#loadUsage();
     if (sub.operation_id && sub.operation_id !== this.tracker?.id) this.#track(sub.operation_id);
     if (previous !== sub && previous.status !== sub.status) {
       this.list.announcer.say(`${subscriptionName(sub)}: ${statusLabel(sub.status)}`);
@@ -74,6 +90,24 @@ class SubscriptionCard {
       rows.push([label, end, `period-end-${sub.id}`]);
     }
     if (sub.resource_id) rows.push(["Resource", h("code", {}, sub.resource_id), null]);
+    const usage = sub.status === "active" && sub.resource_type === "graph" ? this.usage : null;
+    if (usage && typeof usage.database_bytes === "number") {
+      const included = usage.soft_limits?.storage_mb;
+      rows.push([
+        "Storage",
+        h(
+          "span",
+          { title: "Measured about once a minute; not capped." },
+          formatBytes(usage.database_bytes),
+          typeof included === "number" ? ` of ${megabytes(included)} included` : null,
+          h("span", { class: "muted" }, " (measured)"),
+        ),
+        `storage-${sub.id}`,
+      ]);
+    }
+    if (usage && typeof usage.limits?.max_connections === "number") {
+      rows.push(["Connections", `Up to ${usage.limits.max_connections} at once`, `connections-${sub.id}`]);
+    }
     if (!rows.length) rows.push(["Subscription", h("code", {}, sub.id), null]);
     replaceChildren(
       this.facts,
@@ -92,6 +126,20 @@ class SubscriptionCard {
           )
         : null,
     );
+  }
+
+  /** The graph's measured size, for an active graph; kept as it was when the server fails. */
+  async #loadUsage() {
+    const sub = this.sub;
+    if (sub.status !== "active" || sub.resource_type !== "graph" || !sub.resource_id) return;
+    if (Date.now() - this.usageAskedAt < USAGE_REFRESH_MS) return;
+    this.usageAskedAt = Date.now();
+    try {
+      this.usage = await this.list.api.graphUsage(sub.resource_id);
+    } catch {
+      return;
+    }
+    this.#renderFacts();
   }
 
   /** `focus`: the test id of the button to focus afterwards (a keyboard user pressed one). */

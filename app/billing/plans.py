@@ -41,14 +41,29 @@ class PlanPrice:
 
 @dataclass(frozen=True)
 class PlanLimits:
-    max_per_user: int  # resources of this plan one user may hold at once
-    storage_mb: int
-    max_nodes: int | None = None  # graphs
-    max_connections: int | None = None  # graphs: the database's CONNECTION LIMIT
-    max_members: int | None = None  # shared repositories
+    """What a plan allows. Every number under ``limits`` in `GET /v1/plans` is enforced;
+    a number under ``soft_limits`` is measured and shown, never enforced.
+
+    - ``max_per_user``: resources of this plan one user may hold at once (checkout and
+      provisioning refuse one more).
+    - ``max_connections``: the login role's ``CONNECTION LIMIT`` (and the graph database's),
+      which PostgreSQL enforces and the customer's role cannot change.
+    - ``storage_mb`` (graphs): storage included. PostgreSQL has no per-database quota, so it is
+      soft: the size of each graph's database is measured (dashboard, ``/metrics``
+      ``lookout_graph_database_bytes``) and a graph past it keeps working.
+    """
+
+    max_per_user: int
+    max_connections: int
+    storage_mb: int | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {k: v for k, v in vars(self).items() if v is not None}
+        """The enforced limits."""
+        return {"max_per_user": self.max_per_user, "max_connections": self.max_connections}
+
+    def soft_json(self) -> dict[str, Any]:
+        """The measured, unenforced allowances."""
+        return {} if self.storage_mb is None else {"storage_mb": self.storage_mb}
 
 
 @dataclass(frozen=True)
@@ -69,6 +84,7 @@ class Plan:
             "description": self.description,
             "price": self.price.as_json(),
             "limits": self.limits.as_json(),
+            "soft_limits": self.limits.soft_json(),
         }
 
 
@@ -76,46 +92,47 @@ def _catalog(*plans: Plan) -> MappingProxyType[str, Plan]:
     return MappingProxyType({plan.name: plan for plan in plans})
 
 
+# Each description says only what the limits enforce, or names an allowance as measured.
 PLANS: MappingProxyType[str, Plan] = _catalog(
     Plan(
         "graph-standard",
         "Graph Standard",
         "graph",
         PlanPrice(2900, "usd", "month"),
-        PlanLimits(max_per_user=3, storage_mb=1024, max_nodes=100_000, max_connections=5),
-        "A dedicated graph database for a project: 1 GB, up to 100,000 nodes.",
+        PlanLimits(max_per_user=3, max_connections=5, storage_mb=1024),
+        "A dedicated graph database for a project: 5 connections at once, 1 GB included.",
     ),
     Plan(
         "graph-large",
         "Graph Large",
         "graph",
         PlanPrice(7900, "usd", "month"),
-        PlanLimits(max_per_user=3, storage_mb=10_240, max_nodes=1_000_000, max_connections=20),
-        "A dedicated graph database for a team: 10 GB, up to 1,000,000 nodes.",
+        PlanLimits(max_per_user=3, max_connections=20, storage_mb=10_240),
+        "A dedicated graph database for a team: 20 connections at once, 10 GB included.",
     ),
     Plan(
         "graph-xlarge",
         "Graph XLarge",
         "graph",
         PlanPrice(19_900, "usd", "month"),
-        PlanLimits(max_per_user=1, storage_mb=51_200, max_nodes=10_000_000, max_connections=50),
-        "A dedicated graph database for production: 50 GB, up to 10,000,000 nodes.",
+        PlanLimits(max_per_user=1, max_connections=50, storage_mb=51_200),
+        "A dedicated graph database for production: 50 connections at once, 50 GB included.",
     ),
     Plan(
         "repository-reader",
         "Repository Reader",
         "repository",
         PlanPrice(900, "usd", "month"),
-        PlanLimits(max_per_user=5, storage_mb=512, max_members=1),
-        "Read access to the shared repository for one person.",
+        PlanLimits(max_per_user=5, max_connections=2),
+        "Read access to the shared repository for one person: 2 connections at once.",
     ),
     Plan(
         "repository-team",
         "Repository Team",
         "repository",
         PlanPrice(4900, "usd", "month"),
-        PlanLimits(max_per_user=2, storage_mb=5120, max_members=10),
-        "A team space in the shared repository: 5 GB, up to 10 members.",
+        PlanLimits(max_per_user=2, max_connections=25),
+        "Read access to the shared repository for a team's tools: 25 connections at once.",
     ),
 )
 

@@ -125,4 +125,5 @@ async def test_an_event_acknowledged_by_a_killed_process_is_processed_after_rest
                 f'DROP DATABASE IF EXISTS "lookout_{row["resource_id"]}" WITH (FORCE)'
             )
             await admin.execute(f'DROP ROLE IF EXISTS "lookout_{row["resource_id"]}"')
+            await admin.execute(f'DROP ROLE IF EXISTS "lookout_{row["resource_id"]}_owner"')
         await admin.close()

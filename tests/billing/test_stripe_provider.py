@@ -103,10 +103,10 @@ def test_catalog() -> None:
     assert {p.resource_type for p in PLANS.values()} == {"graph", "repository"}
     assert STANDARD.display_name == "Graph Standard"
     assert STANDARD.as_json()["price"] == {"amount": 2900, "currency": "usd", "interval": "month"}
-    assert STANDARD.limits.max_nodes is not None and STANDARD.limits.max_per_user >= 1
+    assert STANDARD.limits.max_connections >= 1 and STANDARD.limits.max_per_user >= 1
     large = get_plan("graph-large")
     assert large.price.amount > STANDARD.price.amount
-    assert large.limits.storage_mb > STANDARD.limits.storage_mb
+    assert large.limits.max_connections > STANDARD.limits.max_connections
     with pytest.raises(UnknownPlan, match="graph-standard"):
         get_plan("graph-huge")
 

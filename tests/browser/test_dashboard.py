@@ -4,6 +4,7 @@ that loses its streams mid-provisioning and resumes with no missing or doubled s
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -100,6 +101,9 @@ async def test_sign_in_subscribe_pay_watch_reveal_and_cancel(
         await page.locator(by_testid("no-subscriptions")).wait_for()
         plan = page.locator(by_testid("plan-graph-standard"))
         assert "Graph Standard" in await plan.inner_text()
+        # Enforced limits as they are; storage as what it is: measured, not capped.
+        assert "5 connections at once" in await plan.inner_text()
+        assert "1 GB storage included (measured, not capped)" in await plan.inner_text()
         assert "$29.00" in await page.locator(by_testid("price-graph-standard")).inner_text()
 
         # Subscribe: the dialog asks for a name, then off to the emulator's hosted page.
@@ -135,6 +139,11 @@ async def test_sign_in_subscribe_pay_watch_reveal_and_cancel(
         card = page.locator(by_testid(f"subscription-{sub_id}"))
         assert "social-graph" in await card.inner_text()
         await page.locator(by_testid(f"period-end-{sub_id}")).wait_for()
+        storage = page.locator(by_testid(f"storage-{sub_id}"))
+        await storage.wait_for()
+        assert re.fullmatch(
+            r"[\d.]+ MB of 1 GB included \(measured\)", await storage.inner_text()
+        ), await storage.inner_text()
         reveal = page.locator(by_testid(f"reveal-credentials-{sub_id}"))
         await reveal.click()
         shown = await credentials_shown(page, sub_id)

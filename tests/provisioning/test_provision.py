@@ -70,7 +70,8 @@ async def test_provision_creates_a_database_only_its_role_can_open(
     assert hooks.audit_kinds(op.id) == ["operation.started", "operation.completed"]
 
     db = graph_backend.database_name(op.resource_id)
-    assert await server_objects(pg_admin_dsn, name_prefix) == ([db], [db])
+    dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
+    assert (dbs, sorted(roles)) == ([db], [db, graph_backend.owner_name(op.resource_id)])
     assert credentials.database == db and credentials.user == db
 
     # Its own role opens it, owns the graph tables and may write to them.
@@ -186,7 +187,8 @@ async def test_the_same_subject_started_five_times_at_once_gives_one_database(
     assert await db_pool.fetchval("SELECT count(*) FROM operations") == 1
     assert await db_pool.fetchval("SELECT count(*) FROM resources") == 1
     dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
-    assert dbs == [graph_backend.database_name(done.resource_id)] and len(roles) == 1
+    assert dbs == [graph_backend.database_name(done.resource_id)]
+    assert len(roles) == 2  # the login role and the owner of its database
     types = [e["type"] for e in await operation_events(redis, redis_prefix, done.id)]
     assert types.count("operation.started") == 1 and types.count("operation.completed") == 1
     assert len(hooks.succeeded) == 1

@@ -75,7 +75,8 @@ async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_s
     assert done.status == "completed" and done.attempts == 2
     assert [s.name for s in steps] == list(done.completed_steps)
     dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
-    assert dbs == [graph_backend.database_name(op.resource_id)] and len(roles) == 1
+    assert dbs == [graph_backend.database_name(op.resource_id)]
+    assert len(roles) == 2  # the login role and the owner of its database
     events = await operation_events(redis, redis_prefix, op.id)
     # No second operation.started: "dead" had announced it (its events are not in this test).
     assert [(e["type"], e.get("step")) for e in events[:-1]] == [
@@ -138,7 +139,8 @@ async def test_a_process_killed_in_the_middle_of_a_step_is_resumed_by_another(
 
     assert done.status == "completed" and done.attempts == 2 and done.progress == 100
     dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
-    assert dbs == [graph_backend.database_name(done.resource_id)] and len(roles) == 1
+    assert dbs == [graph_backend.database_name(done.resource_id)]
+    assert len(roles) == 2  # the login role and the owner of its database
     events = await operation_events(redis, redis_prefix, op_id)
     types = [e["type"] for e in events]
     assert types.count("operation.started") == 1

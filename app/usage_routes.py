@@ -1,0 +1,44 @@
+"""`GET /v1/graphs/{graph_id}/usage`: how much of its plan a graph uses, as measured."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from app.auth import authenticate
+from app.billing.plans import get_plan
+from app.billing.subscriptions import get_subscription_by_resource
+from app.errors import APIError
+from app.services import services
+from streams import isoformat_z
+
+__all__ = ["usage_routes"]
+
+
+async def graph_usage(request: Request) -> Response:
+    """The graph's database size (measured at most once a minute, null until measured or
+    while the server cannot be reached), beside the plan's enforced limits and its soft,
+    measured-only allowances."""
+    user = await authenticate(request)
+    graph_id = request.path_params["graph_id"]
+    found = services(request)
+    async with found.pool.acquire() as conn:
+        record = await get_subscription_by_resource(conn, graph_id)
+    if record is None or record.user_id != user.id or record.resource_type != "graph":
+        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
+    plan = get_plan(record.plan)
+    sizes = await found.metrics.storage.read()
+    measured_at = found.metrics.storage.measured_at
+    return JSONResponse(
+        {
+            "graph_id": graph_id,
+            "database_bytes": sizes.get(graph_id),
+            "measured_at": isoformat_z(measured_at) if measured_at else None,
+            "limits": plan.limits.as_json(),
+            "soft_limits": plan.limits.soft_json(),
+        }
+    )
+
+
+usage_routes = [Route("/v1/graphs/{graph_id}/usage", graph_usage, methods=["GET"])]
