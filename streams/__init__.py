@@ -19,6 +19,7 @@ from .sse import (
     last_event_id,
 )
 from .subscription import Signal, Subscription
+from .supervisor import StartingLoop, Supervisor, TaskFailure
 from .tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
 from .topics import channel_name, operation_topic, stream_key, user_topic
 
@@ -41,6 +42,7 @@ __all__ = [
     "Releasable",
     "Signal",
     "SnapshotProvider",
+    "StartingLoop",
     "StreamHandler",
     "StreamHistory",
     "StreamLease",
@@ -48,6 +50,8 @@ __all__ = [
     "StreamOptions",
     "StreamTokens",
     "Subscription",
+    "Supervisor",
+    "TaskFailure",
     "TooManyStreams",
     "channel_name",
     "iso_now",

@@ -77,8 +77,17 @@ class Frame:
 
     @classmethod
     def from_announcement(cls, payload: bytes) -> Frame:
-        """From a pub/sub announcement "<id>\\n<type>\\n<json>" (see publisher)."""
-        stream_id, event_type, data = payload.split(b"\n", 2)
+        """From a pub/sub announcement "<id>\\n<type>\\n<json>" (see publisher); raises
+        ValueError for anything else (a hand-typed PUBLISH), which would break the SSE framing."""
+        parts = payload.split(b"\n", 2)
+        if len(parts) != 3:
+            raise ValueError("an announcement has three lines: id, type, JSON object")
+        stream_id, event_type, data = parts
+        # Checks that cost no parse: one line of a JSON object, a type of printable ASCII.
+        if not (data.startswith(b"{") and data.endswith(b"}")) or b"\n" in data or b"\r" in data:
+            raise ValueError("an announcement's data is one line of a JSON object")
+        if not event_type or any(c <= 32 or c >= 127 for c in event_type):
+            raise ValueError("an announcement's type is printable ASCII")
         return cls(stream_id, event_type, data)
 
     def __repr__(self) -> str:
