@@ -10,6 +10,7 @@ import anyio.abc
 import pytest
 
 from streams import Supervisor
+from tests.streams.sse_client import wait_until
 
 pytestmark = pytest.mark.anyio
 
@@ -61,8 +62,7 @@ async def test_a_loop_crashing_too_often_is_failing_until_it_stays_up() -> None:
             assert "RuntimeError: crash number 3" in failure.last_error
             assert "'doomed'" in failure.message
             # Up for a whole window since: healthy again.
-            while supervisor.failing():
-                await anyio.sleep(0.05)
+            await wait_until(lambda: not supervisor.failing())
             tg.cancel_scope.cancel()
 
 
@@ -96,8 +96,7 @@ async def test_cancellation_during_the_backoff_passes_through() -> None:
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(supervisor.run, "sleeper", loop)
-            while supervisor.restarts.get("sleeper") != 1:
-                await anyio.sleep(0.01)
+            await wait_until(lambda: supervisor.restarts.get("sleeper") == 1)
             tg.cancel_scope.cancel()
     assert loop.attempts == 1
 
