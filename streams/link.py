@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import hiredis
 
 from .frames import Frame
 from .pubsub import PubSubConnection, PubSubError, RedisEndpoint, encode_command
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (
     OSError,
+    hiredis.ProtocolError,  # bytes that are not RESP: not a Redis, or a stream out of step
     TimeoutError,
     anyio.EndOfStream,
     anyio.BrokenResourceError,

@@ -85,3 +85,24 @@ async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
                 while 3 not in numbers(await frames(sub, 1)):
                     pass
             hub.close()
+
+
+async def test_the_hub_outlives_the_clients_socket_timeout_while_idle(
+    redis_url: str, redis_prefix: str
+) -> None:
+    # The service's client times reads out after a few seconds; the hub's pub/sub connection,
+    # idle for longer, must not be cut by it (it is a connection of its own, with pings).
+    client = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=2)
+    try:
+        publisher = EventPublisher(client, prefix=redis_prefix)
+        topic = operation_topic("op_idle")
+        async with EventHub(client, prefix=redis_prefix, tick_seconds=0.05) as hub:
+            await hub.wait_connected()
+            async with hub.subscribe(topic) as sub:
+                await sub.ready()
+                await anyio.sleep(2)
+                await publisher.publish(Event.create("operation.progress", n=1), [topic])
+                assert numbers(await frames(sub, 1)) == [1]
+                assert hub.reconnects == 0
+    finally:
+        await client.aclose()
