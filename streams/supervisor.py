@@ -184,7 +184,7 @@ class Supervisor:
                             state.failing_since = now
                         logger.exception(
                             "background task %r crashed %d times within %g s; "
-                            "restarting in %.1f s, reported as failing",
+                            "restarting in %.3g s, reported as failing",
                             name,
                             len(state.crashes),
                             self._window,
@@ -192,7 +192,7 @@ class Supervisor:
                         )
                     else:
                         logger.exception(
-                            "background task %r crashed; restarting in %.1f s", name, delay
+                            "background task %r crashed; restarting in %.3g s", name, delay
                         )
                     await anyio.sleep(delay)
                     delay = min(max(delay * 2, self._backoff[0]), self._backoff[1])
