@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from app.services import Services
 from app.settings import Settings
+from streams import Event, channel_name, user_topic
 from tests.streams.test_resilience import start_redis, throwaway_redis, wait_redis
 from tests.support.stack import Stack, running_stack, wait_for
 from tests.support.stripe_events import deliver, make_event, stripe_object
@@ -250,3 +251,35 @@ async def test_the_stream_lease_renewer_survives_a_redis_restart(
             server.wait(timeout=10)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+async def test_a_malformed_publish_on_a_users_channel_is_skipped(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        found = services(stack)
+        topic = user_topic(stack.user_id)
+        with anyio.fail_after(30):
+            async with aconnect_sse(stack.http, "GET", "/v1/events") as source:
+                assert source.response.status_code == 200
+                events = source.aiter_sse()
+                await wait_for(
+                    lambda: _subscribed(found, topic), within=10, what="the stream to subscribe"
+                )
+                # An operator's PUBLISH by hand, an instance of another version.
+                channel = channel_name(settings.redis_prefix, topic)
+                for garbage in (b"hello", b"1-1\nsubscription.updated\nnot json"):
+                    assert await found.redis.publish(channel, garbage) == 1
+                await found.publisher.publish(
+                    Event.create("subscription.updated", subscription_id="sub_after"), [topic]
+                )
+                async for sse in events:
+                    if sse.event == "subscription.updated":
+                        assert json.loads(sse.data)["subscription_id"] == "sub_after"
+                        break
+        figures = await samples(stack)
+        assert figures[("lookout_malformed_messages_total", ())] == 2
+        assert found.supervisor.restarts.get("event-hub", 0) == 0
+        await still_works(stack, "after-garbage")
+
+
+async def _subscribed(found: Services, topic: str) -> bool:
+    return found.hub.subscriber_count(topic) >= 1
