@@ -22,6 +22,7 @@ StreamPosition = tuple[int, int]
 
 _STREAM_ID: Final = re.compile(r"(\d{1,20})-(\d{1,20})")
 _TERMINAL: Final = frozenset(t.encode() for t in TERMINAL_EVENT_TYPES)
+_EVENT_TYPE: Final = re.compile(rb"[!-~]{1,100}")  # printable ASCII, no space
 _MAX_PART: Final = 2**64 - 1
 
 
@@ -86,7 +87,7 @@ class Frame:
         # Checks that cost no parse: one line of a JSON object, a type of printable ASCII.
         if not (data.startswith(b"{") and data.endswith(b"}")) or b"\n" in data or b"\r" in data:
             raise ValueError("an announcement's data is one line of a JSON object")
-        if not event_type or any(c <= 32 or c >= 127 for c in event_type):
+        if _EVENT_TYPE.fullmatch(event_type) is None:
             raise ValueError("an announcement's type is printable ASCII")
         return cls(stream_id, event_type, data)
 
