@@ -24,7 +24,7 @@ async def test_a_paused_redis_is_an_error_not_a_hang(throwaway_redis: tuple[int,
     port, data = throwaway_redis
     server = start_redis(port, data)
     client = redis_client(f"redis://127.0.0.1:{port}/0")
-    # Explicit: redis-py before 8 waited forever by default.
+    # Explicit: older redis-py (5.x) had no read timeout by default and waited forever.
     assert client.connection_pool.connection_kwargs["socket_timeout"] == 5.0
     try:
         await wait_redis(client)
