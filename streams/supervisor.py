@@ -178,7 +178,7 @@ class Supervisor:
                     while state.crashes and now - state.crashes[0] > self._window:
                         state.crashes.popleft()
                     state.restarts += 1
-                    state.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                    state.last_error = _describe(exc)[:500]
                     if len(state.crashes) >= self._max_crashes:
                         if state.failing_since is None:
                             state.failing_since = now
@@ -204,3 +204,10 @@ class Supervisor:
         finally:
             state.running_since = None
             state.active = False
+
+
+def _describe(exc: BaseException) -> str:
+    """What went wrong, in a line; a task group's wrapper gives way to what it wraps."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(inner) for inner in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"

@@ -148,3 +148,23 @@ async def test_one_name_is_one_loop_at_a_time() -> None:
             with pytest.raises(ValueError, match="already supervised"):
                 await supervisor.run("twice", anyio.sleep_forever)
             tg.cancel_scope.cancel()
+
+
+async def test_a_task_groups_error_is_reported_by_what_it_wraps() -> None:
+    supervisor = Supervisor(max_crashes=1, backoff_min=30, backoff_max=30)
+
+    async def grouped() -> None:
+        async def fail() -> None:
+            raise ConnectionResetError("reset by peer")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fail)
+            await anyio.sleep_forever()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervisor.run, "grouped", grouped)
+            await wait_until(lambda: bool(supervisor.failing()))
+            [failure] = supervisor.failing()
+            assert failure.last_error == "ConnectionResetError: reset by peer"
+            tg.cancel_scope.cancel()
