@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import secrets
@@ -48,6 +49,7 @@ from streams import (
     StreamHandler,
     StreamLeases,
     StreamTokens,
+    Supervisor,
 )
 
 __all__ = ["PROVISIONING_CONCURRENCY", "create_app", "redis_client"]
@@ -56,6 +58,10 @@ logger = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 REDIS_MAX_CONNECTIONS = 500
+REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
+# Lookout's slowest command is an XRANGE of a topic's whole Stream (a few thousand entries,
+# milliseconds); 5 s is an outage, not a slow answer.
+REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
 # Provisioning is mostly CREATE DATABASE, which floods PostgreSQL's WAL: more than a few at once
 # delay every other commit (the webhook inbox's first) without finishing sooner. Measured with
 # bench/billing.py: at 10, webhook ack p99 65 ms and operation p99 666 ms; at 4, 19 and 330 ms,
@@ -65,12 +71,16 @@ PROVISIONING_CONCURRENCY = 4
 
 def redis_client(url: str) -> Redis:
     # Past its limit the default pool raises instead of waiting for a free connection; the
-    # socket timeouts keep a dead Redis from hanging a request forever.
+    # socket timeouts keep a dead (or paused) Redis from hanging a request or a loop forever:
+    # redis-py's default is no read timeout at all. Nothing on this client blocks on purpose
+    # (no BLPOP, no XREAD BLOCK, no pub/sub): the hub reads pub/sub on a connection of its own
+    # (streams.pubsub) with its own deadline, and takes only the connect timeout from here.
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,
         timeout=10,
-        socket_connect_timeout=5,
+        socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+        socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
         health_check_interval=30,
     )
     # from_pool: closing the client closes its pool too.
@@ -158,14 +168,23 @@ def create_app(
             )
             lifecycle.runner = runner
             shutting_down = anyio.Event()
+            supervisor = Supervisor()
             async with anyio.create_task_group() as task_group:
-                await task_group.start(hub.run)
-                await task_group.start(runner.run)
-                task_group.start_soon(leases.run)
-                task_group.start_soon(inbox.run)
-                task_group.start_soon(intake.run)
-                task_group.start_soon(hooks.run_sweeps)
-                task_group.start_soon(Reconciler(pool, lifecycle).run)
+                # Every loop under the supervisor: a crash restarts that loop alone, where it
+                # used to cancel this group and close the pool under a server still answering.
+                await task_group.start(supervisor.run_starting, "event-hub", hub.run)
+                await task_group.start(
+                    supervisor.run_starting,
+                    "operation-runner",
+                    functools.partial(runner.run, supervisor=supervisor),
+                )
+                task_group.start_soon(supervisor.run, "stream-lease-renewer", leases.run)
+                task_group.start_soon(supervisor.run, "webhook-inbox", inbox.run)
+                task_group.start_soon(supervisor.run, "webhook-intake", intake.run)
+                task_group.start_soon(supervisor.run, "stripe-cancellation-sweep", hooks.run_sweeps)
+                task_group.start_soon(
+                    supervisor.run, "subscription-reconciler", Reconciler(pool, lifecycle).run
+                )
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,
@@ -186,6 +205,7 @@ def create_app(
                     ),
                     rate_limits=RateLimits(redis, prefix=settings.redis_prefix),
                     metrics=metrics,
+                    supervisor=supervisor,
                 )
 
                 def begin_shutdown() -> None:

@@ -1,6 +1,13 @@
-"""Liveness and readiness. Readiness asks PostgreSQL and Redis, nothing else."""
+"""Liveness, readiness and metrics.
+
+Liveness fails only when a background loop of the process cannot stay up (the supervisor's
+failures): restarting the process is then the cure. Readiness also asks PostgreSQL and Redis.
+"""
 
 from __future__ import annotations
+
+import hmac
+from typing import Any
 
 import anyio
 import asyncpg
@@ -8,21 +15,50 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from app.errors import error_response
 from app.metrics import CONTENT_TYPE, LiveFigures
-from app.services import services
+from app.services import Services, services
 
 __all__ = ["healthz", "metrics_endpoint", "readyz"]
 
 CHECK_TIMEOUT_SECONDS = 2.0
 
 
+def _failing_tasks(found: Services) -> list[dict[str, Any]]:
+    return [
+        {
+            "task": f.task,
+            "crashes": f.crashes,
+            "window_seconds": f.window_seconds,
+            "last_error": f.last_error,
+            "message": f.message,
+        }
+        for f in found.supervisor.failing()
+    ]
+
+
+def _unavailable(code: str, message: str, **extra: Any) -> Response:
+    return JSONResponse(
+        {"status": "unavailable", "error": {"code": code, "message": message}, **extra},
+        status_code=503,
+    )
+
+
 async def healthz(request: Request) -> Response:
+    failing = _failing_tasks(services(request))
+    if failing:
+        return _unavailable(
+            "task_failing", "; ".join(f["message"] for f in failing), failing_tasks=failing
+        )
     return JSONResponse({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     found = services(request)
     problems: dict[str, str] = {}
+    failing = _failing_tasks(found)
+    for task in failing:
+        problems[f"task {task['task']}"] = task["message"]
     try:
         with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
             async with found.pool.acquire() as conn:
@@ -35,28 +71,41 @@ async def readyz(request: Request) -> Response:
     except (OSError, RedisError, TimeoutError) as exc:
         problems["redis"] = f"{exc.__class__.__name__}: {exc}"
     if problems:
-        return JSONResponse(
-            {
-                "status": "unavailable",
-                "error": {
-                    "code": "not_ready",
-                    "message": "; ".join(f"{k}: {v}" for k, v in problems.items()),
-                },
-            },
-            status_code=503,
+        return _unavailable(
+            "task_failing" if failing else "not_ready",
+            "; ".join(f"{k}: {v}" for k, v in problems.items()),
+            failing_tasks=failing,
         )
     return JSONResponse({"status": "ready"})
 
 
+def _authorized(request: Request, token: str) -> bool:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # Bytes, so that a non-ASCII header is a plain mismatch rather than a TypeError.
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode()
+    )
+
+
 async def metrics_endpoint(request: Request) -> Response:
     found = services(request)
+    token = found.settings.metrics_token
+    if token is not None and not _authorized(request, token):
+        return error_response(
+            401,
+            "unauthorized",
+            "set Authorization: Bearer <LOOKOUT_METRICS_TOKEN> to read /metrics",
+            {"WWW-Authenticate": 'Bearer realm="metrics"'},
+        )
     live = LiveFigures(
         open_streams=found.leases.held,
         stream_clients=found.hub.subscriber_count(),
         redis_reconnects=found.hub.reconnects,
         delivered=found.hub.stats.offered,
         dropped=found.hub.stats.slow_clients_dropped,
+        malformed_messages=found.hub.stats.malformed,
+        task_restarts=found.supervisor.restarts,
+        tasks_failing=frozenset(f.task for f in found.supervisor.failing()),
     )
-    async with found.pool.acquire() as conn:
-        await found.metrics.refresh(conn, live=live)
+    await found.metrics.refresh(found.pool, live=live)
     return Response(found.metrics.render(), media_type=CONTENT_TYPE)

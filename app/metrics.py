@@ -1,9 +1,14 @@
 """`GET /metrics`: what a person operating Lookout looks at, in Prometheus' text format.
 
-Counters that change on a hot path live in memory (events published); everything that is
-state (inbox depth and age, operations by status and duration) is read from PostgreSQL when
-Prometheus asks, so every instance reports the same truth and nothing drifts. Each app has its
-own registry: no module-level state.
+Counters that change on a hot path live in memory (events published, task restarts);
+everything that is state (inbox depth and age, operations by status and duration) is read from
+PostgreSQL, so every instance reports the same truth and nothing drifts. Those reads count
+whole tables, so they run at most once per ``state_ttl`` seconds whatever the scrape rate
+(concurrent scrapes share one read), under a statement timeout; a scrape while PostgreSQL is
+away answers the last figures read. Each app has its own registry: no module-level state.
+
+To add a figure: a field on ``LiveFigures`` (in process) or ``StoredFigures`` (read from
+PostgreSQL, in ``_read_stored``), and its family in ``_StateCollector.collect``.
 """
 
 from __future__ import annotations
@@ -25,32 +30,54 @@ from app.db import Connection
 from provisioning import ProvisionerBackend, StorageMeter
 from streams import Event, EventPublisher
 
-__all__ = ["CONTENT_TYPE", "CountingPublisher", "LiveFigures", "Metrics", "StorageSizes"]
+__all__ = [
+    "CONTENT_TYPE",
+    "CountingPublisher",
+    "LiveFigures",
+    "Metrics",
+    "StorageSizes",
+    "StoredFigures",
+]
 
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Prometheus scrapes every 15 s by default: one read per scrape interval at most.
+STATE_TTL_SECONDS = 10.0
+STATE_READ_TIMEOUT_SECONDS = 3.0
 
 
 @dataclass
 class LiveFigures:
-    inbox: Mapping[str, int] = field(default_factory=dict)
-    inbox_oldest_seconds: float = 0.0
-    operations: Mapping[tuple[str, str], int] = field(default_factory=dict)
-    durations: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    """Figures this process keeps in memory, handed in at each scrape."""
+
     open_streams: int = 0
     stream_clients: int = 0
     redis_reconnects: int = 0
     delivered: int = 0
     dropped: int = 0
+    malformed_messages: int = 0
+    task_restarts: Mapping[str, int] = field(default_factory=dict)
+    tasks_failing: frozenset[str] = frozenset()
+
+
+@dataclass
+class StoredFigures:
+    """Figures read from PostgreSQL, shared by every instance."""
+
+    inbox: Mapping[str, int] = field(default_factory=dict)
+    inbox_oldest_seconds: float = 0.0
+    operations: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    durations: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
 
 class _StateCollector(Collector):
     def __init__(self) -> None:
-        self.snapshot = LiveFigures()
+        self.live = LiveFigures()
+        self.stored = StoredFigures()
 
     def collect(self) -> Iterator[Metric]:
-        s = self.snapshot
+        s, live = self.stored, self.live
         inbox = GaugeMetricFamily(
             "lookout_webhook_inbox_events",
             "Stripe events in the inbox by status",
@@ -79,24 +106,44 @@ class _StateCollector(Collector):
             durations.add_metric([kind, quantile], seconds)
         yield durations
         yield GaugeMetricFamily(
-            "lookout_open_streams", "SSE streams open on this instance", value=s.open_streams
+            "lookout_open_streams", "SSE streams open on this instance", value=live.open_streams
         )
         yield GaugeMetricFamily(
             "lookout_stream_subscribers",
             "Clients subscribed to the hub of this instance",
-            value=s.stream_clients,
+            value=live.stream_clients,
         )
         yield _counter(
-            "lookout_redis_reconnects", "Times the hub reconnected to Redis", s.redis_reconnects
+            "lookout_redis_reconnects", "Times the hub reconnected to Redis", live.redis_reconnects
         )
         yield _counter(
-            "lookout_events_delivered", "Event frames written to SSE clients", s.delivered
+            "lookout_events_delivered", "Event frames written to SSE clients", live.delivered
         )
         yield _counter(
             "lookout_slow_clients_dropped",
             "SSE clients cut off because they fell a full queue behind",
-            s.dropped,
+            live.dropped,
         )
+        yield _counter(
+            "lookout_malformed_messages",
+            "Pub/sub messages on Lookout channels skipped because they were not announcements",
+            live.malformed_messages,
+        )
+        restarts = CounterMetricFamily(
+            "lookout_task_restarts",
+            "Background tasks of this instance restarted after a crash, by task",
+            labels=["task"],
+        )
+        failing = GaugeMetricFamily(
+            "lookout_task_failing",
+            "1 while a background task crash-loops (health checks answer 503), by task",
+            labels=["task"],
+        )
+        for task, count in sorted(live.task_restarts.items()):
+            restarts.add_metric([task], count)
+            failing.add_metric([task], 1 if task in live.tasks_failing else 0)
+        yield restarts
+        yield failing
 
 
 def _counter(name: str, documentation: str, value: int) -> Metric:
@@ -153,7 +200,7 @@ class _StorageCollector(Collector):
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, state_ttl: float = STATE_TTL_SECONDS) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.events_published = Counter(
             "lookout_events_published",
@@ -165,36 +212,62 @@ class Metrics:
         self.registry.register(self._state)
         self.storage = StorageSizes()
         self.registry.register(_StorageCollector(self.storage))
+        self._state_ttl = state_ttl
+        self._read_at: float | None = None
+        self._reading = anyio.Lock()
 
-    async def refresh(self, conn: Connection, *, live: LiveFigures) -> None:
-        inbox = await conn.fetch("SELECT status, count(*) AS n FROM webhook_events GROUP BY status")
-        oldest = await conn.fetchval(
-            "SELECT coalesce(extract(epoch FROM now() - min(received_at)), 0)"
-            " FROM webhook_events WHERE status IN ('pending', 'processing', 'retrying')"
-        )
-        operations = await conn.fetch(
-            "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status"
-        )
-        durations = await conn.fetch(
-            "SELECT kind, percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds) AS p50,"
-            " percentile_cont(0.99) WITHIN GROUP (ORDER BY seconds) AS p99"
-            " FROM (SELECT kind, extract(epoch FROM finished_at - created_at) AS seconds"
-            "       FROM operations WHERE finished_at > now() - interval '1 hour') AS recent"
-            " GROUP BY kind"
-        )
-        live.inbox = {r["status"]: r["n"] for r in inbox}
-        live.inbox_oldest_seconds = float(oldest or 0)
-        live.operations = {(r["kind"], r["status"]): r["n"] for r in operations}
-        live.durations = {
-            (r["kind"], q): float(r[col])
-            for r in durations
-            for q, col in (("0.5", "p50"), ("0.99", "p99"))
-        }
-        self._state.snapshot = live
-        await self.storage.read()
+    async def refresh(self, pool: asyncpg.Pool, *, live: LiveFigures) -> None:
+        """Takes ``live``; reads the stored figures again if they are older than the TTL."""
+        self._state.live = live
+        await self.storage.read()  # its own once-a-minute cache
+        if self._fresh():
+            return
+        async with self._reading:
+            if self._fresh():  # another scrape read them while this one waited
+                return
+            try:
+                with anyio.fail_after(STATE_READ_TIMEOUT_SECONDS):
+                    async with pool.acquire() as conn:
+                        self._state.stored = await _read_stored(conn)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                # The last figures stand; the next scrape tries again.
+                logger.warning("metrics not read from PostgreSQL (%s)", type(exc).__name__)
+                return
+            self._read_at = anyio.current_time()
+
+    def _fresh(self) -> bool:
+        return self._read_at is not None and anyio.current_time() - self._read_at < self._state_ttl
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+async def _read_stored(conn: Connection) -> StoredFigures:
+    inbox = await conn.fetch("SELECT status, count(*) AS n FROM webhook_events GROUP BY status")
+    oldest = await conn.fetchval(
+        "SELECT coalesce(extract(epoch FROM now() - min(received_at)), 0)"
+        " FROM webhook_events WHERE status IN ('pending', 'processing', 'retrying')"
+    )
+    operations = await conn.fetch(
+        "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status"
+    )
+    durations = await conn.fetch(
+        "SELECT kind, percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds) AS p50,"
+        " percentile_cont(0.99) WITHIN GROUP (ORDER BY seconds) AS p99"
+        " FROM (SELECT kind, extract(epoch FROM finished_at - created_at) AS seconds"
+        "       FROM operations WHERE finished_at > now() - interval '1 hour') AS recent"
+        " GROUP BY kind"
+    )
+    return StoredFigures(
+        inbox={r["status"]: r["n"] for r in inbox},
+        inbox_oldest_seconds=float(oldest or 0),
+        operations={(r["kind"], r["status"]): r["n"] for r in operations},
+        durations={
+            (r["kind"], q): float(r[col])
+            for r in durations
+            for q, col in (("0.5", "p50"), ("0.99", "p99"))
+        },
+    )
 
 
 class CountingPublisher(EventPublisher):

@@ -19,7 +19,7 @@ from app.metrics import Metrics
 from app.ratelimit import RateLimits
 from app.settings import Settings
 from provisioning import OperationRunner
-from streams import EventHub, EventPublisher, StreamLeases, StreamTokens
+from streams import EventHub, EventPublisher, StreamLeases, StreamTokens, Supervisor
 
 __all__ = ["Services", "services"]
 
@@ -44,6 +44,8 @@ class Services:
     checkout: CheckoutService
     rate_limits: RateLimits
     metrics: Metrics
+    # Every background loop of the process runs under it; health checks read its failures.
+    supervisor: Supervisor
 
 
 def services(connection: HTTPConnection) -> Services:

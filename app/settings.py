@@ -62,6 +62,8 @@ class Settings:
     redis_prefix: str
     max_streams_per_user: int
     max_stream_seconds: int
+    # Unset: /metrics is open (behind a private network, say); set: Bearer <token> only.
+    metrics_token: str | None
     demo: bool = False
 
     @classmethod
@@ -118,6 +120,7 @@ class Settings:
             redis_prefix=env.get("LOOKOUT_REDIS_PREFIX", "lookout:"),
             max_streams_per_user=_int(env, "LOOKOUT_MAX_STREAMS_PER_USER", 10, 1),
             max_stream_seconds=_int(env, "LOOKOUT_MAX_STREAM_SECONDS", 3600, MIN_STREAM_SECONDS),
+            metrics_token=_metrics_token(env),
             demo=demo,
         )
 
@@ -128,6 +131,18 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+
+def _metrics_token(env: Mapping[str, str]) -> str | None:
+    token = env.get("LOOKOUT_METRICS_TOKEN", "").strip()
+    if not token:
+        return None
+    if len(token) < 16 or not token.isascii() or not token.isprintable() or " " in token:
+        raise ConfigError(
+            "LOOKOUT_METRICS_TOKEN must be at least 16 printable ASCII characters without "
+            "spaces (Prometheus sends it as Authorization: Bearer <token>)"
+        )
+    return token
 
 
 def _demo_secret(data_dir: Path) -> str:

@@ -10,7 +10,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskGroup, TaskStatus
 
-from streams import Event, EventPublisher
+from streams import Event, EventPublisher, Supervisor
 
 from . import leases
 from . import operations as ops
@@ -116,26 +116,40 @@ class OperationRunner:
                 f"no provisioning backend for resource type {resource_type!r}"
             ) from None
 
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        """Serves until cancelled; cancelling it stops every operation and frees their leases."""
+    async def run(
+        self,
+        *,
+        supervisor: Supervisor | None = None,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serves until cancelled; cancelling it stops every operation and frees their leases.
+
+        The sweep, the lease keeper and the orphan reaper each run under ``supervisor`` (the
+        process's, so that health checks see them): a crash of one restarts that loop alone,
+        never the operations running in this task group."""
+        supervisor = supervisor or Supervisor()
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._reaper.run)
-            tg.start_soon(self._leases.run)
+            tg.start_soon(supervisor.run, "orphan-reaper", self._reaper.run)
+            tg.start_soon(supervisor.run, "operation-lease-keeper", self._leases.run)
+            tg.start_soon(supervisor.run, "operation-sweep", self._sweep_loop)
             try:
                 task_status.started()
-                while True:
-                    try:
-                        await self.sweep()
-                    except Exception as exc:
-                        logger.warning(
-                            "sweep failed (%s); next in %.1fs",
-                            type(exc).__name__,
-                            self._sweep_interval,
-                        )
-                    await anyio.sleep(self._sweep_interval)
+                await anyio.sleep_forever()
             finally:
                 self._tg = None
+
+    async def _sweep_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+                # PostgreSQL is away: the next sweep tries again. Anything else is a bug, for
+                # the supervisor to log with its traceback.
+                logger.warning(
+                    "sweep failed (%s); next in %.1fs", type(exc).__name__, self._sweep_interval
+                )
+            await anyio.sleep(self._sweep_interval)
 
     async def start(
         self,

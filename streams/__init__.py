@@ -22,6 +22,7 @@ from .sse import (
     last_event_id,
 )
 from .subscription import Signal, Subscription
+from .supervisor import StartingLoop, Supervisor, TaskFailure
 from .tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
 from .topics import channel_name, operation_topic, stream_key, user_topic
 
@@ -46,6 +47,7 @@ __all__ = [
     "Releasable",
     "Signal",
     "SnapshotProvider",
+    "StartingLoop",
     "StreamHandler",
     "StreamHistory",
     "StreamLease",
@@ -54,6 +56,8 @@ __all__ = [
     "StreamRefused",
     "StreamTokens",
     "Subscription",
+    "Supervisor",
+    "TaskFailure",
     "TooManyStreams",
     "channel_name",
     "iso_now",

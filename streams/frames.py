@@ -22,6 +22,7 @@ StreamPosition = tuple[int, int]
 
 _STREAM_ID: Final = re.compile(r"(\d{1,20})-(\d{1,20})")
 _TERMINAL: Final = frozenset(t.encode() for t in TERMINAL_EVENT_TYPES)
+_EVENT_TYPE: Final = re.compile(rb"[!-~]{1,100}")  # printable ASCII, no space
 _MAX_PART: Final = 2**64 - 1
 
 
@@ -77,8 +78,17 @@ class Frame:
 
     @classmethod
     def from_announcement(cls, payload: bytes) -> Frame:
-        """From a pub/sub announcement "<id>\\n<type>\\n<json>" (see publisher)."""
-        stream_id, event_type, data = payload.split(b"\n", 2)
+        """From a pub/sub announcement "<id>\\n<type>\\n<json>" (see publisher); raises
+        ValueError for anything else (a hand-typed PUBLISH), which would break the SSE framing."""
+        parts = payload.split(b"\n", 2)
+        if len(parts) != 3:
+            raise ValueError("an announcement has three lines: id, type, JSON object")
+        stream_id, event_type, data = parts
+        # Checks that cost no parse: one line of a JSON object, a type of printable ASCII.
+        if not (data.startswith(b"{") and data.endswith(b"}")) or b"\n" in data or b"\r" in data:
+            raise ValueError("an announcement's data is one line of a JSON object")
+        if _EVENT_TYPE.fullmatch(event_type) is None:
+            raise ValueError("an announcement's type is printable ASCII")
         return cls(stream_id, event_type, data)
 
     def __repr__(self) -> str:

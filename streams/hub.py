@@ -36,6 +36,7 @@ class HubStats:
 
     offered: int = 0  # frames handed to client queues
     slow_clients_dropped: int = 0  # clients cut off because their queue was full
+    malformed: int = 0  # pub/sub messages skipped because they were not announcements
 
 
 class EventHub:
@@ -182,17 +183,21 @@ class EventHub:
         """Serve until ``close()``; reports started at once (Redis may still be down)."""
         if self._scope is not None:
             raise RuntimeError("EventHub.run is already running")
-        with anyio.CancelScope() as scope:
-            self._scope = scope
-            if self._closed:
-                scope.cancel()
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._tick_loop)
-                if self._shutdown is not None:
-                    tg.start_soon(self._close_on, self._shutdown)
-                task_status.started()
-                await self._link.run()
-                tg.cancel_scope.cancel()
+        try:
+            with anyio.CancelScope() as scope:
+                self._scope = scope
+                if self._closed:
+                    scope.cancel()
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._tick_loop)
+                    if self._shutdown is not None:
+                        tg.start_soon(self._close_on, self._shutdown)
+                    task_status.started()
+                    await self._link.run()
+                    tg.cancel_scope.cancel()
+        finally:
+            # A supervisor may run it again after a crash.
+            self._scope = None
 
     async def _close_on(self, event: anyio.Event) -> None:
         await event.wait()

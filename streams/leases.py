@@ -15,6 +15,7 @@ from typing import Final
 import anyio
 import anyio.abc
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 __all__ = ["StreamLease", "StreamLeases", "TooManyStreams"]
 
@@ -148,6 +149,6 @@ class StreamLeases:
             await anyio.sleep(self._ttl_ms / 3000)
             try:
                 await self.renew()
-            except (OSError, ConnectionError, TimeoutError) as exc:
+            except (RedisError, OSError, TimeoutError) as exc:
                 # Leases lapse after the ttl if Redis stays away: streams then count less.
                 logger.warning("could not renew %d stream leases: %s", len(self._held), exc)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import hiredis
 
 from .frames import Frame
 from .pubsub import PubSubConnection, PubSubError, RedisEndpoint, encode_command
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 _CONNECTION_ERRORS = (
     OSError,
+    hiredis.ProtocolError,  # bytes that are not RESP: not a Redis, or a stream out of step
     TimeoutError,
     anyio.EndOfStream,
     anyio.BrokenResourceError,
@@ -86,6 +88,9 @@ class HubLink:
         self._conn: PubSubConnection | None = None
         self._connected = anyio.Event()
         self._closed = False
+        # Served before (also before a crash and restart): what was published while away is
+        # only in the Streams, so subscribers resync once the next connection is ready.
+        self._served = False
 
     @property
     def connected(self) -> bool:
@@ -119,7 +124,7 @@ class HubLink:
 
     async def run(self) -> None:
         """Connect, serve, and reconnect with backoff, until ``close()``."""
-        delay, first = self._backoff[0], True
+        delay = self._backoff[0]
         while not self._closed:
             try:
                 conn = await PubSubConnection.connect(self._endpoint, name=self._name)
@@ -128,8 +133,8 @@ class HubLink:
             else:
                 delay = self._backoff[0]
                 async with conn:
-                    await self._serve(conn, resync=not first)
-                first = False
+                    resync, self._served = self._served, True
+                    await self._serve(conn, resync=resync)
                 if self._closed:
                     return
                 logger.warning("event hub lost Redis; reconnecting in %.1fs", delay)
@@ -186,15 +191,28 @@ class HubLink:
                 replies = await conn.receive()
             now = anyio.current_time()
             for reply in replies:
-                if type(reply) is list and reply[0] == b"message":
+                if type(reply) is list and reply and reply[0] == b"message":
+                    if len(reply) != 3:
+                        self._skip(reply, "a message of an unknown shape")
+                        continue
                     channel = channels.get(reply[1])
                     if channel is not None and channel.members:
-                        frame = Frame.from_announcement(reply[2])
+                        try:
+                            frame = Frame.from_announcement(reply[2])
+                        except (ValueError, TypeError) as exc:
+                            self._skip(reply, str(exc))
+                            continue
                         for sub in channel.members:
                             sub._offer(frame, now)
                         self._stats.offered += len(channel.members)
                 else:
                     self._acknowledge(reply)
+
+    def _skip(self, reply: list[object], why: str) -> None:
+        # Someone PUBLISHed on a Lookout channel by hand, or an instance of another version
+        # did: one bad message must not end every stream of the process.
+        self._stats.malformed += 1
+        logger.warning("event hub skipped a malformed pub/sub message (%s): %.200r", why, reply[1:])
 
     def _acknowledge(self, reply: object) -> None:
         if not self._acks:
