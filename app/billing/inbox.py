@@ -149,10 +149,11 @@ def is_transient(exc: BaseException) -> bool:
 
 
 async def requeue_events(conn: Connection, *, event_id: str | None, failed: bool) -> int:
-    """Puts one event (whatever its state) or all failed ones back in line."""
+    """Puts one event (whatever its state) or all failed ones back in line, as new: its last
+    error is kept for the record, but it is no longer counted as failing."""
     result = await conn.execute(
         "UPDATE webhook_events SET status = 'pending', next_attempt_at = now(),"
-        " locked_until = NULL, attempts = 0, permanent_errors = 0"
+        " locked_until = NULL, attempts = 0, permanent_errors = 0, last_error_kind = NULL"
         " WHERE ($1::text IS NOT NULL AND id = $1) OR ($2 AND status = 'failed')",
         event_id,
         failed,

@@ -261,3 +261,19 @@ async def _terminate_blocked_update(pool: asyncpg.Pool) -> bool:
 
 async def _status_is(pool: asyncpg.Pool, event_id: str, status: str) -> bool:
     return bool((await _row(pool, event_id))["status"] == status)
+
+
+async def test_the_inbox_counts_read_the_index_of_unsettled_events(db_pool: asyncpg.Pool) -> None:
+    async with db_pool.acquire() as conn, conn.transaction():
+        # On a small table a sequential scan is cheaper; forbidden, the plan shows whether
+        # the query can use the partial index at all.
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN SELECT status, last_error_kind AS kind, count(*) AS n"
+                " FROM webhook_events WHERE status <> 'processed'"
+                " GROUP BY status, last_error_kind"
+            )
+        )
+    assert "webhook_events_unsettled" in plan, plan
