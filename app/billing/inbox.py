@@ -48,8 +48,11 @@ MAX_PERMANENT_ERRORS = 8
 # waited out as long, retried every 5 minutes at most.
 REDELIVERY_WINDOW_SECONDS = 3 * 24 * 3600.0
 BACKOFF_CAP_SECONDS = 300.0
-# A killed process leaves its claimed rows locked this long; a live one finishes well within.
-LOCK_SECONDS = 15
+# A claimed row is locked this long, and the claim renewed every RENEW_SECONDS while its
+# handler runs (a Stripe call may take 30 s): a killed process's events are taken over by
+# another instance within 3 s of its death, as the contract's 5 s asks.
+LOCK_SECONDS = 3.0
+RENEW_SECONDS = 1.0
 SWEEP_SECONDS = 5.0
 # A burst of events is claimed at once and handled side by side: with 20 a batch, 100
 # confirmations at once reached operation.started at p99 602 ms; with 100, 372 ms.
@@ -263,11 +266,13 @@ class WebhookInbox:
             self._wake = anyio.Event()
 
     async def _until_next_due(self) -> float:
-        """Seconds until the next retry is due (at most a sweep): a backoff of 1 s is 1 s."""
+        """Seconds until the next retry is due, or the claim of another (perhaps dead)
+        instance lapses; at most a sweep: a backoff of 1 s is 1 s, a takeover 3 s."""
         async with self._pool.acquire() as conn:
             seconds = await conn.fetchval(
-                "SELECT extract(epoch FROM min(next_attempt_at) - now()) FROM webhook_events"
-                " WHERE status IN ('pending', 'retrying')"
+                "SELECT extract(epoch FROM min(CASE WHEN status = 'processing'"
+                " THEN locked_until ELSE next_attempt_at END) - now()) FROM webhook_events"
+                " WHERE status IN ('pending', 'processing', 'retrying')"
             )
         return SWEEP_SECONDS if seconds is None else max(0.01, min(float(seconds), SWEEP_SECONDS))
 
@@ -279,22 +284,49 @@ class WebhookInbox:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(_CLAIM, event_id, LOCK_SECONDS, BATCH)
         events = [_event(row) for row in rows]
-        batch = await self._together(events)
-        if batch.after_commit is not None:
-            try:
-                await batch.after_commit()
-            except Exception:
-                # Committed: the operations it could not start are leased, and the runner's
-                # sweep resumes them once the leases lapse. The rest of the batch goes on.
-                logger.exception("announcing a webhook batch failed; its operations resume later")
-        # Side by side: each handler locks the subscription it changes, and applies Stripe's
-        # current state rather than the payload's, so their order does not matter. Nothing
-        # leaves `_process`: one event's failure neither cancels the others nor the worker.
-        async with anyio.create_task_group() as tg:
-            for event in events:
-                if event.id not in batch.handled:
-                    tg.start_soon(self._process, event)
+        claimed = {event.id for event in events}
+        async with anyio.create_task_group() as keeper:
+            keeper.start_soon(self._keep_claimed, claimed)
+            batch = await self._together(events)
+            claimed -= batch.handled
+            if batch.after_commit is not None:
+                try:
+                    await batch.after_commit()
+                except Exception:
+                    # Committed: the operations it could not start are leased, and the
+                    # runner's sweep resumes them once the leases lapse. The batch goes on.
+                    logger.exception("announcing a webhook batch failed; operations resume later")
+            # Side by side: each handler locks the subscription it changes, and applies
+            # Stripe's current state rather than the payload's, so their order does not
+            # matter. Nothing leaves `_process`: one event's failure cancels neither the
+            # others nor the worker.
+            async with anyio.create_task_group() as tg:
+                for event in events:
+                    if event.id in claimed:
+                        tg.start_soon(self._process, event, claimed)
+            keeper.cancel_scope.cancel()
         return len(events)
+
+    async def _keep_claimed(self, claimed: set[str]) -> None:
+        """Renews the lock of the events still being handled, until cancelled. Should a renewal
+        fail for a whole lock time, another instance may take an event over and handle it too:
+        handlers are idempotent, and that beats an event stuck behind a dead process."""
+        while True:
+            await anyio.sleep(RENEW_SECONDS)
+            if not claimed:
+                continue
+            try:
+                async with self._pool.acquire() as conn:
+                    await conn.execute(
+                        "UPDATE webhook_events SET locked_until = now() + make_interval(secs => $2)"
+                        " WHERE id = ANY($1::text[]) AND status = 'processing'",
+                        list(claimed),
+                        LOCK_SECONDS,
+                    )
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                logger.warning(
+                    "webhook claims not renewed (%r); retrying in %s s", exc, RENEW_SECONDS
+                )
 
     async def _together(self, events: Sequence[InboxEvent]) -> Batch:
         if not self.any_batchable(events):
@@ -325,19 +357,22 @@ class WebhookInbox:
             )
         return batch
 
-    async def _process(self, event: InboxEvent) -> None:
+    async def _process(self, event: InboxEvent, claimed: set[str]) -> None:
         try:
             await self._handle(event)
         except Exception as exc:
             # The boundary of a background task: whatever went wrong is kept on the row.
             await self._record_failure(event, exc)
             return
-        await self._record(
-            event,
-            "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
-            " locked_until = NULL, last_error = NULL, last_error_kind = NULL WHERE id = $1",
-            event.id,
-        )
+        else:
+            await self._record(
+                event,
+                "UPDATE webhook_events SET status = 'processed', processed_at = now(),"
+                " locked_until = NULL, last_error = NULL, last_error_kind = NULL WHERE id = $1",
+                event.id,
+            )
+        finally:
+            claimed.discard(event.id)
 
     async def _record_failure(self, event: InboxEvent, exc: Exception) -> None:
         transient = is_transient(exc)
@@ -375,7 +410,7 @@ class WebhookInbox:
                 await conn.execute(statement, *args)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             logger.warning(
-                "webhook %s: its outcome was not recorded (%r); it is tried again in %d s",
+                "webhook %s: its outcome was not recorded (%r); it is tried again in %s s",
                 event.id,
                 exc,
                 LOCK_SECONDS,

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import secrets
+import signal
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import anyio
 import asyncpg
@@ -31,6 +35,8 @@ from tests.support.stack import wait_for
 from tests.support.stripe_events import make_event, stripe_object
 
 pytestmark = pytest.mark.anyio
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FetchesFromStripe:
@@ -241,12 +247,12 @@ async def test_a_connection_dropped_while_recording_an_outcome_does_not_end_the_
             second = await _store(db_pool)
             inbox.wake()
             await wait_for(lambda: _status_is(db_pool, second, "processed"), within=20)
+            # The first stayed claimed until its lock time passed, then was taken again.
+            await wait_for(lambda: _status_is(db_pool, first, "processed"), within=20)
             tg.cancel_scope.cancel()
     finally:
         await holder.close()
-    assert second in handler.handled
-    # The first stays claimed until its lock time passes, then is taken again: not lost.
-    assert (await _row(db_pool, first))["status"] == "processing"
+    assert sorted(handler.handled) == sorted([first, first, second])
 
 
 async def _terminate_blocked_update(pool: asyncpg.Pool) -> bool:
@@ -277,3 +283,42 @@ async def test_the_inbox_counts_read_the_index_of_unsettled_events(db_pool: asyn
             )
         )
     assert "webhook_events_unsettled" in plan, plan
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.handled: dict[str, float] = {}
+
+    async def __call__(self, event: InboxEvent) -> None:
+        self.handled[event.id] = anyio.current_time()
+
+    def batchable(self, event: InboxEvent) -> bool:
+        return False
+
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        return Batch()
+
+
+async def test_an_event_a_killed_process_was_handling_is_taken_over_within_5_s(
+    db_pool: asyncpg.Pool, database_url: str
+) -> None:
+    event_id = await _store(db_pool)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), *sys.path])}
+    command = [sys.executable, str(Path(__file__).with_name("child_inbox.py")), database_url]
+    async with await anyio.open_process(command, env=env, cwd=ROOT, stderr=None) as child:
+        assert child.stdout is not None
+        line = b""
+        with anyio.fail_after(30):
+            while not line.endswith(b"\n"):
+                line += await child.stdout.receive(1)
+        assert line.split() == [b"HOLDING", event_id.encode()]
+        os.kill(child.pid, signal.SIGKILL)  # the machine dies mid-handler
+        killed_at = anyio.current_time()
+        assert await child.wait() == -signal.SIGKILL
+    assert (await _row(db_pool, event_id))["status"] == "processing"
+    handler = Recording()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(WebhookInbox(db_pool, handler).run)  # a surviving instance
+        await wait_for(lambda: _status_is(db_pool, event_id, "processed"), within=30)
+        tg.cancel_scope.cancel()
+    assert handler.handled[event_id] - killed_at < 5.0
