@@ -9,12 +9,13 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
 from app.billing.inbox import (
     MAX_PERMANENT_ERRORS,
@@ -322,3 +323,51 @@ async def test_an_event_a_killed_process_was_handling_is_taken_over_within_5_s(
         await wait_for(lambda: _status_is(db_pool, event_id, "processed"), within=30)
         tg.cancel_scope.cancel()
     assert handler.handled[event_id] - killed_at < 5.0
+
+
+class CallsADependency:
+    """Handles an event by calling a server that refuses connections."""
+
+    def __init__(self, call: Callable[[], Awaitable[object]]) -> None:
+        self._call = call
+
+    async def __call__(self, event: InboxEvent) -> None:
+        await self._call()
+
+    def batchable(self, event: InboxEvent) -> bool:
+        return False
+
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        return Batch()
+
+
+async def _redis_down() -> object:
+    client = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_timeout=2)
+    try:
+        return await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def _postgres_down() -> object:
+    return await asyncpg.connect(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
+
+
+@pytest.mark.parametrize("call", [_redis_down, _postgres_down], ids=["redis", "postgresql"])
+async def test_redis_or_postgresql_refusing_connections_is_transient(
+    db_pool: asyncpg.Pool, call: Callable[[], Awaitable[object]]
+) -> None:
+    inbox = WebhookInbox(db_pool, CallsADependency(call))
+    event_id = await _store(db_pool)
+    async with db_pool.acquire() as conn:
+        await conn.execute("UPDATE webhook_events SET attempts = 7 WHERE id = $1", event_id)
+
+    async def failed_once() -> bool:
+        return (await _row(db_pool, event_id))["last_error"] is not None
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(inbox.run)
+        await wait_for(failed_once, within=20, what="the first failure")
+        tg.cancel_scope.cancel()
+    row = await _row(db_pool, event_id)
+    assert (row["status"], row["last_error_kind"]) == ("retrying", "transient"), row
