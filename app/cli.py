@@ -8,7 +8,7 @@ import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 from redis.exceptions import RedisError
@@ -131,6 +131,22 @@ def cmd_webhooks_replay(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_webhooks_list(args: argparse.Namespace) -> None:
+    from app.billing.replay import describe, list_webhooks
+
+    if args.limit < 1:
+        raise StartupError(f"--limit must be at least 1, got {args.limit}")
+    which: Literal["pending", "failing", "all"] = (
+        "pending" if args.pending else "failing" if args.failing else "all"
+    )
+    with resolved_settings(demo=True) as settings:
+        events = asyncio.run(list_webhooks(settings, which, limit=args.limit))
+    for event in events:
+        print(describe(event))
+    more = " (the first --limit; there may be more)" if len(events) == args.limit else ""
+    print(f"{len(events)} event(s){more}", file=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookout", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -169,6 +185,24 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("event_id", nargs="?")
     which.add_argument("--failed", action="store_true")
     replay_parser.set_defaults(handler=cmd_webhooks_replay)
+    list_parser = webhooks.add_parser(
+        "list",
+        help="one line per event: id, type, status, attempts, received, next attempt, error",
+    )
+    only = list_parser.add_mutually_exclusive_group()
+    only.add_argument("--pending", action="store_true", help="not yet processed, oldest first")
+    only.add_argument(
+        "--failing",
+        action="store_true",
+        help="failed, or being retried after an error, oldest first",
+    )
+    list_parser.add_argument(
+        "--limit",
+        type=int,
+        default=100,
+        help="at most this many (default 100); without a filter, the newest",
+    )
+    list_parser.set_defaults(handler=cmd_webhooks_list)
     return parser
 
 

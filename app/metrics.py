@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
+from app.billing.inbox import InboxCounts, inbox_counts
 from app.db import Connection
 from provisioning import ProvisionerBackend, StorageMeter
 from streams import Event, EventPublisher
@@ -67,6 +68,7 @@ class StoredFigures:
 
     inbox: Mapping[str, int] = field(default_factory=dict)
     inbox_oldest_seconds: float = 0.0
+    webhooks: InboxCounts = field(default_factory=InboxCounts)
     operations: Mapping[tuple[str, str], int] = field(default_factory=dict)
     durations: Mapping[tuple[str, str], float] = field(default_factory=dict)
 
@@ -91,6 +93,7 @@ class _StateCollector(Collector):
             "Age of the oldest Stripe event not yet processed (0 when none)",
             value=s.inbox_oldest_seconds,
         )
+        yield from _webhook_gauges(s.webhooks)
         operations = GaugeMetricFamily(
             "lookout_operations", "Operations by kind and status", labels=["kind", "status"]
         )
@@ -144,6 +147,29 @@ class _StateCollector(Collector):
             failing.add_metric([task], 1 if task in live.tasks_failing else 0)
         yield restarts
         yield failing
+
+
+def _webhook_gauges(counts: InboxCounts) -> Iterator[Metric]:
+    yield GaugeMetricFamily(
+        "lookout_webhooks_pending",
+        "Stripe events stored and not yet processed (first try or a retry to come)",
+        value=counts.pending,
+    )
+    retrying = GaugeMetricFamily(
+        "lookout_webhooks_retrying",
+        "Pending Stripe events whose last try failed: error=transient when a dependency"
+        " (Stripe, PostgreSQL, Redis) was down, permanent otherwise",
+        labels=["error"],
+    )
+    retrying.add_metric(["transient"], counts.retrying_transient)
+    retrying.add_metric(["permanent"], counts.retrying_permanent)
+    yield retrying
+    yield GaugeMetricFamily(
+        "lookout_webhooks_failed",
+        "Stripe events given up on (alert on > 0; `lookout webhooks list --failing`, then"
+        " `lookout webhooks replay --failed`)",
+        value=counts.failed,
+    )
 
 
 def _counter(name: str, documentation: str, value: int) -> Metric:
@@ -261,6 +287,7 @@ async def _read_stored(conn: Connection) -> StoredFigures:
     return StoredFigures(
         inbox={r["status"]: r["n"] for r in inbox},
         inbox_oldest_seconds=float(oldest or 0),
+        webhooks=await inbox_counts(conn),
         operations={(r["kind"], r["status"]): r["n"] for r in operations},
         durations={
             (r["kind"], q): float(r[col])

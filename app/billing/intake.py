@@ -6,13 +6,17 @@ A burst of 100 confirmations used to be 100 commits on the request path, then a 
 claim, then the fulfilment: each a queue of its own. Now a request waits for the group its
 event joined, which is written as soon as the previous one is done; its payment is then
 already committed as a provisioning operation, announced right after.
+
+A request is answered 2xx only once its event's write has committed: a write that fails, or
+that is cancelled (shutdown, a crash of the writer), answers `EventNotStored` and the route
+answers 503, so that Stripe delivers the event again. Both buffers are bounded: past them a
+webhook is refused at once (503 with `Retry-After`), never queued without end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,19 +28,49 @@ from anyio.streams.memory import MemoryObjectReceiveStream
 from app.billing.inbox import BATCH, Batch, InboxEvent, WebhookInbox
 from app.billing.webhook_receiver import VerifiedEvent, store_events
 
-__all__ = ["EventNotStorable", "IntakeNotRunning", "WebhookIntake"]
+__all__ = [
+    "MAX_UNANNOUNCED",
+    "MAX_WAITING",
+    "EventNotStorable",
+    "EventNotStored",
+    "IntakeFull",
+    "IntakeNotRunning",
+    "WebhookIntake",
+]
 
 logger = logging.getLogger(__name__)
 
 _UNSTORABLE = (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError)
+
+# Events received and not yet written. A group of 100 commits in a few ms, so 2000 waiting
+# means the database has stalled for a while: answering 503 at once (Stripe retries) beats
+# holding 2000 more requests and their bodies (up to 1 MiB each) in memory.
+MAX_WAITING = 2000
+# Committed groups whose announcement (Redis) is still to run. Past it the writer waits for
+# room: nothing committed is dropped, the waiting events pile up to MAX_WAITING, then 503.
+MAX_UNANNOUNCED = 64
 
 
 class EventNotStorable(Exception):
     """PostgreSQL cannot store this event's text (a NUL character, say)."""
 
 
-class IntakeNotRunning(Exception):
+class EventNotStored(Exception):
+    """The event's write did not commit (the database failed, or the intake stopped during the
+    write): nothing is acknowledged; answer 503 so that Stripe delivers it again."""
+
+    retry_after = 5
+
+
+class IntakeNotRunning(EventNotStored):
     """The intake's task is not running: start `WebhookIntake.run` in the app's task group."""
+
+
+class IntakeFull(EventNotStored):
+    """More events wait to be written than the intake holds (`max_waiting`): the database is
+    slower than the webhooks arrive. Answer 503; Stripe delivers the event again."""
+
+    retry_after = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +88,29 @@ class _Waiting:
     event: VerifiedEvent
     done: anyio.Event = field(default_factory=anyio.Event)
     new: bool = False
+    # Set only once the write holding the event has committed: whatever else wakes the
+    # request (an error, a cancelled write, the intake stopping) means "not stored".
+    stored: bool = False
     error: Exception | None = None
 
 
 class WebhookIntake:
-    def __init__(self, pool: asyncpg.Pool, inbox: WebhookInbox) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        inbox: WebhookInbox,
+        *,
+        max_waiting: int = MAX_WAITING,
+        max_unannounced: int = MAX_UNANNOUNCED,
+    ) -> None:
         """Events go into `inbox`'s table; its handler's batch runs in the group's transaction,
         and the inbox worker is woken for what is left."""
+        if max_waiting < 1 or max_unannounced < 1:
+            raise ValueError("WebhookIntake bounds must be at least 1")
         self._pool = pool
         self._inbox = inbox
+        self._max_waiting = max_waiting
+        self._max_unannounced = max_unannounced
         self._queue: list[_Waiting] = []
         self._arrived = anyio.Event()
         self._running = False
@@ -77,9 +125,15 @@ class WebhookIntake:
         return self._running
 
     async def store(self, event: VerifiedEvent) -> bool:
-        """Answers, once the event is committed, whether it is new (not a redelivery)."""
+        """Answers, once the event is committed, whether it is new (not a redelivery).
+
+        Raises `EventNotStored` (or `EventNotStorable`) when it was not committed."""
         if not self._running:
             raise IntakeNotRunning("the webhook intake is not running")
+        if len(self._queue) >= self._max_waiting:
+            raise IntakeFull(
+                f"{len(self._queue)} webhook events wait to be written; refusing more for now"
+            )
         waiting = _Waiting(event)
         if self._idle.is_set():
             self._idle = anyio.Event()
@@ -87,8 +141,12 @@ class WebhookIntake:
         self._queue.append(waiting)
         self._arrived.set()
         await waiting.done.wait()
-        if waiting.error is not None:
+        if isinstance(waiting.error, EventNotStorable | EventNotStored):
             raise waiting.error
+        if not waiting.stored:
+            raise EventNotStored(
+                f"webhook {event.id} was not stored ({waiting.error or 'its write was cancelled'})"
+            ) from waiting.error
         return waiting.new
 
     async def quiet(self) -> None:
@@ -107,7 +165,9 @@ class WebhookIntake:
         announced (`Batch.after_commit`) by a second task, in order, while the next one is
         written: a write need not wait for Redis, nor a slow Redis hold up the webhooks."""
         self._running = True
-        announce, announcements = anyio.create_memory_object_stream[_Announcement](math.inf)
+        announce, announcements = anyio.create_memory_object_stream[_Announcement](
+            self._max_unannounced
+        )
         try:
             async with announce, announcements, anyio.create_task_group() as tg:
                 await self._warm_up()
@@ -120,17 +180,27 @@ class WebhookIntake:
                     while self._queue:
                         group, self._queue = self._queue[:BATCH], self._queue[BATCH:]
                         try:
-                            announce.send_nowait(await self._write(group))
-                        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                            # Its requests answer 503 and Stripe delivers them again.
-                            logger.exception("webhook group of %d not stored", len(group))
+                            announcement = await self._write(group)
+                        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                            # Its requests answer 503 and Stripe delivers them again. One line,
+                            # not a traceback per group, while the database is down.
+                            logger.warning("webhook group of %d not stored: %r", len(group), exc)
                             self._settle(len(group))
+                            continue
+                        # Waits for room when Redis is slow: the waiting events pile up, and
+                        # past `max_waiting` new ones are refused, rather than memory growing.
+                        await announce.send(announcement)
         finally:
             self._running = False
-            self._idle.set()
             for waiting in self._queue:
-                waiting.error = IntakeNotRunning("the server is shutting down")
+                waiting.error = IntakeNotRunning("the webhook intake stopped before its write")
                 waiting.done.set()
+            self._queue = []
+            # What was queued, being written or left to announce is settled with the task: a
+            # committed group not announced has its operations resumed by the runner's sweep
+            # once their leases lapse.
+            self._unsettled = 0
+            self._idle.set()
 
     async def _warm_up(self) -> None:
         """Runs the group transaction's statements, on no rows, on each connection the pool
@@ -154,9 +224,14 @@ class WebhookIntake:
             try:
                 if announcement.batch.after_commit is not None:
                     await announcement.batch.after_commit()
+            except Exception:
+                # Committed and acknowledged; the operations it could not start are leased
+                # and the runner's sweep resumes them once their leases lapse. The next
+                # groups must still be announced.
+                logger.exception("announcing a webhook group failed; its operations resume later")
+            finally:
                 if announcement.left_for_the_worker:
                     self._inbox.wake()
-            finally:
                 self._settle(announcement.events)
 
     def _settle(self, events: int) -> None:
@@ -176,9 +251,11 @@ class WebhookIntake:
                 new, batch = await self._write_together(group, handle=False)
         except Exception as exc:
             for waiting in group:
-                waiting.error = exc
+                waiting.error = waiting.error or exc
             raise
         finally:
+            # Also when cancelled mid-write: those whose commit was not seen are not `stored`
+            # and answer 503.
             for waiting in group:
                 waiting.done.set()
         return _Announcement(batch, bool(new - batch.handled), len(group))
@@ -229,6 +306,7 @@ def _answer(group: Sequence[_Waiting], new: set[str]) -> None:
     for waiting in group:
         waiting.new = waiting.event.id in new and waiting.event.id not in answered
         answered.add(waiting.event.id)
+        waiting.stored = waiting.error is None
 
 
 def _inbox_event(event: VerifiedEvent) -> InboxEvent:

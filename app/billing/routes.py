@@ -5,14 +5,13 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-import asyncpg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.auth import authenticate
 from app.billing.checkout import RESOURCE_NAME
-from app.billing.intake import EventNotStorable, IntakeNotRunning
+from app.billing.intake import EventNotStorable, EventNotStored
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, UnknownPlan, get_plan
 from app.billing.provider import PaymentProviderError, SubscriptionAlreadyCanceled
@@ -195,9 +194,13 @@ async def stripe_webhook(request: Request) -> Response:
         raise APIError(
             400, "invalid_payload", "The event contains characters that cannot be stored."
         ) from None
-    except (IntakeNotRunning, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except EventNotStored as exc:
+        # Never 2xx without a commit: Stripe delivers it again.
         raise APIError(
-            503, "unavailable", "The event could not be stored now; Stripe delivers it again."
+            503,
+            "unavailable",
+            "The event could not be stored now; Stripe delivers it again.",
+            headers={"Retry-After": str(exc.retry_after)},
         ) from None
     return JSONResponse({"received": True, "id": event.id, "duplicate": not new})
 

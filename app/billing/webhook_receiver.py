@@ -63,6 +63,10 @@ def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...]) 
     """Answers the body as text once one of the secrets (rotation) verifies its signature."""
     if not header:
         raise APIError(400, "missing_signature", "The Stripe-Signature header is missing.")
+    if not header.isascii():
+        # Stripe's header is ASCII; the SDK's `hmac.compare_digest` raises TypeError on
+        # anything else (any byte over 0x7f reaches us as a latin-1 character).
+        raise APIError(400, "invalid_signature", "The Stripe-Signature header is not ASCII.")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
@@ -110,7 +114,12 @@ def parse_event(text: str) -> VerifiedEvent:
 
 async def store_events(conn: Connection, events: Sequence[VerifiedEvent]) -> set[str]:
     """Stores events of distinct ids in one statement; answers the ids that were new. With no
-    events the statement runs all the same (it warms a connection up)."""
+    events the statement runs all the same (it warms a connection up).
+
+    Rows are inserted in id order: two instances storing the same redeliveries in different
+    arrival orders would otherwise each wait on an id the other inserted first (a deadlock).
+    unnest yields the arrays in order, and the INSERT takes its rows in that order."""
+    events = sorted(events, key=lambda e: e.id)
     rows = await conn.fetch(
         "INSERT INTO webhook_events (id, type, stripe_created, payload, received_at)"
         " SELECT id, type, created, payload::jsonb, received"

@@ -41,3 +41,31 @@ async def test_metrics_follow_a_purchase(settings: Settings) -> None:
             ]
             > 0
         )
+
+
+async def test_metrics_count_webhooks_pending_retrying_and_failed(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        async with stack.app.state.services.pool.acquire() as conn:
+            # Stored by an earlier instance, and not due yet: the worker leaves them be.
+            await conn.execute(
+                "INSERT INTO webhook_events (id, type, stripe_created, payload, status,"
+                " attempts, last_error, last_error_kind, next_attempt_at) VALUES"
+                " ('evt_down', 'invoice.paid', now(), '{}', 'retrying', 30,"
+                "  'PaymentProviderUnavailable: Stripe is unavailable', 'transient',"
+                "  now() + interval '1 hour'),"
+                " ('evt_bug', 'invoice.paid', now(), '{}', 'failed', 8, 'KeyError: x',"
+                "  'permanent', now()),"
+                " ('evt_later', 'invoice.paid', now(), '{}', 'pending', 0, NULL, NULL,"
+                "  now() + interval '1 hour')"
+            )
+        answer = await stack.anonymous.get("/metrics")
+        assert answer.status_code == 200
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text)
+            for s in family.samples
+        }
+        assert samples[("lookout_webhooks_pending", ())] == 2
+        assert samples[("lookout_webhooks_retrying", (("error", "transient"),))] == 1
+        assert samples[("lookout_webhooks_retrying", (("error", "permanent"),))] == 0
+        assert samples[("lookout_webhooks_failed", ())] == 1

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Callable
 
 import anyio
+import asyncpg
 import httpx
 import pytest
 
@@ -165,3 +168,80 @@ async def test_one_unstorable_event_among_many_at_once_refuses_only_that_one(
             stored = {r["id"] for r in await conn.fetch("SELECT id FROM webhook_events")}
         assert stored >= {e["id"] for e in good}
         assert bad["id"] not in stored
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda header: header[:-8].encode() + "é".encode(),  # UTF-8 bytes
+        lambda header: header[:-2].encode() + b"\xff\xfe",  # not even UTF-8
+        lambda header: b"t=\x80\x81,v1=\xc3\xa9",
+        lambda header: header.encode().replace(b"v1=", b"v1=\xe2\x80\x8b"),
+    ],
+)
+async def test_a_signature_header_of_any_bytes_is_400_without_a_traceback(
+    settings: Settings, caplog: pytest.LogCaptureFixture, mangle: Callable[[str], bytes]
+) -> None:
+    async with running_stack(settings) as stack:
+        body = json.dumps(make_event("invoice.created", stripe_object("invoice")))
+        answer = await stack.anonymous.post(
+            "/v1/webhooks/stripe",
+            content=body,
+            headers={b"Stripe-Signature": mangle(signature(body, secret(stack)))},
+        )
+        assert answer.status_code == 400, answer.text
+        assert answer.json()["error"]["code"] == "invalid_signature"
+        assert await stored_events(stack) == 0
+        # A refused delivery is not an error of the server's: nothing to log per request.
+        assert [r for r in caplog.records if r.exc_info or _server_error(r)] == []
+
+
+async def test_an_event_whose_write_fails_is_503_with_retry_after_and_stored_once_later(
+    settings: Settings,
+) -> None:
+    async with running_stack(settings) as stack:
+        event = make_event("invoice.created", stripe_object("invoice"))
+        assert settings.database_url is not None
+        held = await asyncpg.connect(settings.database_url)
+        answers: list[httpx.Response] = []
+
+        async def send() -> None:
+            answers.append(await deliver(stack.anonymous, event, secret(stack)))
+
+        try:
+            # Another writer holds the id in an open transaction: the intake's INSERT waits.
+            await held.execute("BEGIN")
+            await held.execute(
+                "INSERT INTO webhook_events (id, type, stripe_created, payload)"
+                " VALUES ($1, 'held', now(), '{}')",
+                event["id"],
+            )
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(send)
+                with anyio.fail_after(20):
+                    # The database drops the intake's connection mid-write, and again on
+                    # its second try: the event is not stored.
+                    while not answers:
+                        # Not `held`: in its transaction pg_stat_activity is one snapshot.
+                        await stack.app.state.services.pool.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                            " AND wait_event_type = 'Lock'"
+                            " AND query LIKE 'INSERT INTO webhook_events%'"
+                        )
+                        await anyio.sleep(0.05)
+        finally:
+            await held.execute("ROLLBACK")
+            await held.close()
+        assert answers[0].status_code == 503, answers[0].text
+        assert answers[0].json()["error"]["code"] == "unavailable"
+        assert int(answers[0].headers["Retry-After"]) > 0
+        assert await stored_events(stack) == 0
+        again = await deliver(stack.anonymous, event, secret(stack))
+        assert again.status_code == 200, again.text
+        assert again.json()["duplicate"] is False
+        assert await stored_events(stack) == 1
+
+
+def _server_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR and record.name.startswith(("app", "uvicorn"))

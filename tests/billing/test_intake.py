@@ -1,4 +1,5 @@
-"""The webhook intake's group commit, with a handler double whose batch path breaks."""
+"""The webhook intake's group commit, with handler doubles; cancelled and stalled writes held
+by real row locks in PostgreSQL."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import asyncpg
 import pytest
 
 from app.billing.inbox import Batch, InboxEvent, WebhookInbox
-from app.billing.intake import IntakeNotRunning, WebhookIntake
-from app.billing.webhook_receiver import parse_event
+from app.billing.intake import EventNotStored, IntakeFull, IntakeNotRunning, WebhookIntake
+from app.billing.webhook_receiver import VerifiedEvent, parse_event
 from app.db import Connection
 from tests.support.stack import wait_for
 from tests.support.stripe_events import make_event, stripe_object
@@ -207,3 +208,190 @@ async def _all_processed(pool: asyncpg.Pool, count: int) -> bool:
     async with pool.acquire() as conn:
         statuses = [r["status"] for r in await conn.fetch("SELECT status FROM webhook_events")]
     return statuses == ["processed"] * count
+
+
+class NothingToBatch:
+    """Leaves every event to the worker, which handles it."""
+
+    def __init__(self) -> None:
+        self.handled: list[str] = []
+
+    async def __call__(self, event: InboxEvent) -> None:
+        self.handled.append(event.id)
+
+    def batchable(self, event: InboxEvent) -> bool:
+        return False
+
+    async def handle_many(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
+        return Batch()
+
+
+def _invoice_paid() -> VerifiedEvent:
+    return parse_event(json.dumps(make_event("invoice.paid", stripe_object("invoice"))))
+
+
+async def _hold(database_url: str, event_id: str) -> asyncpg.Connection:
+    """A connection whose open transaction inserted `event_id`: the intake's INSERT of the same
+    id waits for it to end (a slow or stuck writer elsewhere, in effect)."""
+    conn = await asyncpg.connect(database_url)
+    await conn.execute("BEGIN")
+    await conn.execute(
+        "INSERT INTO webhook_events (id, type, stripe_created, payload)"
+        " VALUES ($1, 'held', now(), '{}')",
+        event_id,
+    )
+    return conn
+
+
+async def _blocked_on_a_lock(pool: asyncpg.Pool) -> bool:
+    # Not on the holding connection: within its transaction pg_stat_activity is one snapshot.
+    waiting: int = await pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+        " AND wait_event_type = 'Lock' AND query LIKE 'INSERT INTO webhook_events%'"
+    )
+    return waiting > 0
+
+
+async def _stored(pool: asyncpg.Pool, event_id: str) -> int:
+    async with pool.acquire() as conn:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM webhook_events WHERE id = $1", event_id
+        )
+        return count
+
+
+async def test_a_write_cancelled_midway_is_not_acknowledged_and_the_redelivery_is_stored_once(
+    db_pool: asyncpg.Pool, database_url: str
+) -> None:
+    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, NothingToBatch()))
+    event = _invoice_paid()
+    held = await _hold(database_url, event.id)
+    answers: list[bool | Exception] = []
+
+    async def deliver() -> None:
+        try:
+            answers.append(await intake.store(event))
+        except EventNotStored as exc:
+            answers.append(exc)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            intake_scope = anyio.CancelScope()
+
+            async def run_intake() -> None:
+                with intake_scope:
+                    await intake.run()
+
+            tg.start_soon(run_intake)
+            await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+            tg.start_soon(deliver)
+            await wait_for(lambda: _blocked_on_a_lock(db_pool), within=10, what="the write to wait")
+            intake_scope.cancel()  # the server shuts down, or the writer's task is restarted
+            await wait_for(lambda: _answered(answers), within=10, what="the request's answer")
+        # Never "stored" (no 2xx, duplicate or not) for a write that did not commit.
+        assert len(answers) == 1 and isinstance(answers[0], EventNotStored), answers
+    finally:
+        await held.execute("ROLLBACK")  # the other writer gives up: the row was never stored
+        await held.close()
+    assert await _stored(db_pool, event.id) == 0
+
+    # Stripe delivers it again, to a running intake: stored once, as new.
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.run)
+        await wait_for(lambda: _running(intake), within=5, what="the intake to run again")
+        with anyio.fail_after(10):
+            assert await intake.store(event) is True
+            assert await intake.store(event) is False
+        tg.cancel_scope.cancel()
+    assert await _stored(db_pool, event.id) == 1
+
+
+async def test_past_max_waiting_an_event_is_refused_at_once_and_none_acknowledged_is_lost(
+    db_pool: asyncpg.Pool, database_url: str
+) -> None:
+    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, NothingToBatch()), max_waiting=3)
+    first, *queued = [_invoice_paid() for _ in range(4)]
+    extra = _invoice_paid()
+    held = await _hold(database_url, first.id)
+    answers: dict[str, bool | Exception] = {}
+
+    async def deliver(event: VerifiedEvent) -> None:
+        try:
+            answers[event.id] = await intake.store(event)
+        except EventNotStored as exc:
+            answers[event.id] = exc
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intake.run)
+            await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+            tg.start_soon(deliver, first)
+            await wait_for(lambda: _blocked_on_a_lock(db_pool), within=10, what="the write to wait")
+            for event in queued:  # three wait behind the stuck group: the bound
+                tg.start_soon(deliver, event)
+            await anyio.sleep(0.05)
+            with anyio.fail_after(1):  # refused at once, not queued
+                with pytest.raises(IntakeFull):
+                    await intake.store(extra)
+            assert answers == {}
+            await held.execute("ROLLBACK")
+            await wait_for(lambda: _all_answered(answers, 4), within=10, what="4 answers")
+            tg.cancel_scope.cancel()
+    finally:
+        await held.close()
+    assert answers == {e.id: True for e in [first, *queued]}
+    for event in [first, *queued]:
+        assert await _stored(db_pool, event.id) == 1
+    assert await _stored(db_pool, extra.id) == 0
+
+
+async def test_a_full_announcement_buffer_holds_the_writer_and_then_refuses_never_drops(
+    db_pool: asyncpg.Pool,
+) -> None:
+    handler = StalledAnnouncementHandler()
+    intake = WebhookIntake(
+        db_pool, WebhookInbox(db_pool, handler), max_waiting=2, max_unannounced=1
+    )
+    events = [_invoice_paid() for _ in range(5)]
+    answers: dict[str, bool | Exception] = {}
+
+    async def deliver(event: VerifiedEvent) -> None:
+        try:
+            answers[event.id] = await intake.store(event)
+        except EventNotStored as exc:
+            answers[event.id] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(intake.run)
+        await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+        with anyio.fail_after(10):
+            # 1: being announced (stuck); 2: in the buffer; 3: committed, waiting for room.
+            for event in events[:3]:
+                assert await intake.store(event) is True
+        # 4 and 5 wait to be written: the bound. The sixth is refused, at once.
+        for event in events[3:]:
+            tg.start_soon(deliver, event)
+        await anyio.sleep(0.1)
+        with anyio.fail_after(1), pytest.raises(IntakeFull):
+            await intake.store(_invoice_paid())
+        assert answers == {}
+        handler.release.set()
+        await wait_for(lambda: _all_answered(answers, 2), within=10, what="the last two")
+        await wait_for(lambda: _announced(handler, 5), within=10, what="every announcement")
+        tg.cancel_scope.cancel()
+    assert answers == {e.id: True for e in events[3:]}
+    announced = [event_id for group in handler.announced for event_id in sorted(group)]
+    assert sorted(announced) == sorted(e.id for e in events)
+    assert handler.announced[:3] == [frozenset({e.id}) for e in events[:3]]
+
+
+async def _answered(answers: list[bool | Exception]) -> bool:
+    return bool(answers)
+
+
+async def _all_answered(answers: dict[str, bool | Exception], count: int) -> bool:
+    return len(answers) == count
+
+
+async def _announced(handler: StalledAnnouncementHandler, events: int) -> bool:
+    return sum(len(group) for group in handler.announced) == events
