@@ -39,7 +39,13 @@ from app.ratelimit import RateLimitMiddleware, RateLimits
 from app.services import Services
 from app.settings import ConfigError, Settings
 from app.stream_routes import answering_errors, direct_stream_routes, stream_routes
-from provisioning import GraphBackend, OperationRunner, ProvisionerBackend, SharedRepositoryBackend
+from provisioning import (
+    GraphBackend,
+    OperationRunner,
+    ProvisionerBackend,
+    RetryPolicy,
+    SharedRepositoryBackend,
+)
 from streams import (
     DirectRoutes,
     EventHub,
@@ -150,6 +156,7 @@ def create_app(
                 backends if backends is not None else default_backends(settings),
                 instance_id=instance_id,
                 max_concurrent=PROVISIONING_CONCURRENCY,
+                retry=RetryPolicy(outage_window=settings.provisioner_retry_seconds),
                 give_way_to=intake,
             )
             lifecycle.runner = runner

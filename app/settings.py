@@ -63,6 +63,8 @@ class Settings:
     max_streams_per_user: int
     max_stream_seconds: int
     demo: bool = False
+    # How long an operation waits out an unreachable provisioning server before it fails.
+    provisioner_retry_seconds: int = 900
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -119,6 +121,7 @@ class Settings:
             max_streams_per_user=_int(env, "LOOKOUT_MAX_STREAMS_PER_USER", 10, 1),
             max_stream_seconds=_int(env, "LOOKOUT_MAX_STREAM_SECONDS", 3600, MIN_STREAM_SECONDS),
             demo=demo,
+            provisioner_retry_seconds=_int(env, "LOOKOUT_PROVISIONER_RETRY_SECONDS", 900, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
