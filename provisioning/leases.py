@@ -25,6 +25,7 @@ __all__ = [
     "InstanceLock",
     "claim_expired",
     "claim_operation",
+    "instance_gone",
     "release_lease",
     "release_quietly",
 ]
@@ -50,16 +51,27 @@ async def release_lease(
 # same everywhere.
 INSTANCE_LOCK_CLASS = 0x4C6B6F70
 
+
+def instance_gone(owner_column: str, class_param: int) -> str:
+    """SQL that is true when the instance named in ``owner_column`` holds no instance lock
+    (``$class_param`` is ``INSTANCE_LOCK_CLASS``): its process died, or lost its connection.
+
+    For any table whose rows an instance claims (the webhook inbox could use it too): a row
+    whose owner is gone can be claimed at once, without waiting for its lock time.
+    """
+    return f"""hashtext({owner_column})::oid NOT IN (
+        SELECT objid FROM pg_locks
+        WHERE locktype = 'advisory' AND classid = ${class_param}::oid AND objsubid = 2
+          AND granted
+          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))"""
+
+
 _CLAIM = f"""
-WITH live AS MATERIALIZED (
-    SELECT objid FROM pg_locks
-    WHERE locktype = 'advisory' AND classid = $5::oid AND objsubid = 2 AND granted
-      AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
-), claimable AS (
+WITH claimable AS (
     SELECT id FROM operations
     WHERE finalized_at IS NULL
       AND (lease_expires_at IS NULL OR lease_expires_at < now()
-           OR hashtext(lease_owner)::oid NOT IN (SELECT objid FROM live))
+           OR {instance_gone("lease_owner", 5)})
       AND ($3::text IS NULL OR id = $3)
     ORDER BY created_at
     LIMIT $4
