@@ -216,8 +216,9 @@ async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothi
 
                 async def completed_elsewhere() -> asyncpg.Record | None:
                     now = await setup.operation(subscription_id)
-                    ok = now is not None and now["finalized_at"] is not None
-                    return now if ok and now["lease_owner"] != owner else None
+                    if now is None or now["finalized_at"] is None:
+                        return None
+                    return now if now["lease_owner"] != owner else None
 
                 done = await wait_for(
                     completed_elsewhere, within=90, what="the other instance to finish it"
