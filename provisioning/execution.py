@@ -74,9 +74,6 @@ class Executor:
         # A pool that has no connection to give within this is as good as down: the caller
         # gives up and the lease keeper's view decides, instead of waiting forever.
         self._acquire_timeout = max(1.0, min(5.0, lease_seconds / 3))
-        # Longer than any step takes, short enough that a stalled process does not keep its
-        # operations from the other instances for long.
-        self._stall_seconds = max(10.0, 2 * lease_seconds)
 
     def _acquire(self) -> AbstractAsyncContextManager[ops.Connection]:
         return cast(
@@ -182,9 +179,7 @@ class Executor:
         failures = waits = 0
         while True:
             async with self._acquire() as conn, conn.transaction():
-                held = await ops.hold_lease(
-                    conn, op.id, self._owner, stall_seconds=self._stall_seconds
-                )
+                held = await ops.hold_lease(conn, op.id, self._owner)
                 if held == "lease_lost":
                     raise LeaseLost("another instance holds this operation's lease")
                 if held == "cancel_requested":
@@ -320,9 +315,7 @@ class Executor:
         failures = 0
         while True:
             async with self._acquire() as conn, conn.transaction():
-                held = await ops.hold_lease(
-                    conn, op.id, self._owner, stall_seconds=self._stall_seconds
-                )
+                held = await ops.hold_lease(conn, op.id, self._owner)
                 if held == "lease_lost":
                     raise LeaseLost("another instance holds this operation's lease")
                 try:

@@ -246,28 +246,31 @@ async def begin_step(
     return "cancel_requested" if row["cancelled"] else "begun"
 
 
+# The keepalives make the server notice a holder cut off by the network within ~11 s (and
+# so release the row); they do not apply over a Unix socket, where that cannot happen.
 _HOLD = """
 SELECT cancel_requested AND kind = 'provision' AS cancelled,
-       set_config('idle_in_transaction_session_timeout', $3, true)
+       set_config('tcp_keepalives_idle', '5', true),
+       set_config('tcp_keepalives_interval', '2', true),
+       set_config('tcp_keepalives_count', '3', true)
 FROM operations
 WHERE id = $1 AND lease_owner = $2 AND lease_expires_at > now() AND finished_at IS NULL
 FOR KEY SHARE
 """
 
 
-async def hold_lease(
-    conn: Connection, op_id: str, owner: str, *, stall_seconds: float
-) -> StepStart:
+async def hold_lease(conn: Connection, op_id: str, owner: str) -> StepStart:
     """In the caller's transaction, right before a step's side effects: checks that ``owner``
     still holds an unexpired lease and keeps the row locked until the transaction ends.
 
     The lock (KEY SHARE: lease renewals and cancellation requests still go through) makes the
     sweeps of other instances (``FOR UPDATE SKIP LOCKED``) pass this operation by while the
-    step runs, so no instance takes over work that is under way. Should this process stall
-    for ``stall_seconds`` inside the transaction, PostgreSQL ends the session and the lock
-    with it, so a stopped process cannot hold the operation forever.
+    step runs, so no instance takes over work that is under way, even from a process that
+    stalls in the middle of it: the holder must wake up (and carry on, its lease renewed, or
+    stop at its next step if another instance has the operation by then) or die (and its
+    session, and the lock, with it).
     """
-    row = await conn.fetchrow(_HOLD, op_id, owner, str(max(1, int(stall_seconds * 1000))))
+    row = await conn.fetchrow(_HOLD, op_id, owner)
     if row is None:
         return "lease_lost"
     return "cancel_requested" if row["cancelled"] else "begun"

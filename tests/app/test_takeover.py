@@ -186,8 +186,79 @@ async def test_a_killed_instance_s_provision_is_taken_over_within_5_s_and_runs_e
         assert [e["type"] for e in events].count("operation.completed") == 1
 
 
+async def can_log_in(pg_admin_dsn: str, resource_id: str) -> bool:
+    admin = await asyncpg.connect(pg_admin_dsn)
+    try:
+        role = f"lookout_{resource_id}"
+        return bool(
+            await admin.fetchval("SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role)
+        )
+    finally:
+        await admin.close()
+
+
 @pytest.mark.timeout(180)
 async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothing(
+    settings: Settings, pg_admin_dsn: str
+) -> None:
+    async with two_instances_setup(settings, pg_admin_dsn) as setup:
+        # The first instance's provisioning server does not answer: its provision waits, and
+        # the process is stopped while it waits (between two tries, outside any step).
+        first_settings = replace(
+            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
+        )
+        await setup.proxy.refuse()
+        async with (
+            serve_process(first_settings, port=setup.port) as first,
+            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
+            serve_process(setup.settings) as second,
+            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
+        ):
+            subscription_id = await pay_for_a_graph(setup, http)
+
+            async def waiting() -> asyncpg.Record | None:
+                op = await setup.operation(subscription_id)
+                return op if op is not None and op["status"] != "running" else None
+
+            op = await wait_for(waiting, within=60, what="the provision to wait")
+            assert op["status"] == "waiting"
+            owner = op["lease_owner"]
+            os.kill(first.process.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            try:
+
+                async def completed_elsewhere() -> asyncpg.Record | None:
+                    now = await setup.operation(subscription_id)
+                    if now is None or now["finalized_at"] is None:
+                        return None
+                    return now if now["lease_owner"] != owner else None
+
+                done = await wait_for(
+                    completed_elsewhere, within=90, what="the other instance to finish it"
+                )
+                print(f"\nMEASURED takeover after SIGSTOP: {time.monotonic() - stopped:.2f} s")
+                assert done["status"] == "completed"
+                assert await server_objects(pg_admin_dsn, done["resource_id"]) == (1, 1)
+                # Its provisioning server answers again: nothing would stop it but its lease.
+                await setup.proxy.accept()
+            finally:
+                os.kill(first.process.pid, signal.SIGCONT)
+            # Time for it to wake up, to try again and to do whatever comes next.
+            await anyio.sleep(8)
+            after = await setup.operation(subscription_id)
+            assert (await http.get("/readyz")).status_code == 200
+            events = await step_events(other, op["id"])
+
+        assert after is not None and dict(after) == dict(done)
+        assert await server_objects(pg_admin_dsn, done["resource_id"]) == (1, 1)
+        assert await can_log_in(pg_admin_dsn, done["resource_id"])
+        types = [e["type"] for e in events]
+        assert types.count("operation.completed") == 1 and types[-1] == "operation.completed"
+        assert setup.proxy.connections == 0  # it never reached its server again
+
+
+@pytest.mark.timeout(180)
+async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_way(
     settings: Settings, pg_admin_dsn: str
 ) -> None:
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
@@ -211,43 +282,27 @@ async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothi
             op = await wait_for(in_create_database, what="create_database to be under way")
             owner = op["lease_owner"]
             os.kill(first.process.pid, signal.SIGSTOP)
-            stopped = time.monotonic()
             try:
-
-                async def completed_elsewhere() -> asyncpg.Record | None:
-                    now = await setup.operation(subscription_id)
-                    if now is None or now["finalized_at"] is None:
-                        return None
-                    return now if now["lease_owner"] != owner else None
-
-                done = await wait_for(
-                    completed_elsewhere, within=90, what="the other instance to finish it"
-                )
-                print(f"\nMEASURED takeover after SIGSTOP: {time.monotonic() - stopped:.2f} s")
-                assert done["status"] == "completed"
-                objects = await server_objects(pg_admin_dsn, done["resource_id"])
-                assert objects == (1, 1)
-                # The stopped instance's connection to its provisioning server goes through
-                # now: whatever it was about to send reaches the server when it wakes up.
+                # Well past its lease (15 s): its step may still send statements, so the
+                # other instance must leave the operation alone.
+                await anyio.sleep(20)
+                during = await setup.operation(subscription_id)
+                assert during is not None and during["lease_owner"] == owner
+                assert during["attempts"] == 1
                 setup.proxy.release()
             finally:
                 os.kill(first.process.pid, signal.SIGCONT)
-            # Time for it to notice, to finish its step and to try whatever comes next.
-            await anyio.sleep(8)
-            after = await setup.operation(subscription_id)
-            assert (await http.get("/readyz")).status_code == 200
+
+            async def active() -> bool:
+                answer = await other.get(f"/v1/subscriptions/{subscription_id}")
+                return bool(answer.json()["status"] == "active")
+
+            await wait_for(active, within=60, what="the subscription to be active")
             events = await step_events(other, op["id"])
 
-        assert after is not None and dict(after) == dict(done)
+        done = await setup.operation(subscription_id)
+        assert done is not None and done["status"] == "completed"
         assert await server_objects(pg_admin_dsn, done["resource_id"]) == (1, 1)
+        assert await can_log_in(pg_admin_dsn, done["resource_id"])
         types = [e["type"] for e in events]
         assert types.count("operation.completed") == 1 and types[-1] == "operation.completed"
-        role = f"lookout_{done['resource_id']}"
-        admin = await asyncpg.connect(pg_admin_dsn)
-        try:
-            can_login = await admin.fetchval(
-                "SELECT rolcanlogin FROM pg_roles WHERE rolname = $1", role
-            )
-        finally:
-            await admin.close()
-        assert can_login
