@@ -56,7 +56,7 @@ class RetryPolicy:
     initial_delay: float = 0.5
     max_delay: float = 8.0
     outage_window: float = 900.0
-    outage_max_delay: float = 10.0
+    outage_max_delay: float = 5.0
 
     def delay(self, failures: int) -> float:
         """The pause after ``failures`` failed tries in a row (1 for the first)."""
