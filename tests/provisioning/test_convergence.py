@@ -24,6 +24,7 @@ from provisioning import (
     get_operation,
 )
 from provisioning.backend import Credentials, OperationKind
+from provisioning.leases import INSTANCE_LOCK_CLASS
 from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
@@ -253,3 +254,36 @@ async def test_the_provision_fails_once_the_retry_window_has_passed(
     assert [(o.id, message) for o, message in hooks.failed] == [(op.id, done.error)]
     types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
     assert "operation.waiting" in types and types[-1] == "operation.failed"
+
+
+async def _lock_holder(pool: asyncpg.Pool, owner: str) -> int | None:
+    pid: int | None = await pool.fetchval(
+        "SELECT l.pid FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted"
+        " AND l.classid = $1::oid AND l.objid = hashtext($2)::oid AND l.objsubid = 2"
+        " AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        INSTANCE_LOCK_CLASS,
+        owner,
+    )
+    return pid
+
+
+async def test_the_instance_lock_is_taken_again_when_its_connection_is_terminated(
+    db_pool: asyncpg.Pool,
+    publisher: EventPublisher,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    user_id: str,
+) -> None:
+    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+        first = await _lock_holder(db_pool, runner.instance_id)
+        assert first is not None
+        # Only this test database's backend that holds the lock.
+        assert await db_pool.fetchval("SELECT pg_terminate_backend($1, 5000)", first)
+        with anyio.fail_after(10):
+            while True:
+                again = await _lock_holder(db_pool, runner.instance_id)
+                if again is not None and again != first:
+                    break
+                await anyio.sleep(0.05)
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        assert (await wait_for(db_pool, op.id)).status == "completed"
