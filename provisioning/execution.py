@@ -388,7 +388,7 @@ class Executor:
                     op.id,
                     type(exc).__name__,
                 )
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             marked = await ops.mark_outcome(
                 conn, op.id, self._owner, reported=reported, announced=announced
             )
