@@ -19,10 +19,10 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from typing import cast
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup
+from anyio.abc import SocketAttribute, SocketListener, SocketStream, TaskGroup, UNIXSocketStream
 
 from tests.support.live import free_port
 
@@ -33,6 +33,8 @@ class TcpProxy:
     """Forwards ``127.0.0.1:port`` to ``upstream``; see the module docstring."""
 
     def __init__(self, upstream_host: str, upstream_port: int, port: int) -> None:
+        # A host that is a directory is a Unix socket's (libpq's convention), as the embedded
+        # PostgreSQL may give.
         self.upstream = (upstream_host, upstream_port)
         self.port = port
         self.connections = 0  # accepted since the start
@@ -48,7 +50,8 @@ class TcpProxy:
         parts = urlsplit(dsn)
         userinfo = parts.netloc.rpartition("@")[0]
         netloc = f"{userinfo}@127.0.0.1:{self.port}" if userinfo else f"127.0.0.1:{self.port}"
-        return urlunsplit(parts._replace(netloc=netloc))
+        query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+        return urlunsplit(parts._replace(netloc=netloc, query=query))
 
     async def accept(self) -> None:
         """Listens (again) on the proxy's port and forwards every new connection."""
@@ -101,8 +104,13 @@ class TcpProxy:
         try:
             with scope:
                 await self._released.wait()
+                host, port = self.upstream
                 try:
-                    upstream = await anyio.connect_tcp(*self.upstream)
+                    upstream: SocketStream | UNIXSocketStream = (
+                        await anyio.connect_unix(f"{host}/.s.PGSQL.{port}")
+                        if host.startswith("/")
+                        else await anyio.connect_tcp(host, port)
+                    )
                 except OSError:
                     _reset(client)
                     return
@@ -115,7 +123,11 @@ class TcpProxy:
                 await client.aclose()
 
 
-async def _pump(source: SocketStream, sink: SocketStream, both: anyio.CancelScope) -> None:
+async def _pump(
+    source: SocketStream | UNIXSocketStream,
+    sink: SocketStream | UNIXSocketStream,
+    both: anyio.CancelScope,
+) -> None:
     try:
         async for chunk in source:
             await sink.send(chunk)
@@ -133,9 +145,13 @@ def _reset(stream: SocketStream) -> None:
 
 @contextlib.asynccontextmanager
 async def tcp_proxy(dsn: str, *, port: int | None = None) -> AsyncIterator[TcpProxy]:
-    """A proxy, accepting, in front of the server of ``dsn`` (a postgresql:// or redis:// URL)."""
+    """A proxy, accepting, in front of the server of ``dsn`` (a postgresql:// or redis:// URL,
+    the host a name, an address, or a Unix socket's directory in ``?host=``)."""
     parts = urlsplit(dsn)
-    proxy = TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432, port or free_port())
+    query = dict(parse_qsl(parts.query))
+    host = query.get("host") or parts.hostname or "127.0.0.1"
+    upstream_port = int(query.get("port") or parts.port or 5432)
+    proxy = TcpProxy(host, upstream_port, port or free_port())
     async with anyio.create_task_group() as tg:
         proxy._tg = tg
         await proxy.accept()
