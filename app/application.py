@@ -42,7 +42,13 @@ from app.services import Services
 from app.settings import ConfigError, Settings
 from app.stream_routes import answering_errors, direct_stream_routes, stream_routes
 from app.usage_routes import usage_routes
-from provisioning import GraphBackend, OperationRunner, ProvisionerBackend, SharedRepositoryBackend
+from provisioning import (
+    GraphBackend,
+    OperationRunner,
+    ProvisionerBackend,
+    RetryPolicy,
+    SharedRepositoryBackend,
+)
 from streams import (
     DirectRoutes,
     EventHub,
@@ -164,6 +170,7 @@ def create_app(
                 chosen,
                 instance_id=instance_id,
                 max_concurrent=PROVISIONING_CONCURRENCY,
+                retry=RetryPolicy(outage_window=settings.provisioner_retry_seconds),
                 give_way_to=intake,
             )
             lifecycle.runner = runner

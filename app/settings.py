@@ -65,6 +65,8 @@ class Settings:
     # Unset: /metrics is open (behind a private network, say); set: Bearer <token> only.
     metrics_token: str | None
     demo: bool = False
+    # How long an operation waits out an unreachable provisioning server before it fails.
+    provisioner_retry_seconds: int = 900
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -122,6 +124,7 @@ class Settings:
             max_stream_seconds=_int(env, "LOOKOUT_MAX_STREAM_SECONDS", 3600, MIN_STREAM_SECONDS),
             metrics_token=_metrics_token(env),
             demo=demo,
+            provisioner_retry_seconds=_int(env, "LOOKOUT_PROVISIONER_RETRY_SECONDS", 900, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:

@@ -29,7 +29,13 @@ __all__ = [
 
 TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 STYLES: Final = MappingProxyType(
-    {"completed": "green", "failed": "red", "cancelled": "yellow", "reset": "yellow"}
+    {
+        "completed": "green",
+        "failed": "red",
+        "cancelled": "yellow",
+        "reset": "yellow",
+        "waiting": "yellow",
+    }
 )
 
 

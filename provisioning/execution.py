@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from datetime import timedelta
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
+import anyio
 import asyncpg
 
-from streams import Event, EventPublisher, operation_topic, user_topic
+from streams import Event, EventPublisher, isoformat_z, operation_topic, user_topic
 
 from . import operations as ops
 from .backend import ProvisionerBackend, Step, StepContext
@@ -36,11 +40,20 @@ class Outcome:
     error: str | None = None
 
 
+class _CancelRequested(Exception):
+    """A cancellation was requested (from any instance): the provision stops before its next
+    side effect."""
+
+
 class Executor:
     """The work of one instance on operations it holds the lease of.
 
     Every write is fenced by the lease (``lease_owner = instance``): when another instance
-    took the operation over, the write matches nothing and ``LeaseLost`` stops this one.
+    took the operation over, the write matches nothing and ``LeaseLost`` stops this one. Every
+    side effect on the provisioning server (a step, a rollback) runs inside a transaction that
+    first checks the lease and keeps the operation's row locked until the step is recorded
+    (``operations.hold_lease``): a process that stalled past its lease and woke up after
+    another took over finds the lease gone and does nothing.
     """
 
     def __init__(
@@ -51,15 +64,25 @@ class Executor:
         *,
         owner: str,
         retry: RetryPolicy,
+        lease_seconds: float = 15.0,
     ) -> None:
         self._pool = pool
         self._publisher = publisher
         self._hooks = hooks
         self._owner = owner
         self._retry = retry
+        # A pool that has no connection to give within this is as good as down: the caller
+        # gives up and the lease keeper's view decides, instead of waiting forever.
+        self._acquire_timeout = max(1.0, min(5.0, lease_seconds / 3))
+
+    def _acquire(self) -> AbstractAsyncContextManager[ops.Connection]:
+        return cast(
+            "AbstractAsyncContextManager[ops.Connection]",
+            self._pool.acquire(timeout=self._acquire_timeout),
+        )
 
     async def _fenced(self, query: Callable[[ops.Connection], Awaitable[bool]]) -> None:
-        async with self._pool.acquire() as conn:
+        async with self._acquire() as conn:
             if not await query(conn):
                 raise LeaseLost("another instance holds this operation's lease")
 
@@ -120,34 +143,127 @@ class Executor:
             logger.warning("%d events not published (%s)", len(items), type(exc).__name__)
 
     async def run_steps(self, op: OperationRecord, steps: Sequence[Step]) -> Outcome:
-        """Runs the steps not yet completed, in order; each transient error is retried."""
+        """Runs the steps not yet completed, in order; each transient error is retried, and
+        an unreachable server is waited out (``operation.waiting``) for the retry window."""
         ctx = StepContext(op.id, op.kind, op.subject_id, op.user_id, op.resource_id, op.spec)
         for index, step in enumerate(steps):
             if step.name in op.completed_steps:
                 continue
             progress = index * 100 // len(steps)
-            await self._fenced(
-                partial(
-                    ops.begin_step,
-                    op_id=op.id,
-                    owner=self._owner,
-                    step=step.name,
-                    progress=progress,
-                )
-            )
+            async with self._acquire() as conn:
+                begun = await ops.begin_step(conn, op.id, self._owner, step.name, progress)
+            if begun == "lease_lost":
+                raise LeaseLost("another instance holds this operation's lease")
+            if begun == "cancel_requested":
+                logger.info("operation %s: cancelled before step %s", op.id, step.name)
+                return Outcome("cancelled")
             await self._publish_progress(
                 op, "operation.progress", step=step.name, progress=progress, message=step.message
             )
             try:
-                await self._retry.call(partial(step.run, ctx), what=f"{op.id} {step.name}")
-            except ProvisioningError as exc:
-                return Outcome("failed", exc.customer_message + _consequence(op))
-            except Exception as exc:
-                return Outcome("failed", self._failure_sentence(op, step, exc))
-            await self._fenced(
-                partial(ops.complete_step, op_id=op.id, owner=self._owner, step=step.name)
-            )
+                error = await self._run_step(op, step, ctx, progress)
+            except _CancelRequested:
+                logger.info("operation %s: cancelled before step %s ran", op.id, step.name)
+                return Outcome("cancelled")
+            if isinstance(error, ProvisioningError):
+                return Outcome("failed", error.customer_message + _consequence(op))
+            if error is not None:
+                return Outcome("failed", self._failure_sentence(op, step, error))
         return Outcome("completed")
+
+    async def _run_step(
+        self, op: OperationRecord, step: Step, ctx: StepContext, progress: int
+    ) -> Exception | None:
+        """Runs one step under the lease until it succeeds (None) or fails for good (its
+        error). Errors of Lookout's own database propagate: the operation is resumed later."""
+        failures = waits = 0
+        while True:
+            async with self._acquire() as conn, conn.transaction():
+                held = await ops.hold_lease(conn, op.id, self._owner)
+                if held == "lease_lost":
+                    raise LeaseLost("another instance holds this operation's lease")
+                if held == "cancel_requested":
+                    raise _CancelRequested(op.id)
+                try:
+                    await step.run(ctx)
+                except Exception as exc:
+                    error: Exception | None = exc
+                else:
+                    error = None
+                    if not await ops.complete_step(conn, op.id, self._owner, step.name):
+                        raise LeaseLost("another instance holds this operation's lease")
+            if error is None:
+                if waits:
+                    logger.info("operation %s: the server answers again", op.id)
+                    await self._publish_progress(
+                        op,
+                        "operation.progress",
+                        step=step.name,
+                        progress=progress,
+                        message=step.message,
+                    )
+                return None
+            if not is_transient(error):
+                return error
+            failures += 1
+            if failures < self._retry.attempts:
+                delay = self._retry.delay(failures)
+                logger.warning(
+                    "transient %s in %s %s (attempt %d); retrying in %.2fs",
+                    type(error).__name__,
+                    op.id,
+                    step.name,
+                    failures,
+                    delay,
+                )
+            else:
+                waits += 1
+                wait = await self._wait(op, step, progress, waits)
+                if wait is None:
+                    return error
+                delay = wait
+            await anyio.sleep(delay)
+
+    async def _wait(
+        self, op: OperationRecord, step: Step, progress: int, waits: int
+    ) -> float | None:
+        """Marks the operation ``waiting`` and says when it tries again; None once it has
+        waited for the whole retry window (since the outage began, on whichever instance)."""
+        if self._retry.outage_window <= 0:
+            return None
+        delay = self._retry.outage_delay(waits)
+        async with self._acquire() as conn:
+            waiting = await ops.set_waiting(conn, op.id, self._owner, delay)
+        if waiting is None:
+            raise LeaseLost("another instance holds this operation's lease")
+        assert waiting.waiting_since is not None and waiting.retry_at is not None
+        waited = (waiting.updated_at - waiting.waiting_since).total_seconds()
+        left = self._retry.outage_window - waited
+        if left <= 0:
+            logger.warning(
+                "operation %s: the server did not answer for %.0fs; giving up", op.id, waited
+            )
+            return None
+        delay = min(delay, left)
+        retry_at = waiting.updated_at + timedelta(seconds=delay)
+        logger.warning(
+            "operation %s: the server does not answer (step %s); retrying in %.1fs",
+            op.id,
+            step.name,
+            delay,
+        )
+        await self._publish_progress(
+            op,
+            "operation.waiting",
+            status="waiting",
+            step=step.name,
+            progress=progress,
+            retry_at=isoformat_z(retry_at),
+            message=(
+                f"The database server is not answering; retrying in {max(1, math.ceil(delay))} s"
+            ),
+        )
+        return delay
 
     def _failure_sentence(self, op: OperationRecord, step: Step, exc: Exception) -> str:
         after = _consequence(op)
@@ -174,36 +290,13 @@ class Executor:
             resource_status = "active" if op.kind == "provision" else "deleted"
         else:
             resource_status = "orphaned" if op.kind == "deprovision" else "deleted"
+        finished: OperationRecord | None = None
         if op.kind == "provision" and outcome.status != "completed":
-            try:
-                await self._retry.call(
-                    partial(backend.teardown, op.resource_id), what=f"{op.id} rollback"
-                )
-            except Exception as exc:
-                resource_status = "orphaned"
-                logger.error("operation %s: rollback failed (%s)", op.id, type(exc).__name__)
-                await self.audit("operation.rollback_failed", op, error_type=type(exc).__name__)
-        result = (
-            {
-                "resource_type": op.resource_type,
-                "resource_id": op.resource_id,
-                "plan": op.spec.plan_name,
-            }
-            if outcome.status == "completed"
-            else None
-        )
-        async with self._pool.acquire() as conn:
-            finished = await ops.finish_operation(
-                conn,
-                op.id,
-                self._owner,
-                outcome.status,
-                resource_status=resource_status,
-                error=outcome.error if outcome.status == "failed" else None,
-                result=result,
-            )
+            finished = await self._roll_back(op, outcome, backend)
+            resource_status = "deleted" if finished is not None else "orphaned"
         if finished is None:
-            raise LeaseLost("another instance holds this operation's lease")
+            async with self._acquire() as conn:
+                finished = await self._finish(conn, op, outcome, resource_status)
         await self.audit(
             f"operation.{finished.status}",
             finished,
@@ -213,10 +306,71 @@ class Executor:
         )
         return finished
 
+    async def _roll_back(
+        self, op: OperationRecord, outcome: Outcome, backend: ProvisionerBackend
+    ) -> OperationRecord | None:
+        """Tears down what the provision created and records the outcome, in one transaction
+        that holds the lease (a stalled instance cannot drop what another one completed
+        since). None when the teardown failed: the resource is left for the reaper."""
+        failures = 0
+        while True:
+            async with self._acquire() as conn, conn.transaction():
+                held = await ops.hold_lease(conn, op.id, self._owner)
+                if held == "lease_lost":
+                    raise LeaseLost("another instance holds this operation's lease")
+                try:
+                    await backend.teardown(op.resource_id)
+                except Exception as exc:
+                    error = exc
+                else:
+                    return await self._finish(conn, op, outcome, "deleted")
+            failures += 1
+            if not is_transient(error) or failures >= self._retry.attempts:
+                logger.error("operation %s: rollback failed (%s)", op.id, type(error).__name__)
+                await self.audit("operation.rollback_failed", op, error_type=type(error).__name__)
+                return None
+            delay = self._retry.delay(failures)
+            logger.warning(
+                "transient %s in %s rollback (attempt %d); retrying in %.2fs",
+                type(error).__name__,
+                op.id,
+                failures,
+                delay,
+            )
+            await anyio.sleep(delay)
+
+    async def _finish(
+        self, conn: ops.Connection, op: OperationRecord, outcome: Outcome, resource_status: str
+    ) -> OperationRecord:
+        result = (
+            {
+                "resource_type": op.resource_type,
+                "resource_id": op.resource_id,
+                "plan": op.spec.plan_name,
+            }
+            if outcome.status == "completed"
+            else None
+        )
+        finished = await ops.finish_operation(
+            conn,
+            op.id,
+            self._owner,
+            outcome.status,
+            resource_status=resource_status,
+            error=outcome.error if outcome.status == "failed" else None,
+            result=result,
+        )
+        if finished is None:
+            raise LeaseLost("another instance holds this operation's lease")
+        return finished
+
     async def finalize(self, op: OperationRecord) -> bool:
         """Tells the hooks, then publishes the terminal event; True when both are done."""
         reported = op.reported_at is not None
         if not reported:
+            # Only the lease holder tells the hooks: a stalled instance must not repeat what
+            # the instance that took over has done.
+            await self._fenced(partial(ops.holds_lease, op_id=op.id, owner=self._owner))
             try:
                 await self._report(op)
                 reported = True
@@ -234,9 +388,13 @@ class Executor:
                     op.id,
                     type(exc).__name__,
                 )
-        async with self._pool.acquire() as conn:
-            marked = await ops.mark_outcome(conn, op.id, reported=reported, announced=announced)
-        return marked is not None and marked.finalized_at is not None
+        async with self._acquire() as conn:
+            marked = await ops.mark_outcome(
+                conn, op.id, self._owner, reported=reported, announced=announced
+            )
+        if marked is None:
+            raise LeaseLost("another instance holds this operation's lease")
+        return marked.finalized_at is not None
 
     async def _report(self, op: OperationRecord) -> None:
         if op.kind != "provision":

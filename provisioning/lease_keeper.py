@@ -23,7 +23,10 @@ logger = logging.getLogger(__name__)
 
 
 async def renew_leases(
-    conn: Connection, op_ids: list[str], owner: str, lease_seconds: float
+    conn: Connection,
+    op_ids: list[str],
+    owner: str,
+    lease_seconds: float,
 ) -> dict[str, bool]:
     """Extends the leases ``owner`` still holds; answers ``cancel_requested`` of each of them
     (an operation missing from the answer lost its lease)."""
@@ -85,9 +88,12 @@ class LeaseKeeper:
         kept = dict(self._kept)
         if not kept:
             return
+        # Bounded, so that a pool or a server that does not answer is seen within a renewal
+        # period rather than never.
         try:
-            async with self._pool.acquire() as conn:
-                held = await renew_leases(conn, list(kept), self._owner, self._lease_seconds)
+            with anyio.fail_after(self._lease_seconds / 3):
+                async with self._pool.acquire() as conn:
+                    held = await renew_leases(conn, list(kept), self._owner, self._lease_seconds)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             logger.warning("%d leases not renewed (%s)", len(kept), type(exc).__name__)
             now = anyio.current_time()

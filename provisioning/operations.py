@@ -19,23 +19,29 @@ __all__ = [
     "Connection",
     "OperationRecord",
     "OperationStatus",
+    "StepStart",
     "begin_step",
     "complete_step",
     "create_operation",
     "finish_operation",
     "get_operation",
     "get_operation_for_subject",
+    "hold_lease",
+    "holds_lease",
     "jsonb_text",
     "lease_until",
     "mark_outcome",
     "mark_started",
     "request_cancel",
+    "set_waiting",
 ]
 
 # A plain connection or one from a pool: query functions take either.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
-OperationStatus = Literal["pending", "running", "completed", "failed", "cancelled"]
-ACTIVE_STATUSES: Final = ("pending", "running")
+OperationStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
+# `waiting`: the provisioning server does not answer; the operation retries until it does or
+# until the retry window has passed.
+ACTIVE_STATUSES: Final = ("pending", "running", "waiting")
 TERMINAL_STATUSES: Final = ("completed", "failed", "cancelled")
 
 
@@ -79,6 +85,8 @@ class OperationRecord:
     announced_at: datetime | None
     finalized_at: datetime | None
     generation: int = 0  # the subject's n-th operation of this kind (see ``create_operation``)
+    waiting_since: datetime | None = None
+    retry_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> OperationRecord:
@@ -208,33 +216,87 @@ async def mark_started(conn: Connection, op_id: str, owner: str) -> bool:
     done = await conn.fetchval(
         "UPDATE operations SET started_at = coalesce(started_at, now()),"
         " updated_at = now() WHERE id = $1 AND lease_owner = $2 AND status IN"
-        " ('pending', 'running') RETURNING true",
+        " ('pending', 'running', 'waiting') RETURNING true",
         op_id,
         owner,
     )
     return bool(done)
 
 
-async def begin_step(conn: Connection, op_id: str, owner: str, step: str, progress: int) -> bool:
-    done = await conn.fetchval(
-        "UPDATE operations SET status = 'running', step = $3,"
-        " started_at = coalesce(started_at, now()),"
-        " progress = GREATEST(progress, $4), updated_at = now()"
-        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
-        " RETURNING true",
-        op_id,
-        owner,
-        step,
-        progress,
+StepStart = Literal["begun", "cancel_requested", "lease_lost"]
+
+_BEGIN_STEP = """
+WITH current AS (
+    SELECT id, cancel_requested, kind FROM operations
+    WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running', 'waiting')
+), begun AS (
+    UPDATE operations o SET status = CASE WHEN o.status = 'waiting' THEN 'waiting'
+                                          ELSE 'running' END,
+        step = $3, started_at = coalesce(started_at, now()),
+        progress = GREATEST(progress, $4), updated_at = now()
+    FROM current
+    WHERE o.id = current.id AND NOT (current.cancel_requested AND current.kind = 'provision')
+    RETURNING o.id
+)
+SELECT current.cancel_requested AND current.kind = 'provision' AS cancelled FROM current
+"""
+
+
+async def begin_step(
+    conn: Connection, op_id: str, owner: str, step: str, progress: int
+) -> StepStart:
+    """Records that ``step`` begins, unless the lease went to another instance or a
+    cancellation was requested (from any instance): both are read in the same statement, so
+    a provision asked to stop never begins another step."""
+    row = await conn.fetchrow(_BEGIN_STEP, op_id, owner, step, progress)
+    if row is None:
+        return "lease_lost"
+    return "cancel_requested" if row["cancelled"] else "begun"
+
+
+# The keepalives make the server notice a holder cut off by the network within ~11 s (and
+# so release the row); they do not apply over a Unix socket, where that cannot happen.
+_HOLD = """
+SELECT cancel_requested AND kind = 'provision' AS cancelled,
+       set_config('tcp_keepalives_idle', '5', true),
+       set_config('tcp_keepalives_interval', '2', true),
+       set_config('tcp_keepalives_count', '3', true)
+FROM operations
+WHERE id = $1 AND lease_owner = $2 AND lease_expires_at > now() AND finished_at IS NULL
+FOR KEY SHARE
+"""
+
+
+async def hold_lease(conn: Connection, op_id: str, owner: str) -> StepStart:
+    """In the caller's transaction, right before a step's side effects: checks that ``owner``
+    still holds an unexpired lease and keeps the row locked until the transaction ends.
+
+    The lock (KEY SHARE: lease renewals and cancellation requests still go through) makes the
+    sweeps of other instances (``FOR UPDATE SKIP LOCKED``) pass this operation by while the
+    step runs, so no instance takes over work that is under way, even from a process that
+    stalls in the middle of it: the holder must wake up (and carry on, its lease renewed, or
+    stop at its next step if another instance has the operation by then) or die (and its
+    session, and the lock, with it).
+    """
+    row = await conn.fetchrow(_HOLD, op_id, owner)
+    if row is None:
+        return "lease_lost"
+    return "cancel_requested" if row["cancelled"] else "begun"
+
+
+async def holds_lease(conn: Connection, op_id: str, owner: str) -> bool:
+    held = await conn.fetchval(
+        "SELECT true FROM operations WHERE id = $1 AND lease_owner = $2", op_id, owner
     )
-    return bool(done)
+    return bool(held)
 
 
 async def complete_step(conn: Connection, op_id: str, owner: str, step: str) -> bool:
     done = await conn.fetchval(
         "UPDATE operations SET completed_steps = CASE WHEN $3 = ANY(completed_steps)"
-        " THEN completed_steps ELSE array_append(completed_steps, $3) END, updated_at = now()"
-        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
+        " THEN completed_steps ELSE array_append(completed_steps, $3) END, updated_at = now(),"
+        " status = 'running', waiting_since = NULL, retry_at = NULL"
+        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running', 'waiting')"
         " RETURNING true",
         op_id,
         owner,
@@ -258,8 +320,8 @@ async def finish_operation(
         row = await conn.fetchrow(
             "UPDATE operations SET status = $3, error = $4, result = $5::text::jsonb,"
             " progress = CASE WHEN $3 = 'completed' THEN 100 ELSE progress END,"
-            " finished_at = now(), updated_at = now()"
-            " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running')"
+            " finished_at = now(), updated_at = now(), retry_at = NULL"
+            " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running', 'waiting')"
             " RETURNING *",
             op_id,
             owner,
@@ -280,19 +342,22 @@ async def finish_operation(
 
 
 async def mark_outcome(
-    conn: Connection, op_id: str, *, reported: bool, announced: bool
+    conn: Connection, op_id: str, owner: str, *, reported: bool, announced: bool
 ) -> OperationRecord | None:
-    """Records that hooks were told / the terminal event went out; finalized once both are."""
+    """Records that hooks were told / the terminal event went out; finalized once both are.
+    None when ``owner`` no longer holds the lease."""
     row = await conn.fetchrow(
         "UPDATE operations SET"
         " reported_at = CASE WHEN $2 THEN coalesce(reported_at, now()) ELSE reported_at END,"
         " announced_at = CASE WHEN $3 THEN coalesce(announced_at, now()) ELSE announced_at END,"
         " finalized_at = CASE WHEN ($2 OR reported_at IS NOT NULL)"
         " AND ($3 OR announced_at IS NOT NULL) THEN coalesce(finalized_at, now()) END,"
-        " updated_at = now() WHERE id = $1 AND finished_at IS NOT NULL RETURNING *",
+        " updated_at = now() WHERE id = $1 AND finished_at IS NOT NULL AND lease_owner = $4"
+        " RETURNING *",
         op_id,
         reported,
         announced,
+        owner,
     )
     return _one(row)
 
@@ -300,8 +365,25 @@ async def mark_outcome(
 async def request_cancel(conn: Connection, op_id: str) -> OperationRecord | None:
     row = await conn.fetchrow(
         "UPDATE operations SET cancel_requested = true, updated_at = now()"
-        " WHERE id = $1 AND kind = 'provision' AND status IN ('pending', 'running')"
+        " WHERE id = $1 AND kind = 'provision' AND status IN ('pending', 'running', 'waiting')"
         " RETURNING *",
         op_id,
+    )
+    return _one(row)
+
+
+async def set_waiting(
+    conn: Connection, op_id: str, owner: str, retry_in: float
+) -> OperationRecord | None:
+    """Marks the operation ``waiting`` (its server does not answer) until ``retry_in`` seconds
+    from now; ``waiting_since`` keeps the start of the outage. None when the lease is lost."""
+    row = await conn.fetchrow(
+        "UPDATE operations SET status = 'waiting', waiting_since = coalesce(waiting_since, now()),"
+        f" retry_at = {lease_until(3)}, updated_at = now()"
+        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running', 'waiting')"
+        " RETURNING *",
+        op_id,
+        owner,
+        retry_in,
     )
     return _one(row)

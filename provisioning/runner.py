@@ -43,13 +43,15 @@ class OperationRunner:
     """Runs provisioning operations inside the app's task group (``await tg.start(runner.run)``).
 
     ``start`` inserts the operation leased to this instance and runs it at once; while it runs
-    its lease is renewed every ``lease_seconds / 3``. ``run`` sweeps at start-up and every
-    ``sweep_interval`` seconds for operations whose lease expired (their instance died) and
-    resumes them from their last completed step. At most ``max_concurrent`` run their steps at
-    once; the others wait, announced and leased. An outcome the hooks or Redis could not take
-    is offered again ``finalize_retry_seconds`` later; resources whose removal failed are
-    removed again every ``orphan_retry_seconds``. An operation that gets a slot first gives way
-    to ``give_way_to`` (the webhook intake), for at most ``give_way_seconds``.
+    its lease is renewed every ``lease_seconds / 3``. ``run`` holds this instance's advisory
+    lock (``leases.InstanceLock``) and sweeps at start-up and every ``sweep_interval`` seconds
+    (1 s by default) for operations whose instance died (its lock is free: at once) or stalled
+    (its lease expired), and resumes them from their last completed step. At most
+    ``max_concurrent`` run their steps at once; the others wait, announced and leased. An
+    outcome the hooks or Redis could not take is offered again ``finalize_retry_seconds``
+    later; resources whose removal failed are removed again every ``orphan_retry_seconds``.
+    An operation that gets a slot first gives way to ``give_way_to`` (the webhook intake), for
+    at most ``give_way_seconds``.
     """
 
     def __init__(
@@ -77,9 +79,19 @@ class OperationRunner:
         self._instance_id = instance_id
         self._max_concurrent = max_concurrent
         self._lease_seconds = lease_seconds
-        self._sweep_interval = sweep_interval if sweep_interval is not None else lease_seconds / 3
+        self._sweep_interval = (
+            sweep_interval if sweep_interval is not None else min(1.0, lease_seconds / 3)
+        )
         self._retry = retry or RetryPolicy()
-        self._exec = Executor(pool, publisher, hooks, owner=instance_id, retry=self._retry)
+        self._exec = Executor(
+            pool,
+            publisher,
+            hooks,
+            owner=instance_id,
+            retry=self._retry,
+            lease_seconds=lease_seconds,
+        )
+        self._lock = leases.InstanceLock(pool, instance_id)
         self._leases = LeaseKeeper(pool, instance_id, lease_seconds)
         self._reaper = OrphanReaper(pool, hooks, self._backends, interval=orphan_retry_seconds)
         self._workers = Workers(
@@ -130,6 +142,7 @@ class OperationRunner:
         supervisor = supervisor or Supervisor()
         async with anyio.create_task_group() as tg:
             self._tg = tg
+            await tg.start(supervisor.run_starting, "instance-lock", self._lock.run)
             tg.start_soon(supervisor.run, "orphan-reaper", self._reaper.run)
             tg.start_soon(supervisor.run, "operation-lease-keeper", self._leases.run)
             tg.start_soon(supervisor.run, "operation-sweep", self._sweep_loop)
@@ -239,7 +252,8 @@ class OperationRunner:
         """Stops a provision that has not finished and rolls back what it created.
 
         Waits up to ``wait`` seconds when this process runs it (an instance that runs it
-        elsewhere sees the request at its next lease renewal). Answers the operation as it
+        elsewhere sees the request at its next lease renewal, or before its next step at the
+        latest). Answers the operation as it
         is then; a finished one is answered unchanged.
         """
         async with self._pool.acquire() as conn:
@@ -278,7 +292,7 @@ class OperationRunner:
         room = self._workers.room
         if room <= 0:
             return 0
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=max(1.0, self._sweep_interval)) as conn:
             claimed = await leases.claim_expired(conn, self._instance_id, self._lease_seconds, room)
         for op in claimed:
             logger.info("resuming operation %s (attempt %d)", op.id, op.attempts)

@@ -6,6 +6,8 @@ export const TERMINAL_STATUSES = new Set(["completed", "failed", "cancelled"]);
 const STATUS_OF_EVENT = {
   "operation.started": "running",
   "operation.progress": "running",
+  // The provisioning server does not answer; the message says when the next try is.
+  "operation.waiting": "waiting",
   "operation.completed": "completed",
   "operation.failed": "failed",
   "operation.cancelled": "cancelled",

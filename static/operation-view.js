@@ -80,6 +80,7 @@ export class OperationView {
   #currentText(state) {
     if (state.status === "completed") return state.message || "Done";
     if (state.status === "pending") return "Waiting to start…";
+    if (state.status === "waiting") return state.message || "Waiting for the database server…";
     const entry = state.steps.find((item) => item.step === state.step);
     if (entry) return stepText(entry);
     return state.message || (state.step ? humanize(state.step) : "Starting…");

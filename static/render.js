@@ -96,6 +96,7 @@ const STATUS_LABELS = {
   expired: "Expired",
   pending: "Pending",
   running: "Running",
+  waiting: "Waiting",
   completed: "Completed",
   cancelled: "Cancelled",
 };
@@ -105,6 +106,7 @@ const STATUS_TONES = {
   completed: "good",
   provisioning: "busy",
   running: "busy",
+  waiting: "warn",
   pending: "busy",
   pending_payment: "wait",
   past_due: "warn",

@@ -6,6 +6,7 @@ import { ApiError } from "./api.js";
 export const EVENT_TYPES = [
   "operation.started",
   "operation.progress",
+  "operation.waiting",
   "operation.completed",
   "operation.failed",
   "operation.cancelled",

@@ -64,3 +64,11 @@ def test_settings_are_frozen() -> None:
     settings = Settings.from_env(BASE)
     with pytest.raises(AttributeError):
         settings.environment = "production"  # type: ignore[misc]
+
+
+def test_the_provisioner_retry_window_is_15_minutes_unless_set() -> None:
+    assert Settings.from_env(BASE).provisioner_retry_seconds == 900
+    env = {**BASE, "LOOKOUT_PROVISIONER_RETRY_SECONDS": "60"}
+    assert Settings.from_env(env).provisioner_retry_seconds == 60
+    with pytest.raises(ConfigError, match="LOOKOUT_PROVISIONER_RETRY_SECONDS"):
+        Settings.from_env({**BASE, "LOOKOUT_PROVISIONER_RETRY_SECONDS": "-1"})

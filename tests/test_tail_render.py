@@ -322,3 +322,18 @@ def test_missing_api_key_is_a_config_error_that_says_what_to_do(
     with pytest.raises(MissingAPIKey, match="LOOKOUT_API_KEY") as caught:
         run_tail(OP, base_url=None, api_key=None)
     assert isinstance(caught.value, ConfigError)
+
+
+def test_a_waiting_operation_says_why_and_does_not_end_the_tail() -> None:
+    data = {
+        "type": "operation.waiting",
+        "operation_id": OP,
+        "status": "waiting",
+        "step": "create_database",
+        "progress": 16,
+        "retry_at": "2026-12-01T18:00:10.000Z",
+        "message": "The database server is not answering; retrying in 10 s",
+    }
+    line = render_line("operation.waiting", data)
+    assert line == f"{OP} waiting    16% The database server is not answering; retrying in 10 s"
+    assert exit_code_for("operation.waiting", data) is None

@@ -66,11 +66,13 @@ async def test_every_step_is_streamed_in_order_to_a_late_client(settings: Settin
         assert again.status_code == 204
 
 
-async def test_an_unreachable_provisioner_fails_and_cancels_stripe_once(
+async def test_an_unreachable_provisioner_fails_after_the_retry_window_and_cancels_stripe_once(
     settings: Settings,
 ) -> None:
     refusing = replace(
-        settings, provisioner_database_url=f"postgresql://lookout@127.0.0.1:{free_port()}/x"
+        settings,
+        provisioner_database_url=f"postgresql://lookout@127.0.0.1:{free_port()}/x",
+        provisioner_retry_seconds=2,
     )
     async with running_stack(refusing) as stack:
         started = await stack.checkout("graph-standard", "doomed")
@@ -79,12 +81,14 @@ async def test_an_unreachable_provisioner_fails_and_cancels_stripe_once(
         operation = (await stack.http.get(f"/v1/operations/{failed['operation_id']}")).json()
         assert operation["status"] == "failed"
         assert operation["error"]
+        assert "could not be reached" in operation["error"]
         assert "127.0.0.1" not in operation["error"]
         assert "postgresql://" not in operation["error"]
         assert "Traceback" not in operation["error"]
 
         events = await read_stream(stack.http, f"/v1/operations/{failed['operation_id']}/events")
         assert events[-1][1] == "operation.failed"
+        assert "operation.waiting" in [event[1] for event in events]
         assert events[-1][2]["error"] == operation["error"]
 
         async with stack.app.state.services.pool.acquire() as conn:
