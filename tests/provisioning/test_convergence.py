@@ -127,7 +127,11 @@ async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
 
     dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
     if done.status == "completed":
-        assert dbs == [graph_backend.database_name(op.resource_id)] and len(roles) == 1
+        # The login role and the database's NOLOGIN owner role.
+        assert dbs == [graph_backend.database_name(op.resource_id)]
+        assert sorted(roles) == sorted(
+            [graph_backend.role_name(op.resource_id), graph_backend.owner_name(op.resource_id)]
+        )
     else:
         assert (dbs, roles) == ([], [])
     types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
@@ -225,8 +229,12 @@ async def test_an_unreachable_provisioner_is_waited_out_and_the_provision_comple
     progress = [e["progress"] for e in events if "progress" in e]
     assert progress == sorted(progress)
     dbs, roles = await server_objects(pg_admin_dsn, name_prefix)
-    assert dbs == [backend.inner.database_name(op.resource_id)]  # type: ignore[attr-defined]
-    assert len(roles) == 1
+    graph = backend.inner
+    assert isinstance(graph, GraphBackend)
+    assert dbs == [graph.database_name(op.resource_id)]
+    assert sorted(roles) == sorted(
+        [graph.role_name(op.resource_id), graph.owner_name(op.resource_id)]
+    )
 
 
 async def test_the_provision_fails_once_the_retry_window_has_passed(
