@@ -156,6 +156,7 @@ class Instance:
     log: Path
     process: subprocess.Popen[bytes] | None = None
     stopped: bool = False  # SIGSTOPped by the soak
+    ready: bool = False  # answered /readyz 200 since it last started
     starts: int = 0
     exits: list[int] = field(default_factory=list)  # exit codes the soak did not cause
 
@@ -174,6 +175,7 @@ class Instance:
                 stderr=subprocess.STDOUT,
             )
         self.starts += 1
+        self.ready = False
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

@@ -242,7 +242,10 @@ async def webhooks_applied(world: World, db: asyncpg.Connection) -> Invariant:
         elif stored[d.event_id] != "processed":
             inv.fail(f"{d.event_id} ({d.type}) is left {stored[d.event_id]}")
         elif audited[d.event_id] != 1:
-            inv.fail(f"{d.event_id} ({d.type}) was applied {audited[d.event_id]} times")
+            inv.fail(
+                f"{d.event_id} ({d.type}) was applied {audited[d.event_id]} times"
+                " (its stripe.* audit rows)"
+            )
     delivered = {d.event_id for d in world.deliveries}
     for event_id, status in stored.items():
         if status != "processed" and event_id not in delivered:

@@ -103,7 +103,12 @@ class Faults:
 
     def _target(self, kind: str) -> str | None:
         if kind.startswith("instance"):
-            free = [i.name for i in self.instances if i.name not in self._busy and i.running()]
+            # Only an instance that is up: one stalled in its start-up is another story.
+            free = [
+                i.name
+                for i in self.instances
+                if i.name not in self._busy and i.running() and i.ready and not i.stopped
+            ]
             # Never all instances at once: one must be left to take the work over.
             if len(free) < 2 and len(self.instances) - len(free) >= 1:
                 return None
@@ -244,14 +249,19 @@ class HealthWatch:
         self._stop.set()
 
     async def healthy(self, http: httpx.AsyncClient) -> bool:
+        every = True
         for instance in self.instances:
             if not instance.running() or instance.stopped:
-                return False
+                every = False
+                continue
             try:
-                if (await http.get(f"{instance.url}/readyz")).status_code != 200:
-                    return False
+                ready = (await http.get(f"{instance.url}/readyz")).status_code == 200
             except httpx.HTTPError:
-                return False
+                ready = False
+            instance.ready = instance.ready or ready
+            every = every and ready
+        if not every:
+            return False
         try:
             probe = await http.get(
                 f"{self.lb_url}/v1/subscriptions",

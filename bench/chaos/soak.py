@@ -309,6 +309,10 @@ async def _run(
     try:
         ops = await conn.fetch("SELECT status, count(*) AS n FROM operations GROUP BY 1")
         subs = await conn.fetch("SELECT status, count(*) AS n FROM subscriptions GROUP BY 1")
+        why = await conn.fetch(
+            "SELECT left(coalesce(error, '?'), 60) AS error, count(*) AS n FROM operations"
+            " WHERE status = 'failed' GROUP BY 1 ORDER BY 2 DESC"
+        )
     finally:
         await conn.close()
     handled: dict[str, int | str] = {
@@ -321,6 +325,7 @@ async def _run(
         "  answered non-2xx or not at all (retried)": sum(statuses.values()),
         "operations": sum(r["n"] for r in ops),
         **{f"  {r['status']}": r["n"] for r in ops},
+        **{f"    failed: {r['error']}": r["n"] for r in why},
         "subscriptions": sum(r["n"] for r in subs),
         **{f"  subscription {r['status']}": r["n"] for r in subs},
         "SSE clients": len(clients),
