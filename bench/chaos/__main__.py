@@ -26,7 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="comma-separated fault kinds, 'all' or 'none' (a control run): " + ", ".join(KINDS),
     )
-    parser.add_argument("--keep", action="store_true", help="keep the run's logs and Redis data")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the run's logs, Redis data and database"
+    )
     args = parser.parse_args(argv)
     kinds: tuple[str, ...] = KINDS
     if args.kinds == "all":

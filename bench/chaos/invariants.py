@@ -171,7 +171,20 @@ async def paid_checkouts(
                 if has:
                     inv.fail(f"{where} is canceled but its {' and '.join(has)} are still there")
             elif sub["status"] != "failed":  # failed: the next invariant
-                inv.fail(f"{where} paid, still {sub['status']} after the settle time")
+                op = await db.fetchrow(
+                    "SELECT id, status, step, error FROM operations WHERE subject_id = $1"
+                    " ORDER BY created_at DESC LIMIT 1",
+                    sub["id"],
+                )
+                events = await db.fetchval(
+                    "SELECT string_agg(type || ':' || status, ', ' ORDER BY stripe_created)"
+                    " FROM webhook_events WHERE payload::text LIKE '%' || $1 || '%'",
+                    sub["id"],
+                )
+                inv.fail(
+                    f"{where} paid, still {sub['status']} after the settle time; its operation:"
+                    f" {dict(op) if op else None}; its webhook events: {events}"
+                )
         for row in await db.fetch(
             "SELECT stripe_subscription_id, count(*) AS n FROM subscriptions"
             " WHERE stripe_subscription_id IS NOT NULL GROUP BY 1 HAVING count(*) > 1"

@@ -82,6 +82,8 @@ class Faults:
         loop = asyncio.get_running_loop()
         end = loop.time() + window
         order: list[str] = []
+        # Gaps sized so that a short soak still sees every kind once, overlapping at times.
+        mean_gap = min(12.0, max(3.0, (window - first_after) / (len(self.kinds) + 1)))
         await asyncio.sleep(first_after)
         while loop.time() < end and self.kinds:
             if not order:
@@ -91,11 +93,14 @@ class Faults:
                 self.rng.shuffle(order)
             kind = order.pop()
             target = self._target(kind)
-            if target is not None:
-                task = asyncio.ensure_future(self._inject(kind, target))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
-            await asyncio.sleep(self.rng.uniform(4.0, 12.0))
+            if target is None:  # its target is busy with another fault: try it again later
+                order.insert(0, kind)
+                await asyncio.sleep(1.0)
+                continue
+            task = asyncio.ensure_future(self._inject(kind, target))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            await asyncio.sleep(self.rng.uniform(0.5, 1.5) * mean_gap)
         await asyncio.gather(*self._tasks)
 
     def _done(self, kind: str) -> bool:

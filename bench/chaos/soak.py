@@ -53,7 +53,7 @@ class SoakOptions:
     seed: int = 1
     customers: int = 6
     settle_seconds: float = 150.0
-    keep: bool = False  # keep the run's directory (logs, Redis data)
+    keep: bool = False  # keep the run's directory (logs, Redis data) and its database
     kinds: tuple[str, ...] = KINDS  # the faults to inject; none: a control run
 
 
@@ -176,11 +176,16 @@ async def soak(options: SoakOptions, out: TextIO) -> bool:
             for process in processes:
                 stop_process(process)
             redis_server.stop()
-            with contextlib.suppress(Exception):
-                await _teardown_resources(database_url, admin_url)
-            with contextlib.suppress(Exception):
-                await drop_database(admin_url, database)
-            if not options.keep:
+            if options.keep:
+                out.write(
+                    f"kept: {run_dir} (logs, Redis data) and the database {database}; drop it"
+                    " and the lookout_gr_*/lookout_repo_* it names when done\n"
+                )
+            else:
+                with contextlib.suppress(Exception):
+                    await _teardown_resources(database_url, admin_url)
+                with contextlib.suppress(Exception):
+                    await drop_database(admin_url, database)
                 shutil.rmtree(run_dir, ignore_errors=True)
     return passed
 
