@@ -144,6 +144,8 @@ class Faults:
                 "stripe 500s and timeouts": self._stripe,
             }
             await actions[kind](record)
+        except (OSError, asyncpg.PostgresError, RedisError, httpx.HTTPError, RuntimeError) as exc:
+            record.detail += f" (not fully injected: {type(exc).__name__}: {exc})"
         finally:
             record.lifted = time.monotonic()
             self._busy.discard(target)

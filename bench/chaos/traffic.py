@@ -114,8 +114,14 @@ class Traffic:
                         await self._cancel_now(customer, http, emulator, rng)
                     else:
                         await self._over_limit(customer, http, emulator, rng)
-                except httpx.HTTPError as exc:
-                    self.count(f"request failed: {type(exc).__name__}")
+                except (
+                    httpx.HTTPError,
+                    OSError,
+                    asyncpg.PostgresError,
+                    asyncpg.InterfaceError,
+                ) as exc:
+                    # The soak terminates backends and cuts connections: a customer shrugs.
+                    self.count(f"action failed: {type(exc).__name__}")
                 await self._idle(rng.uniform(1.0, 4.0))
 
     async def _idle(self, seconds: float) -> None:

@@ -59,12 +59,12 @@ class WebhookSender:
             while not self._stop.is_set():
                 try:
                     listed = (await control.get("/_emulator/events")).json()["data"]
+                    for row in listed:
+                        if row["id"] not in self.deliveries:
+                            event = (await control.get(f"/_emulator/events/{row['id']}")).json()
+                            self._schedule(http, event["event"])
                 except (httpx.HTTPError, ValueError, KeyError):
-                    listed = []
-                for row in listed:
-                    if row["id"] not in self.deliveries:
-                        event = (await control.get(f"/_emulator/events/{row['id']}")).json()
-                        self._schedule(http, event["event"])
+                    pass  # asked again in a moment
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), 0.3)
             for task in list(self._tasks):
