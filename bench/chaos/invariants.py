@@ -173,7 +173,9 @@ async def paid_checkouts(
                 if stripe_sub.get("status") != "canceled":
                     inv.fail(f"{where} is canceled but Stripe says {stripe_sub.get('status')}")
                 if has:
-                    inv.fail(f"{where} is canceled but its {' and '.join(has)} are still there")
+                    inv.fail(
+                        f"{where} is canceled but the server still has its {' and '.join(has)}"
+                    )
             elif sub["status"] != "failed":  # failed: the next invariant
                 op = await db.fetchrow(
                     "SELECT id, status, step, error FROM operations WHERE subject_id = $1"
@@ -234,7 +236,7 @@ async def failed_provisionings(
             admin, sub["resource_type"], sub["resource_id"], world.admin_url
         )
         if has:
-            inv.fail(f"{where} failed but its {' and '.join(has)} are left on the server")
+            inv.fail(f"{where} failed but the server still has its {' and '.join(has)}")
     return inv
 
 
