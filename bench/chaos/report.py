@@ -29,6 +29,8 @@ def print_report(
     invariants: Sequence[Invariant],
     timings: Mapping[str, float],
     started: float,
+    resumed: Sequence[float] = (),
+    never_resumed: int = 0,
 ) -> None:
     w = out.write
     w(f"\n{header}\n{'=' * len(header)}\n\n")
@@ -42,7 +44,12 @@ def print_report(
         note = f"   ({never} never healthy again)" if never else ""
         w(f"  {kind:<38}{len(records):>5}   {_times(rec)}{note}\n")
     every = [r.recovery for r in faults if r.recovery is not None]
-    w(f"  {'all':<38}{len(faults):>5}   {_times(every)}\n\n")
+    w(f"  {'all':<38}{len(faults):>5}   {_times(every)}\n")
+    w(
+        f"  {'kill -9 -> in-flight operation moving':<38}{len(resumed):>5}   {_times(resumed)}"
+        + (f"   ({never_resumed} published nothing more)" if never_resumed else "")
+        + "\n\n"
+    )
     w("Handled\n")
     for what, n in handled.items():
         w(f"  {what:<52}{n:>8}\n")

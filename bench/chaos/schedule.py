@@ -21,7 +21,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from bench.chaos.cluster import Instance, RedisServer
+from bench.chaos.cluster import Instance, RedisServer, with_database
 from bench.chaos.proxy import FaultProxy
 
 __all__ = ["KINDS", "FaultRecord", "Faults", "HealthWatch"]
@@ -47,6 +47,8 @@ class FaultRecord:
     lifted: float | None = None
     healthy_at: float | None = None
     detail: str = ""
+    wall_ms: int = 0  # when it was injected, on the clock of Redis Stream ids
+    in_flight: tuple[str, ...] = ()  # operations pending or running when an instance was killed
 
     @property
     def recovery(self) -> float | None:
@@ -155,9 +157,21 @@ class Faults:
 
     async def _kill(self, record: FaultRecord) -> None:
         instance = self._instance(record.target)
+        try:  # best effort: the kill happens whatever the database says
+            conn = await asyncpg.connect(with_database(self.admin_url, self.database), timeout=5)
+            try:
+                rows = await conn.fetch(
+                    "SELECT id FROM operations WHERE status IN ('pending', 'running')"
+                )
+                record.in_flight = tuple(r["id"] for r in rows)
+            finally:
+                await conn.close()
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            record.detail = "in-flight operations unknown; "
+        record.wall_ms = int(time.time() * 1000)
         instance.kill()
         down = self.rng.uniform(0.5, 3.0)
-        record.detail = f"down {down:.1f} s"
+        record.detail += f"down {down:.1f} s, {len(record.in_flight)} operations in flight"
         await asyncio.sleep(down)
         instance.start()
 

@@ -42,6 +42,7 @@ from bench.chaos.schedule import KINDS, Faults, HealthWatch
 from bench.chaos.traffic import Traffic
 from bench.chaos.webhooks import WebhookSender
 from provisioning import GraphBackend, SharedRepositoryBackend
+from streams.topics import operation_topic, stream_key
 
 __all__ = ["SoakOptions", "soak"]
 
@@ -107,6 +108,31 @@ async def _settle(
                 break
         await asyncio.sleep(1.0)
     return loop.time() - start
+
+
+async def _resumption_after_kills(
+    redis: Redis, prefix: str, faults: Faults
+) -> tuple[list[float], int]:
+    """For each operation pending or running when an instance was SIGKILLed: seconds from the
+    kill to its next event in its Stream (the work moving again, on whichever instance). The
+    slowest of a kill approximates the takeover time; an operation that published nothing
+    more is counted apart (it may have been waiting out another fault)."""
+    resumed: list[float] = []
+    stuck = 0
+    for record in faults.records:
+        if record.kind != "instance SIGKILL":
+            continue
+        for op_id in record.in_flight:
+            entries: Any = await redis.xrange(
+                stream_key(prefix, operation_topic(op_id)), min=f"{record.wall_ms + 1}", count=1
+            )
+            if entries:
+                entry_id = entries[0][0]
+                text = entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+                resumed.append((int(text.split("-")[0]) - record.wall_ms) / 1000)
+            else:
+                stuck += 1
+    return resumed, stuck
 
 
 async def soak(options: SoakOptions, out: TextIO) -> bool:
@@ -269,7 +295,7 @@ async def _run(
             from bench.chaos.sse import SseClient
 
             assert isinstance(client, SseClient)
-            entries: Any = await redis.xrevrange(f"{prefix}events:{client.topic}", count=1)
+            entries: Any = await redis.xrevrange(stream_key(prefix, client.topic), count=1)
             last = entries[0][0].decode() if entries else None
             caught_up[client_key] = await client.catch_up(last, within=20)
 
@@ -293,6 +319,7 @@ async def _run(
             unexpected_exits=watch.unexpected_exits,
         )
         results: list[Invariant] = await check_all(world)
+        resumed, stuck = await _resumption_after_kills(redis, prefix, faults)
         timings["checks"] = time.monotonic() - check_start
         timings["whole run"] = time.monotonic() - started
     finally:
@@ -345,6 +372,8 @@ async def _run(
         handled[f"  webhook answer {what}"] = n
     print_report(
         out,
+        resumed=resumed,
+        never_resumed=stuck,
         header=f"Chaos soak: seed {options.seed}, {options.minutes} min, "
         f"{options.instances} instances, {options.customers} customers",
         faults=faults.records,
