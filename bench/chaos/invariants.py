@@ -302,6 +302,13 @@ def _compare(client: SseClient, history: list[tuple[str, str]], inv: Invariant) 
     if not received:
         if client.operation and kept:
             inv.fail(f"{who}: received nothing of {len(kept)} events")
+        elif client.opened_ms is not None:
+            # Two seconds for its subscription to be in place after the 200.
+            later = [i for i in kept if stream_position(i)[0] > client.opened_ms + 2000]
+            if later:
+                inv.fail(
+                    f"{who}: received nothing of {len(later)} events published after it opened"
+                )
         return
     if client.operation:
         expected = kept  # an operation stream starts from the operation's first event

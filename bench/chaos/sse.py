@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -41,6 +42,7 @@ class SseClient:
     finished: bool = False  # answered 204: the stream has said its last word
     last_id: str | None = None
     retry_ms: int = 1000
+    opened_ms: int | None = None  # wall clock (as Stream ids) of its first 200
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -86,6 +88,8 @@ class SseClient:
                     self._count(f"http {answer.status_code}")
                     retry_after = answer.headers.get("Retry-After", "")
                     return float(retry_after) if retry_after.isdigit() else self.retry_ms / 1000
+                if self.opened_ms is None:
+                    self.opened_ms = int(time.time() * 1000)
                 reading = asyncio.ensure_future(self._read(answer))
                 stopper = asyncio.ensure_future(self._stop.wait())
                 done, _ = await asyncio.wait(
@@ -145,8 +149,8 @@ class SseClient:
             timeout=httpx.Timeout(10.0, read=20.0),
         ) as http:
             while loop.time() < deadline:
-                if self.finished or last_id is None or self.last_id == last_id:
-                    return True
+                if self.finished or last_id is None or self.last_id in (None, last_id):
+                    return True  # (one that never received anything is judged apart)
                 if self.last_id is not None and _after(self.last_id, last_id):
                     return True
                 remaining = deadline - loop.time()

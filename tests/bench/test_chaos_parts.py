@@ -138,3 +138,12 @@ def test_an_operation_stream_must_hold_the_operation_from_its_first_event() -> N
     inv = Invariant("streams")
     _compare(client, history, inv)
     assert any("1 missing" in v for v in inv.violations), inv.violations
+
+
+def test_a_dashboard_that_received_nothing_misses_what_came_after_it_opened() -> None:
+    history = [("1000-0", "before"), ("9000-0", "after")]
+    client = _client("user:u", [])
+    client.opened_ms = 2000
+    inv = Invariant("streams")
+    _compare(client, history, inv)
+    assert any("received nothing of 1 events" in v for v in inv.violations), inv.violations
