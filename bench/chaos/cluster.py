@@ -23,11 +23,15 @@ import httpx
 __all__ = [
     "Instance",
     "RedisServer",
+    "create_database",
+    "drop_database",
     "free_port",
     "lookout_environment",
     "postgres_admin_url",
     "start_emulator",
     "stop_process",
+    "wait_http",
+    "wait_ready",
     "with_database",
 ]
 
