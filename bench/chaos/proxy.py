@@ -1,0 +1,196 @@
+"""TCP proxies: one that injects faults in front of a server, and a round-robin load balancer.
+
+A `FaultProxy` forwards 127.0.0.1:port to an upstream and can, on demand:
+- `drop_all()`: cut every open connection with a RST, as a crashed peer's host does;
+- `refuse()` / `accept()`: close the listening socket for real (ECONNREFUSED), then listen again;
+- `stall()` / `unstall()`: accept connections and forward nothing, either way, until unstalled;
+- `latency`: seconds added before each chunk is forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import socket
+import struct
+from collections.abc import Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["FaultProxy", "LoadBalancer", "url_through"]
+
+_CHUNK = 65536
+
+
+def url_through(url: str, port: int) -> str:
+    """`url` with its host and port replaced by 127.0.0.1:`port`."""
+    parts = urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Closes with RST instead of FIN."""
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+class _Listener:
+    """A listening socket on a fixed port that can be closed and opened again."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._conns.add(writer)
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        try:
+            await self._handle(reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            # `drop_all` cancels it; asyncio would log a cancelled connection callback.
+            pass
+        finally:
+            self._conns.discard(writer)
+            self._tasks.discard(task)
+            writer.transport.abort()
+
+    async def accept(self) -> None:
+        if self._server is not None:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            try:
+                self._server = await asyncio.start_server(
+                    self._on_connect, "127.0.0.1", self.port, reuse_address=True
+                )
+                return
+            except OSError:  # the port lingers a moment after a close
+                if loop.time() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+
+    def drop_all(self) -> int:
+        """Cuts every open connection (RST); answers how many there were."""
+        conns = list(self._conns)
+        for writer in conns:
+            _reset(writer)
+        for task in list(self._tasks):
+            task.cancel()
+        return len(conns)
+
+    async def refuse(self) -> None:
+        """Stops listening (new connections are refused) and cuts the open ones."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self.drop_all()
+
+    async def close(self) -> None:
+        await self.refuse()
+        await asyncio.sleep(0)
+
+
+async def _pump(
+    source: asyncio.StreamReader, sink: asyncio.StreamWriter, proxy: FaultProxy | None
+) -> None:
+    try:
+        while True:
+            chunk = await source.read(_CHUNK)
+            if not chunk:
+                break
+            if proxy is not None:
+                await proxy.flowing.wait()
+                if proxy.latency:
+                    await asyncio.sleep(proxy.latency)
+            sink.write(chunk)
+            await sink.drain()
+    except (OSError, asyncio.IncompleteReadError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, RuntimeError):
+            if sink.can_write_eof():
+                sink.write_eof()
+
+
+async def _splice(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    port: int,
+    proxy: FaultProxy | None,
+) -> bool:
+    """Forwards both ways until both sides close; answers False when upstream refused."""
+    try:
+        up_reader, up_writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return False
+    try:
+        await asyncio.gather(
+            _pump(reader, up_writer, proxy),
+            _pump(up_reader, writer, proxy),
+        )
+    finally:
+        up_writer.transport.abort()
+    return True
+
+
+class FaultProxy(_Listener):
+    """See the module docstring."""
+
+    def __init__(self, name: str, upstream: tuple[str, int], port: int) -> None:
+        super().__init__(port)
+        self.name = name
+        self.upstream = upstream
+        self.latency = 0.0
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+
+    @property
+    def listening(self) -> bool:
+        return self._server is not None
+
+    def stall(self) -> None:
+        self.flowing.clear()
+
+    def unstall(self) -> None:
+        self.flowing.set()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.flowing.wait()  # a stalled proxy accepts and says nothing
+        if not await _splice(reader, writer, *self.upstream, self):
+            _reset(writer)
+
+
+class LoadBalancer(_Listener):
+    """Round robin over `ports` on 127.0.0.1, skipping an instance whose port refuses."""
+
+    def __init__(self, port: int, ports: Sequence[int], rng: random.Random) -> None:
+        super().__init__(port)
+        self.ports = list(ports)
+        self._next = rng.randrange(len(self.ports))
+        self.connections = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        start = self._next
+        self._next = (self._next + 1) % len(self.ports)
+        for i in range(len(self.ports)):
+            port = self.ports[(start + i) % len(self.ports)]
+            if await _splice(reader, writer, "127.0.0.1", port, None):
+                return
+        _reset(writer)
