@@ -9,7 +9,7 @@ from typing import Any
 
 from app.db import Connection
 
-__all__ = ["AuditEntry", "record_audit", "record_audits"]
+__all__ = ["AuditEntry", "record_audit", "record_audits", "record_event_audit"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,3 +44,30 @@ async def record_audits(conn: Connection, entries: Sequence[AuditEntry]) -> None
         [e.subject_id for e in entries],
         [json.dumps(dict(e.detail), default=str) for e in entries],
     )
+
+
+async def record_event_audit(
+    conn: Connection,
+    kind: str,
+    *,
+    event_id: str,
+    user_id: str | None,
+    subject_id: str | None,
+    detail: Mapping[str, Any],
+) -> bool:
+    """One row for an event handled, however often its handling is tried again (a retry after
+    its outcome could not be recorded, a takeover): answers whether this call wrote it. The
+    lookup goes through the subject's index; the inbox's claim keeps two writers apart."""
+    written = await conn.fetchval(
+        "INSERT INTO audit_log (kind, user_id, subject_id, detail)"
+        " SELECT $1, $2, $3, $4::jsonb"
+        " WHERE NOT EXISTS (SELECT 1 FROM audit_log WHERE subject_id IS NOT DISTINCT FROM $3"
+        "                   AND kind = $1 AND detail->>'event_id' = $5)"
+        " RETURNING true",
+        kind,
+        user_id,
+        subject_id,
+        json.dumps({"event_id": event_id, **detail}, default=str),
+        event_id,
+    )
+    return bool(written)

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from app.audit import record_audit
+from app.audit import record_audit, record_event_audit
 from app.billing.fulfilment import PaymentConfirmation
 from app.billing.inbox import Batch, InboxEvent
 from app.billing.lifecycle import Lifecycle, StripeState
@@ -68,14 +68,6 @@ class StripeEventHandlers:
             return
         handler = self._handlers.get(event.type)
         record = await self._local_subscription(event) if handler else None
-        async with self._pool.acquire() as conn:
-            await record_audit(
-                conn,
-                f"stripe.{event.type}",
-                user_id=record.user_id if record else None,
-                subject_id=record.id if record else object_id(event.object),
-                detail={"event_id": event.id, "object_id": object_id(event.object)},
-            )
         if handler is None:
             logger.info("Stripe event %s (%s) needs no action", event.id, event.type)
         elif record is None:
@@ -84,6 +76,17 @@ class StripeEventHandlers:
             )
         else:
             await handler(event, record)
+        # Audited once it has been applied, and once however often it is retried: an event
+        # retried while Stripe was down used to leave a row per attempt.
+        async with self._pool.acquire() as conn:
+            await record_event_audit(
+                conn,
+                f"stripe.{event.type}",
+                event_id=event.id,
+                user_id=record.user_id if record else None,
+                subject_id=record.id if record else object_id(event.object),
+                detail={"object_id": object_id(event.object)},
+            )
 
     def batchable(self, event: InboxEvent) -> bool:
         return _confirms_payment(event)

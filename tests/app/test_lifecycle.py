@@ -285,3 +285,31 @@ async def test_cancel_and_reactivate_reach_stripe_with_idempotency_keys(
         stack.http.headers["Authorization"] = f"Bearer {other_key}"
         assert (await stack.http.post(f"/v1/subscriptions/{sub_id}/cancel")).status_code == 404
         assert (await stack.http.get(f"/v1/subscriptions/{sub_id}")).status_code == 404
+
+
+async def test_an_event_retried_while_stripe_fails_is_audited_once(settings: Settings) -> None:
+    """Found by the chaos soak: the handled-event audit row was written before the handler
+    ran, so each try of an event while Stripe answered 500 left one more row."""
+    async with running_stack(settings) as stack:
+        sub_id = await active_graph(stack, "audited-once")
+        stripe_id = await stripe_subscription_id(stack, sub_id)
+        await wait_processed(stack)
+        # Every read of the subscription from Stripe fails, for a while: the SDK's own retries
+        # and the inbox's first tries each take one.
+        fault = {"method": "GET", "path": f"/v1/subscriptions/{stripe_id}", "count": 8}
+        assert (await stack.emulator.post("/_emulator/faults", json=fault)).status_code == 200
+        await stack.emulator.post(f"/_emulator/subscriptions/{stripe_id}/portal_cancel", json={})
+        await wait_for(lambda: _cancel_flag(stack, sub_id, True), within=45, what="the cancel")
+        await wait_processed(stack)
+        async with stack.app.state.services.pool.acquire() as conn:
+            tries = await conn.fetchval(
+                "SELECT max(attempts) FROM webhook_events WHERE type = $1",
+                "customer.subscription.updated",
+            )
+            rows = await conn.fetch(
+                "SELECT detail->>'event_id' AS event_id, count(*) AS n FROM audit_log"
+                " WHERE kind LIKE 'stripe.%' AND detail ? 'event_id' GROUP BY 1"
+            )
+            events = await conn.fetch("SELECT id FROM webhook_events")
+        assert tries >= 2  # the handler really failed and was tried again
+        assert {r["event_id"]: r["n"] for r in rows} == {e["id"]: 1 for e in events}
