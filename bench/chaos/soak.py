@@ -91,7 +91,11 @@ async def _settle(
     loop = asyncio.get_running_loop()
     start = loop.time()
     while loop.time() - start < within:
-        with contextlib.suppress(OSError, asyncpg.PostgresError):
+        # Only the server being away is waited out: a query error (a table renamed under the
+        # soak) once made every settle last its whole bound.
+        with contextlib.suppress(
+            OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError
+        ):
             conn = await asyncpg.connect(database_url)
             try:
                 busy = await conn.fetchval(
@@ -99,7 +103,7 @@ async def _settle(
                     "        WHERE status NOT IN ('completed', 'failed', 'cancelled'))"
                     " + (SELECT count(*) FROM webhook_events WHERE status <> 'processed')"
                     " + (SELECT count(*) FROM subscriptions WHERE status = 'provisioning')"
-                    " + (SELECT count(*) FROM stripe_cancellations WHERE done_at IS NULL)"
+                    " + (SELECT count(*) FROM stripe_compensations WHERE done_at IS NULL)"
                 )
             finally:
                 await conn.close()
