@@ -22,9 +22,9 @@ import pytest
 from app.settings import Settings
 from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
+from bench.chaos.proxy import FaultProxy, fault_proxy, url_through
 from provisioning.pgadmin import quote_ident
 from tests.support import free_port, live_server
-from tests.support.faults import TcpProxy, tcp_proxy
 from tests.support.process import serve_process
 from tests.support.stack import wait_for
 
@@ -38,7 +38,7 @@ class Setup:
     port: int
     db: asyncpg.Connection
     control: httpx.AsyncClient
-    proxy: TcpProxy
+    proxy: FaultProxy
     auth: dict[str, str]
 
     async def operation(self, subscription_id: str) -> asyncpg.Record | None:
@@ -77,7 +77,7 @@ async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIte
         async with (
             live_server(emulator, port=emulator_port),
             httpx.AsyncClient(base_url=emulator_url) as control,
-            tcp_proxy(pg_admin_dsn) as proxy,
+            fault_proxy("provisioner", pg_admin_dsn) as proxy,
         ):
             yield Setup(settings, url, port, db, control, proxy, {"Authorization": f"Bearer {key}"})
     finally:
@@ -135,9 +135,9 @@ async def test_a_killed_instance_s_provision_is_taken_over_within_5_s_and_runs_e
         # The first instance reaches its provisioning server through the proxy, which holds
         # its connections: it is killed in the middle of create_database.
         first_settings = replace(
-            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
+            setup.settings, provisioner_database_url=url_through(pg_admin_dsn, setup.proxy.port)
         )
-        setup.proxy.hold()
+        setup.proxy.stall()
         async with (
             serve_process(first_settings, port=setup.port) as first,
             httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
@@ -205,7 +205,7 @@ async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothi
         # The first instance's provisioning server does not answer: its provision waits, and
         # the process is stopped while it waits (between two tries, outside any step).
         first_settings = replace(
-            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
+            setup.settings, provisioner_database_url=url_through(pg_admin_dsn, setup.proxy.port)
         )
         await setup.proxy.refuse()
         async with (
@@ -263,9 +263,9 @@ async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_w
 ) -> None:
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
         first_settings = replace(
-            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
+            setup.settings, provisioner_database_url=url_through(pg_admin_dsn, setup.proxy.port)
         )
-        setup.proxy.hold()
+        setup.proxy.stall()
         async with (
             serve_process(first_settings, port=setup.port) as first,
             httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
@@ -289,7 +289,7 @@ async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_w
                 during = await setup.operation(subscription_id)
                 assert during is not None and during["lease_owner"] == owner
                 assert during["attempts"] == 1
-                setup.proxy.release()
+                setup.proxy.unstall()
             finally:
                 os.kill(first.process.pid, signal.SIGCONT)
 

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from bench.chaos.proxy import fault_proxy, url_through
 from provisioning import (
     GraphBackend,
     ProvisionerBackend,
@@ -35,7 +36,6 @@ from tests.provisioning.support import (
     server_objects,
     wait_for,
 )
-from tests.support.faults import tcp_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -186,9 +186,11 @@ async def test_an_unreachable_provisioner_is_waited_out_and_the_provision_comple
     user_id: str,
     name_prefix: str,
 ) -> None:
-    async with tcp_proxy(pg_admin_dsn) as proxy:
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         backend = CountingBackend(
-            GraphBackend(proxy.url_for(pg_admin_dsn), name_prefix=name_prefix, connect_timeout=2)
+            GraphBackend(
+                url_through(pg_admin_dsn, proxy.port), name_prefix=name_prefix, connect_timeout=2
+            )
         )
         await proxy.refuse()
         async with running(db_pool, publisher, hooks, [backend], retry=WAITING_RETRY) as runner:
@@ -248,8 +250,8 @@ async def test_the_provision_fails_once_the_retry_window_has_passed(
     name_prefix: str,
 ) -> None:
     retry = replace(WAITING_RETRY, outage_window=2)
-    async with tcp_proxy(pg_admin_dsn) as proxy:
-        backend = GraphBackend(proxy.url_for(pg_admin_dsn), name_prefix=name_prefix)
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
+        backend = GraphBackend(url_through(pg_admin_dsn, proxy.port), name_prefix=name_prefix)
         await proxy.refuse()
         async with running(db_pool, publisher, hooks, [backend], retry=retry) as runner:
             started = time.monotonic()
