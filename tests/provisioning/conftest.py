@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import AsyncIterator
 
@@ -12,7 +13,7 @@ from redis.asyncio import Redis
 from provisioning import GraphBackend
 from provisioning.pgadmin import quote_ident
 from streams import EventPublisher
-from tests.provisioning.support import RecordingHooks, server_objects
+from tests.provisioning.support import RecordingHooks, Serving, running, server_objects
 
 
 @pytest.fixture
@@ -44,6 +45,13 @@ def hooks() -> RecordingHooks:
 @pytest.fixture
 def publisher(redis: Redis, redis_prefix: str) -> EventPublisher:
     return EventPublisher(redis, prefix=redis_prefix)
+
+
+@pytest.fixture
+def serving(db_pool: asyncpg.Pool, publisher: EventPublisher, hooks: RecordingHooks) -> Serving:
+    """A runner of this test's pool, publisher and hooks, serving for the duration of a block:
+    ``async with serving([backend], lease_seconds=30) as runner``."""
+    return functools.partial(running, db_pool, publisher, hooks)
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import anyio
 import asyncpg
@@ -117,6 +117,14 @@ async def running(
             yield runner
         finally:
             tg.cancel_scope.cancel()
+
+
+class Serving(Protocol):
+    """``running`` with this test's pool, publisher and hooks (the ``serving`` fixture)."""
+
+    def __call__(
+        self, backends: Iterable[ProvisionerBackend], **options: Any
+    ) -> AbstractAsyncContextManager[OperationRunner]: ...
 
 
 async def wait_for(

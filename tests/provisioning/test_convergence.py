@@ -26,13 +26,12 @@ from provisioning import (
 )
 from provisioning.backend import Credentials, OperationKind
 from provisioning.leases import INSTANCE_LOCK_CLASS
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
+    Serving,
     operation_events,
-    running,
     server_objects,
     wait_for,
 )
@@ -46,8 +45,8 @@ async def test_a_cancellation_requested_elsewhere_stops_the_provision_before_its
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -56,8 +55,8 @@ async def test_a_cancellation_requested_elsewhere_stops_the_provision_before_its
     holding = HoldingBackend(graph_backend, hold_at="grant_access")
     # A long lease: the worker's lease keeper would see the request only 10 s later.
     async with (
-        running(db_pool, publisher, hooks, [holding], lease_seconds=30) as worker,
-        running(db_pool, publisher, hooks, [graph_backend]) as other,
+        serving([holding], lease_seconds=30) as worker,
+        serving([graph_backend]) as other,
     ):
         op = await worker.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
@@ -94,17 +93,16 @@ class FailingAfterHold(HoldingBackend):
 
 async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     stalled = FailingAfterHold(graph_backend, hold_at="apply_schema")
-    async with running(db_pool, publisher, hooks, [stalled], lease_seconds=300) as first:
+    async with serving([stalled], lease_seconds=300) as first:
         op = await first.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
             await stalled.holding.wait()
@@ -114,7 +112,7 @@ async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
             "UPDATE operations SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
             op.id,
         )
-        async with running(db_pool, publisher, hooks, [graph_backend], sweep_interval=0.1):
+        async with serving([graph_backend], sweep_interval=0.1):
             # Long enough for the second instance to take the operation over and finish it,
             # were it allowed to while the first one's step runs.
             await anyio.sleep(3)
@@ -180,8 +178,8 @@ async def test_an_unreachable_provisioner_is_waited_out_and_the_provision_comple
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
@@ -193,7 +191,7 @@ async def test_an_unreachable_provisioner_is_waited_out_and_the_provision_comple
             )
         )
         await proxy.refuse()
-        async with running(db_pool, publisher, hooks, [backend], retry=WAITING_RETRY) as runner:
+        async with serving([backend], retry=WAITING_RETRY) as runner:
             op = await runner.start("provision", new_subject(), user_id, GRAPH)
             waiting = await wait_for(
                 db_pool, op.id, lambda o: o.status not in ("pending", "running"), limit=20
@@ -243,8 +241,8 @@ async def test_the_provision_fails_once_the_retry_window_has_passed(
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
@@ -253,7 +251,7 @@ async def test_the_provision_fails_once_the_retry_window_has_passed(
     async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         backend = GraphBackend(url_through(pg_admin_dsn, proxy.port), name_prefix=name_prefix)
         await proxy.refuse()
-        async with running(db_pool, publisher, hooks, [backend], retry=retry) as runner:
+        async with serving([backend], retry=retry) as runner:
             started = time.monotonic()
             op = await runner.start("provision", new_subject(), user_id, GRAPH)
             done = await wait_for(db_pool, op.id, limit=30)
@@ -279,12 +277,11 @@ async def _lock_holder(pool: asyncpg.Pool, owner: str) -> int | None:
 
 async def test_the_instance_lock_is_taken_again_when_its_connection_is_terminated(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         first = await _lock_holder(db_pool, runner.instance_id)
         assert first is not None
         # Only this test database's backend that holds the lock.
