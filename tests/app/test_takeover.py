@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import asyncpg
@@ -25,7 +25,7 @@ from app.users import create_api_key, create_user
 from bench.chaos.proxy import FaultProxy, fault_proxy, url_through
 from provisioning.pgadmin import quote_ident
 from tests.support import free_port, live_server
-from tests.support.process import serve_process
+from tests.support.process import ServeProcess, serve_process
 from tests.support.stack import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.anyio
 @dataclass
 class Setup:
     settings: Settings
+    first_settings: Settings  # the first instance's: its provisioning server through the proxy
     url: str
     port: int
     db: asyncpg.Connection
@@ -79,7 +80,11 @@ async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIte
             httpx.AsyncClient(base_url=emulator_url) as control,
             fault_proxy("provisioner", pg_admin_dsn) as proxy,
         ):
-            yield Setup(settings, url, port, db, control, proxy, {"Authorization": f"Bearer {key}"})
+            through_proxy = replace(
+                settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+            )
+            auth = {"Authorization": f"Bearer {key}"}
+            yield Setup(settings, through_proxy, url, port, db, control, proxy, auth)
     finally:
         resources = await db.fetch("SELECT resource_id FROM subscriptions")
         await db.close()
@@ -91,6 +96,43 @@ async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIte
                 await admin.execute(f"DROP ROLE IF EXISTS {name}")
         finally:
             await admin.close()
+
+
+class Instances(NamedTuple):
+    first: ServeProcess  # on the webhooks' port, its provisioning server through the proxy
+    http: httpx.AsyncClient  # the customer's, to the first
+    other: httpx.AsyncClient  # the customer's, to the second
+
+
+@contextlib.asynccontextmanager
+async def two_instances(setup: Setup) -> AsyncIterator[Instances]:
+    async with (
+        serve_process(setup.first_settings, port=setup.port) as first,
+        httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
+        serve_process(setup.settings) as second,
+        httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
+    ):
+        yield Instances(first, http, other)
+
+
+async def create_database_under_way(setup: Setup, subscription_id: str) -> asyncpg.Record:
+    """The provision, once its create_database step has reached the (stalled) proxy."""
+
+    async def in_create_database() -> asyncpg.Record | None:
+        op = await setup.operation(subscription_id)
+        held = op is not None and op["step"] == "create_database"
+        return op if held and setup.proxy.connections > 0 else None
+
+    op: asyncpg.Record = await wait_for(in_create_database, what="create_database to be under way")
+    return op
+
+
+async def wait_active(other: httpx.AsyncClient, subscription_id: str) -> None:
+    async def active() -> bool:
+        answer = await other.get(f"/v1/subscriptions/{subscription_id}")
+        return bool(answer.json()["status"] == "active")
+
+    await wait_for(active, within=60, what="the subscription to be active")
 
 
 async def pay_for_a_graph(setup: Setup, http: httpx.AsyncClient) -> str:
@@ -134,24 +176,10 @@ async def test_a_killed_instance_s_provision_is_taken_over_within_5_s_and_runs_e
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
         # The first instance reaches its provisioning server through the proxy, which holds
         # its connections: it is killed in the middle of create_database.
-        first_settings = replace(
-            setup.settings, provisioner_database_url=url_through(pg_admin_dsn, setup.proxy.port)
-        )
         setup.proxy.stall()
-        async with (
-            serve_process(first_settings, port=setup.port) as first,
-            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
-            serve_process(setup.settings) as second,
-            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
-        ):
+        async with two_instances(setup) as (first, http, other):
             subscription_id = await pay_for_a_graph(setup, http)
-
-            async def in_create_database() -> asyncpg.Record | None:
-                op = await setup.operation(subscription_id)
-                held = op is not None and op["step"] == "create_database"
-                return op if held and setup.proxy.connections > 0 else None
-
-            op = await wait_for(in_create_database, what="create_database to be under way")
+            op = await create_database_under_way(setup, subscription_id)
             owner = op["lease_owner"]
             first.kill()
             died = time.monotonic()
@@ -163,12 +191,7 @@ async def test_a_killed_instance_s_provision_is_taken_over_within_5_s_and_runs_e
             taken = await wait_for(taken_over, within=60, what="another instance to take over")
             takeover = time.monotonic() - died
             print(f"\nMEASURED takeover after SIGKILL: {takeover:.2f} s")
-
-            async def active() -> bool:
-                answer = await other.get(f"/v1/subscriptions/{subscription_id}")
-                return bool(answer.json()["status"] == "active")
-
-            await wait_for(active, within=60, what="the subscription to be active")
+            await wait_active(other, subscription_id)
             events = await step_events(other, op["id"])
 
         done = await setup.operation(subscription_id)
@@ -204,16 +227,8 @@ async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothi
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
         # The first instance's provisioning server does not answer: its provision waits, and
         # the process is stopped while it waits (between two tries, outside any step).
-        first_settings = replace(
-            setup.settings, provisioner_database_url=url_through(pg_admin_dsn, setup.proxy.port)
-        )
         await setup.proxy.refuse()
-        async with (
-            serve_process(first_settings, port=setup.port) as first,
-            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
-            serve_process(setup.settings) as second,
-            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
-        ):
+        async with two_instances(setup) as (first, http, other):
             subscription_id = await pay_for_a_graph(setup, http)
 
             async def waiting() -> asyncpg.Record | None:
@@ -262,24 +277,10 @@ async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_w
     settings: Settings, pg_admin_dsn: str
 ) -> None:
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
-        first_settings = replace(
-            setup.settings, provisioner_database_url=url_through(pg_admin_dsn, setup.proxy.port)
-        )
         setup.proxy.stall()
-        async with (
-            serve_process(first_settings, port=setup.port) as first,
-            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
-            serve_process(setup.settings) as second,
-            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
-        ):
+        async with two_instances(setup) as (first, http, other):
             subscription_id = await pay_for_a_graph(setup, http)
-
-            async def in_create_database() -> asyncpg.Record | None:
-                op = await setup.operation(subscription_id)
-                held = op is not None and op["step"] == "create_database"
-                return op if held and setup.proxy.connections > 0 else None
-
-            op = await wait_for(in_create_database, what="create_database to be under way")
+            op = await create_database_under_way(setup, subscription_id)
             owner = op["lease_owner"]
             os.kill(first.process.pid, signal.SIGSTOP)
             try:
@@ -292,12 +293,7 @@ async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_w
                 setup.proxy.unstall()
             finally:
                 os.kill(first.process.pid, signal.SIGCONT)
-
-            async def active() -> bool:
-                answer = await other.get(f"/v1/subscriptions/{subscription_id}")
-                return bool(answer.json()["status"] == "active")
-
-            await wait_for(active, within=60, what="the subscription to be active")
+            await wait_active(other, subscription_id)
             events = await step_events(other, op["id"])
 
         done = await setup.operation(subscription_id)
