@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import anyio
@@ -16,39 +16,21 @@ from app.billing.reconciler import Reconciler, Repair
 from app.billing.subscriptions import get_subscription
 from app.settings import Settings
 from provisioning import (
-    Credentials,
     GraphBackend,
-    OperationKind,
     OperationRecord,
     OperationRunner,
     SharedRepositoryBackend,
     Step,
     StepContext,
 )
+from tests.provisioning.support import HoldingBackend
 from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
 
 
-class GateBefore:
+class GateBefore(HoldingBackend):
     """Wraps a real backend: the step ``hold_at`` waits on ``release`` before it runs."""
-
-    def __init__(self, inner: GraphBackend, hold_at: str) -> None:
-        self.inner = inner
-        self.hold_at = hold_at
-        self.holding = anyio.Event()
-        self.release = anyio.Event()
-
-    @property
-    def resource_type(self) -> str:
-        return self.inner.resource_type
-
-    @property
-    def id_prefix(self) -> str:
-        return self.inner.id_prefix
-
-    def steps(self, kind: OperationKind) -> Sequence[Step]:
-        return [self._wrap(s) if s.name == self.hold_at else s for s in self.inner.steps(kind)]
 
     def _wrap(self, step: Step) -> Step:
         async def run(ctx: StepContext) -> None:
@@ -57,12 +39,6 @@ class GateBefore:
             await step.run(ctx)
 
         return replace(step, run=run)
-
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
 
 
 @pytest.fixture
