@@ -62,15 +62,11 @@ class RecordingHooks:
         return [k for k, _, _, d in self.audits if d.get("operation_id") == operation_id]
 
 
-class HoldingBackend:
-    """Wraps a real backend; the step ``hold_at`` runs for real, then waits on ``release``."""
+class WrappedBackend:
+    """A real backend's stand-in that passes everything through; subclasses change ``steps``."""
 
-    def __init__(self, inner: ProvisionerBackend, hold_at: str) -> None:
+    def __init__(self, inner: ProvisionerBackend) -> None:
         self.inner = inner
-        self.hold_at = hold_at
-        self.holding = anyio.Event()
-        self.release = anyio.Event()
-        self.released = False
 
     @property
     def resource_type(self) -> str:
@@ -79,6 +75,26 @@ class HoldingBackend:
     @property
     def id_prefix(self) -> str:
         return self.inner.id_prefix
+
+    def steps(self, kind: OperationKind) -> Sequence[Step]:
+        return self.inner.steps(kind)
+
+    async def teardown(self, resource_id: str) -> None:
+        await self.inner.teardown(resource_id)
+
+    async def rotate_credentials(self, resource_id: str) -> Credentials:
+        return await self.inner.rotate_credentials(resource_id)
+
+
+class HoldingBackend(WrappedBackend):
+    """Wraps a real backend; the step ``hold_at`` runs for real, then waits on ``release``."""
+
+    def __init__(self, inner: ProvisionerBackend, hold_at: str) -> None:
+        super().__init__(inner)
+        self.hold_at = hold_at
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+        self.released = False
 
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         return [self._wrap(s) if s.name == self.hold_at else s for s in self.inner.steps(kind)]
@@ -91,12 +107,6 @@ class HoldingBackend:
             self.released = True
 
         return replace(step, run=run)
-
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
 
 
 @asynccontextmanager

@@ -24,13 +24,14 @@ from provisioning import (
     StepContext,
     get_operation,
 )
-from provisioning.backend import Credentials, OperationKind
+from provisioning.backend import OperationKind
 from provisioning.leases import INSTANCE_LOCK_CLASS
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
+    WrappedBackend,
     operation_events,
     server_objects,
     wait_for,
@@ -137,20 +138,12 @@ async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
     assert len(terminal) == 1
 
 
-class CountingBackend:
+class CountingBackend(WrappedBackend):
     """Counts the runs of each step of a real backend."""
 
     def __init__(self, inner: ProvisionerBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.runs: dict[str, int] = {}
-
-    @property
-    def resource_type(self) -> str:
-        return self.inner.resource_type
-
-    @property
-    def id_prefix(self) -> str:
-        return self.inner.id_prefix
 
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         return [self._count(s) for s in self.inner.steps(kind)]
@@ -161,12 +154,6 @@ class CountingBackend:
             await step.run(ctx)
 
         return replace(step, run=run)
-
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
 
 
 WAITING_RETRY = RetryPolicy(
