@@ -9,7 +9,6 @@ from dataclasses import replace
 import anyio
 import asyncpg
 import pytest
-from asyncpg.utils import _quote_ident as quote_ident
 
 from app.billing.fulfilment import resource_spec
 from app.billing.reconciler import Reconciler, Repair
@@ -23,7 +22,7 @@ from provisioning import (
     Step,
     StepContext,
 )
-from tests.provisioning.support import HoldingBackend
+from tests.provisioning.support import HoldingBackend, drop_server_objects
 from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -47,16 +46,7 @@ async def graphs(settings: Settings) -> AsyncIterator[GraphBackend]:
     assert settings.database_url is not None
     prefix = f"lkr{secrets.token_hex(4)}_"
     yield GraphBackend(settings.database_url, name_prefix=prefix)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        pattern = prefix.replace("_", r"\_") + "%"
-        dbs = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", pattern)
-        for row in dbs:
-            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(row[0])} WITH (FORCE)")
-        for row in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", pattern):
-            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(row[0])}")
-    finally:
-        await conn.close()
+    await drop_server_objects(settings.database_url, prefix)
 
 
 async def on_server(stack: Stack, graphs: GraphBackend, resource_id: str) -> tuple[bool, bool]:

@@ -11,9 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import GraphBackend
-from provisioning.pgadmin import quote_ident
 from streams import EventPublisher
-from tests.provisioning.support import RecordingHooks, Serving, running, server_objects
+from tests.provisioning.support import RecordingHooks, Serving, drop_server_objects, running
 
 
 @pytest.fixture
@@ -21,15 +20,7 @@ async def name_prefix(pg_admin_dsn: str) -> AsyncIterator[str]:
     """A prefix for every database and role this test creates; all of them are dropped after."""
     prefix = f"lkt{secrets.token_hex(4)}_"
     yield prefix
-    dbs, roles = await server_objects(pg_admin_dsn, prefix)
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        for db in dbs:
-            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
-        for role in roles:
-            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
-    finally:
-        await conn.close()
+    await drop_server_objects(pg_admin_dsn, prefix)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from provisioning import (
     get_operation,
 )
 from provisioning.backend import Credentials, OperationKind
+from provisioning.pgadmin import quote_ident
 from streams import EventPublisher, operation_topic, stream_key, user_topic
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
@@ -184,6 +185,19 @@ async def server_objects(admin_dsn: str, name_prefix: str) -> tuple[list[str], l
     finally:
         await conn.close()
     return [r["datname"] for r in dbs], [r["rolname"] for r in roles]
+
+
+async def drop_server_objects(admin_dsn: str, name_prefix: str) -> None:
+    """Drops every database and role whose name starts with ``name_prefix``."""
+    dbs, roles = await server_objects(admin_dsn, name_prefix)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        for db in dbs:
+            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
+        for role in roles:
+            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+    finally:
+        await conn.close()
 
 
 async def with_admin(admin_dsn: str, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:
