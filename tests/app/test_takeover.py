@@ -20,12 +20,10 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
 from bench.chaos.proxy import FaultProxy, fault_proxy, url_through
 from provisioning.pgadmin import quote_ident
-from tests.support import free_port, live_server
-from tests.support.process import ServeProcess, serve_process
+from tests.support.process import ServeProcess, process_stripe, serve_process
 from tests.support.stack import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -35,8 +33,7 @@ pytestmark = pytest.mark.anyio
 class Setup:
     settings: Settings
     first_settings: Settings  # the first instance's: its provisioning server through the proxy
-    url: str
-    port: int
+    port: int  # the first instance's, where the emulator's webhooks go
     db: asyncpg.Connection
     control: httpx.AsyncClient
     proxy: FaultProxy
@@ -54,37 +51,21 @@ class Setup:
 async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIterator[Setup]:
     """The Stripe emulator (its webhooks go to the first instance's port) and a proxy in front
     of the provisioning server for the first instance."""
-    port, emulator_port = free_port(), free_port()
-    url, emulator_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{emulator_port}"
-    secret = f"whsec_{secrets.token_hex(8)}"
-    settings = replace(
-        settings,
-        stripe_api_base=emulator_url,
-        stripe_webhook_secrets=(secret,),
-        provisioner_database_url=pg_admin_dsn,
-    )
-    emulator = create_emulator(
-        webhook_url=f"{url}/v1/webhooks/stripe",
-        webhook_secret=secret,
-        public_url=emulator_url,
-        api_key=settings.stripe_api_key,
-        webhook_retry_base=0.2,
-    )
     assert settings.database_url is not None
     db = await asyncpg.connect(settings.database_url)
     user = await create_user(db, f"takeover-{secrets.token_hex(3)}@example.com")
     key = await create_api_key(db, user.id)
     try:
         async with (
-            live_server(emulator, port=emulator_port),
-            httpx.AsyncClient(base_url=emulator_url) as control,
+            process_stripe(settings) as stripe,
             fault_proxy("provisioner", pg_admin_dsn) as proxy,
         ):
+            direct = replace(stripe.settings, provisioner_database_url=pg_admin_dsn)
             through_proxy = replace(
-                settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+                direct, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
             )
             auth = {"Authorization": f"Bearer {key}"}
-            yield Setup(settings, through_proxy, url, port, db, control, proxy, auth)
+            yield Setup(direct, through_proxy, stripe.port, db, stripe.control, proxy, auth)
     finally:
         resources = await db.fetch("SELECT resource_id FROM subscriptions")
         await db.close()
