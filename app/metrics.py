@@ -80,34 +80,27 @@ class _StateCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         s, live = self.stored, self.live
-        inbox = GaugeMetricFamily(
+        yield _labelled_gauge(
             "lookout_webhook_inbox_events",
             "Stripe events in the inbox by status",
-            labels=["status"],
+            ["status"],
+            s.inbox,
         )
-        for status, count in sorted(s.inbox.items()):
-            inbox.add_metric([status], count)
-        yield inbox
         yield GaugeMetricFamily(
             "lookout_webhook_inbox_oldest_unprocessed_seconds",
             "Age of the oldest Stripe event not yet processed (0 when none)",
             value=s.inbox_oldest_seconds,
         )
         yield from _webhook_gauges(s.webhooks)
-        operations = GaugeMetricFamily(
-            "lookout_operations", "Operations by kind and status", labels=["kind", "status"]
+        yield _labelled_gauge(
+            "lookout_operations", "Operations by kind and status", ["kind", "status"], s.operations
         )
-        for (kind, status), count in sorted(s.operations.items()):
-            operations.add_metric([kind, status], count)
-        yield operations
-        durations = GaugeMetricFamily(
+        yield _labelled_gauge(
             "lookout_operation_duration_seconds",
             "Duration of operations finished in the last hour, by kind and quantile",
-            labels=["kind", "quantile"],
+            ["kind", "quantile"],
+            s.durations,
         )
-        for (kind, quantile), seconds in sorted(s.durations.items()):
-            durations.add_metric([kind, quantile], seconds)
-        yield durations
         yield GaugeMetricFamily(
             "lookout_open_streams", "SSE streams open on this instance", value=live.open_streams
         )
@@ -176,6 +169,19 @@ def _counter(name: str, documentation: str, value: int) -> Metric:
     return CounterMetricFamily(name, documentation, value=value)
 
 
+def _labelled_gauge(
+    name: str,
+    documentation: str,
+    labels: Sequence[str],
+    values: Mapping[str, float] | Mapping[tuple[str, str], float],
+) -> Metric:
+    """A sample per key of ``values`` (one label's value, or a tuple of them), in key order."""
+    gauge = GaugeMetricFamily(name, documentation, labels=labels)
+    for key, value in sorted(values.items()):
+        gauge.add_metric([key] if isinstance(key, str) else list(key), value)
+    return gauge
+
+
 class StorageSizes:
     """The size of each graph's database, measured by the backends that can (graphs), at most
     once per ``ttl`` seconds: ``pg_database_size`` walks every file of every database, a cost
@@ -215,14 +221,12 @@ class _StorageCollector(Collector):
         self._storage = storage
 
     def collect(self) -> Iterator[Metric]:
-        sizes = GaugeMetricFamily(
+        yield _labelled_gauge(
             "lookout_graph_database_bytes",
             "Size of each graph's database (pg_database_size), measured at most once a minute",
-            labels=["graph"],
+            ["graph"],
+            self._storage.sizes,
         )
-        for graph, size in sorted(self._storage.sizes.items()):
-            sizes.add_metric([graph], size)
-        yield sizes
 
 
 class Metrics:

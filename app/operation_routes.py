@@ -7,7 +7,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.auth import authenticate
-from app.billing.subscriptions import ACTIVE_RESOURCE_STATUSES, get_subscription_by_resource
+from app.billing.subscriptions import (
+    ACTIVE_RESOURCE_STATUSES,
+    SubscriptionRecord,
+    get_subscription_by_resource,
+)
 from app.errors import APIError
 from app.services import services
 from app.users import User
@@ -19,7 +23,7 @@ from provisioning import (
     get_operation,
 )
 
-__all__ = ["operation_routes", "owned_operation"]
+__all__ = ["operation_routes", "owned_graph", "owned_operation"]
 
 
 async def owned_operation(request: Request, user: User, operation_id: str) -> OperationRecord:
@@ -28,6 +32,15 @@ async def owned_operation(request: Request, user: User, operation_id: str) -> Op
     if operation is None or operation.user_id != user.id:
         raise APIError(404, "not_found", f"There is no operation {operation_id} of yours.")
     return operation
+
+
+async def owned_graph(request: Request, user: User, graph_id: str) -> SubscriptionRecord:
+    """The subscription of the user's graph ``graph_id``; 404 for anyone else's or none."""
+    async with services(request).pool.acquire() as conn:
+        record = await get_subscription_by_resource(conn, graph_id)
+    if record is None or record.user_id != user.id or record.resource_type != "graph":
+        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
+    return record
 
 
 async def operation(request: Request) -> Response:
@@ -51,11 +64,7 @@ async def cancel_operation(request: Request) -> Response:
 async def graph_credentials(request: Request) -> Response:
     user = await authenticate(request)
     graph_id = request.path_params["graph_id"]
-    found = services(request)
-    async with found.pool.acquire() as conn:
-        record = await get_subscription_by_resource(conn, graph_id)
-    if record is None or record.user_id != user.id or record.resource_type != "graph":
-        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
+    record = await owned_graph(request, user, graph_id)
     if record.status not in ACTIVE_RESOURCE_STATUSES:
         raise APIError(
             409,
@@ -63,7 +72,7 @@ async def graph_credentials(request: Request) -> Response:
             f"The graph is {record.status.replace('_', ' ')}; credentials exist once it is active.",
         )
     try:
-        credentials = await found.runner.rotate_credentials(graph_id)
+        credentials = await services(request).runner.rotate_credentials(graph_id)
     except ResourceNotFound:
         raise APIError(
             409, "graph_not_ready", "The graph's database is not ready; try again shortly."

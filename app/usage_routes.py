@@ -8,8 +8,7 @@ from starlette.routing import Route
 
 from app.auth import authenticate
 from app.billing.plans import get_plan
-from app.billing.subscriptions import get_subscription_by_resource
-from app.errors import APIError
+from app.operation_routes import owned_graph
 from app.services import services
 from streams import isoformat_z
 
@@ -22,11 +21,8 @@ async def graph_usage(request: Request) -> Response:
     measured-only allowances."""
     user = await authenticate(request)
     graph_id = request.path_params["graph_id"]
+    record = await owned_graph(request, user, graph_id)
     found = services(request)
-    async with found.pool.acquire() as conn:
-        record = await get_subscription_by_resource(conn, graph_id)
-    if record is None or record.user_id != user.id or record.resource_type != "graph":
-        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
     plan = get_plan(record.plan)
     sizes = await found.metrics.storage.read()
     measured_at = found.metrics.storage.measured_at

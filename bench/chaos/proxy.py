@@ -5,6 +5,12 @@ A `FaultProxy` forwards 127.0.0.1:port to an upstream and can, on demand:
 - `refuse()` / `accept()`: close the listening socket for real (ECONNREFUSED), then listen again;
 - `stall()` / `unstall()`: accept connections and forward nothing, either way, until unstalled;
 - `latency`: seconds added before each chunk is forwarded.
+
+    async with fault_proxy("postgres", admin_url) as proxy:
+        url = url_through(admin_url, proxy.port)  # the same server, through the proxy
+
+The upstream may be a Unix socket's directory (libpq's `?host=/dir`, as the embedded PostgreSQL
+gives): the proxy still listens on TCP.
 """
 
 from __future__ import annotations
@@ -14,20 +20,34 @@ import contextlib
 import random
 import socket
 import struct
-from collections.abc import Sequence
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import AsyncIterator, Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-__all__ = ["FaultProxy", "LoadBalancer", "url_through"]
+from bench.chaos.cluster import free_port
+
+__all__ = ["FaultProxy", "LoadBalancer", "fault_proxy", "url_through"]
 
 _CHUNK = 65536
 
 
 def url_through(url: str, port: int) -> str:
-    """`url` with its host and port replaced by 127.0.0.1:`port`."""
+    """`url` with its host and port replaced by 127.0.0.1:`port` (a `host` or `port` in its
+    query too, which libpq would prefer to the proxy's)."""
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
     netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in query if k not in ("host", "port")]
+    return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query)))
+
+
+def _upstream(url: str) -> tuple[str, int]:
+    """The host (or Unix socket directory) and port that `url` names; PostgreSQL's port when
+    it names none."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    host = query.get("host") or parts.hostname or "127.0.0.1"
+    return host, int(query.get("port") or parts.port or 5432)
 
 
 def _reset(writer: asyncio.StreamWriter) -> None:
@@ -45,6 +65,7 @@ class _Listener:
     def __init__(self, port: int) -> None:
         self.port = port
         self._server: asyncio.Server | None = None
+        self.connections = 0  # accepted since the start
         self._conns: set[asyncio.StreamWriter] = set()
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -52,6 +73,7 @@ class _Listener:
         raise NotImplementedError
 
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
         self._conns.add(writer)
         task = asyncio.current_task()
         assert task is not None
@@ -136,7 +158,10 @@ async def _splice(
 ) -> bool:
     """Forwards both ways until both sides close; answers False when upstream refused."""
     try:
-        up_reader, up_writer = await asyncio.open_connection(host, port)
+        if host.startswith("/"):  # a Unix socket's directory, named as libpq does
+            up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
+        else:
+            up_reader, up_writer = await asyncio.open_connection(host, port)
     except OSError:
         return False
     try:
@@ -183,10 +208,8 @@ class LoadBalancer(_Listener):
         super().__init__(port)
         self.ports = list(ports)
         self._next = rng.randrange(len(self.ports))
-        self.connections = 0
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
         start = self._next
         self._next = (self._next + 1) % len(self.ports)
         for i in range(len(self.ports)):
@@ -194,3 +217,16 @@ class LoadBalancer(_Listener):
             if await _splice(reader, writer, "127.0.0.1", port, None):
                 return
         _reset(writer)
+
+
+@contextlib.asynccontextmanager
+async def fault_proxy(name: str, url: str) -> AsyncIterator[FaultProxy]:
+    """A proxy, listening on a free port, in front of the server of `url` (a postgresql://,
+    redis:// or http:// URL); whatever it was doing, it lets go and closes at the end."""
+    proxy = FaultProxy(name, _upstream(url), free_port())
+    await proxy.accept()
+    try:
+        yield proxy
+    finally:
+        proxy.unstall()
+        await proxy.close()

@@ -11,11 +11,9 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
-from urllib.parse import urlsplit
 
 import asyncpg
 from redis.asyncio import Redis
@@ -36,7 +34,7 @@ from bench.chaos.cluster import (
     with_database,
 )
 from bench.chaos.invariants import Invariant, World, check_all
-from bench.chaos.proxy import FaultProxy, LoadBalancer, url_through
+from bench.chaos.proxy import FaultProxy, LoadBalancer, fault_proxy, url_through
 from bench.chaos.report import print_report
 from bench.chaos.schedule import KINDS, Faults, HealthWatch
 from bench.chaos.traffic import Traffic
@@ -56,18 +54,6 @@ class SoakOptions:
     settle_seconds: float = 150.0
     keep: bool = False  # keep the run's directory (logs, Redis data) and its database
     kinds: tuple[str, ...] = KINDS  # the faults to inject; none: a control run
-
-
-@contextlib.asynccontextmanager
-async def _proxy(name: str, url: str) -> AsyncIterator[FaultProxy]:
-    parts = urlsplit(url)
-    proxy = FaultProxy(name, (parts.hostname or "127.0.0.1", parts.port or 0), free_port())
-    await proxy.accept()
-    try:
-        yield proxy
-    finally:
-        proxy.unstall()
-        await proxy.close()
 
 
 async def _teardown_resources(database_url: str, admin_url: str) -> None:
@@ -163,10 +149,10 @@ async def soak(options: SoakOptions, out: TextIO) -> bool:
             )
             await wait_http(f"{emulator_url}/_emulator/webhooks", within=30)
             async with (
-                _proxy("postgres", admin_url) as pg_proxy,
-                _proxy("redis", redis_server.url) as redis_proxy,
-                _proxy("provisioner", admin_url) as provisioner_proxy,
-                _proxy("stripe", emulator_url) as stripe_proxy,
+                fault_proxy("postgres", admin_url) as pg_proxy,
+                fault_proxy("redis", redis_server.url) as redis_proxy,
+                fault_proxy("provisioner", admin_url) as provisioner_proxy,
+                fault_proxy("stripe", emulator_url) as stripe_proxy,
             ):
                 ports = [free_port() for _ in range(options.instances)]
                 lb = LoadBalancer(free_port(), ports, random.Random(rng.random()))

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import secrets
 import time
-from dataclasses import replace
 
 import asyncpg
 import httpx
 import pytest
 
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
-from tests.support import free_port, live_server
-from tests.support.process import serve_process
+from tests.support.process import process_stripe, serve_process
 from tests.support.stack import wait_for
 from tests.support.stripe_events import deliver
 
@@ -25,17 +21,6 @@ pytestmark = pytest.mark.anyio
 async def test_an_event_acknowledged_by_a_killed_process_is_processed_after_restart(
     settings: Settings,
 ) -> None:
-    port, emulator_port = free_port(), free_port()
-    url, emulator_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{emulator_port}"
-    secret = f"whsec_{secrets.token_hex(8)}"
-    settings = replace(settings, stripe_api_base=emulator_url, stripe_webhook_secrets=(secret,))
-    emulator = create_emulator(
-        webhook_url=f"{url}/v1/webhooks/stripe",
-        webhook_secret=secret,
-        public_url=emulator_url,
-        api_key=settings.stripe_api_key,
-        webhook_retry_base=0.2,
-    )
     assert settings.database_url is not None
     db = await asyncpg.connect(settings.database_url)
     user = await create_user(db, "crash@example.com")
@@ -48,13 +33,11 @@ async def test_an_event_acknowledged_by_a_killed_process_is_processed_after_rest
         return status
 
     try:
-        async with (
-            live_server(emulator, port=emulator_port),
-            httpx.AsyncClient(base_url=emulator_url) as control,
-        ):
+        async with process_stripe(settings) as stripe:
+            control, secret = stripe.control, stripe.secret
             auth = {"Authorization": f"Bearer {key}"}
             async with (
-                serve_process(settings, port=port) as first,
+                serve_process(stripe.settings, port=stripe.port) as first,
                 httpx.AsyncClient(base_url=first.url, headers=auth) as http,
             ):
                 started = (
@@ -105,7 +88,7 @@ async def test_an_event_acknowledged_by_a_killed_process_is_processed_after_rest
 
             restarted_at = time.monotonic()
             async with (
-                serve_process(settings, port=port) as second,
+                serve_process(stripe.settings, port=stripe.port) as second,
                 httpx.AsyncClient(base_url=second.url, headers=auth) as http,
             ):
 

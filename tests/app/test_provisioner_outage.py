@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.settings import Settings
-from tests.support.faults import tcp_proxy
+from bench.chaos.proxy import fault_proxy, url_through
 from tests.support.stack import running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -37,10 +37,12 @@ async def operation_events(http: httpx.AsyncClient, op_id: str) -> list[dict[str
 async def test_a_15_s_provisioner_outage_delays_the_provision_and_cancels_nothing(
     settings: Settings, pg_admin_dsn: str
 ) -> None:
-    async with tcp_proxy(pg_admin_dsn) as proxy:
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         await proxy.refuse()
         outage_began = time.monotonic()
-        through_proxy = replace(settings, provisioner_database_url=proxy.url_for(pg_admin_dsn))
+        through_proxy = replace(
+            settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+        )
         async with running_stack(through_proxy) as stack:
             started = await stack.checkout("graph-standard", "patient")
             await stack.pay(started["checkout_session_id"])

@@ -5,7 +5,6 @@ that cannot stay up turns /healthz and /readyz 503, naming it."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,42 +17,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from app.services import Services
 from app.settings import Settings
 from streams import Event, channel_name, user_topic
+from tests.support.bugs import crash_once, crash_once_sync
 from tests.support.redis_server import redis_process
 from tests.support.stack import Stack, running_stack, wait_for
 from tests.support.stripe_events import deliver, make_event, stripe_object
 
 pytestmark = pytest.mark.anyio
-
-
-def crash_once(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
-    """The next call of ``target.name`` raises (a bug in the loop that calls it); later calls
-    are the real method again."""
-    original: Callable[..., Awaitable[Any]] = getattr(target, name)
-
-    crashed = False
-
-    async def broken(*args: Any, **kwargs: Any) -> Any:
-        # Whoever holds this function (a supervisor holds the loop it restarts) gets the
-        # real method from the second call on.
-        nonlocal crashed
-        monkeypatch.setattr(target, name, original)
-        if crashed:
-            return await original(*args, **kwargs)
-        crashed = True
-        raise RuntimeError(f"an unexpected bug in {name}")
-
-    monkeypatch.setattr(target, name, broken)
-
-
-def crash_once_sync(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
-    """``crash_once`` for a plain method."""
-    original: Callable[..., Any] = getattr(target, name)
-
-    def broken(*args: Any, **kwargs: Any) -> Any:
-        monkeypatch.setattr(target, name, original)
-        raise RuntimeError(f"an unexpected bug in {name}")
-
-    monkeypatch.setattr(target, name, broken)
 
 
 def services(stack: Stack) -> Services:

@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import anyio
 import asyncpg
@@ -20,12 +20,10 @@ import httpx
 import pytest
 
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
+from bench.chaos.proxy import FaultProxy, fault_proxy, url_through
 from provisioning.pgadmin import quote_ident
-from tests.support import free_port, live_server
-from tests.support.faults import TcpProxy, tcp_proxy
-from tests.support.process import serve_process
+from tests.support.process import ServeProcess, process_stripe, serve_process
 from tests.support.stack import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -34,11 +32,11 @@ pytestmark = pytest.mark.anyio
 @dataclass
 class Setup:
     settings: Settings
-    url: str
-    port: int
+    first_settings: Settings  # the first instance's: its provisioning server through the proxy
+    port: int  # the first instance's, where the emulator's webhooks go
     db: asyncpg.Connection
     control: httpx.AsyncClient
-    proxy: TcpProxy
+    proxy: FaultProxy
     auth: dict[str, str]
 
     async def operation(self, subscription_id: str) -> asyncpg.Record | None:
@@ -53,33 +51,21 @@ class Setup:
 async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIterator[Setup]:
     """The Stripe emulator (its webhooks go to the first instance's port) and a proxy in front
     of the provisioning server for the first instance."""
-    port, emulator_port = free_port(), free_port()
-    url, emulator_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{emulator_port}"
-    secret = f"whsec_{secrets.token_hex(8)}"
-    settings = replace(
-        settings,
-        stripe_api_base=emulator_url,
-        stripe_webhook_secrets=(secret,),
-        provisioner_database_url=pg_admin_dsn,
-    )
-    emulator = create_emulator(
-        webhook_url=f"{url}/v1/webhooks/stripe",
-        webhook_secret=secret,
-        public_url=emulator_url,
-        api_key=settings.stripe_api_key,
-        webhook_retry_base=0.2,
-    )
     assert settings.database_url is not None
     db = await asyncpg.connect(settings.database_url)
     user = await create_user(db, f"takeover-{secrets.token_hex(3)}@example.com")
     key = await create_api_key(db, user.id)
     try:
         async with (
-            live_server(emulator, port=emulator_port),
-            httpx.AsyncClient(base_url=emulator_url) as control,
-            tcp_proxy(pg_admin_dsn) as proxy,
+            process_stripe(settings) as stripe,
+            fault_proxy("provisioner", pg_admin_dsn) as proxy,
         ):
-            yield Setup(settings, url, port, db, control, proxy, {"Authorization": f"Bearer {key}"})
+            direct = replace(stripe.settings, provisioner_database_url=pg_admin_dsn)
+            through_proxy = replace(
+                direct, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+            )
+            auth = {"Authorization": f"Bearer {key}"}
+            yield Setup(direct, through_proxy, stripe.port, db, stripe.control, proxy, auth)
     finally:
         resources = await db.fetch("SELECT resource_id FROM subscriptions")
         await db.close()
@@ -91,6 +77,43 @@ async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIte
                 await admin.execute(f"DROP ROLE IF EXISTS {name}")
         finally:
             await admin.close()
+
+
+class Instances(NamedTuple):
+    first: ServeProcess  # on the webhooks' port, its provisioning server through the proxy
+    http: httpx.AsyncClient  # the customer's, to the first
+    other: httpx.AsyncClient  # the customer's, to the second
+
+
+@contextlib.asynccontextmanager
+async def two_instances(setup: Setup) -> AsyncIterator[Instances]:
+    async with (
+        serve_process(setup.first_settings, port=setup.port) as first,
+        httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
+        serve_process(setup.settings) as second,
+        httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
+    ):
+        yield Instances(first, http, other)
+
+
+async def create_database_under_way(setup: Setup, subscription_id: str) -> asyncpg.Record:
+    """The provision, once its create_database step has reached the (stalled) proxy."""
+
+    async def in_create_database() -> asyncpg.Record | None:
+        op = await setup.operation(subscription_id)
+        held = op is not None and op["step"] == "create_database"
+        return op if held and setup.proxy.connections > 0 else None
+
+    op: asyncpg.Record = await wait_for(in_create_database, what="create_database to be under way")
+    return op
+
+
+async def wait_active(other: httpx.AsyncClient, subscription_id: str) -> None:
+    async def active() -> bool:
+        answer = await other.get(f"/v1/subscriptions/{subscription_id}")
+        return bool(answer.json()["status"] == "active")
+
+    await wait_for(active, within=60, what="the subscription to be active")
 
 
 async def pay_for_a_graph(setup: Setup, http: httpx.AsyncClient) -> str:
@@ -134,24 +157,10 @@ async def test_a_killed_instance_s_provision_is_taken_over_within_5_s_and_runs_e
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
         # The first instance reaches its provisioning server through the proxy, which holds
         # its connections: it is killed in the middle of create_database.
-        first_settings = replace(
-            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
-        )
-        setup.proxy.hold()
-        async with (
-            serve_process(first_settings, port=setup.port) as first,
-            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
-            serve_process(setup.settings) as second,
-            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
-        ):
+        setup.proxy.stall()
+        async with two_instances(setup) as (first, http, other):
             subscription_id = await pay_for_a_graph(setup, http)
-
-            async def in_create_database() -> asyncpg.Record | None:
-                op = await setup.operation(subscription_id)
-                held = op is not None and op["step"] == "create_database"
-                return op if held and setup.proxy.connections > 0 else None
-
-            op = await wait_for(in_create_database, what="create_database to be under way")
+            op = await create_database_under_way(setup, subscription_id)
             owner = op["lease_owner"]
             first.kill()
             died = time.monotonic()
@@ -163,12 +172,7 @@ async def test_a_killed_instance_s_provision_is_taken_over_within_5_s_and_runs_e
             taken = await wait_for(taken_over, within=60, what="another instance to take over")
             takeover = time.monotonic() - died
             print(f"\nMEASURED takeover after SIGKILL: {takeover:.2f} s")
-
-            async def active() -> bool:
-                answer = await other.get(f"/v1/subscriptions/{subscription_id}")
-                return bool(answer.json()["status"] == "active")
-
-            await wait_for(active, within=60, what="the subscription to be active")
+            await wait_active(other, subscription_id)
             events = await step_events(other, op["id"])
 
         done = await setup.operation(subscription_id)
@@ -204,16 +208,8 @@ async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothi
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
         # The first instance's provisioning server does not answer: its provision waits, and
         # the process is stopped while it waits (between two tries, outside any step).
-        first_settings = replace(
-            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
-        )
         await setup.proxy.refuse()
-        async with (
-            serve_process(first_settings, port=setup.port) as first,
-            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
-            serve_process(setup.settings) as second,
-            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
-        ):
+        async with two_instances(setup) as (first, http, other):
             subscription_id = await pay_for_a_graph(setup, http)
 
             async def waiting() -> asyncpg.Record | None:
@@ -262,24 +258,10 @@ async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_w
     settings: Settings, pg_admin_dsn: str
 ) -> None:
     async with two_instances_setup(settings, pg_admin_dsn) as setup:
-        first_settings = replace(
-            setup.settings, provisioner_database_url=setup.proxy.url_for(pg_admin_dsn)
-        )
-        setup.proxy.hold()
-        async with (
-            serve_process(first_settings, port=setup.port) as first,
-            httpx.AsyncClient(base_url=first.url, headers=setup.auth) as http,
-            serve_process(setup.settings) as second,
-            httpx.AsyncClient(base_url=second.url, headers=setup.auth) as other,
-        ):
+        setup.proxy.stall()
+        async with two_instances(setup) as (first, http, other):
             subscription_id = await pay_for_a_graph(setup, http)
-
-            async def in_create_database() -> asyncpg.Record | None:
-                op = await setup.operation(subscription_id)
-                held = op is not None and op["step"] == "create_database"
-                return op if held and setup.proxy.connections > 0 else None
-
-            op = await wait_for(in_create_database, what="create_database to be under way")
+            op = await create_database_under_way(setup, subscription_id)
             owner = op["lease_owner"]
             os.kill(first.process.pid, signal.SIGSTOP)
             try:
@@ -289,15 +271,10 @@ async def test_no_instance_takes_over_a_step_that_a_stopped_instance_has_under_w
                 during = await setup.operation(subscription_id)
                 assert during is not None and during["lease_owner"] == owner
                 assert during["attempts"] == 1
-                setup.proxy.release()
+                setup.proxy.unstall()
             finally:
                 os.kill(first.process.pid, signal.SIGCONT)
-
-            async def active() -> bool:
-                answer = await other.get(f"/v1/subscriptions/{subscription_id}")
-                return bool(answer.json()["status"] == "active")
-
-            await wait_for(active, within=60, what="the subscription to be active")
+            await wait_active(other, subscription_id)
             events = await step_events(other, op["id"])
 
         done = await setup.operation(subscription_id)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import tempfile
 import time
 from collections.abc import AsyncIterator
 
@@ -13,7 +14,7 @@ import pytest
 
 from bench.chaos.cluster import free_port
 from bench.chaos.invariants import Invariant, _compare
-from bench.chaos.proxy import FaultProxy, LoadBalancer
+from bench.chaos.proxy import FaultProxy, LoadBalancer, fault_proxy, url_through
 from bench.chaos.sse import Received, SseClient
 
 pytestmark = pytest.mark.anyio
@@ -83,6 +84,28 @@ async def test_the_fault_proxy_forwards_refuses_stalls_slows_and_cuts(echo: int)
         writer.close()
     finally:
         await proxy.close()
+
+
+async def test_the_fault_proxy_reaches_a_unix_socket_named_as_libpq_names_it() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(await reader.readline())
+        await writer.drain()
+        writer.close()
+
+    with tempfile.TemporaryDirectory() as directory:
+        server = await asyncio.start_unix_server(serve, f"{directory}/.s.PGSQL.5999")
+        url = f"postgresql://postgres@/postgres?host={directory}&port=5999&sslmode=disable"
+        try:
+            async with fault_proxy("postgres", url) as proxy:
+                through = url_through(url, proxy.port)
+                assert (
+                    through
+                    == f"postgresql://postgres@127.0.0.1:{proxy.port}/postgres?sslmode=disable"
+                )
+                assert await _ask(proxy.port) == b"ping\n"
+                assert proxy.connections == 1
+        finally:
+            server.close()
 
 
 async def test_the_load_balancer_skips_an_instance_that_refuses(echo: int) -> None:

@@ -3,52 +3,33 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import anyio
 import asyncpg
 import pytest
-from asyncpg.utils import _quote_ident as quote_ident
 
 from app.billing.fulfilment import resource_spec
 from app.billing.reconciler import Reconciler, Repair
 from app.billing.subscriptions import get_subscription
 from app.settings import Settings
 from provisioning import (
-    Credentials,
     GraphBackend,
-    OperationKind,
     OperationRecord,
     OperationRunner,
     SharedRepositoryBackend,
     Step,
     StepContext,
 )
+from tests.provisioning.support import HoldingBackend, drop_server_objects
 from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
 
 
-class GateBefore:
+class GateBefore(HoldingBackend):
     """Wraps a real backend: the step ``hold_at`` waits on ``release`` before it runs."""
-
-    def __init__(self, inner: GraphBackend, hold_at: str) -> None:
-        self.inner = inner
-        self.hold_at = hold_at
-        self.holding = anyio.Event()
-        self.release = anyio.Event()
-
-    @property
-    def resource_type(self) -> str:
-        return self.inner.resource_type
-
-    @property
-    def id_prefix(self) -> str:
-        return self.inner.id_prefix
-
-    def steps(self, kind: OperationKind) -> Sequence[Step]:
-        return [self._wrap(s) if s.name == self.hold_at else s for s in self.inner.steps(kind)]
 
     def _wrap(self, step: Step) -> Step:
         async def run(ctx: StepContext) -> None:
@@ -58,12 +39,6 @@ class GateBefore:
 
         return replace(step, run=run)
 
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
-
 
 @pytest.fixture
 async def graphs(settings: Settings) -> AsyncIterator[GraphBackend]:
@@ -71,16 +46,7 @@ async def graphs(settings: Settings) -> AsyncIterator[GraphBackend]:
     assert settings.database_url is not None
     prefix = f"lkr{secrets.token_hex(4)}_"
     yield GraphBackend(settings.database_url, name_prefix=prefix)
-    conn = await asyncpg.connect(settings.database_url)
-    try:
-        pattern = prefix.replace("_", r"\_") + "%"
-        dbs = await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", pattern)
-        for row in dbs:
-            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(row[0])} WITH (FORCE)")
-        for row in await conn.fetch("SELECT rolname FROM pg_roles WHERE rolname LIKE $1", pattern):
-            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(row[0])}")
-    finally:
-        await conn.close()
+    await drop_server_objects(settings.database_url, prefix)
 
 
 async def on_server(stack: Stack, graphs: GraphBackend, resource_id: str) -> tuple[bool, bool]:

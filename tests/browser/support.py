@@ -15,7 +15,8 @@ import anyio
 from httpx_sse import aconnect_sse
 
 from provisioning import ProvisionerBackend, Step, StepContext
-from provisioning.backend import Credentials, OperationKind
+from provisioning.backend import OperationKind
+from tests.provisioning.support import WrappedBackend
 from tests.support.stack import Stack, wait_for
 
 if TYPE_CHECKING:
@@ -89,21 +90,13 @@ class _Gate:
     release: anyio.Event
 
 
-class GatedBackend:
+class GatedBackend(WrappedBackend):
     """Wraps a real backend; each step named in ``hold_after`` runs for real, then waits until
     the test opens its gate, so that a test can act while provisioning is under way."""
 
     def __init__(self, inner: ProvisionerBackend, hold_after: Sequence[str]) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.gates = {name: _Gate(anyio.Event(), anyio.Event()) for name in hold_after}
-
-    @property
-    def resource_type(self) -> str:
-        return self.inner.resource_type
-
-    @property
-    def id_prefix(self) -> str:
-        return self.inner.id_prefix
 
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         return [self._wrap(s) if s.name in self.gates else s for s in self.inner.steps(kind)]
@@ -128,12 +121,6 @@ class GatedBackend:
     def release_all(self) -> None:
         for gate in self.gates.values():
             gate.release.set()
-
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
 
 
 async def server_events(stack: Stack, operation_id: str) -> list[ServerEvent]:

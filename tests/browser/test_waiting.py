@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from app.settings import Settings
+from bench.chaos.proxy import fault_proxy, url_through
 from tests.browser.support import by_testid, operation_id_of, screenshot, sign_in
-from tests.support.faults import tcp_proxy
 from tests.support.stack import running_stack
 
 if TYPE_CHECKING:
@@ -22,9 +22,11 @@ pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.timeout(180)]
 async def test_a_waiting_operation_says_why_and_completes_when_the_server_is_back(
     settings: Settings, pg_admin_dsn: str, page: Page, page_errors: list[str]
 ) -> None:
-    async with tcp_proxy(pg_admin_dsn) as proxy:
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         await proxy.refuse()
-        through_proxy = replace(settings, provisioner_database_url=proxy.url_for(pg_admin_dsn))
+        through_proxy = replace(
+            settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+        )
         async with running_stack(through_proxy) as stack:
             await page.goto(f"{stack.url}/")
             await sign_in(page, stack.api_key)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import AsyncIterator
 
@@ -10,9 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import GraphBackend
-from provisioning.pgadmin import quote_ident
 from streams import EventPublisher
-from tests.provisioning.support import RecordingHooks, server_objects
+from tests.provisioning.support import RecordingHooks, Serving, drop_server_objects, running
 
 
 @pytest.fixture
@@ -20,15 +20,7 @@ async def name_prefix(pg_admin_dsn: str) -> AsyncIterator[str]:
     """A prefix for every database and role this test creates; all of them are dropped after."""
     prefix = f"lkt{secrets.token_hex(4)}_"
     yield prefix
-    dbs, roles = await server_objects(pg_admin_dsn, prefix)
-    conn = await asyncpg.connect(pg_admin_dsn)
-    try:
-        for db in dbs:
-            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
-        for role in roles:
-            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
-    finally:
-        await conn.close()
+    await drop_server_objects(pg_admin_dsn, prefix)
 
 
 @pytest.fixture
@@ -44,6 +36,13 @@ def hooks() -> RecordingHooks:
 @pytest.fixture
 def publisher(redis: Redis, redis_prefix: str) -> EventPublisher:
     return EventPublisher(redis, prefix=redis_prefix)
+
+
+@pytest.fixture
+def serving(db_pool: asyncpg.Pool, publisher: EventPublisher, hooks: RecordingHooks) -> Serving:
+    """A runner of this test's pool, publisher and hooks, serving for the duration of a block:
+    ``async with serving([backend], lease_seconds=30) as runner``."""
+    return functools.partial(running, db_pool, publisher, hooks)
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import anyio
 import asyncpg
@@ -23,6 +23,7 @@ from provisioning import (
     get_operation,
 )
 from provisioning.backend import Credentials, OperationKind
+from provisioning.pgadmin import quote_ident
 from streams import EventPublisher, operation_topic, stream_key, user_topic
 
 FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.05)
@@ -62,15 +63,11 @@ class RecordingHooks:
         return [k for k, _, _, d in self.audits if d.get("operation_id") == operation_id]
 
 
-class HoldingBackend:
-    """Wraps a real backend; the step ``hold_at`` runs for real, then waits on ``release``."""
+class WrappedBackend:
+    """A real backend's stand-in that passes everything through; subclasses change ``steps``."""
 
-    def __init__(self, inner: ProvisionerBackend, hold_at: str) -> None:
+    def __init__(self, inner: ProvisionerBackend) -> None:
         self.inner = inner
-        self.hold_at = hold_at
-        self.holding = anyio.Event()
-        self.release = anyio.Event()
-        self.released = False
 
     @property
     def resource_type(self) -> str:
@@ -79,6 +76,26 @@ class HoldingBackend:
     @property
     def id_prefix(self) -> str:
         return self.inner.id_prefix
+
+    def steps(self, kind: OperationKind) -> Sequence[Step]:
+        return self.inner.steps(kind)
+
+    async def teardown(self, resource_id: str) -> None:
+        await self.inner.teardown(resource_id)
+
+    async def rotate_credentials(self, resource_id: str) -> Credentials:
+        return await self.inner.rotate_credentials(resource_id)
+
+
+class HoldingBackend(WrappedBackend):
+    """Wraps a real backend; the step ``hold_at`` runs for real, then waits on ``release``."""
+
+    def __init__(self, inner: ProvisionerBackend, hold_at: str) -> None:
+        super().__init__(inner)
+        self.hold_at = hold_at
+        self.holding = anyio.Event()
+        self.release = anyio.Event()
+        self.released = False
 
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         return [self._wrap(s) if s.name == self.hold_at else s for s in self.inner.steps(kind)]
@@ -91,12 +108,6 @@ class HoldingBackend:
             self.released = True
 
         return replace(step, run=run)
-
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
 
 
 @asynccontextmanager
@@ -117,6 +128,14 @@ async def running(
             yield runner
         finally:
             tg.cancel_scope.cancel()
+
+
+class Serving(Protocol):
+    """``running`` with this test's pool, publisher and hooks (the ``serving`` fixture)."""
+
+    def __call__(
+        self, backends: Iterable[ProvisionerBackend], **options: Any
+    ) -> AbstractAsyncContextManager[OperationRunner]: ...
 
 
 async def wait_for(
@@ -166,6 +185,19 @@ async def server_objects(admin_dsn: str, name_prefix: str) -> tuple[list[str], l
     finally:
         await conn.close()
     return [r["datname"] for r in dbs], [r["rolname"] for r in roles]
+
+
+async def drop_server_objects(admin_dsn: str, name_prefix: str) -> None:
+    """Drops every database and role whose name starts with ``name_prefix``."""
+    dbs, roles = await server_objects(admin_dsn, name_prefix)
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        for db in dbs:
+            await conn.execute(f"DROP DATABASE IF EXISTS {quote_ident(db)} WITH (FORCE)")
+        for role in roles:
+            await conn.execute(f"DROP ROLE IF EXISTS {quote_ident(role)}")
+    finally:
+        await conn.close()
 
 
 async def with_admin(admin_dsn: str, fn: Callable[[asyncpg.Connection], Awaitable[Any]]) -> Any:

@@ -24,9 +24,8 @@ from provisioning import (
     SharedRepositoryBackend,
     StepContext,
 )
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
-from tests.provisioning.support import RecordingHooks, running, server_objects, wait_for, with_admin
+from tests.provisioning.support import Serving, server_objects, wait_for, with_admin
 
 pytestmark = pytest.mark.anyio
 
@@ -68,14 +67,13 @@ async def connections(dsn: str, count: int) -> AsyncIterator[Sequence[asyncpg.Co
 
 async def provision(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     backend: GraphBackend | SharedRepositoryBackend,
     user_id: str,
     spec: ResourceSpec,
     count: int,
 ) -> list[Credentials]:
-    async with running(db_pool, publisher, hooks, [backend]) as runner:
+    async with serving([backend]) as runner:
         ops = [await runner.start("provision", new_subject(), user_id, spec) for _ in range(count)]
         for op in ops:
             done = await wait_for(db_pool, op.id)
@@ -86,8 +84,7 @@ async def provision(
 @pytest.fixture
 async def graphs(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> list[Credentials]:
@@ -95,7 +92,7 @@ async def graphs(
     `lookout serve` runs it); the first one's login is the customer trying its luck."""
     async with db_pool.acquire() as conn:
         await migrate(conn)
-    return await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=2)
+    return await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
 
 
 async def test_a_graph_login_cannot_lift_its_connection_limit(
@@ -214,14 +211,13 @@ async def assert_confined(graph: Credentials) -> None:
 
 async def test_a_graph_made_by_older_code_is_confined_when_its_steps_resume(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
-    (mine,) = await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=1)
+    (mine,) = await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=1)
     await make_it_old(pg_admin_dsn, mine)
     again = await provision_again(graph_backend, user_id, mine.database.removeprefix(name_prefix))
     await assert_confined(again)
@@ -229,14 +225,13 @@ async def test_a_graph_made_by_older_code_is_confined_when_its_steps_resume(
 
 async def test_confine_repairs_a_live_graph_made_by_older_code(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
-    (mine,) = await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=1)
+    (mine,) = await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=1)
     await make_it_old(pg_admin_dsn, mine)
     graph_id = mine.database.removeprefix(name_prefix)
     await graph_backend.confine(graph_id, GRAPH.limits)
@@ -263,9 +258,8 @@ async def provision_again(backend: GraphBackend, user_id: str, resource_id: str)
 
 async def test_a_repository_login_can_only_read_the_shared_repository(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     database_url: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -276,8 +270,8 @@ async def test_a_repository_login_can_only_read_the_shared_repository(
     repository = SharedRepositoryBackend(
         pg_admin_dsn, database=f"{name_prefix}shared", name_prefix=name_prefix
     )
-    (reader,) = await provision(db_pool, publisher, hooks, repository, user_id, REPOSITORY, count=1)
-    (graph,) = await provision(db_pool, publisher, hooks, graph_backend, user_id, GRAPH, count=1)
+    (reader,) = await provision(db_pool, serving, repository, user_id, REPOSITORY, count=1)
+    (graph,) = await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=1)
 
     async with connections(reader.dsn, 1) as (psql,):
         assert await psql.fetchval("SELECT count(*) FROM repository.countries") == 5
@@ -310,8 +304,7 @@ async def test_a_repository_login_can_only_read_the_shared_repository(
 
 async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confined_graph(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
@@ -327,7 +320,7 @@ async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confine
     admin_dsn = parts._replace(netloc=f"{admin}:pw@{server}").geturl()
     backend = GraphBackend(admin_dsn, name_prefix=name_prefix)
     subject = new_subject()
-    async with running(db_pool, publisher, hooks, [backend]) as runner:
+    async with serving([backend]) as runner:
         op = await runner.start("provision", subject, user_id, GRAPH)
         done = await wait_for(db_pool, op.id)
         assert done.status == "completed", done.error

@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from bench.chaos.proxy import fault_proxy, url_through
 from provisioning import (
     GraphBackend,
     ProvisionerBackend,
@@ -23,19 +24,18 @@ from provisioning import (
     StepContext,
     get_operation,
 )
-from provisioning.backend import Credentials, OperationKind
+from provisioning.backend import OperationKind
 from provisioning.leases import INSTANCE_LOCK_CLASS
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
+    Serving,
+    WrappedBackend,
     operation_events,
-    running,
     server_objects,
     wait_for,
 )
-from tests.support.faults import tcp_proxy
 
 pytestmark = pytest.mark.anyio
 
@@ -46,8 +46,8 @@ async def test_a_cancellation_requested_elsewhere_stops_the_provision_before_its
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -56,8 +56,8 @@ async def test_a_cancellation_requested_elsewhere_stops_the_provision_before_its
     holding = HoldingBackend(graph_backend, hold_at="grant_access")
     # A long lease: the worker's lease keeper would see the request only 10 s later.
     async with (
-        running(db_pool, publisher, hooks, [holding], lease_seconds=30) as worker,
-        running(db_pool, publisher, hooks, [graph_backend]) as other,
+        serving([holding], lease_seconds=30) as worker,
+        serving([graph_backend]) as other,
     ):
         op = await worker.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
@@ -94,17 +94,16 @@ class FailingAfterHold(HoldingBackend):
 
 async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     stalled = FailingAfterHold(graph_backend, hold_at="apply_schema")
-    async with running(db_pool, publisher, hooks, [stalled], lease_seconds=300) as first:
+    async with serving([stalled], lease_seconds=300) as first:
         op = await first.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
             await stalled.holding.wait()
@@ -114,7 +113,7 @@ async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
             "UPDATE operations SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
             op.id,
         )
-        async with running(db_pool, publisher, hooks, [graph_backend], sweep_interval=0.1):
+        async with serving([graph_backend], sweep_interval=0.1):
             # Long enough for the second instance to take the operation over and finish it,
             # were it allowed to while the first one's step runs.
             await anyio.sleep(3)
@@ -139,20 +138,12 @@ async def test_a_stalled_instance_does_not_roll_back_what_another_took_over(
     assert len(terminal) == 1
 
 
-class CountingBackend:
+class CountingBackend(WrappedBackend):
     """Counts the runs of each step of a real backend."""
 
     def __init__(self, inner: ProvisionerBackend) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.runs: dict[str, int] = {}
-
-    @property
-    def resource_type(self) -> str:
-        return self.inner.resource_type
-
-    @property
-    def id_prefix(self) -> str:
-        return self.inner.id_prefix
 
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         return [self._count(s) for s in self.inner.steps(kind)]
@@ -164,12 +155,6 @@ class CountingBackend:
 
         return replace(step, run=run)
 
-    async def teardown(self, resource_id: str) -> None:
-        await self.inner.teardown(resource_id)
-
-    async def rotate_credentials(self, resource_id: str) -> Credentials:
-        return await self.inner.rotate_credentials(resource_id)
-
 
 WAITING_RETRY = RetryPolicy(
     attempts=2, initial_delay=0.01, max_delay=0.2, outage_window=60, outage_max_delay=0.5
@@ -180,18 +165,20 @@ async def test_an_unreachable_provisioner_is_waited_out_and_the_provision_comple
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
-    async with tcp_proxy(pg_admin_dsn) as proxy:
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         backend = CountingBackend(
-            GraphBackend(proxy.url_for(pg_admin_dsn), name_prefix=name_prefix, connect_timeout=2)
+            GraphBackend(
+                url_through(pg_admin_dsn, proxy.port), name_prefix=name_prefix, connect_timeout=2
+            )
         )
         await proxy.refuse()
-        async with running(db_pool, publisher, hooks, [backend], retry=WAITING_RETRY) as runner:
+        async with serving([backend], retry=WAITING_RETRY) as runner:
             op = await runner.start("provision", new_subject(), user_id, GRAPH)
             waiting = await wait_for(
                 db_pool, op.id, lambda o: o.status not in ("pending", "running"), limit=20
@@ -241,17 +228,17 @@ async def test_the_provision_fails_once_the_retry_window_has_passed(
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     retry = replace(WAITING_RETRY, outage_window=2)
-    async with tcp_proxy(pg_admin_dsn) as proxy:
-        backend = GraphBackend(proxy.url_for(pg_admin_dsn), name_prefix=name_prefix)
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
+        backend = GraphBackend(url_through(pg_admin_dsn, proxy.port), name_prefix=name_prefix)
         await proxy.refuse()
-        async with running(db_pool, publisher, hooks, [backend], retry=retry) as runner:
+        async with serving([backend], retry=retry) as runner:
             started = time.monotonic()
             op = await runner.start("provision", new_subject(), user_id, GRAPH)
             done = await wait_for(db_pool, op.id, limit=30)
@@ -277,12 +264,11 @@ async def _lock_holder(pool: asyncpg.Pool, owner: str) -> int | None:
 
 async def test_the_instance_lock_is_taken_again_when_its_connection_is_terminated(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         first = await _lock_holder(db_pool, runner.instance_id)
         assert first is not None
         # Only this test database's backend that holds the lock.

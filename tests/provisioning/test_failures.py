@@ -23,6 +23,7 @@ from tests.provisioning.support import (
     FAST_RETRY,
     HoldingBackend,
     RecordingHooks,
+    Serving,
     operation_events,
     running,
     server_objects,
@@ -41,8 +42,8 @@ async def test_a_server_that_refuses_connections_fails_the_operation_after_the_r
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
@@ -50,7 +51,7 @@ async def test_a_server_that_refuses_connections_fails_the_operation_after_the_r
 ) -> None:
     closed = f"postgresql://postgres:s3cret-admin@127.0.0.1:{free_port()}/postgres"
     backend = GraphBackend(closed, name_prefix=name_prefix, connect_timeout=2)
-    async with running(db_pool, publisher, hooks, [backend], retry=NO_WAITING) as runner:
+    async with serving([backend], retry=NO_WAITING) as runner:
         op = await runner.start("provision", new_subject(), user_id, GRAPH)
         done = await wait_for(db_pool, op.id)
 
@@ -87,15 +88,15 @@ async def test_cancel_stops_the_running_step_and_leaves_nothing(
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     holding = HoldingBackend(graph_backend, hold_at="apply_schema")
-    async with running(db_pool, publisher, hooks, [holding]) as runner:
+    async with serving([holding]) as runner:
         op = await runner.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
             await holding.holding.wait()
@@ -132,20 +133,19 @@ async def test_cancel_stops_the_running_step_and_leaves_nothing(
 
 async def test_cancel_answers_unknown_and_uncancellable_operations(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
     subject = new_subject()
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         with pytest.raises(OperationNotFound):
             await runner.cancel("op_000000000000000000000000")
         provision = await runner.start("provision", subject, user_id, GRAPH)
         await wait_for(db_pool, provision.id)
         assert (await runner.cancel(provision.id)).status == "completed"
     holding = HoldingBackend(graph_backend, hold_at="drop_database")
-    async with running(db_pool, publisher, hooks, [holding]) as runner:
+    async with serving([holding]) as runner:
         op = await runner.start("deprovision", subject, user_id, GRAPH)
         with anyio.fail_after(30):
             await holding.holding.wait()
@@ -178,10 +178,9 @@ async def test_a_failing_hook_is_called_again_later_and_the_event_goes_out_once(
 
 async def test_cancel_reaches_an_operation_that_runs_on_another_instance(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -189,8 +188,8 @@ async def test_cancel_reaches_an_operation_that_runs_on_another_instance(
 ) -> None:
     holding = HoldingBackend(graph_backend, hold_at="grant_access")
     async with (
-        running(db_pool, publisher, hooks, [holding], lease_seconds=0.6) as worker,
-        running(db_pool, publisher, hooks, [graph_backend]) as other,
+        serving([holding], lease_seconds=0.6) as worker,
+        serving([graph_backend]) as other,
     ):
         op = await worker.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
@@ -212,8 +211,8 @@ async def test_cancel_reaches_an_operation_that_runs_on_another_instance(
 
 async def test_leftovers_of_a_failed_rollback_are_removed_once_the_server_answers(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -222,7 +221,7 @@ async def test_leftovers_of_a_failed_rollback_are_removed_once_the_server_answer
     # The server is down: the provision fails and its rollback cannot run either.
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     down = GraphBackend(closed, name_prefix=name_prefix, connect_timeout=2)
-    async with running(db_pool, publisher, hooks, [down], retry=NO_WAITING) as runner:
+    async with serving([down], retry=NO_WAITING) as runner:
         op = await runner.start("provision", new_subject(), user_id, GRAPH)
         assert (await wait_for(db_pool, op.id)).status == "failed"
     # Say a CREATE DATABASE had gone through before the server went away.
@@ -233,7 +232,7 @@ async def test_leftovers_of_a_failed_rollback_are_removed_once_the_server_answer
     assert len((await server_objects(pg_admin_dsn, name_prefix))[0]) == 1
 
     options = {"orphan_retry_seconds": 0.05}
-    async with running(db_pool, publisher, hooks, [graph_backend], **options):
+    async with serving([graph_backend], **options):
         with anyio.fail_after(30):
             while True:
                 async with db_pool.acquire() as conn:

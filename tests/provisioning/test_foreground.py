@@ -14,9 +14,8 @@ from provisioning import (
     ResourceSpec,
     get_operation,
 )
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
-from tests.provisioning.support import RecordingHooks, operation_events, running, wait_for
+from tests.provisioning.support import Serving, operation_events, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -49,17 +48,14 @@ async def _start_behind(
 
 async def test_an_operation_is_announced_at_once_and_steps_in_once_the_burst_is_over(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
     burst = BusyForeground()
-    async with running(
-        db_pool, publisher, hooks, [graph_backend], give_way_to=burst, give_way_seconds=30
-    ) as runner:
+    async with serving([graph_backend], give_way_to=burst, give_way_seconds=30) as runner:
         op = await _start_behind(runner, burst, user_id)
         await anyio.sleep(0.3)  # long enough for a first step to have begun, were it let
         async with db_pool.acquire() as conn:
@@ -77,15 +73,12 @@ async def test_an_operation_is_announced_at_once_and_steps_in_once_the_burst_is_
 
 async def test_sustained_foreground_work_delays_an_operation_but_does_not_starve_it(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
     never_quiet = BusyForeground()
-    async with running(
-        db_pool, publisher, hooks, [graph_backend], give_way_to=never_quiet, give_way_seconds=0.2
-    ) as runner:
+    async with serving([graph_backend], give_way_to=never_quiet, give_way_seconds=0.2) as runner:
         op = await runner.start("provision", new_subject(), user_id, GRAPH)
         done = await wait_for(db_pool, op.id)
     assert done.status == "completed"
@@ -94,15 +87,12 @@ async def test_sustained_foreground_work_delays_an_operation_but_does_not_starve
 
 async def test_cancelling_an_operation_that_gives_way_rolls_back_at_once(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
     burst = BusyForeground()
-    async with running(
-        db_pool, publisher, hooks, [graph_backend], give_way_to=burst, give_way_seconds=30
-    ) as runner:
+    async with serving([graph_backend], give_way_to=burst, give_way_seconds=30) as runner:
         op = await _start_behind(runner, burst, user_id)
         await runner.cancel(op.id)
         done = await wait_for(db_pool, op.id, limit=10)

@@ -10,13 +10,12 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import GraphBackend, ResourceSpec, get_operation, get_resource
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
+    Serving,
     operation_events,
-    running,
     server_objects,
     user_events,
     wait_for,
@@ -40,15 +39,15 @@ async def test_provision_creates_a_database_only_its_role_can_open(
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     subject = new_subject()
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         op = await runner.start("provision", subject, user_id, GRAPH)
         done = await wait_for(db_pool, op.id)
         credentials = await runner.rotate_credentials(op.resource_id)
@@ -126,13 +125,12 @@ async def test_provision_creates_a_database_only_its_role_can_open(
 
 async def test_rotating_credentials_changes_the_stored_verifier(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
 ) -> None:
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         op = await runner.start("provision", new_subject(), user_id, GRAPH)
         await wait_for(db_pool, op.id)
         first = await runner.rotate_credentials(op.resource_id)
@@ -163,8 +161,8 @@ async def test_the_same_subject_started_five_times_at_once_gives_one_database(
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -172,7 +170,7 @@ async def test_the_same_subject_started_five_times_at_once_gives_one_database(
 ) -> None:
     subject = new_subject()
     ids: list[str] = []
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
 
         async def start() -> None:
             ids.append((await runner.start("provision", subject, user_id, GRAPH)).id)
@@ -198,15 +196,15 @@ async def test_deprovision_revokes_access_and_drops_the_database(
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     subject = new_subject()
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         provision = await runner.start("provision", subject, user_id, GRAPH)
         await wait_for(db_pool, provision.id)
         credentials = await runner.rotate_credentials(provision.resource_id)
@@ -238,15 +236,15 @@ async def test_deprovision_revokes_access_and_drops_the_database(
 
 async def test_plan_limit_fails_the_provision_that_goes_over_it(
     db_pool: asyncpg.Pool,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
 ) -> None:
     one_graph = ResourceSpec("graph", "graph_starter", {"max_resources": 1})
-    async with running(db_pool, publisher, hooks, [graph_backend]) as runner:
+    async with serving([graph_backend]) as runner:
         first = await runner.start("provision", new_subject(), user_id, one_graph)
         assert (await wait_for(db_pool, first.id)).status == "completed"
         second = await runner.start("provision", new_subject(), user_id, one_graph)
@@ -261,15 +259,14 @@ async def test_plan_limit_fails_the_provision_that_goes_over_it(
 
 async def test_operations_beyond_the_concurrency_limit_are_announced_and_wait(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> None:
     holding = HoldingBackend(graph_backend, hold_at="create_database")
-    async with running(db_pool, publisher, hooks, [holding], max_concurrent=1) as runner:
+    async with serving([holding], max_concurrent=1) as runner:
         first = await runner.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
             await holding.holding.wait()

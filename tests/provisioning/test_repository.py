@@ -7,12 +7,10 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import ResourceSpec, SharedRepositoryBackend
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
-    RecordingHooks,
+    Serving,
     operation_events,
-    running,
     server_objects,
     wait_for,
 )
@@ -24,10 +22,9 @@ REPOSITORY = ResourceSpec("repository", "repository_reader")
 
 async def test_repository_access_is_read_only_and_revoked_on_deprovision(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     pg_admin_dsn: str,
     user_id: str,
     name_prefix: str,
@@ -36,7 +33,7 @@ async def test_repository_access_is_read_only_and_revoked_on_deprovision(
         pg_admin_dsn, database=f"{name_prefix}shared", name_prefix=name_prefix
     )
     first, second = new_subject(), new_subject()
-    async with running(db_pool, publisher, hooks, [backend]) as runner:
+    async with serving([backend]) as runner:
         ops = [await runner.start("provision", s, user_id, REPOSITORY) for s in (first, second)]
         for op in ops:
             assert (await wait_for(db_pool, op.id)).status == "completed"

@@ -16,13 +16,12 @@ from provisioning import GraphBackend, ResourceSpec
 from provisioning.backend import StepContext
 from provisioning.limits import check_limits_step
 from provisioning.operations import complete_step, create_operation, mark_started
-from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
+    Serving,
     operation_events,
-    running,
     server_objects,
     wait_for,
 )
@@ -37,8 +36,8 @@ async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_s
     db_pool: asyncpg.Pool,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
     hooks: RecordingHooks,
+    serving: Serving,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -68,7 +67,7 @@ async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_s
         for step in steps[:2]:
             assert await complete_step(conn, op.id, "dead", step.name)
 
-    async with running(db_pool, publisher, hooks, [graph_backend], lease_seconds=5) as runner:
+    async with serving([graph_backend], lease_seconds=5) as runner:
         done = await wait_for(db_pool, op.id)
         assert runner.instance_id == done.lease_owner
 
@@ -92,12 +91,11 @@ async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_s
 
 async def test_a_process_killed_in_the_middle_of_a_step_is_resumed_by_another(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     database_url: str,
     redis_url: str,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -134,7 +132,7 @@ async def test_a_process_killed_in_the_middle_of_a_step_is_resumed_by_another(
     assert killed["step"] == "apply_schema"
     assert "apply_schema" not in killed["completed_steps"]
 
-    async with running(db_pool, publisher, hooks, [graph_backend], sweep_interval=0.2):
+    async with serving([graph_backend], sweep_interval=0.2):
         done = await wait_for(db_pool, op_id)
 
     assert done.status == "completed" and done.attempts == 2 and done.progress == 100
@@ -162,10 +160,9 @@ async def test_a_process_killed_in_the_middle_of_a_step_is_resumed_by_another(
 
 async def test_a_runner_that_shuts_down_hands_its_operations_over_at_once(
     db_pool: asyncpg.Pool,
+    serving: Serving,
     redis: Redis,
     redis_prefix: str,
-    publisher: EventPublisher,
-    hooks: RecordingHooks,
     graph_backend: GraphBackend,
     pg_admin_dsn: str,
     user_id: str,
@@ -173,7 +170,7 @@ async def test_a_runner_that_shuts_down_hands_its_operations_over_at_once(
 ) -> None:
     holding = HoldingBackend(graph_backend, hold_at="create_role")
     # A long lease: only the release on shutdown lets the next runner take the operation.
-    async with running(db_pool, publisher, hooks, [holding], lease_seconds=300) as first:
+    async with serving([holding], lease_seconds=300) as first:
         op = await first.start("provision", new_subject(), user_id, GRAPH)
         with anyio.fail_after(30):
             await holding.holding.wait()
@@ -184,7 +181,7 @@ async def test_a_runner_that_shuts_down_hands_its_operations_over_at_once(
         )
     assert left is not None and left["status"] == "running" and left["free"]
 
-    async with running(db_pool, publisher, hooks, [graph_backend], lease_seconds=300):
+    async with serving([graph_backend], lease_seconds=300):
         done = await wait_for(db_pool, op.id)
     assert done.status == "completed" and done.attempts == 2
     assert not holding.released

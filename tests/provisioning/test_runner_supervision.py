@@ -5,8 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import anyio
 import asyncpg
@@ -17,29 +15,12 @@ from streams import EventPublisher, Supervisor
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import FAST_RETRY, RecordingHooks, wait_for
 from tests.streams.sse_client import wait_until
+from tests.support.bugs import crash_once
 
 pytestmark = pytest.mark.anyio
 
 GRAPH = ResourceSpec("graph", "graph_standard", {"max_resources": 3, "max_connections": 5})
 LOOPS = ("orphan-reaper", "operation-lease-keeper", "operation-sweep")
-
-
-def crash_once(monkeypatch: pytest.MonkeyPatch, target: object, name: str) -> None:
-    original: Callable[..., Awaitable[Any]] = getattr(target, name)
-
-    crashed = False
-
-    async def broken(*args: Any, **kwargs: Any) -> Any:
-        # Whoever holds this function (a supervisor holds the loop it restarts) gets the
-        # real method from the second call on.
-        nonlocal crashed
-        monkeypatch.setattr(target, name, original)
-        if crashed:
-            return await original(*args, **kwargs)
-        crashed = True
-        raise RuntimeError(f"an unexpected bug in {name}")
-
-    monkeypatch.setattr(target, name, broken)
 
 
 def break_each_loop(monkeypatch: pytest.MonkeyPatch, runner: OperationRunner) -> None:

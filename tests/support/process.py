@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import anyio
 import httpx
 
 from app.settings import Settings
-from tests.support.live import free_port
+from app.stripe_emulator import create_emulator
+from tests.support.live import free_port, live_server
 
-__all__ = ["ServeProcess", "clean_environment", "serve_process"]
+__all__ = ["ProcessStripe", "ServeProcess", "clean_environment", "process_stripe", "serve_process"]
 
 
 @dataclass
@@ -87,3 +89,33 @@ async def serve_process(
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+@dataclass
+class ProcessStripe:
+    """The Stripe emulator of a test of `lookout serve` processes."""
+
+    settings: Settings  # the test's, pointed at the emulator and its webhook secret
+    port: int  # where its webhooks go: the port to serve a process on
+    secret: str  # its webhook signing secret
+    control: httpx.AsyncClient  # to the emulator (its /_emulator controls)
+
+
+@contextlib.asynccontextmanager
+async def process_stripe(settings: Settings) -> AsyncIterator[ProcessStripe]:
+    port, emulator_port = free_port(), free_port()
+    url, emulator_url = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{emulator_port}"
+    secret = f"whsec_{secrets.token_hex(8)}"
+    emulator = create_emulator(
+        webhook_url=f"{url}/v1/webhooks/stripe",
+        webhook_secret=secret,
+        public_url=emulator_url,
+        api_key=settings.stripe_api_key,
+        webhook_retry_base=0.2,
+    )
+    settings = replace(settings, stripe_api_base=emulator_url, stripe_webhook_secrets=(secret,))
+    async with (
+        live_server(emulator, port=emulator_port),
+        httpx.AsyncClient(base_url=emulator_url) as control,
+    ):
+        yield ProcessStripe(settings, port, secret, control)
