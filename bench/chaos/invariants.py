@@ -339,7 +339,11 @@ async def streams_match(world: World) -> Invariant:
             if client.operation:
                 terminal = bool(history) and history[-1][1] in _TERMINAL
                 if terminal and not client.finished:
-                    inv.fail(f"{client.topic}: the stream never ended for its client (no 204)")
+                    inv.fail(
+                        f"{client.topic}: the stream never ended for its client (no 204; it"
+                        f" last saw {client.last_id} of {history[-1][0]} in"
+                        f" {client.connections} connections, errors {client.errors})"
+                    )
             elif client.last_id is not None and not world.caught_up.get(id(client), True):
                 inv.fail(
                     f"{client.topic}: a dashboard resuming from {client.last_id} never received"

@@ -194,7 +194,11 @@ class Traffic:
             if answer is not None and answer.status_code == 200:
                 op_id = answer.json().get("operation_id")
                 if op_id:
-                    await asyncio.sleep(rng.choice((0.0, 0.0, rng.uniform(1.0, 10.0))))
+                    await self._idle(rng.choice((0.0, 0.0, rng.uniform(1.0, 10.0))))
+                    if self._stop.is_set():
+                        # Too late to join: a client made now, after the settle counted the
+                        # streams still open, would be stopped before its 204.
+                        return
                     self._watch_operation(customer, op_id, rng)
                     return
             await self._idle(1.0)
