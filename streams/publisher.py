@@ -7,32 +7,51 @@ from typing import Final
 
 from redis.asyncio import Redis
 
-from .events import Event
-from .topics import channel_name, stream_key
+from .events import TERMINAL_EVENT_TYPES, Event
+from .topics import channel_name, ends_with_terminal, stream_key
 
 __all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher"]
 
 DEFAULT_MAXLEN: Final = 1000
 DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
+_TERMINAL_ARG: Final = " ".join(sorted(TERMINAL_EVENT_TYPES))
 
-# KEYS: the Streams of every event's topics, in order. ARGV: trim operator, maxlen, ttl, then
-# for each event its type, its JSON, its number of topics n and their n channels. The
+# KEYS: the Streams of every event's topics, in order. ARGV: trim operator, maxlen, ttl, the
+# terminal event types (space-separated), then for each event its type, its JSON, its number of
+# topics n, their n channels and n flags ('1': the topic ends at a terminal event). The
 # announcement is "<stream id>\n<type>\n<json>" so that the hub can frame it without a read or
 # a JSON parse. A script runs atomically: no reader sees an entry before its TTL is set, and an
-# announcement cannot be lost between XADD and PUBLISH.
+# announcement cannot be lost between XADD and PUBLISH. An event for a topic that has ended
+# (its newest entry is terminal) is dropped from all its topics, in the same atomic step: a
+# late `operation.started` (an instance woken from SIGSTOP after another finished its work, an
+# announcement retried through a Redis outage) can never follow the end of its operation.
 _PUBLISH_LUA: Final = """
 local op, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
-local a, k, ids = 4, 1, {}
+local terminal = {}
+for t in string.gmatch(ARGV[4], '%S+') do terminal[t] = true end
+local a, k, ids = 5, 1, {}
 while a <= #ARGV do
   local etype, data, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
   a = a + 3
-  for _ = 1, n do
-    local id = redis.call('XADD', KEYS[k], 'MAXLEN', op, maxlen, '*', 't', etype, 'd', data)
-    redis.call('EXPIRE', KEYS[k], ttl)
-    redis.call('PUBLISH', ARGV[a], id .. '\\n' .. etype .. '\\n' .. data)
-    ids[k] = id
-    a, k = a + 1, k + 1
+  local ended = false
+  for i = 0, n - 1 do
+    if ARGV[a + n + i] == '1' then
+      local last = redis.call('XREVRANGE', KEYS[k + i], '+', '-', 'COUNT', 1)
+      if last[1] and terminal[last[1][2][2]] then ended = last[1][1] end
+    end
   end
+  for i = 0, n - 1 do
+    if ended then
+      ids[k] = ended
+    else
+      local id = redis.call('XADD', KEYS[k], 'MAXLEN', op, maxlen, '*', 't', etype, 'd', data)
+      redis.call('EXPIRE', KEYS[k], ttl)
+      redis.call('PUBLISH', ARGV[a + i], id .. '\\n' .. etype .. '\\n' .. data)
+      ids[k] = id
+    end
+    k = k + 1
+  end
+  a = a + 2 * n
 end
 return ids
 """
@@ -81,16 +100,19 @@ class EventPublisher:
     ) -> list[dict[str, str]]:
         """Publishes several events, in order, in one command (one script: atomic, and a
         burst's hundreds of events cost one round trip and one command to encode); answers
-        each one's Stream ids, as ``publish``. A topic named twice for one event counts once."""
+        each one's Stream ids, as ``publish``. A topic named twice for one event counts once.
+        An event for a topic that has already ended is dropped (answered with the ids of that
+        topic's terminal event)."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl]
+        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, _TERMINAL_ARG]
         for event, topics in planned:
             if not topics:
                 continue
             keys += [stream_key(self._prefix, topic) for topic in topics]
             args += [event.type, event.encode(), len(topics)]
             args += [channel_name(self._prefix, topic) for topic in topics]
+            args += ["1" if ends_with_terminal(topic) else "0" for topic in topics]
         ids = iter(await self._script(keys=keys, args=args) if keys else [])
         return [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-__all__ = ["channel_name", "operation_topic", "stream_key", "user_topic"]
+__all__ = ["channel_name", "ends_with_terminal", "operation_topic", "stream_key", "user_topic"]
 
 
 def operation_topic(op_id: str) -> str:
     """The topic of one operation's events."""
     return f"op:{op_id}"
+
+
+def ends_with_terminal(topic: str) -> bool:
+    """Whether a terminal event ends the topic (an operation's), so that nothing follows it;
+    a user's topic carries the terminal events of many operations and goes on."""
+    return topic.startswith("op:")
 
 
 def user_topic(user_id: str) -> str:

@@ -144,3 +144,40 @@ async def test_publish_many_publishes_each_event_in_order_as_publish_does(
         await pubsub.aclose()  # type: ignore[no-untyped-call]
     # The hub frames this announcement without reading the Stream: it must be exact.
     assert message["data"] == b"\n".join([only_id, b"operation.started", started[2].encode()])
+
+
+async def test_nothing_follows_the_end_of_an_operation(redis: Redis, redis_prefix: str) -> None:
+    """Found by the chaos soak: an `operation.started` published late (an announcement retried
+    through a Redis outage, an instance woken from SIGSTOP after another finished the work)
+    landed after `operation.completed`, and the operation's stream no longer ended."""
+    publisher = EventPublisher(redis, prefix=redis_prefix)
+    op, user = operation_topic("op_ended"), user_topic("usr_ended")
+    started = Event.create("operation.started", operation_id="op_ended")
+    await publisher.publish(started, [op, user])
+    done = await publisher.publish(Event.create("operation.completed"), [op, user])
+
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(channel_name(redis_prefix, op), channel_name(redis_prefix, user))
+        late = await publisher.publish_many(
+            [
+                (started, [op, user]),
+                (Event.create("operation.completed"), [op]),
+                # A user's topic goes on after one of its operations has ended.
+                (Event.create("subscription.updated", subscription_id="sub_1"), [user]),
+            ]
+        )
+        announced: list[bytes] = []
+        with anyio.fail_after(5):
+            while len(announced) < 3:  # two subscribe confirmations, then one announcement
+                message = await pubsub.get_message(timeout=1)
+                if message is not None:
+                    announced.append(message["data"])
+
+    assert late[0] == {op: done[op], user: done[op]} and late[1] == {op: done[op]}
+    op_entries: Any = await redis.xrange(stream_key(redis_prefix, op))
+    op_types = [e[1][b"t"] for e in op_entries]
+    assert op_types == [b"operation.started", b"operation.completed"]
+    user_entries: Any = await redis.xrange(stream_key(redis_prefix, user))
+    user_types = [e[1][b"t"] for e in user_entries]
+    assert user_types == [b"operation.started", b"operation.completed", b"subscription.updated"]
+    assert announced[-1].split(b"\n")[1] == b"subscription.updated"
