@@ -56,18 +56,22 @@ async def record_event_audit(
     detail: Mapping[str, Any],
 ) -> bool:
     """One row for an event handled, however often its handling is tried again (a retry after
-    its outcome could not be recorded, a takeover): answers whether this call wrote it. The
-    lookup goes through the subject's index; the inbox's claim keeps two writers apart."""
-    written = await conn.fetchval(
-        "INSERT INTO audit_log (kind, user_id, subject_id, detail)"
-        " SELECT $1, $2, $3, $4::jsonb"
-        " WHERE NOT EXISTS (SELECT 1 FROM audit_log WHERE subject_id IS NOT DISTINCT FROM $3"
-        "                   AND kind = $1 AND detail->>'event_id' = $5)"
-        " RETURNING true",
-        kind,
-        user_id,
-        subject_id,
-        json.dumps({"event_id": event_id, **detail}, default=str),
-        event_id,
-    )
+    its outcome could not be recorded, two instances at once after a claim lapsed): answers
+    whether this call wrote it. A transaction-scoped lock on the event id makes the check and
+    the insert one step for every writer."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('audit:' || $1))", event_id)
+        written = await conn.fetchval(
+            "INSERT INTO audit_log (kind, user_id, subject_id, detail)"
+            " SELECT $1, $2, $3, $4::jsonb"
+            " WHERE NOT EXISTS (SELECT 1 FROM audit_log"
+            "                   WHERE detail ? 'event_id' AND detail->>'event_id' = $5"
+            "                   AND kind = $1)"
+            " RETURNING true",
+            kind,
+            user_id,
+            subject_id,
+            json.dumps({"event_id": event_id, **detail}, default=str),
+            event_id,
+        )
     return bool(written)
