@@ -56,13 +56,15 @@ async def count_held_before(conn: Connection, resource_id: str) -> int:
     limit counts per plan: 3 of one plan do not stop a first of another).
 
     Counting only earlier ones makes a plan limit decide the same way however concurrent
-    provisions interleave: the earliest ones win.
+    provisions interleave: the earliest ones win. One being removed no longer counts, as its
+    cancelled subscription no longer counts at checkout: otherwise a customer who cancels and
+    buys again at once pays, then fails here (seen in the chaos soak).
     """
     value: int = await conn.fetchval(
         "SELECT count(*) FROM resources other JOIN resources me"
         " ON me.user_id = other.user_id AND me.plan = other.plan"
         " WHERE me.id = $1 AND other.id <> me.id"
-        " AND other.status IN ('provisioning', 'active', 'deprovisioning')"
+        " AND other.status IN ('provisioning', 'active')"
         " AND (other.created_at, other.id) < (me.created_at, me.id)",
         resource_id,
     )
