@@ -126,7 +126,10 @@ async def test_while_stripe_refuses_connections_an_event_is_retried_not_failed(
             tg.start_soon(inbox.run)
             await wait_for(lambda: tried(8), within=20, what="the eighth attempt")
             row = await _row(db_pool, event_id)
-            assert (row["status"], row["last_error_kind"]) == ("retrying", "transient"), row
+            # With a 0.05 s backoff the worker may already have claimed the next attempt
+            # ("processing"); what matters is that it was not marked failed.
+            assert row["status"] in ("retrying", "processing"), row
+            assert row["last_error_kind"] == "transient", row
             assert "PaymentProviderUnavailable" in row["last_error"]
             await wait_for(lambda: tried(12), within=20, what="more attempts")
             row = await _row(db_pool, event_id)
