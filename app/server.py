@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
+import signal
+import threading
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -38,6 +42,21 @@ class _Server(uvicorn.Server):
         gc.collect()
         gc.freeze()
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn shuts down gracefully on SIGINT and SIGTERM; SIGHUP (the terminal was
+        closed) must too. Once shut down, uvicorn raises the signal again for the caller's
+        handler (`app.cli` turns it into an exception that stops the embedded servers)."""
+        with super().capture_signals():
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            previous = signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                yield
+            finally:
+                signal.signal(signal.SIGHUP, previous)
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         begin = getattr(self._app.state, "begin_shutdown", None)
         if begin is not None and self._loop is not None:
@@ -45,7 +64,14 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_server(settings: Settings, *, host: str, port: int, app: Starlette | None = None) -> None:
+def run_server(
+    settings: Settings,
+    *,
+    host: str,
+    port: int,
+    app: Starlette | None = None,
+    log_level: str = "info",
+) -> None:
     app = app if app is not None else create_app(settings)
     gc.set_threshold(50_000, 20, 20)
     config = uvicorn.Config(
@@ -58,6 +84,6 @@ def run_server(settings: Settings, *, host: str, port: int, app: Starlette | Non
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         proxy_headers=True,
         access_log=False,
-        log_level="info",
+        log_level=log_level,
     )
     _Server(config, app).run()

@@ -85,9 +85,15 @@ class Settings:
         secret_key = env.get("LOOKOUT_SECRET_KEY", "").strip()
         stripe_api_key = env.get("STRIPE_API_KEY", "").strip()
         if demo:
-            secret_key = secret_key or _demo_secret(data_dir)
-            stripe_api_key = stripe_api_key or "sk_test_lookout_demo"
-            webhook_secrets = webhook_secrets or ("whsec_lookout_demo",)
+            # Generated per data dir, never fixed strings: the emulator's controls and webhooks
+            # take these as proof, so a page on the web must not be able to know them.
+            secret_key = secret_key or _demo_secret(data_dir, "secret_key")
+            stripe_api_key = stripe_api_key or _demo_secret(
+                data_dir, "stripe_api_key", prefix="sk_test_"
+            )
+            webhook_secrets = webhook_secrets or (
+                _demo_secret(data_dir, "stripe_webhook_secret", prefix="whsec_"),
+            )
         else:
             if not secret_key:
                 raise ConfigError(
@@ -148,15 +154,21 @@ def _metrics_token(env: Mapping[str, str]) -> str | None:
     return token
 
 
-def _demo_secret(data_dir: Path) -> str:
-    """Demo mode keeps one generated key in the data dir so that tokens survive restarts."""
-    path = data_dir / "secret_key"
+def _demo_secret(data_dir: Path, name: str, *, prefix: str = "") -> str:
+    """Demo mode keeps each generated secret in a file of the data dir (0600), so that tokens,
+    the emulator's key and its signatures survive restarts."""
+    path = data_dir / name
     try:
         return path.read_text().strip()
     except FileNotFoundError:
         pass
     data_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_urlsafe(32)
-    path.write_text(key)
-    path.chmod(0o600)
+    key = prefix + secrets.token_urlsafe(32)
+    # Created 0600 from the start: a chmod after the write would leave a window.
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process of this data dir was first
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as handle:
+        handle.write(key)
     return key

@@ -18,6 +18,9 @@ def main() -> None:
     parser.add_argument("--webhook-secret", default="whsec_emulator", help="signs the events")
     parser.add_argument("--public-url", default=None, help="base of checkout page URLs")
     parser.add_argument("--api-key", default=None, help="accept only this secret key")
+    parser.add_argument(
+        "--control-key", default=None, help="ask for this key on the /_emulator/ controls"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_emulator(
@@ -25,6 +28,7 @@ def main() -> None:
         webhook_secret=args.webhook_secret,
         public_url=args.public_url or f"http://{args.host}:{args.port}",
         api_key=args.api_key,
+        control_key=args.control_key,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

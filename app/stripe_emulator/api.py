@@ -67,7 +67,8 @@ def _json(status: int, body: Obj, headers: dict[str, str]) -> Response:
     )
 
 
-def _api_key(request: Request) -> str | None:
+def api_key_of(request: Request) -> str | None:
+    """The secret key of a request, sent as Stripe's clients send it (Bearer or Basic)."""
     auth = request.headers.get("authorization", "")
     scheme, _, value = auth.partition(" ")
     if scheme.lower() == "bearer" and value.strip():
@@ -116,7 +117,7 @@ def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Han
         if idem and method == "POST":
             headers["Idempotency-Key"] = idem
         try:
-            api_key = _api_key(request)
+            api_key = api_key_of(request)
             if api_key is None:
                 raise StripeError(401, _NO_KEY)
             if state.api_key is not None and api_key != state.api_key:

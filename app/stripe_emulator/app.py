@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -15,7 +16,7 @@ from app.stripe_emulator import api_billing as billing
 from app.stripe_emulator import api_catalog as catalog
 from app.stripe_emulator.api import Handler, api_endpoint
 from app.stripe_emulator.checkout_page import checkout_routes
-from app.stripe_emulator.control import control_routes
+from app.stripe_emulator.control import RequireControlKey, control_routes
 from app.stripe_emulator.errors import StripeError
 from app.stripe_emulator.state import EmulatorState
 from app.stripe_emulator.webhooks import WebhookDispatcher
@@ -67,12 +68,14 @@ def create_emulator(
     api_key: str | None = None,
     webhook_retry_base: float = 1.0,
     webhook_max_attempts: int = 8,
+    control_key: str | None = None,
 ) -> Starlette:
     """A fresh emulator with its own in-memory state.
 
     `public_url` is where browsers reach it (Checkout Session `url`s point there);
     `api_key`, when given, is the only secret key accepted; webhooks that fail are retried
-    after `webhook_retry_base * 2**n` seconds, `webhook_max_attempts` times in all.
+    after `webhook_retry_base * 2**n` seconds, `webhook_max_attempts` times in all;
+    `control_key`, when given, is asked for by every `/_emulator/` control.
     """
     state = EmulatorState(
         api_version=API_VERSION, public_url=public_url.rstrip("/"), api_key=api_key
@@ -107,6 +110,7 @@ def create_emulator(
         finally:
             await webhooks.aclose()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    middleware = [] if control_key is None else [Middleware(RequireControlKey, key=control_key)]
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
     app.state.emulator = Emulator(state, webhooks)
     return app

@@ -1,4 +1,8 @@
-"""`/_emulator/...`: JSON controls for tests and the demo (no API key; never part of Stripe).
+"""`/_emulator/...`: JSON controls for tests and the demo (never part of Stripe).
+
+Open when the emulator has no `control_key` (tests); with one (`lookout demo`), every control
+asks for it as Stripe asks for a secret key (`Authorization: Bearer <key>`, or Basic with the
+key as user name), since a page in the user's browser could otherwise forge payments.
 
 Actions answer `{"object": <the changed object>, "events": [{"id", "type"}, ...]}`; each takes
 an optional JSON body, where `"deliver_webhooks": false` records the events without delivering
@@ -7,6 +11,7 @@ them (release them later with `POST /_emulator/webhooks/release`).
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,8 +19,10 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.stripe_emulator import flows
+from app.stripe_emulator.api import api_key_of
 from app.stripe_emulator.errors import StripeError
 from app.stripe_emulator.state import EmulatorState, Fault, Obj
 from app.stripe_emulator.webhooks import WebhookDispatcher
@@ -39,6 +46,37 @@ async def _body(request: Request) -> Obj:
 
 def _error(exc: StripeError) -> JSONResponse:
     return JSONResponse(exc.body("control"), exc.status)
+
+
+CONTROL_PREFIX = "/_emulator/"
+
+
+class RequireControlKey:
+    """ASGI middleware of the emulator: any path under `/_emulator/` (the controls there now
+    and any added later) answers 401 without `key`."""
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.key = key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            # Mounted (as in the demo), the path still carries the mount's prefix.
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            if path.startswith(CONTROL_PREFIX):
+                given = api_key_of(Request(scope))
+                if given is None or not hmac.compare_digest(given.encode(), self.key):
+                    error = StripeError(
+                        401,
+                        "The emulator's controls need its secret key: send it as"
+                        " 'Authorization: Bearer <key>' (lookout demo: STRIPE_API_KEY, or the"
+                        " stripe_api_key file of LOOKOUT_DATA_DIR).",
+                    )
+                    await _error(error)(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
 
 
 def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Route]:
