@@ -77,15 +77,7 @@ async def graph_credentials(request: Request) -> Response:
         raise APIError(
             409, "graph_not_ready", "The graph's database is not ready; try again shortly."
         ) from None
-    return JSONResponse(
-        {
-            "database": credentials.database,
-            "user": credentials.user,
-            "password": credentials.password,
-            "dsn": credentials.dsn,
-        },
-        headers={"Cache-Control": "no-store"},
-    )
+    return JSONResponse(credentials.as_json(), headers={"Cache-Control": "no-store"})
 
 
 operation_routes = [

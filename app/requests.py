@@ -39,11 +39,20 @@ async def read_json(request: Request, *, limit: int = MAX_JSON_BYTES) -> dict[st
 
 
 def require_string(
-    body: dict[str, Any], name: str, *, pattern: re.Pattern[str] | None = None, hint: str = ""
+    body: dict[str, Any],
+    name: str,
+    *,
+    pattern: re.Pattern[str] | None = None,
+    hint: str = "",
+    label: str | None = None,
 ) -> str:
+    """`body[name]`, a string matching `pattern`. The messages speak of `label`, the customer's
+    word for the field (the field's name with spaces by default), never of the JSON key; the
+    error code names the key, for programs."""
     value = body.get(name)
+    words = label or name.replace("_", " ")
     if value is None:
-        raise APIError(400, f"missing_{name}", f"'{name}' is required. {hint}".strip())
+        raise APIError(400, f"missing_{name}", f"The {words} is required. {hint}".strip())
     if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
-        raise APIError(400, f"invalid_{name}", f"'{name}' is not valid. {hint}".strip())
+        raise APIError(400, f"invalid_{name}", f"The {words} is not valid. {hint}".strip())
     return value

@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
     "Credentials",
@@ -58,6 +59,32 @@ class Credentials:
     user: str
     password: str = field(repr=False)
     dsn: str = field(repr=False)
+
+    @property
+    def host(self) -> str:
+        """The server's host, as the DSN names it (a directory for a Unix socket)."""
+        parts = urlsplit(self.dsn)
+        # libpq reads ?host= too (a socket directory) and lets it win over the netloc's.
+        query = dict(parse_qsl(parts.query))
+        return query.get("host") or unquote(parts.hostname or "") or "localhost"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.dsn)
+        query = dict(parse_qsl(parts.query))
+        return int(query.get("port") or parts.port or 5432)
+
+    def as_json(self) -> dict[str, Any]:
+        """What the credentials routes answer: `{"host", "port", "database", "user",
+        "password", "dsn"}`, for a graph and a repository alike."""
+        return {
+            "host": self.host,
+            "port": self.port,
+            "database": self.database,
+            "user": self.user,
+            "password": self.password,
+            "dsn": self.dsn,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,12 @@ function field(label, value, { secret = false, copyLabel }) {
   return h("div", { class: "cred-row" }, h("dt", {}, label), h("dd", {}, output, copy));
 }
 
-/** The panel showing `creds` ({database, user, password, dsn}); `onHide` removes it. */
+/** A ready command line; the DSN is URL-encoded, so single quotes hold it whole. */
+function psqlCommand(dsn) {
+  return `psql '${dsn}'`;
+}
+
+/** The panel showing `creds` ({host, port, database, user, password, dsn}); `onHide` removes it. */
 export function credentialsPanel(subscriptionId, creds, onHide) {
   const hide = h("button", { type: "button", class: "btn secondary small" }, "I have saved them");
   hide.addEventListener("click", onHide);
@@ -48,10 +53,13 @@ export function credentialsPanel(subscriptionId, creds, onHide) {
     h(
       "dl",
       { class: "cred-list" },
-      field("Connection string", creds.dsn, { secret: true, copyLabel: "Copy connection string" }),
+      field("Host", creds.host, { copyLabel: "Copy host" }),
+      field("Port", String(creds.port), { copyLabel: "Copy port" }),
       field("Database", creds.database, { copyLabel: "Copy database name" }),
       field("User", creds.user, { copyLabel: "Copy user name" }),
       field("Password", creds.password, { secret: true, copyLabel: "Copy password" }),
+      field("Connection string", creds.dsn, { secret: true, copyLabel: "Copy connection string" }),
+      field("psql", psqlCommand(creds.dsn), { secret: true, copyLabel: "Copy psql command" }),
     ),
     h("div", { class: "actions" }, hide),
   );

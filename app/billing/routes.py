@@ -14,7 +14,12 @@ from app.billing.checkout import RESOURCE_NAME
 from app.billing.intake import EventNotStorable, EventNotStored
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, UnknownPlan, get_plan
-from app.billing.provider import PaymentProviderError, SubscriptionAlreadyCanceled
+from app.billing.provider import (
+    PaymentProviderError,
+    PaymentProviderNotFound,
+    PaymentProviderUnavailable,
+    SubscriptionAlreadyCanceled,
+)
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
     SubscriptionRecord,
@@ -56,6 +61,7 @@ async def create_checkout(request: Request) -> Response:
         "resource_name",
         pattern=RESOURCE_NAME,
         hint="Use 3 to 40 lower-case letters, digits and dashes, starting with a letter.",
+        label="name of your resource",
     )
     record, session = await services(request).checkout.start(user, plan, resource_name)
     return JSONResponse(
@@ -151,16 +157,35 @@ async def _set_cancel_at_period_end(request: Request, cancel: bool) -> Response:
             409, "already_canceled", "This subscription has ended in Stripe already."
         ) from None
     except PaymentProviderError as exc:
-        raise APIError(
-            503,
-            "payment_provider_unavailable",
-            "Stripe did not answer; nothing changed. Try again in a moment.",
-            headers={"Retry-After": "5"},
-        ) from exc
+        raise provider_refusal(exc) from exc
     updated = await found.lifecycle.apply_stripe_state(
         record.id, StripeState.fetched(info, asked_at), source=f"api.{action}"
     )
     return JSONResponse(subscription_json(updated or record))
+
+
+def provider_refusal(exc: PaymentProviderError) -> APIError:
+    """What the customer is told when Stripe did not make a change: only an outage is worth
+    trying again; a subscription Stripe does not know (its test data was reset, say) is not."""
+    if isinstance(exc, PaymentProviderNotFound):
+        return APIError(
+            409,
+            "unknown_to_stripe",
+            "Stripe has no record of this subscription, so nothing changed."
+            " Trying again will not help; contact support.",
+        )
+    if isinstance(exc, PaymentProviderUnavailable):
+        return APIError(
+            503,
+            "payment_provider_unavailable",
+            "Stripe did not answer; nothing changed. Try again in a moment.",
+            headers={"Retry-After": "5"},
+        )
+    return APIError(
+        502,
+        "payment_provider_refused",
+        "Stripe refused the change, so nothing changed. Contact support.",
+    )
 
 
 async def cancel(request: Request) -> Response:
