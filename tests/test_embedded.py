@@ -11,28 +11,13 @@ from pathlib import Path
 
 import anyio
 import httpx
-import psutil
 import pytest
 
 from tests.support import free_port
+from tests.support.demo import servers_on
 from tests.support.process import clean_environment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(120)]
-
-
-def servers_on(data_dir: Path) -> list[psutil.Process]:
-    """The postmaster and Valkey processes that belong to `data_dir`."""
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        try:
-            cmdline = " ".join(process.info["cmdline"] or [])
-            postgres = "postgres" in cmdline and f"-D {data_dir}/postgres" in cmdline
-            valkey = "valkey-server" in cmdline and process.cwd().startswith(str(data_dir))
-        except psutil.Error:
-            continue
-        if postgres or valkey:
-            found.append(process)
-    return found
 
 
 def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
