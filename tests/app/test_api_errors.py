@@ -49,6 +49,11 @@ async def test_bad_checkout_requests_are_named(settings: Settings) -> None:
             assert answer.json()["error"]["code"] == code, kwargs
             assert answer.json()["error"]["message"]
         assert (await stack.http.get("/v1/subscriptions")).json() == {"data": []}
+        # The customer's words, not the JSON key's.
+        bad_name = {"plan": "graph-standard", "resource_name": "Bad Name!"}
+        message = (await stack.http.post("/v1/checkout", json=bad_name)).json()["error"]["message"]
+        assert message.startswith("The name of your resource is not valid. Use 3 to 40")
+        assert "resource_name" not in message
 
 
 async def test_authentication_and_routing_errors(settings: Settings) -> None:

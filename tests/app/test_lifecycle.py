@@ -287,6 +287,36 @@ async def test_cancel_and_reactivate_reach_stripe_with_idempotency_keys(
         assert (await stack.http.get(f"/v1/subscriptions/{sub_id}")).status_code == 404
 
 
+async def test_cancel_of_a_subscription_stripe_does_not_know_says_so_and_is_not_an_outage(
+    settings: Settings,
+) -> None:
+    """As after a demo whose emulator forgot its state: a "No such subscription" from Stripe
+    is a 409 naming what is wrong, not a 503 that asks to try again."""
+    async with running_stack(settings) as stack:
+        sub_id = await active_graph(stack, "forgotten")
+        async with stack.app.state.services.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE subscriptions SET stripe_subscription_id = 'sub_unknownToStripe'"
+                " WHERE id = $1",
+                sub_id,
+            )
+        for action in ("cancel", "reactivate"):
+            answer = await stack.http.post(f"/v1/subscriptions/{sub_id}/{action}")
+            if action == "reactivate":
+                # Not cancelled in Lookout: nothing to ask Stripe.
+                assert answer.status_code == 200, answer.text
+                continue
+            assert answer.status_code == 409, answer.text
+            error = answer.json()["error"]
+            assert error["code"] == "unknown_to_stripe"
+            assert "no record of this subscription" in error["message"]
+            assert "Try again" not in error["message"]
+            assert "Retry-After" not in answer.headers
+        after = await stack.subscription(sub_id)
+        assert after["cancel_at_period_end"] is False
+        assert after["status"] == "active"
+
+
 async def test_an_event_retried_while_stripe_fails_is_audited_once(settings: Settings) -> None:
     """Found by the chaos soak: the handled-event audit row was written before the handler
     ran, so each try of an event while Stripe answered 500 left one more row."""
