@@ -148,6 +148,10 @@ async def test_sign_in_subscribe_pay_watch_reveal_and_cancel(
         await reveal.click()
         shown = await credentials_shown(page, sub_id)
         assert await reveal.count() == 0  # no second reveal while these are on screen
+        # Where to connect, and a command ready to paste.
+        dsn = urlsplit(shown["Connection string"])
+        assert (shown["Host"], shown["Port"]) == (dsn.hostname, str(dsn.port))
+        assert shown["psql"] == f"psql '{shown['Connection string']}'"
         await screenshot(page, "credentials.png")
         conn = await asyncpg.connect(shown["Connection string"], timeout=10)
         try:
