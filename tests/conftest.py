@@ -17,6 +17,7 @@ from app.db import migrate
 from app.embedded import embedded_servers
 from app.settings import Settings
 from tests.support import database_dsn
+from tests.support.demo import server_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,3 +131,10 @@ def settings(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Pat
             "LOOKOUT_ENVIRONMENT": "test",
         }
     )
+
+
+@pytest.fixture
+def servers_data_dir() -> Iterator[Path]:
+    """A fresh LOOKOUT_DATA_DIR for a test's own embedded servers (see `server_data_dir`)."""
+    with server_data_dir() as path:
+        yield path

@@ -8,7 +8,6 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -16,16 +15,10 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.support.demo import demo_process, server_data_dir, servers_on
+from tests.support.demo import demo_process, servers_on
 from tests.support.process import clean_environment
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(180)]
-
-
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    with server_data_dir() as path:
-        yield path
 
 
 async def buy_a_graph(http: httpx.AsyncClient, stripe_key: str, name: str) -> dict[str, str]:
@@ -51,9 +44,9 @@ async def buy_a_graph(http: httpx.AsyncClient, stripe_key: str, name: str) -> di
 
 
 async def test_a_demo_purchase_is_quiet_its_credentials_are_real_and_sigterm_stops_it_all(
-    data_dir: Path,
+    servers_data_dir: Path,
 ) -> None:
-    async with demo_process(data_dir) as demo:
+    async with demo_process(servers_data_dir) as demo:
         key = demo.api_key
         async with httpx.AsyncClient(
             base_url=demo.url, headers={"Authorization": f"Bearer {key}"}, timeout=30
@@ -94,7 +87,7 @@ async def test_a_demo_purchase_is_quiet_its_credentials_are_real_and_sigterm_sto
                     await connect("postgres", password)
 
         assert await demo.stop(signal.SIGTERM) == 128 + signal.SIGTERM
-        assert servers_on(data_dir) == []
+        assert servers_on(servers_data_dir) == []
 
     # Quiet: the banner, no INFO lines of httpx, stripe or uvicorn for each request.
     out = demo.stdout.read_text().splitlines()
@@ -102,15 +95,15 @@ async def test_a_demo_purchase_is_quiet_its_credentials_are_real_and_sigterm_sto
     assert out[1] == f"API key: {key}"
     err = demo.stderr.read_text()
     assert " INFO " not in err, err
-    assert str(data_dir / "demo_api_key") in err  # where the key is kept
+    assert str(servers_data_dir / "demo_api_key") in err  # where the key is kept
     assert len(err.splitlines()) <= 3, err
 
 
-async def test_sighup_stops_the_demo_and_its_servers(data_dir: Path) -> None:
-    async with demo_process(data_dir) as demo:
-        assert len(servers_on(data_dir)) == 2
+async def test_sighup_stops_the_demo_and_its_servers(servers_data_dir: Path) -> None:
+    async with demo_process(servers_data_dir) as demo:
+        assert len(servers_on(servers_data_dir)) == 2
         assert await demo.stop(signal.SIGHUP) == 128 + signal.SIGHUP
-        assert servers_on(data_dir) == []
+        assert servers_on(servers_data_dir) == []
 
 
 def test_a_demo_on_a_busy_port_says_which_flag_picks_another(tmp_path: Path) -> None:
@@ -136,14 +129,14 @@ def test_a_demo_on_a_busy_port_says_which_flag_picks_another(tmp_path: Path) -> 
 
 
 async def test_the_embedded_servers_refuse_a_local_user_without_their_passwords(
-    data_dir: Path,
+    servers_data_dir: Path,
 ) -> None:
     from redis.asyncio import Redis
     from redis.exceptions import AuthenticationError, ResponseError
 
     from app.embedded import embedded_servers
 
-    with embedded_servers(data_dir, database_url=None, redis_url=None) as servers:
+    with embedded_servers(servers_data_dir, database_url=None, redis_url=None) as servers:
         pg, valkey = httpx.URL(servers.database_url), httpx.URL(servers.redis_url)
         assert pg.host == valkey.host == "127.0.0.1"
         assert pg.password and valkey.password
@@ -170,6 +163,6 @@ async def test_the_embedded_servers_refuse_a_local_user_without_their_passwords(
         finally:
             await conn.close()
         for secret in ("postgres.password", "valkey.password"):
-            assert (data_dir / secret).stat().st_mode & 0o777 == 0o600
-        assert (data_dir / "valkey").stat().st_mode & 0o777 == 0o700
-    assert servers_on(data_dir) == []
+            assert (servers_data_dir / secret).stat().st_mode & 0o777 == 0o600
+        assert (servers_data_dir / "valkey").stat().st_mode & 0o777 == 0o700
+    assert servers_on(servers_data_dir) == []

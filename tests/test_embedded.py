@@ -49,25 +49,24 @@ async def wait_ready(port: int, within: float) -> float:
 
 
 async def test_ctrl_c_stops_everything_and_sigkill_then_restart_reuses_the_servers(
-    tmp_path: Path,
+    servers_data_dir: Path,
 ) -> None:
-    data_dir = tmp_path / "data"
     port = free_port()
-    first = start(data_dir, port)
+    first = start(servers_data_dir, port)
     try:
         took = await wait_ready(port, within=15)
         assert took < 15
-        assert len(servers_on(data_dir)) == 2
+        assert len(servers_on(servers_data_dir)) == 2
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=10)
         # The servers outlive a killed process; the next start must reuse, not duplicate them.
-        assert len(servers_on(data_dir)) == 2
+        assert len(servers_on(servers_data_dir)) == 2
 
-        second = start(data_dir, port)
+        second = start(servers_data_dir, port)
         await wait_ready(port, within=15)
         kinds = sorted(
             "valkey" if "valkey" in " ".join(p.cmdline()) else "postgres"
-            for p in servers_on(data_dir)
+            for p in servers_on(servers_data_dir)
         )
         assert kinds == ["postgres", "valkey"]
 
@@ -76,46 +75,45 @@ async def test_ctrl_c_stops_everything_and_sigkill_then_restart_reuses_the_serve
         second.wait(timeout=10)
         assert time.monotonic() - began < 10
         for _ in range(50):
-            if not servers_on(data_dir):
+            if not servers_on(servers_data_dir):
                 break
             await anyio.sleep(0.1)
-        assert servers_on(data_dir) == []
+        assert servers_on(servers_data_dir) == []
     finally:
         if first.poll() is None:
             first.kill()
-        for leftover in servers_on(data_dir):
+        for leftover in servers_on(servers_data_dir):
             leftover.kill()
 
 
 async def test_the_last_of_two_processes_on_one_data_dir_stops_the_servers(
-    tmp_path: Path,
+    servers_data_dir: Path,
 ) -> None:
-    data_dir = tmp_path / "shared"
     first_port, second_port = free_port(), free_port()
-    first = start(data_dir, first_port)
+    first = start(servers_data_dir, first_port)
     second = None
     try:
         await wait_ready(first_port, within=15)
-        second = start(data_dir, second_port)
+        second = start(servers_data_dir, second_port)
         await wait_ready(second_port, within=15)
-        assert len(servers_on(data_dir)) == 2
+        assert len(servers_on(servers_data_dir)) == 2
 
         second.send_signal(signal.SIGINT)
         second.wait(timeout=10)
         # The first process still has its servers, and still answers.
-        assert len(servers_on(data_dir)) == 2
+        assert len(servers_on(servers_data_dir)) == 2
         await wait_ready(first_port, within=5)
 
         first.send_signal(signal.SIGINT)
         first.wait(timeout=10)
         for _ in range(50):
-            if not servers_on(data_dir):
+            if not servers_on(servers_data_dir):
                 break
             await anyio.sleep(0.1)
-        assert servers_on(data_dir) == []
+        assert servers_on(servers_data_dir) == []
     finally:
         for process in (first, second):
             if process is not None and process.poll() is None:
                 process.kill()
-        for leftover in servers_on(data_dir):
+        for leftover in servers_on(servers_data_dir):
             leftover.kill()

@@ -5,7 +5,6 @@ The emulator remembers the subscription, so Cancel works."""
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from tests.browser.support import by_testid, sign_in
-from tests.support.demo import demo_process, server_data_dir
+from tests.support.demo import demo_process
 
 if TYPE_CHECKING:
     from playwright.async_api import Page
@@ -21,20 +20,14 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.anyio, pytest.mark.browser, pytest.mark.timeout(240)]
 
 
-@pytest.fixture
-def data_dir() -> Iterator[Path]:
-    with server_data_dir() as path:
-        yield path
-
-
 async def status_is(page: Page, testid: str, status: str) -> None:
     await page.locator(f'{by_testid(testid)}[data-status="{status}"]').wait_for()
 
 
 async def test_cancel_after_the_demo_was_restarted(
-    data_dir: Path, page: Page, page_errors: list[str]
+    servers_data_dir: Path, page: Page, page_errors: list[str]
 ) -> None:
-    async with demo_process(data_dir) as demo:
+    async with demo_process(servers_data_dir) as demo:
         port, api_key = demo.port, demo.api_key
         await page.goto(f"{demo.url}/")
         await sign_in(page, api_key)
@@ -52,7 +45,7 @@ async def test_cancel_after_the_demo_was_restarted(
         assert sub["status"] == "active"
         assert await demo.stop(signal.SIGTERM) == 128 + signal.SIGTERM
 
-    async with demo_process(data_dir, port=port) as again:
+    async with demo_process(servers_data_dir, port=port) as again:
         assert again.api_key == api_key  # the same key, printed again
         await page.goto(f"{again.url}/")
         sub_id = sub["id"]
