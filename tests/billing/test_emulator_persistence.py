@@ -4,6 +4,7 @@ webhook), and its controls ask for its key when it has one."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -43,7 +44,7 @@ class Hook:
         return Starlette(routes=[Route("/hook", webhook, methods=["POST"])])
 
 
-def emulator_in(path: Path, hook_url: str, port: int) -> tuple[Starlette, StateFile]:
+def emulator_in(path: Path, hook_url: str | None, port: int) -> tuple[Starlette, StateFile]:
     """As `lookout demo` builds it: mounted under /stripe, its state in `path`."""
     emulator = create_emulator(
         webhook_url=hook_url,
@@ -56,8 +57,15 @@ def emulator_in(path: Path, hook_url: str, port: int) -> tuple[Starlette, StateF
     found = emulator.state.emulator
     store = StateFile(path, found.state, found.webhooks)
     store.load()
-    outer = Starlette(routes=[Mount("/stripe", persist_after_changes(emulator, store))])
-    return outer, store
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        yield
+        # A mounted app's own lifespan does not run: close its webhook client here.
+        await found.webhooks.aclose()
+
+    mounted = Mount("/stripe", persist_after_changes(emulator, store))
+    return Starlette(routes=[mounted], lifespan=lifespan), store
 
 
 async def buy(http: httpx.AsyncClient) -> dict[str, Any]:
@@ -149,42 +157,32 @@ async def test_an_unreadable_state_file_is_set_aside_and_the_emulator_starts_emp
     assert (tmp_path / "stripe_emulator.pickle.unreadable").read_bytes() == b"not a pickle"
 
 
-async def emulator_with_key() -> AsyncIterator[str]:
+async def test_the_controls_ask_for_the_key_when_the_emulator_has_one(tmp_path: Path) -> None:
     port = free_port()
-    emulator = create_emulator(
-        webhook_url=None,
-        webhook_secret="whsec_x",
-        public_url=f"http://127.0.0.1:{port}/stripe",
-        api_key=KEY,
-        control_key=KEY,
-    )
-    outer = Starlette(routes=[Mount("/stripe", emulator)])
-    async with live_server(outer, port=port) as base:
-        yield f"{base}/stripe"
-
-
-async def test_the_controls_ask_for_the_key_when_the_emulator_has_one() -> None:
-    async for base in emulator_with_key():
-        async with httpx.AsyncClient(base_url=base) as http:
-            for method, path in [
-                ("GET", "/_emulator/events"),
-                ("POST", "/_emulator/checkout/cs_test_x/pay"),
-                ("POST", "/_emulator/subscriptions/sub_x/portal_cancel"),
-                ("POST", "/_emulator/faults"),
-                ("POST", "/_emulator/a-control-added-later"),
-            ]:
-                for headers in (
-                    {},
-                    {"Authorization": "Bearer sk_test_wrong"},
-                    {"Authorization": f"Bearer {KEY}x"},
-                ):
-                    refused = await http.request(method, path, headers=headers, json={})
-                    assert refused.status_code == 401, (method, path, headers)
-                    assert "secret key" in refused.json()["error"]["message"]
-            ok = await http.get("/_emulator/events", headers=AUTH)
-            assert ok.status_code == 200
-            basic = base64.b64encode(f"{KEY}:".encode()).decode()
-            ok = await http.get("/_emulator/events", headers={"Authorization": f"Basic {basic}"})
-            assert ok.status_code == 200
-            # The hosted checkout page is the customer's, not a control: no key there.
-            assert (await http.get("/checkout/cs_test_unknown")).status_code == 404
+    emulator, _ = emulator_in(tmp_path / "state.pickle", None, port)
+    async with (
+        live_server(emulator, port=port) as base,
+        httpx.AsyncClient(base_url=f"{base}/stripe") as http,
+    ):
+        for method, path in [
+            ("GET", "/_emulator/events"),
+            ("POST", "/_emulator/checkout/cs_test_x/pay"),
+            ("POST", "/_emulator/subscriptions/sub_x/portal_cancel"),
+            ("POST", "/_emulator/faults"),
+            ("POST", "/_emulator/a-control-added-later"),
+        ]:
+            for headers in (
+                {},
+                {"Authorization": "Bearer sk_test_wrong"},
+                {"Authorization": f"Bearer {KEY}x"},
+            ):
+                refused = await http.request(method, path, headers=headers, json={})
+                assert refused.status_code == 401, (method, path, headers)
+                assert "secret key" in refused.json()["error"]["message"]
+        ok = await http.get("/_emulator/events", headers=AUTH)
+        assert ok.status_code == 200
+        basic = base64.b64encode(f"{KEY}:".encode()).decode()
+        ok = await http.get("/_emulator/events", headers={"Authorization": f"Basic {basic}"})
+        assert ok.status_code == 200
+        # The hosted checkout page is the customer's, not a control: no key there.
+        assert (await http.get("/checkout/cs_test_unknown")).status_code == 404
