@@ -94,19 +94,6 @@ def render_line(event: str, data: Mapping[str, Any]) -> str:
         number = invoice.get("number") or invoice.get("id") or "?"
         subject = data.get("subscription_id", "?")
         return f"{subject} invoice   {number} {invoice.get('status') or '?'} {money}".rstrip()
-    if event == "invoice.updated":
-        invoice = data.get("invoice") or {}
-        amount = invoice.get("amount_paid") if invoice.get("status") == "paid" else None
-        if amount is None:
-            amount = invoice.get("amount_due")
-        money = (
-            f"{amount / 100:.2f} {str(invoice.get('currency') or '').upper()}"
-            if isinstance(amount, int)
-            else ""
-        )
-        number = invoice.get("number") or invoice.get("id") or "?"
-        subject = data.get("subscription_id", "?")
-        return f"{subject} invoice   {number} {invoice.get('status') or '?'} {money}".rstrip()
     if event == "stream.reset":
         snap = reset_snapshot(data)
         subject = data.get("operation_id") or data.get("user_id") or "stream"

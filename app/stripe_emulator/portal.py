@@ -21,8 +21,8 @@ from starlette.routing import Route
 
 from app.stripe_emulator import flows, objects
 from app.stripe_emulator.api import ApiContext
+from app.stripe_emulator.api_billing import _url
 from app.stripe_emulator.checkout_page import _money, _page
-from app.stripe_emulator.errors import StripeError
 from app.stripe_emulator.forms import as_str, reject_unknown, required_str
 from app.stripe_emulator.state import EmulatorState, Obj
 from app.stripe_emulator.webhooks import WebhookDispatcher
@@ -35,12 +35,6 @@ DEFAULT_CONFIGURATION = "bpc_emulator_default"
 _SHOWN = ("active", "past_due", "unpaid", "paused", "trialing", "incomplete")
 # Stripe's test card that is always declined.
 _DECLINED = "4000000000000002"
-
-
-def _url(value: str | None, param: str) -> str | None:
-    if value is not None and not value.startswith(("http://", "https://")):
-        raise StripeError.invalid("Not a valid URL", param=param, code="url_invalid")
-    return value
 
 
 def create_portal_session(ctx: ApiContext) -> Obj:

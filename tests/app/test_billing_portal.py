@@ -15,6 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.settings import Settings
+from tests.app.test_lifecycle import wait_processed
 from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -104,22 +105,9 @@ async def test_reactivate_undoes_a_cancellation_made_in_the_portal(settings: Set
 
         # The webhooks of both changes, processed: nothing is scheduled still.
         await stack.emulator.post("/_emulator/webhooks/drain", json={})
-        await wait_idle(stack)
+        await wait_processed(stack)
         final = await stack.subscription(sub_id)
         assert (final["cancel_at_period_end"], final["cancel_at"]) == (False, None)
-
-
-async def wait_idle(stack: Stack) -> None:
-    pool = stack.app.state.services.pool
-
-    async def idle() -> bool:
-        async with pool.acquire() as conn:
-            waiting: int = await conn.fetchval(
-                "SELECT count(*) FROM webhook_events WHERE status <> 'processed'"
-            )
-        return waiting == 0
-
-    await wait_for(idle, what="the inbox to be processed")
 
 
 async def test_the_portal_needs_a_billing_account_first(settings: Settings) -> None:
@@ -173,7 +161,7 @@ async def test_an_invoice_webhook_reaches_the_users_stream_as_invoice_updated(
 ) -> None:
     async with running_stack(settings) as stack:
         sub_id = await active_graph(stack, "renewing-graph")
-        await wait_idle(stack)
+        await wait_processed(stack)
         first = (await stack.http.get("/v1/invoices")).json()["data"]  # now cached
         assert len(first) == 1
         stripe_id = (await stripe_subscription(stack, sub_id))["id"]
