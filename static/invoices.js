@@ -56,6 +56,10 @@ export class InvoiceList {
 
   /** An event of the user's stream (`/v1/events`). */
   handleEvent(type, data) {
+    if (type === "stream.reset") {
+      this.load(); // history was lost, and its snapshot holds no invoices
+      return;
+    }
     if (type !== "invoice.updated" || !data.invoice || !data.invoice.id) return;
     if (this.loading) {
       this.queued.push(data.invoice);
