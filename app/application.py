@@ -27,6 +27,7 @@ from app.billing.compensation import BillingHooks
 from app.billing.handlers import StripeEventHandlers
 from app.billing.inbox import WebhookInbox
 from app.billing.intake import WebhookIntake
+from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
 from app.billing.reconciler import Reconciler
@@ -159,7 +160,10 @@ def create_app(
             )
             lifecycle = Lifecycle(pool, publisher)
             hooks = BillingHooks(pool, payments, publisher, lifecycle)
-            inbox = WebhookInbox(pool, StripeEventHandlers(pool, payments, lifecycle))
+            invoices = Invoices(pool, payments, redis, publisher, prefix=settings.redis_prefix)
+            inbox = WebhookInbox(
+                pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
+            )
             intake = WebhookIntake(pool, inbox)
             chosen = backends if backends is not None else default_backends(settings)
             metrics.storage.measure(chosen)
@@ -210,6 +214,7 @@ def create_app(
                     checkout=CheckoutService(
                         pool, payments, lifecycle, public_url=settings.public_url
                     ),
+                    invoices=invoices,
                     rate_limits=RateLimits(redis, prefix=settings.redis_prefix),
                     metrics=metrics,
                     supervisor=supervisor,

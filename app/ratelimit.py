@@ -42,6 +42,8 @@ def category_for(method: str, path: str) -> str:
         return "checkout"
     if path.startswith("/v1/subscriptions/") and method == "POST":
         return "billing"
+    if path == "/v1/billing/portal":  # each one is a call to Stripe
+        return "billing"
     if path.endswith("/credentials"):
         return "credentials"
     if path.endswith("/events") or path == "/v1/stream-tokens":

@@ -13,6 +13,7 @@ from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
 from app.billing.inbox import WebhookInbox
 from app.billing.intake import WebhookIntake
+from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
 from app.metrics import Metrics
@@ -42,6 +43,7 @@ class Services:
     inbox: WebhookInbox
     intake: WebhookIntake
     checkout: CheckoutService
+    invoices: Invoices
     rate_limits: RateLimits
     metrics: Metrics
     # Every background loop of the process runs under it; health checks read its failures.

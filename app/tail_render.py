@@ -74,12 +74,26 @@ def render_line(event: str, data: Mapping[str, Any]) -> str:
         sub = data.get("subscription") or {}
         parts = [str(sub.get("plan_display_name") or sub.get("plan") or "")]
         if sub.get("cancel_at_period_end"):
-            parts.append(f"cancels at period end ({sub.get('current_period_end') or '?'})")
+            ends = sub.get("cancel_at") or sub.get("current_period_end") or "?"
+            parts.append(f"cancels on {ends}")
         if sub.get("operation_id"):
             parts.append(f"operation {sub['operation_id']}")
         sub_id = sub.get("id") or data.get("subscription_id", "?")
         details = " · ".join(part for part in parts if part)
         return f"{sub_id} {sub.get('status', '?'):<9} {details}".rstrip()
+    if event == "invoice.updated":
+        invoice = data.get("invoice") or {}
+        amount = invoice.get("amount_paid") if invoice.get("status") == "paid" else None
+        if amount is None:
+            amount = invoice.get("amount_due")
+        money = (
+            f"{amount / 100:.2f} {str(invoice.get('currency') or '').upper()}"
+            if isinstance(amount, int)
+            else ""
+        )
+        number = invoice.get("number") or invoice.get("id") or "?"
+        subject = data.get("subscription_id", "?")
+        return f"{subject} invoice   {number} {invoice.get('status') or '?'} {money}".rstrip()
     if event == "stream.reset":
         snap = reset_snapshot(data)
         subject = data.get("operation_id") or data.get("user_id") or "stream"

@@ -133,6 +133,12 @@ export class Api {
   reactivate(subscriptionId) {
     return this.json("POST", `/v1/subscriptions/${enc(subscriptionId)}/reactivate`);
   }
+  billingPortal() {
+    return this.json("POST", "/v1/billing/portal");
+  }
+  invoices() {
+    return this.json("GET", "/v1/invoices").then((body) => body.data);
+  }
   graphCredentials(graphId) {
     return this.json("POST", `/v1/graphs/${enc(graphId)}/credentials`);
   }

@@ -20,12 +20,18 @@
 //     subscription-<id>            a card (data-status = subscription status)
 //     status-<id>                  its badge (data-status = raw status, text = label)
 //     period-end-<id>              the period end date
-//     cancel-at-period-end-<id>    the notice shown while it cancels at period end
+//     cancel-at-period-end-<id>    the notice shown while a cancellation is scheduled:
+//                                  "Cancels on <date>." (Stripe's cancel_at)
 //     cancel-<id>, reactivate-<id>, reveal-credentials-<id>
 //     credentials-<id>             the revealed credentials (shown once)
+//     manage-billing               opens Stripe's Customer Portal
+//     invoices                     the invoice list; no-invoices when empty
+//     invoice-<invoice id>         a row; invoice-status-<invoice id> (data-status = Stripe's),
+//                                  invoice-amount-<invoice id>
 //   Checkout return page (/checkout/return?session_id=…): see checkout-return.js.
 
 import { Api, credentials } from "./api.js";
+import { InvoiceList, wireManageBilling } from "./invoices.js";
 import { PlanCatalog } from "./plans.js";
 import { Announcer, ErrorBanner, renderConnection } from "./render.js";
 import { renderSignIn } from "./signin.js";
@@ -54,6 +60,7 @@ class Dashboard {
       dialog: $("subscribe-dialog"),
       banner: this.banner,
     });
+    wireManageBilling($("manage-billing"), { api: this.api, banner: this.banner });
     this.session = null;
   }
 
@@ -91,14 +98,27 @@ class Dashboard {
       banner: this.banner,
       announcer: this.announcer,
     });
-    this.session = { hub, list };
+    const invoices = new InvoiceList({
+      api: this.api,
+      container: $("invoices"),
+      banner: this.banner,
+      subscriptionName: (id) => list.displayName(id),
+    });
+    this.session = { hub, list, invoices };
     // The user stream first, so that no change falls between the list and the stream; a
     // stream that had to start over without a position reloads the list (onGap).
     hub.open("/v1/events", {
-      onEvent: (type, data) => list.handleEvent(type, data),
-      onGap: () => list.load(),
+      onEvent: (type, data) => {
+        list.handleEvent(type, data);
+        invoices.handleEvent(type, data);
+      },
+      onGap: () => {
+        list.load();
+        invoices.load();
+      },
     });
-    list.load();
+    list.load().then(() => invoices.refreshNames());
+    invoices.load();
     this.catalog.load();
   }
 

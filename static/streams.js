@@ -11,6 +11,7 @@ export const EVENT_TYPES = [
   "operation.failed",
   "operation.cancelled",
   "subscription.updated",
+  "invoice.updated",
   "stream.reset",
 ];
 export const TERMINAL_EVENTS = new Set([

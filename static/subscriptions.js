@@ -84,7 +84,9 @@ class SubscriptionCard {
   #renderFacts() {
     const sub = this.sub;
     const rows = [];
-    const end = formatDate(sub.current_period_end);
+    // A scheduled cancellation ends it on Stripe's cancel_at (the period's end, or the date
+    // chosen in the Customer Portal).
+    const end = formatDate((sub.cancel_at_period_end && sub.cancel_at) || sub.current_period_end);
     if (end && !ENDED.has(sub.status)) {
       const label = sub.cancel_at_period_end ? "Ends on" : "Renews on";
       rows.push([label, end, `period-end-${sub.id}`]);
@@ -122,7 +124,7 @@ class SubscriptionCard {
             "p",
             { class: "notice", dataset: { testid: `cancel-at-period-end-${sub.id}` } },
             icon("info"),
-            end ? `Cancels at the end of the period, on ${end}.` : "Cancels at the end of the period.",
+            end ? `Cancels on ${end}.` : "Cancels at the end of the period.",
           )
         : null,
     );
@@ -354,6 +356,12 @@ export class SubscriptionList {
     this.cards.set(sub.id, created);
     if (this.cards.size === 1) this.container.replaceChildren();
     this.container.prepend(created.element);
+  }
+
+  /** What the user calls the subscription `id` (its resource's name), if it is listed. */
+  displayName(id) {
+    const sub = this.cards.get(id)?.sub;
+    return sub ? sub.resource_name || subscriptionName(sub) : null;
   }
 
   /** An event of the user's stream (`/v1/events`). */

@@ -144,11 +144,28 @@ def test_render_subscription_updated() -> None:
     data = {"type": "subscription.updated", "subscription_id": SUB, "subscription": sub}
     line = render_line("subscription.updated", data)
     assert line == (
-        f"{SUB} active    Graph Standard · cancels at period end (2026-02-01T00:00:00Z)"
-        f" · operation {OP}"
+        f"{SUB} active    Graph Standard · cancels on 2026-02-01T00:00:00Z · operation {OP}"
     )
+    # A date chosen in the Customer Portal, before the period's end.
+    sub.update(cancel_at="2026-01-20T00:00:00.000Z")
+    assert "cancels on 2026-01-20T00:00:00.000Z" in render_line("subscription.updated", data)
     sub.update(cancel_at_period_end=False, operation_id=None, plan_display_name=None)
     assert render_line("subscription.updated", data) == f"{SUB} active    graph-standard"
+
+
+def test_render_invoice_updated() -> None:
+    invoice = {
+        "id": "in_1",
+        "number": "LOOKOUT-0002",
+        "status": "open",
+        "amount_due": 2900,
+        "amount_paid": 0,
+        "currency": "usd",
+    }
+    data = {"type": "invoice.updated", "subscription_id": SUB, "invoice": invoice}
+    assert render_line("invoice.updated", data) == f"{SUB} invoice   LOOKOUT-0002 open 29.00 USD"
+    invoice.update(status="paid", amount_paid=2900)
+    assert render_line("invoice.updated", data).endswith("LOOKOUT-0002 paid 29.00 USD")
 
 
 def reset(snapshot: dict[str, Any], **subject: str) -> dict[str, Any]:

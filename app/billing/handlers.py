@@ -19,13 +19,16 @@ import asyncpg
 from app.audit import record_audit, record_event_audit
 from app.billing.fulfilment import PaymentConfirmation
 from app.billing.inbox import Batch, InboxEvent
+from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle, StripeState
 from app.billing.provider import PaymentProvider, PaymentProviderNotFound
 from app.billing.stripe_objects import (
+    invoice_subscription_details,
     invoice_subscription_id,
     lookout_id,
     object_id,
     period_end,
+    timestamp,
 )
 from app.billing.subscriptions import (
     SubscriptionRecord,
@@ -43,10 +46,19 @@ PAID = frozenset({"paid", "no_payment_required"})
 
 
 class StripeEventHandlers:
-    def __init__(self, pool: asyncpg.Pool, provider: PaymentProvider, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        provider: PaymentProvider,
+        lifecycle: Lifecycle,
+        *,
+        invoices: Invoices | None = None,
+    ) -> None:
+        """`invoices`, when given, hears of every `invoice.*` event about a subscription."""
         self._pool = pool
         self._provider = provider
         self._lifecycle = lifecycle
+        self._invoices = invoices
         self._handlers: dict[str, Callable[[InboxEvent, SubscriptionRecord], Awaitable[None]]] = {
             "checkout.session.completed": self._checkout_completed,
             "checkout.session.async_payment_succeeded": self._checkout_paid,
@@ -67,15 +79,21 @@ class StripeEventHandlers:
             await self._setup_intent_succeeded(event)
             return
         handler = self._handlers.get(event.type)
-        record = await self._local_subscription(event) if handler else None
-        if handler is None:
+        # Every invoice event moves the customer's invoice list, whether or not it moves the
+        # subscription.
+        invoice = self._invoices is not None and event.type.startswith("invoice.")
+        record = await self._local_subscription(event) if handler or invoice else None
+        if handler is None and not invoice:
             logger.info("Stripe event %s (%s) needs no action", event.id, event.type)
         elif record is None:
             logger.info(
                 "Stripe event %s (%s) is about no subscription of ours", event.id, event.type
             )
         else:
-            await handler(event, record)
+            if handler is not None:
+                await handler(event, record)
+            if invoice and self._invoices is not None:
+                await self._invoices.changed(event, record)
         # Audited once it has been applied, and once however often it is retried: an event
         # retried while Stripe was down used to leave a row per attempt.
         async with self._pool.acquire() as conn:
@@ -113,6 +131,10 @@ class StripeEventHandlers:
         obj = event.object
         async with self._pool.acquire() as conn:
             ours = lookout_id(obj)
+            if ours is None and event.type.startswith("invoice."):
+                # An invoice carries its subscription's metadata: known before the checkout's
+                # event has told which Stripe subscription is ours.
+                ours = lookout_id(invoice_subscription_details(obj))
             if ours is not None and (found := await get_subscription(conn, ours)) is not None:
                 return found
             if event.type.startswith("checkout.session."):
@@ -220,4 +242,10 @@ def _state_from_payload(
         ),
         current_period_end=period_end(obj),
         observed_at=created,
+        cancel_at=(
+            timestamp(obj.get("cancel_at"))
+            or (period_end(obj) if obj.get("cancel_at_period_end") else None)
+            if "cancel_at_period_end" in obj
+            else record.cancel_at
+        ),
     )

@@ -64,9 +64,10 @@ class StripeState:
     stripe_id: str
     status: str
     customer_id: str | None
-    cancel_at_period_end: bool
+    cancel_at_period_end: bool  # a cancellation is scheduled, by either of Stripe's fields
     current_period_end: datetime | None
     observed_at: datetime
+    cancel_at: datetime | None = None
 
     @classmethod
     def fetched(cls, info: SubscriptionInfo, observed_at: datetime) -> StripeState:
@@ -77,6 +78,8 @@ class StripeState:
             cancel_at_period_end=info.cancel_at_period_end or info.cancel_at is not None,
             current_period_end=info.current_period_end,
             observed_at=observed_at,
+            cancel_at=info.cancel_at
+            or (info.current_period_end if info.cancel_at_period_end else None),
         )
 
 
@@ -191,6 +194,7 @@ class Lifecycle:
                 stripe_subscription_id=before.stripe_subscription_id or state.stripe_id,
                 stripe_customer_id=before.stripe_customer_id or state.customer_id,
                 cancel_at_period_end=state.cancel_at_period_end,
+                cancel_at=state.cancel_at,
                 current_period_end=state.current_period_end or before.current_period_end,
                 stripe_state_at=state.observed_at,
             )

@@ -16,6 +16,7 @@ from app.billing.plans import Plan
 
 __all__ = [
     "CheckoutSessionInfo",
+    "InvoiceInfo",
     "PaymentProvider",
     "PaymentProviderError",
     "PaymentProviderNotFound",
@@ -90,6 +91,29 @@ class SubscriptionInfo:
         return self.metadata.get(SUBSCRIPTION_ID_KEY)
 
 
+@dataclass(frozen=True)
+class InvoiceInfo:
+    id: str
+    number: str | None  # None while a draft
+    status: str | None  # Stripe's: draft, open, paid, uncollectible, void
+    amount_due: int  # minor units
+    amount_paid: int
+    currency: str
+    # The period billed: its lines' (a subscription's invoice bills the period ahead), else
+    # the invoice's own.
+    period_start: datetime | None
+    period_end: datetime | None
+    hosted_invoice_url: str | None
+    customer_id: str | None
+    subscription_id: str | None  # the provider's subscription
+    created: datetime | None
+    metadata: Mapping[str, str] = field(default_factory=dict)  # its subscription's, if any
+
+    @property
+    def lookout_subscription_id(self) -> str | None:
+        return self.metadata.get(SUBSCRIPTION_ID_KEY)
+
+
 class PaymentProvider(Protocol):
     async def ensure_price(self, plan: Plan) -> str:
         """The provider's price id for `plan` in this environment, found by lookup key or
@@ -125,9 +149,21 @@ class PaymentProvider(Protocol):
     async def set_cancel_at_period_end(
         self, subscription_id: str, cancel: bool, *, idempotency_key: str
     ) -> SubscriptionInfo:
-        """Cancel at the end of the period (`cancel=True`) or undo that. Raises
-        `SubscriptionAlreadyCanceled` when the subscription has already ended."""
+        """Cancel at the end of the period (`cancel=True`) or undo any scheduled cancellation,
+        however it was set (`cancel=False`: the Customer Portal sets a date, not the flag).
+        Raises `SubscriptionAlreadyCanceled` when the subscription has already ended."""
         ...
+
+    async def create_billing_portal_session(self, customer_id: str, *, return_url: str) -> str:
+        """The URL of a Customer Portal session for `customer_id`, coming back to
+        `return_url`. Short-lived: make one each time the customer asks."""
+        ...
+
+    async def list_invoices(self, customer_id: str) -> list[InvoiceInfo]:
+        """The customer's invoices, newest first (the latest 100)."""
+        ...
+
+    async def retrieve_invoice(self, invoice_id: str) -> InvoiceInfo: ...
 
     async def cancel_subscription_now(
         self, subscription_id: str, *, idempotency_key: str

@@ -27,6 +27,7 @@ from app.billing.subscriptions import (
     get_subscription_by_resource,
     get_subscription_by_session,
     list_subscriptions,
+    stripe_customer_of,
 )
 from app.billing.updates import subscription_json
 from app.billing.webhook_receiver import (
@@ -230,6 +231,47 @@ async def stripe_webhook(request: Request) -> Response:
     return JSONResponse({"received": True, "id": event.id, "duplicate": not new})
 
 
+# -- the Customer Portal and invoices ------------------------------------------------------------
+async def billing_portal(request: Request) -> Response:
+    user = await authenticate(request)
+    found = services(request)
+    async with found.pool.acquire() as conn:
+        customer_id = await stripe_customer_of(conn, user.id)
+    if customer_id is None:
+        raise APIError(
+            409,
+            "no_billing_account",
+            "You have no billing account yet: subscribe to a plan first, then manage your "
+            "billing here.",
+        )
+    try:
+        url = await found.provider.create_billing_portal_session(
+            customer_id, return_url=f"{found.settings.public_url}/"
+        )
+    except PaymentProviderError as exc:
+        raise APIError(
+            503,
+            "payment_provider_unavailable",
+            "Stripe could not open the billing portal just now. Try again in a moment.",
+            headers={"Retry-After": "5"},
+        ) from exc
+    return JSONResponse({"url": url}, status_code=201)
+
+
+async def invoices(request: Request) -> Response:
+    user = await authenticate(request)
+    try:
+        listed = await services(request).invoices.list_for_user(user.id)
+    except PaymentProviderError as exc:
+        raise APIError(
+            503,
+            "payment_provider_unavailable",
+            "Stripe did not answer with your invoices. Try again in a moment.",
+            headers={"Retry-After": "5"},
+        ) from exc
+    return JSONResponse({"data": listed})
+
+
 billing_routes = [
     Route("/v1/plans", plans, methods=["GET"]),
     Route("/v1/checkout", create_checkout, methods=["POST"]),
@@ -239,5 +281,7 @@ billing_routes = [
     Route("/v1/subscriptions/{subscription_id}/cancel", cancel, methods=["POST"]),
     Route("/v1/subscriptions/{subscription_id}/reactivate", reactivate, methods=["POST"]),
     Route("/v1/graphs/{graph_id}/subscription", graph_subscription, methods=["GET"]),
+    Route("/v1/billing/portal", billing_portal, methods=["POST"]),
+    Route("/v1/invoices", invoices, methods=["GET"]),
     Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
 ]

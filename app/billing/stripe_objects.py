@@ -6,9 +6,11 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
-from app.billing.provider import SUBSCRIPTION_ID_KEY
+from app.billing.provider import SUBSCRIPTION_ID_KEY, InvoiceInfo
 
 __all__ = [
+    "invoice_info",
+    "invoice_subscription_details",
     "invoice_subscription_id",
     "lookout_id",
     "object_id",
@@ -55,6 +57,13 @@ def period_end(subscription: Mapping[str, Any]) -> datetime | None:
     return timestamp(subscription.get("current_period_end"))
 
 
+def invoice_subscription_details(invoice: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`parent.subscription_details` of an invoice (its subscription and that one's metadata)."""
+    parent = invoice.get("parent")
+    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    return details if isinstance(details, Mapping) else {}
+
+
 def invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
     parent = invoice.get("parent")
     if isinstance(parent, Mapping):
@@ -62,3 +71,41 @@ def invoice_subscription_id(invoice: Mapping[str, Any]) -> str | None:
         if isinstance(details, Mapping) and object_id(details.get("subscription")):
             return object_id(details.get("subscription"))
     return object_id(invoice.get("subscription"))
+
+
+def _mapping(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}
+
+
+def _amount(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+def invoice_info(invoice: Mapping[str, Any]) -> InvoiceInfo:
+    """An invoice as a webhook carries it, or as the SDK answers (its objects are mappings)."""
+    details = invoice_subscription_details(invoice)
+    lines = _mapping(invoice.get("lines")).get("data")
+    periods = [_mapping(_mapping(line).get("period")) for line in lines or []]
+    starts = [t for t in (timestamp(p.get("start")) for p in periods) if t is not None]
+    ends = [t for t in (timestamp(p.get("end")) for p in periods) if t is not None]
+    metadata = _mapping(details.get("metadata"))
+
+    def text(key: str) -> str | None:
+        value = invoice.get(key)
+        return value if isinstance(value, str) else None
+
+    return InvoiceInfo(
+        id=str(invoice.get("id", "")),
+        number=text("number"),
+        status=text("status"),
+        amount_due=_amount(invoice.get("amount_due")),
+        amount_paid=_amount(invoice.get("amount_paid")),
+        currency=text("currency") or "usd",
+        period_start=min(starts) if starts else timestamp(invoice.get("period_start")),
+        period_end=max(ends) if ends else timestamp(invoice.get("period_end")),
+        hosted_invoice_url=text("hosted_invoice_url"),
+        customer_id=object_id(invoice.get("customer")),
+        subscription_id=invoice_subscription_id(invoice),
+        created=timestamp(invoice.get("created")),
+        metadata={str(k): str(v) for k, v in metadata.items()},
+    )

@@ -13,16 +13,18 @@ from collections.abc import Awaitable, Mapping
 from typing import Any, TypeVar
 
 import stripe
-from stripe.params import PriceCreateParams
+from stripe.params import PriceCreateParams, SubscriptionUpdateParams
 from stripe.params.checkout import SessionCreateParams
 
 from app.billing.plans import Plan, price_lookup_key, stripe_product_name
 from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     CheckoutSessionInfo,
+    InvoiceInfo,
     SubscriptionAlreadyCanceled,
     SubscriptionInfo,
 )
+from app.billing.stripe_objects import invoice_info
 from app.billing.stripe_translation import (
     expandable_id,
     refused,
@@ -228,12 +230,35 @@ class StripePaymentProvider:
     async def set_cancel_at_period_end(
         self, subscription_id: str, cancel: bool, *, idempotency_key: str
     ) -> SubscriptionInfo:
-        what = f"setting cancel_at_period_end={cancel} on {subscription_id}"
-        try:
-            sub = await self._client.v1.subscriptions.update_async(
+        sub = await self._update_subscription(
+            subscription_id,
+            {"cancel_at_period_end": cancel},
+            idempotency_key=idempotency_key,
+            what=f"setting cancel_at_period_end={cancel} on {subscription_id}",
+        )
+        if not cancel and sub.cancel_at is not None:
+            # The Customer Portal of flexible billing mode (the default for new subscriptions)
+            # schedules the end by `cancel_at` alone, which cancel_at_period_end=false leaves
+            # in place. Stripe takes one of the two parameters per request.
+            sub = await self._update_subscription(
                 subscription_id,
-                params={"cancel_at_period_end": cancel},
-                options={"idempotency_key": idempotency_key},
+                {"cancel_at": ""},
+                idempotency_key=f"{idempotency_key}-cancel-at",
+                what=f"clearing cancel_at on {subscription_id}",
+            )
+        return subscription_info(sub)
+
+    async def _update_subscription(
+        self,
+        subscription_id: str,
+        params: SubscriptionUpdateParams,
+        *,
+        idempotency_key: str,
+        what: str,
+    ) -> stripe.Subscription:
+        try:
+            return await self._client.v1.subscriptions.update_async(
+                subscription_id, params=params, options={"idempotency_key": idempotency_key}
             )
         except stripe.StripeError as exc:
             if (
@@ -244,7 +269,6 @@ class StripePaymentProvider:
                     f"{what}: it has already ended in Stripe"
                 ) from exc
             raise translate_error(what, exc) from exc
-        return subscription_info(sub)
 
     async def cancel_subscription_now(
         self, subscription_id: str, *, idempotency_key: str
@@ -263,3 +287,27 @@ class StripePaymentProvider:
                     return current
             raise translate_error(what, exc) from exc
         return subscription_info(sub)
+
+    # -- the Customer Portal and invoices ------------------------------------------------------
+    async def create_billing_portal_session(self, customer_id: str, *, return_url: str) -> str:
+        session = await self._call(
+            f"opening the billing portal of {customer_id}",
+            self._client.v1.billing_portal.sessions.create_async(
+                params={"customer": customer_id, "return_url": return_url}
+            ),
+        )
+        return session.url
+
+    async def list_invoices(self, customer_id: str) -> list[InvoiceInfo]:
+        listed = await self._call(
+            f"listing the invoices of {customer_id}",
+            self._client.v1.invoices.list_async(params={"customer": customer_id, "limit": 100}),
+        )
+        return [invoice_info(invoice.to_dict()) for invoice in listed.data]
+
+    async def retrieve_invoice(self, invoice_id: str) -> InvoiceInfo:
+        invoice = await self._call(
+            f"retrieving the invoice {invoice_id}",
+            self._client.v1.invoices.retrieve_async(invoice_id),
+        )
+        return invoice_info(invoice.to_dict())

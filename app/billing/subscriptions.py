@@ -27,6 +27,7 @@ __all__ = [
     "queue_compensation",
     "queue_stripe_cancellation",
     "set_subscription_fields",
+    "stripe_customer_of",
 ]
 
 # Once here, a subscription stays: no later event moves it anywhere else.
@@ -38,7 +39,7 @@ _COLUMNS = (
     "id, user_id, plan, resource_type, resource_name, resource_id, status,"
     " stripe_checkout_session_id, stripe_subscription_id, stripe_customer_id,"
     " cancel_at_period_end, current_period_end, has_payment_method, stripe_state_at,"
-    " billing_changes, operation_id, created_at, updated_at"
+    " billing_changes, operation_id, created_at, updated_at, cancel_at"
 )
 
 
@@ -62,6 +63,8 @@ class SubscriptionRecord:
     operation_id: str | None
     created_at: datetime
     updated_at: datetime
+    # When Stripe ends it (`cancel_at_period_end` is then true too); None: not scheduled.
+    cancel_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> SubscriptionRecord:
@@ -152,6 +155,16 @@ async def list_subscriptions(
     return [SubscriptionRecord.from_row(r) for r in rows]
 
 
+async def stripe_customer_of(conn: Connection, user_id: str) -> str | None:
+    """The Stripe Customer the user last paid as (None before a first payment)."""
+    found: str | None = await conn.fetchval(
+        "SELECT stripe_customer_id FROM subscriptions WHERE user_id = $1"
+        " AND stripe_customer_id IS NOT NULL ORDER BY created_at DESC, id LIMIT 1",
+        user_id,
+    )
+    return found
+
+
 _SETTABLE = frozenset(
     {
         "status",
@@ -159,6 +172,7 @@ _SETTABLE = frozenset(
         "stripe_subscription_id",
         "stripe_customer_id",
         "cancel_at_period_end",
+        "cancel_at",
         "current_period_end",
         "has_payment_method",
         "stripe_state_at",

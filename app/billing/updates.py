@@ -30,6 +30,7 @@ def subscription_json(record: SubscriptionRecord) -> dict[str, Any]:
         "resource_id": record.resource_id,
         "resource_name": record.resource_name,
         "cancel_at_period_end": record.cancel_at_period_end,
+        "cancel_at": isoformat_z(record.cancel_at) if record.cancel_at else None,
         "current_period_end": (
             isoformat_z(record.current_period_end) if record.current_period_end else None
         ),

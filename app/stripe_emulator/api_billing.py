@@ -145,7 +145,9 @@ def retrieve_subscription(ctx: ApiContext) -> Obj:
 
 def update_subscription(ctx: ApiContext) -> Obj:
     p = ctx.params
-    reject_unknown(p, ("cancel_at_period_end", "metadata", "cancellation_details", "description"))
+    reject_unknown(
+        p, ("cancel_at", "cancel_at_period_end", "metadata", "cancellation_details", "description")
+    )
     sub = ctx.state.get("subscription", ctx.path_params["id"], param="subscription_exposed_id")
     if sub["status"] == "canceled" and set(p) - {"metadata", "cancellation_details", "expand"}:
         raise StripeError.invalid(
@@ -162,7 +164,14 @@ def update_subscription(ctx: ApiContext) -> Obj:
         if sub["metadata"] != previous_meta:
             ctx.emit("customer.subscription.updated", sub, {"metadata": previous_meta})
     details = as_str_dict(p.get("cancellation_details"), "cancellation_details")
-    if "cancel_at_period_end" in p:
+    if "cancel_at" in p and "cancel_at_period_end" in p:
+        raise StripeError.invalid(
+            "You may only specify one of these parameters: cancel_at, cancel_at_period_end."
+        )
+    if "cancel_at" in p:
+        at = flows.resolve_cancel_at(ctx.state, sub, p["cancel_at"])
+        flows.set_cancel_at(ctx.state, ctx.emit, sub, at, details=details)
+    elif "cancel_at_period_end" in p:
         value = as_bool(p["cancel_at_period_end"], "cancel_at_period_end")
         flows.set_cancel_at_period_end(ctx.state, ctx.emit, sub, value, details=details)
     elif details:

@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from app.stripe_emulator import api_billing as billing
 from app.stripe_emulator import api_catalog as catalog
+from app.stripe_emulator import portal
 from app.stripe_emulator.api import Handler, api_endpoint
 from app.stripe_emulator.checkout_page import checkout_routes
 from app.stripe_emulator.control import RequireControlKey, control_routes
@@ -47,6 +48,7 @@ _API: list[tuple[str, str, Handler]] = [
     ("DELETE", "/v1/subscriptions/{id}", billing.cancel_subscription),
     ("GET", "/v1/invoices", billing.list_invoices),
     ("GET", "/v1/invoices/{id}", billing.retrieve_invoice),
+    ("POST", "/v1/billing_portal/sessions", portal.create_portal_session),
     ("GET", "/v1/events", billing.list_events),
     ("GET", "/v1/events/{id}", billing.retrieve_event),
 ]
@@ -102,6 +104,7 @@ def create_emulator(
     routes.append(Route("/v1/{rest:path}", unknown, methods=["GET", "POST", "DELETE"]))
     routes += checkout_routes(state, webhooks)
     routes += control_routes(state, webhooks)
+    routes += portal.portal_routes(state, webhooks)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -115,13 +115,15 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
     def portal_cancel(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:
         if not body.get("at_period_end", True):
             return flows.cancel_now(state, emit, sub_id)
+        # As the Customer Portal does in flexible billing mode: `cancel_at` only.
         sub = state.get("subscription", sub_id)
         details: Obj = {k: body[k] for k in ("comment", "feedback") if k in body}
-        return flows.set_cancel_at_period_end(state, emit, sub, True, details=details)
+        end = flows.resolve_cancel_at(state, sub, "min_period_end")
+        return flows.set_cancel_at(state, emit, sub, end, details=details)
 
     def portal_reactivate(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:
         sub = state.get("subscription", sub_id)
-        return flows.set_cancel_at_period_end(state, emit, sub, False)
+        return flows.set_cancel_at(state, emit, sub, None)
 
     def renew(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:
         outcome = body.get("outcome", "paid")

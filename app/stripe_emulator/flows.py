@@ -45,6 +45,8 @@ def _new_invoice(state: EmulatorState, emit: Emit, sub: Obj, reason: str) -> Obj
     inv["status"] = "open"
     inv["effective_at"] = now
     inv["status_transitions"]["finalized_at"] = now
+    # Stripe gives a finalized invoice its hosted page; the emulator serves one (portal.py).
+    inv["hosted_invoice_url"] = f"{state.public_url}/i/{inv['id']}"
     emit("invoice.finalized", inv, {"status": "draft"})
     return inv
 
@@ -167,13 +169,60 @@ def expire_checkout(state: EmulatorState, emit: Emit, session_id: str) -> Obj:
 def set_cancel_at_period_end(
     state: EmulatorState, emit: Emit, sub: Obj, value: bool, *, details: Obj | None = None
 ) -> Obj:
+    """`cancel_at_period_end`: true schedules the end at the period's end (Stripe shows that
+    date in `cancel_at` too); false undoes only that. A `cancel_at` set on its own (as the
+    Customer Portal does in flexible billing mode) stays: clearing it takes `cancel_at=""`."""
+    if not value and not sub["cancel_at_period_end"]:
+        return sub
+    end = min(i["current_period_end"] for i in sub["items"]["data"]) if value else None
+    return _schedule_cancellation(emit, sub, at_period_end=value, at=end, details=details)
+
+
+def resolve_cancel_at(state: EmulatorState, sub: Obj, raw: object) -> int | None:
+    """The `cancel_at` parameter: a future timestamp, `min_period_end` or `max_period_end`
+    (resolved now, to the earliest or latest item period end), or `""` to unset it."""
+    ends: list[int] = [i["current_period_end"] for i in sub["items"]["data"]]
+    if raw == "":
+        return None
+    if raw == "min_period_end":
+        return min(ends)
+    if raw == "max_period_end":
+        return max(ends)
+    if not isinstance(raw, str) or not raw.isdigit():
+        raise StripeError.invalid(
+            f"Invalid cancel_at: {raw!r}. Pass a Unix timestamp, min_period_end, max_period_end, "
+            'or "" to unset it.',
+            param="cancel_at",
+        )
+    at = int(raw)
+    if at <= state.now():
+        raise StripeError.invalid(
+            "Invalid cancel_at: the timestamp must be in the future.", param="cancel_at"
+        )
+    return at
+
+
+def set_cancel_at(
+    state: EmulatorState, emit: Emit, sub: Obj, at: int | None, *, details: Obj | None = None
+) -> Obj:
+    """`cancel_at`: the subscription ends at `at`; None unsets it, and with it a cancellation
+    scheduled by `cancel_at_period_end` (whose date `cancel_at` shows)."""
+    return _schedule_cancellation(emit, sub, at_period_end=False, at=at, details=details)
+
+
+def _schedule_cancellation(
+    emit: Emit, sub: Obj, *, at_period_end: bool, at: int | None, details: Obj | None
+) -> Obj:
     previous: Obj = {}
-    end = _items(sub)["current_period_end"] if value else None
     cancellation = dict(sub["cancellation_details"])
     cancellation.update(details or {})
-    cancellation["reason"] = "cancellation_requested" if value else None
+    cancellation["reason"] = "cancellation_requested" if at is not None else None
     _set(
-        sub, previous, cancel_at_period_end=value, cancel_at=end, cancellation_details=cancellation
+        sub,
+        previous,
+        cancel_at_period_end=at_period_end,
+        cancel_at=at,
+        cancellation_details=cancellation,
     )
     if previous:
         emit("customer.subscription.updated", sub, previous)
@@ -200,8 +249,10 @@ def renew(state: EmulatorState, emit: Emit, sub_id: str, *, outcome: str) -> Obj
     if sub["status"] not in _LIVE:
         raise StripeError.invalid(f"Subscription {sub_id} is {sub['status']}; it does not renew.")
     item = _items(sub)
-    if sub["cancel_at_period_end"]:
-        sub.update(status="canceled", canceled_at=state.now(), ended_at=item["current_period_end"])
+    period_end, ends_at = item["current_period_end"], sub["cancel_at"]
+    if sub["cancel_at_period_end"] or (ends_at is not None and ends_at <= period_end):
+        ended = min(ends_at or period_end, period_end)
+        sub.update(status="canceled", canceled_at=state.now(), ended_at=ended)
         emit("customer.subscription.deleted", sub)
         return sub
     previous: Obj = {"items": copy.deepcopy(sub["items"]), "latest_invoice": sub["latest_invoice"]}
@@ -254,3 +305,26 @@ def attach_payment_method(state: EmulatorState, emit: Emit, customer_id: str) ->
     state.put(seti)
     emit("setup_intent.succeeded", seti)
     return seti
+
+
+def update_default_payment_method(
+    state: EmulatorState, emit: Emit, customer_id: str, *, last4: str
+) -> Obj:
+    """A new card saved in the Customer Portal: confirmed by a SetupIntent, attached to the
+    customer and made the default for its invoices, with the events Stripe sends for each."""
+    customer = state.get("customer", customer_id)
+    now = state.now()
+    pm = state.put(
+        objects.payment_method(
+            objects.stripe_id("pm"), now, customer_id=customer_id, last4=last4,
+            email=customer["email"],
+        )
+    )  # fmt: skip
+    seti = state.put(objects.setup_intent(objects.stripe_id("seti"), now, customer_id, pm["id"]))
+    emit("payment_method.attached", pm)
+    emit("setup_intent.succeeded", seti)
+    settings = customer["invoice_settings"]
+    previous = {"invoice_settings": copy.deepcopy(settings)}
+    settings["default_payment_method"] = pm["id"]
+    emit("customer.updated", customer, previous)
+    return pm

@@ -278,3 +278,39 @@ def event(
         "created": created, "data": data, "livemode": False, "pending_webhooks": 1,
         "request": {"id": request_id, "idempotency_key": idempotency_key}, "type": type,
     }  # fmt: skip
+
+
+def billing_portal_session(
+    bps_id: str, created: int, *, customer_id: str, return_url: str | None, url: str,
+    locale: str | None, configuration: str,
+) -> Obj:  # fmt: skip
+    return {
+        "id": bps_id, "object": "billing_portal.session", "configuration": configuration,
+        "created": created, "customer": customer_id, "customer_account": None, "flow": None,
+        "livemode": False, "locale": locale, "on_behalf_of": None, "return_url": return_url,
+        "url": url,
+    }  # fmt: skip
+
+
+def payment_method(
+    pm_id: str, created: int, *, customer_id: str, last4: str, email: str | None
+) -> Obj:
+    return {
+        "id": pm_id, "object": "payment_method", "allow_redisplay": "always",
+        "billing_details": {
+            "address": None, "email": email, "name": None, "phone": None, "tax_id": None,
+        },
+        "card": {
+            "brand": "visa", "checks": {
+                "address_line1_check": None, "address_postal_code_check": None,
+                "cvc_check": "pass",
+            },
+            "country": "US", "display_brand": "visa", "exp_month": 12, "exp_year": 2034,
+            "fingerprint": secrets.token_hex(8), "funding": "credit", "generated_from": None,
+            "last4": last4, "networks": {"available": ["visa"], "preferred": None},
+            "regulated_status": "unregulated", "three_d_secure_usage": {"supported": True},
+            "wallet": None,
+        },
+        "created": created, "customer": customer_id, "customer_account": None,
+        "livemode": False, "metadata": {}, "type": "card",
+    }  # fmt: skip

@@ -23,6 +23,8 @@ _KIND_NAMES = {
     "invoice": "invoice",
     "event": "event",
     "setup_intent": "setupintent",
+    "payment_method": "PaymentMethod",
+    "billing_portal.session": "billing_portal.session",
 }
 _PREFIXES = {
     "cus_": "customer",
@@ -33,6 +35,8 @@ _PREFIXES = {
     "in_": "invoice",
     "evt_": "event",
     "seti_": "setup_intent",
+    "pm_": "payment_method",
+    "bps_": "billing_portal.session",
 }
 
 

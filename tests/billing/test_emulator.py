@@ -117,6 +117,11 @@ async def env(receiver: Receiver) -> AsyncIterator[Env]:
                 await transport.close_async()  # type: ignore[no-untyped-call]
 
 
+def _period_end(sub: dict[str, Any]) -> int:
+    end: int = sub["items"]["data"][0]["current_period_end"]
+    return end
+
+
 async def _paid_subscription(env: Env, *, deliver: bool = True) -> tuple[str, str]:
     price = await env.sdk.v1.prices.create_async(
         params={
@@ -355,10 +360,13 @@ async def test_held_and_paused_deliveries(env: Env) -> None:
 async def test_subscription_lifecycle_controls(env: Env) -> None:
     _session, sub_id = await _paid_subscription(env)
     cancel = await env.control(f"subscriptions/{sub_id}/portal_cancel")
-    assert cancel["object"]["cancel_at_period_end"] is True
+    # The portal of flexible billing mode: `cancel_at` at the period's end, and only that.
+    assert cancel["object"]["cancel_at_period_end"] is False
+    assert cancel["object"]["cancel_at"] == _period_end(cancel["object"])
     assert [e["type"] for e in cancel["events"]] == ["customer.subscription.updated"]
     reactivate = await env.control(f"subscriptions/{sub_id}/portal_reactivate")
     assert reactivate["object"]["cancel_at_period_end"] is False
+    assert reactivate["object"]["cancel_at"] is None
     failed = await env.control(f"subscriptions/{sub_id}/renew", {"outcome": "failed"})
     assert failed["object"]["status"] == "past_due"
     assert "invoice.payment_failed" in [e["type"] for e in failed["events"]]
@@ -371,9 +379,7 @@ async def test_subscription_lifecycle_controls(env: Env) -> None:
     await env.drain()
     updates = [e for e in env.receiver.events if e.type == "customer.subscription.updated"]
     previous = [e.data.to_dict()["previous_attributes"] for e in updates]
-    assert {"cancel_at_period_end": False} in [
-        {k: v for k, v in p.items() if k == "cancel_at_period_end"} for p in previous
-    ]
+    assert any("cancel_at" in p and p["cancel_at"] is None for p in previous)
     renewal = next(p for p in previous if "items" in p)
     assert renewal["status"] == "active" and "latest_invoice" in renewal
 
@@ -477,3 +483,129 @@ async def test_delayed_payment_pause_and_payment_method_events(env: Env) -> None
     await env.drain()
     assert "setup_intent.succeeded" in env.receiver.types()
     assert env.receiver.rejected == 0
+
+
+async def test_cancel_at_takes_each_value_stripe_accepts_and_only_those(env: Env) -> None:
+    _session, sub_id = await _paid_subscription(env)
+    update = env.sdk.v1.subscriptions.update_async
+    sub = (await env.sdk.v1.subscriptions.retrieve_async(sub_id)).to_dict()
+    end = _period_end(sub)
+
+    # A timestamp: that moment, and nothing about the period's end.
+    chosen = end - 86400
+    at = await update(sub_id, params={"cancel_at": chosen})
+    assert (at.cancel_at, at.cancel_at_period_end) == (chosen, False)
+    assert at.cancellation_details is not None
+    assert at.cancellation_details.reason == "cancellation_requested"
+    # cancel_at_period_end=false undoes only what cancel_at_period_end set: this one stays.
+    kept = await update(sub_id, params={"cancel_at_period_end": False})
+    assert (kept.cancel_at, kept.cancel_at_period_end) == (chosen, False)
+    # "" unsets it.
+    cleared = await update(sub_id, params={"cancel_at": ""})
+    assert (cleared.cancel_at, cleared.cancel_at_period_end) == (None, False)
+    assert cleared.cancellation_details is not None
+    assert cleared.cancellation_details.reason is None
+
+    # The helpers resolve at once to the earliest and latest item period end (one item here).
+    for helper in ("min_period_end", "max_period_end"):
+        resolved = await update(sub_id, params={"cancel_at": helper})
+        assert (resolved.cancel_at, resolved.cancel_at_period_end) == (end, False)
+        await update(sub_id, params={"cancel_at": ""})
+
+    # cancel_at_period_end=true shows its date in cancel_at; "" unsets the whole of it.
+    period = await update(sub_id, params={"cancel_at_period_end": True})
+    assert (period.cancel_at, period.cancel_at_period_end) == (end, True)
+    unset = await update(sub_id, params={"cancel_at": ""})
+    assert (unset.cancel_at, unset.cancel_at_period_end) == (None, False)
+    period = await update(sub_id, params={"cancel_at_period_end": True})
+    undone = await update(sub_id, params={"cancel_at_period_end": False})
+    assert (undone.cancel_at, undone.cancel_at_period_end) == (None, False)
+
+    refused = {
+        "cancel_at=yesterday": {"cancel_at": "yesterday"},
+        "cancel_at in the past": {"cancel_at": sub["created"] - 60},
+        "both at once": {"cancel_at": "", "cancel_at_period_end": False},
+    }
+    for case, params in refused.items():
+        with pytest.raises(stripe.InvalidRequestError) as caught:
+            await update(sub_id, params=params)  # type: ignore[arg-type]
+        assert caught.value.http_status == 400, case
+    unchanged = await env.sdk.v1.subscriptions.retrieve_async(sub_id)
+    assert (unchanged.cancel_at, unchanged.cancel_at_period_end) == (None, False)
+
+    # A subscription with a cancel_at ends when its period does.
+    await update(sub_id, params={"cancel_at": "min_period_end"})
+    ended = await env.control(f"subscriptions/{sub_id}/renew")
+    assert ended["object"]["status"] == "canceled"
+    assert ended["object"]["ended_at"] == end
+    await env.drain()
+    updates = [e for e in env.receiver.events if e.type == "customer.subscription.updated"]
+    # The activation at checkout, then one per change above; the refused and the no-op: none.
+    assert len(updates) == 12
+
+
+async def test_the_customer_portal_cancels_renews_updates_the_card_and_lists_invoices(
+    env: Env,
+) -> None:
+    session_id, sub_id = await _paid_subscription(env)
+    customer = (await env.sdk.v1.checkout.sessions.retrieve_async(session_id)).customer
+    assert isinstance(customer, str)
+    portal = await env.sdk.v1.billing_portal.sessions.create_async(
+        params={"customer": customer, "return_url": "https://lookout.test/"}
+    )
+    assert portal.object == "billing_portal.session"
+    assert portal.customer == customer and portal.return_url == "https://lookout.test/"
+    page = await env.http.get(portal.url)
+    assert page.status_code == 200
+    assert "<script" not in page.text
+    assert "Cancel subscription" in page.text and "Return to Lookout" in page.text
+    invoice = (await env.sdk.v1.invoices.list_async(params={"customer": customer})).data[0]
+    assert invoice.hosted_invoice_url and invoice.hosted_invoice_url in page.text
+    hosted = await env.http.get(invoice.hosted_invoice_url)
+    assert hosted.status_code == 200 and str(invoice.number) in hosted.text
+
+    # Cancel: cancel_at at the period's end, cancel_at_period_end left false.
+    form = f"{portal.url}/subscriptions/{sub_id}"
+    cancelled = await env.http.post(f"{form}/cancel", follow_redirects=True)
+    assert cancelled.status_code == 200 and "Renew subscription" in cancelled.text
+    sub = await env.sdk.v1.subscriptions.retrieve_async(sub_id)
+    assert (sub.cancel_at, sub.cancel_at_period_end) == (_period_end(sub.to_dict()), False)
+    renewed = await env.http.post(f"{form}/renew", follow_redirects=True)
+    assert "Cancel subscription" in renewed.text
+    sub = await env.sdk.v1.subscriptions.retrieve_async(sub_id)
+    assert (sub.cancel_at, sub.cancel_at_period_end) == (None, False)
+
+    # A new card: attached, confirmed and made the default, each with its event.
+    card_form = f"{portal.url}/payment_method"
+    declined = await env.http.post(card_form, data={"card": "4000000000000002"})
+    assert declined.status_code == 402
+    saved = await env.http.post(
+        card_form, data={"card": "5555 5555 5555 4444"}, follow_redirects=True
+    )
+    assert "ending in 4444" in saved.text
+    owner = await env.sdk.v1.customers.retrieve_async(customer)
+    assert owner.invoice_settings is not None
+    assert str(owner.invoice_settings.default_payment_method).startswith("pm_")
+
+    await env.drain()
+    portal_events = [e.type for e in env.receiver.events][-5:]
+    assert portal_events == [
+        "customer.subscription.updated",
+        "customer.subscription.updated",
+        "payment_method.attached",
+        "setup_intent.succeeded",
+        "customer.updated",
+    ]
+    updated = env.receiver.events[-1].data.to_dict()
+    assert updated["previous_attributes"]["invoice_settings"]["default_payment_method"] is None
+
+    # Another customer's subscription, an unknown session, an unknown customer: refused.
+    assert (await env.http.post(f"{portal.url}/subscriptions/sub_other/cancel")).status_code == 404
+    assert (await env.http.get(f"{env.base}/p/session/test_nothing")).status_code == 404
+    with pytest.raises(stripe.InvalidRequestError) as missing:
+        await env.sdk.v1.billing_portal.sessions.create_async(params={"customer": "cus_nobody"})
+    assert missing.value.http_status == 404
+    with pytest.raises(stripe.InvalidRequestError):
+        await env.sdk.v1.billing_portal.sessions.create_async(
+            params={"customer": customer, "flow_data": {"type": "payment_method_update"}}
+        )

@@ -54,7 +54,8 @@ SSE_SPY = """
 (() => {
   const Native = window.EventSource;
   const types = ["operation.started", "operation.progress", "operation.completed",
-    "operation.failed", "operation.cancelled", "subscription.updated", "stream.reset", "message"];
+    "operation.failed", "operation.cancelled", "subscription.updated", "invoice.updated",
+    "stream.reset", "message"];
   const streams = [];
   Object.defineProperty(window, "__sse", { value: streams });
   window.EventSource = class extends Native {
