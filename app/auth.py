@@ -44,13 +44,13 @@ async def authenticate(request: Request) -> User:
         )
     # An address that has sent too many bad keys is refused before its key is looked up: a
     # guesser rotating keys must not cost a database query each.
-    services(request).rate_limits.refuse_if_full("anonymous", client_ip(request))
+    services(request).rate_limits.refuse_if_full("bad_keys", client_ip(request))
     user = None
     if looks_like_api_key(key):
         async with services(request).pool.acquire() as conn:
             user = await user_for_api_key(conn, key)
     if user is None:
-        await count_request(request, "anonymous", client_ip(request))
+        await count_request(request, "bad_keys", client_ip(request))
         raise APIError(
             401,
             "invalid_api_key",

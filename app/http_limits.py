@@ -42,8 +42,8 @@ __all__ = ["MAX_HEADER_BYTES", "ConnectionLimits", "limited_protocol"]
 
 logger = logging.getLogger(__name__)
 
-# The contract's limit, on the request line and headers together: browsers and Stripe send
-# about 1 KiB; nginx's default buffers hold 8 KiB.
+# The contract's limit, on the request line and headers together (nginx, by default, refuses
+# a single header line over 8 KiB).
 MAX_HEADER_BYTES = 16 * 1024
 # A flood of refused connections must not become a flood of log lines.
 _BUSY_LOG_INTERVAL_SECONDS = 10.0

@@ -39,15 +39,20 @@ LIMITS: Final[dict[str, str]] = {
     "credentials": "20/minute",
     "streams": "120/minute",
     "read": "1200/minute",
-    # Requests without a valid API key, per address: also what a guesser of keys gets.
+    # Requests without an API key, per address.
     "anonymous": "60/minute",
+    # Requests with a key that is not one, per address (a guesser): counted apart, since an
+    # address over it is refused before its key is looked up, valid keys too, where a client
+    # that merely forgot its key must not lock out the others behind the same address.
+    "bad_keys": "60/minute",
     # Webhook deliveries that fail verification, per address. Stripe's own never fail (unless
     # STRIPE_WEBHOOK_SECRET is wrong, and then Stripe retries for days): only a flood is cut.
     "unverified_webhooks": "30/minute",
 }
 # What a refusal calls the requests of a category.
 _NOUNS: Final[dict[str, str]] = {
-    "anonymous": "requests without a valid API key",
+    "anonymous": "requests without an API key",
+    "bad_keys": "requests with an invalid API key",
     "unverified_webhooks": "webhook deliveries without a valid signature",
 }
 # Identities remembered as full at most: past it (a flood from as many addresses), the

@@ -247,7 +247,7 @@ async def bad_key(http: httpx.AsyncClient, n: int, forwarded_for: str) -> int:
 async def test_a_rotated_x_forwarded_for_from_an_untrusted_peer_is_still_limited(
     settings: Settings,
 ) -> None:
-    limit = int(LIMITS["anonymous"].split("/")[0])
+    limit = int(LIMITS["bad_keys"].split("/")[0])
     async with running_stack(settings) as stack:
         answers = [await bad_key(stack.anonymous, n, f"203.0.113.{n}") for n in range(limit + 1)]
         assert answers == [401] * limit + [429]
@@ -256,7 +256,7 @@ async def test_a_rotated_x_forwarded_for_from_an_untrusted_peer_is_still_limited
 async def test_from_a_trusted_proxy_the_forwarded_address_is_the_one_limited(
     settings: Settings,
 ) -> None:
-    limit = int(LIMITS["anonymous"].split("/")[0])
+    limit = int(LIMITS["bad_keys"].split("/")[0])
     async with running_stack(replace(settings, trusted_proxies=("127.0.0.1",))) as stack:
         rotated = [await bad_key(stack.anonymous, n, f"203.0.113.{n}") for n in range(limit + 1)]
         assert rotated == [401] * (limit + 1)
@@ -268,7 +268,7 @@ async def test_from_a_trusted_proxy_the_forwarded_address_is_the_one_limited(
 async def test_an_address_over_the_bad_key_limit_is_refused_before_any_lookup(
     settings: Settings,
 ) -> None:
-    limit = int(LIMITS["anonymous"].split("/")[0])
+    limit = int(LIMITS["bad_keys"].split("/")[0])
     async with running_stack(replace(settings, trusted_proxies=("127.0.0.1",))) as stack:
         guesser = "198.51.100.7"
         answers = [await bad_key(stack.anonymous, n, guesser) for n in range(limit)]
