@@ -159,7 +159,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             self._header_bytes += len(head)
             if head:
                 super().data_received(head)
-            if data and self._awaiting_headers and not self.transport.is_closing():
+            # (Awaiting headers with its count reset: the request ended within `head`, and
+            # the rest is the next one's, pipelined.)
+            full = self._header_bytes >= self.limits.max_header_bytes
+            if data and self._awaiting_headers and full and not self.transport.is_closing():
                 self._refuse(
                     431,
                     "headers_too_large",

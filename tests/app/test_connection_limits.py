@@ -178,6 +178,14 @@ async def test_headers_over_16_kib_answer_431(settings: Settings) -> None:
         # Just under the limit is served.
         fits = await stack.anonymous.get("/healthz", headers={"X-Big": "a" * 15 * 1024})
         assert fits.status_code == 200
+        # The limit is per request: two pipelined in one write, together over it, are served.
+        async with raw(stack.url) as stream:
+            request = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: %s\r\n\r\n"
+            await stream.send(request % (b"a" * 10_000) + request % (b"b" * 10_000))
+            received = b""
+            with anyio.fail_after(10):
+                while received.count(b"HTTP/1.1 200") < 2:
+                    received += await stream.receive()
 
 
 async def test_past_the_connection_limit_a_new_connection_gets_503(settings: Settings) -> None:
