@@ -7,7 +7,7 @@ from starlette.requests import Request
 from app.errors import APIError
 from app.ratelimit import category_for
 from app.services import services
-from app.users import User, user_for_api_key
+from app.users import User, looks_like_api_key, user_for_api_key
 
 __all__ = ["authenticate", "bearer_key", "client_ip", "count_request"]
 
@@ -42,10 +42,15 @@ async def authenticate(request: Request) -> User:
             " (`lookout users create EMAIL` makes one).",
             headers={"WWW-Authenticate": "Bearer"},
         )
-    async with services(request).pool.acquire() as conn:
-        user = await user_for_api_key(conn, key)
+    # An address that has sent too many bad keys is refused before its key is looked up: a
+    # guesser rotating keys must not cost a database query each.
+    services(request).rate_limits.refuse_if_full("bad_keys", client_ip(request))
+    user = None
+    if looks_like_api_key(key):
+        async with services(request).pool.acquire() as conn:
+            user = await user_for_api_key(conn, key)
     if user is None:
-        await count_request(request, "anonymous", client_ip(request))
+        await count_request(request, "bad_keys", client_ip(request))
         raise APIError(
             401,
             "invalid_api_key",

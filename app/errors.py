@@ -6,10 +6,10 @@ import logging
 from collections.abc import Mapping
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-__all__ = ["APIError", "error_response", "exception_handlers"]
+__all__ = ["APIError", "client_gone", "error_response", "exception_handlers"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,17 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status_code, code, message, exc.headers)
 
 
+def client_gone(request: Request) -> Response:
+    """The client left before its body arrived (or it missed the body's deadline): not an
+    error of ours. The answer is for no one; it only ends the request."""
+    logger.info("client went away during %s %s", request.method, request.url.path)
+    return error_response(400, "client_disconnected", "The request's body did not arrive.")
+
+
+async def _client_gone(request: Request, exc: Exception) -> Response:
+    return client_gone(request)
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "Something went wrong on our side; try again.")
@@ -77,5 +88,6 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 exception_handlers = {
     APIError: _api_error,
     HTTPException: _http_error,
+    ClientDisconnect: _client_gone,
     Exception: _unexpected,
 }

@@ -3,6 +3,12 @@ through Redis (the `limits` library: its moving window answers the real time to 
 
 Billing and checkout are generous ("never block a paying customer") but still bounded; if
 Redis cannot be asked, the request goes through rather than failing a customer.
+
+An identity whose window is full is remembered in the process until the window frees a slot:
+its next requests are refused without asking Redis, and `refuse_if_full` lets a route refuse
+before the work the limit protects (the API key's database lookup). This is exact, not a
+cache that may go stale: in a moving window no slot frees before its oldest hit expires,
+whatever other instances count meanwhile.
 """
 
 from __future__ import annotations
@@ -33,8 +39,25 @@ LIMITS: Final[dict[str, str]] = {
     "credentials": "20/minute",
     "streams": "120/minute",
     "read": "1200/minute",
+    # Requests without an API key, per address.
     "anonymous": "60/minute",
+    # Requests with a key that is not one, per address (a guesser): counted apart, since an
+    # address over it is refused before its key is looked up, valid keys too, where a client
+    # that merely forgot its key must not lock out the others behind the same address.
+    "bad_keys": "60/minute",
+    # Webhook deliveries that fail verification, per address. Stripe's own never fail (unless
+    # STRIPE_WEBHOOK_SECRET is wrong, and then Stripe retries for days): only a flood is cut.
+    "unverified_webhooks": "30/minute",
 }
+# What a refusal calls the requests of a category.
+_NOUNS: Final[dict[str, str]] = {
+    "anonymous": "requests without an API key",
+    "bad_keys": "requests with an invalid API key",
+    "unverified_webhooks": "webhook deliveries without a valid signature",
+}
+# Identities remembered as full at most: past it (a flood from as many addresses), the
+# limiter asks Redis as before.
+_MAX_REMEMBERED = 10_000
 
 
 def category_for(method: str, path: str) -> str:
@@ -76,10 +99,13 @@ class RateLimits:
         )
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._items: dict[str, RateLimitItem] = {name: parse(rule) for name, rule in LIMITS.items()}
+        # (category, identity) -> when its window frees a slot (epoch seconds).
+        self._full_until: dict[tuple[str, str], float] = {}
 
     async def check(self, category: str, identity: str) -> Allowance | None:
         """Counts one request; raises a 429 `APIError` once over the limit. Answers None when
         the limiter could not be asked."""
+        self.refuse_if_full(category, identity)
         item = self._items[category]
         try:
             allowed = await self._limiter.hit(item, category, identity)
@@ -88,15 +114,45 @@ class RateLimits:
             logger.warning("rate limiter unavailable (%s); letting the request through", exc)
             return None
         allowance = Allowance(item.amount, max(stats.remaining, 0), stats.reset_time)
+        if not allowed or stats.remaining <= 0:
+            self._remember_full(category, identity, stats.reset_time)
         if not allowed:
-            retry_after = max(1, math.ceil(stats.reset_time - time.time()))
-            raise APIError(
-                429,
-                "rate_limited",
-                f"Too many {category} requests; try again in {retry_after} s.",
-                headers={**allowance.headers(), "Retry-After": str(retry_after)},
-            )
+            raise self._refusal(category, stats.reset_time)
         return allowance
+
+    def refuse_if_full(self, category: str, identity: str) -> None:
+        """Raises the 429 when this process knows the identity's window to be full: no Redis,
+        no other work."""
+        key = (category, identity)
+        reset_at = self._full_until.get(key)
+        if reset_at is None:
+            return
+        if reset_at <= time.time():
+            del self._full_until[key]
+            return
+        raise self._refusal(category, reset_at)
+
+    def _remember_full(self, category: str, identity: str, reset_at: float) -> None:
+        if len(self._full_until) >= _MAX_REMEMBERED:
+            now = time.time()
+            self._full_until = {k: t for k, t in self._full_until.items() if t > now}
+            if len(self._full_until) >= _MAX_REMEMBERED:
+                return
+        self._full_until[(category, identity)] = reset_at
+
+    def _refusal(self, category: str, reset_at: float) -> APIError:
+        item = self._items[category]
+        retry_after = max(1, math.ceil(reset_at - time.time()))
+        noun = _NOUNS.get(category, f"{category} requests")
+        return APIError(
+            429,
+            "rate_limited",
+            f"Too many {noun}; try again in {retry_after} s.",
+            headers={
+                **Allowance(item.amount, 0, reset_at).headers(),
+                "Retry-After": str(retry_after),
+            },
+        )
 
 
 class RateLimitMiddleware:

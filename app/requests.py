@@ -33,6 +33,9 @@ async def read_json(request: Request, *, limit: int = MAX_JSON_BYTES) -> dict[st
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise APIError(400, "invalid_json", "The body is not valid JSON.") from None
+    except RecursionError:
+        # json.loads recurses once per level: 64 KiB of "[" is past Python's recursion limit.
+        raise APIError(400, "invalid_json", "The body is nested too deeply.") from None
     if not isinstance(body, dict):
         raise APIError(400, "invalid_json", "The body must be a JSON object.")
     return body

@@ -13,11 +13,13 @@ from types import FrameType
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.types import ASGIApp
 
 from app.application import create_app
+from app.http_limits import ConnectionLimits, limited_protocol
 from app.settings import Settings
 
-__all__ = ["run_server"]
+__all__ = ["run_server", "server_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,31 @@ class _Server(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
+def server_config(
+    settings: Settings, app: ASGIApp, *, host: str, port: int, log_level: str = "info"
+) -> uvicorn.Config:
+    """uvicorn as Lookout serves it; the tests serve the app with the same configuration."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        # httptools, with the limits uvicorn lacks (app.http_limits).
+        http=limited_protocol(ConnectionLimits.from_settings(settings)),
+        ws="none",
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=settings.keep_alive_seconds,
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 unless told otherwise, which lets
+        # anyone on the machine (or a proxy that passes the header through) pick the address
+        # the rate limits count: only the configured proxies are believed.
+        proxy_headers=bool(settings.trusted_proxies),
+        forwarded_allow_ips=list(settings.trusted_proxies),
+        access_log=False,
+        log_level=log_level,
+    )
+
+
 def run_server(
     settings: Settings,
     *,
@@ -74,16 +101,4 @@ def run_server(
 ) -> None:
     app = app if app is not None else create_app(settings)
     gc.set_threshold(50_000, 20, 20)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
-        proxy_headers=True,
-        access_log=False,
-        log_level=log_level,
-    )
-    _Server(config, app).run()
+    _Server(server_config(settings, app, host=host, port=port, log_level=log_level), app).run()

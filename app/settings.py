@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import secrets
 from collections.abc import Mapping
@@ -67,6 +68,13 @@ class Settings:
     demo: bool = False
     # How long an operation waits out an unreachable provisioning server before it fails.
     provisioner_retry_seconds: int = 900
+    # Connection limits of `lookout serve` (app.http_limits, docs/OPERATIONS.md).
+    header_timeout_seconds: int = 10
+    body_timeout_seconds: int = 30
+    keep_alive_seconds: int = 5
+    max_connections: int = 1000
+    # Peers whose X-Forwarded-For/-Proto are believed: addresses or networks; none by default.
+    trusted_proxies: tuple[str, ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -131,6 +139,11 @@ class Settings:
             metrics_token=_metrics_token(env),
             demo=demo,
             provisioner_retry_seconds=_int(env, "LOOKOUT_PROVISIONER_RETRY_SECONDS", 900, 0),
+            header_timeout_seconds=_int(env, "LOOKOUT_HEADER_TIMEOUT_SECONDS", 10, 1),
+            body_timeout_seconds=_int(env, "LOOKOUT_BODY_TIMEOUT_SECONDS", 30, 1),
+            keep_alive_seconds=_int(env, "LOOKOUT_KEEP_ALIVE_SECONDS", 5, 1),
+            max_connections=_int(env, "LOOKOUT_MAX_CONNECTIONS", 1000, 1),
+            trusted_proxies=_trusted_proxies(env),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
@@ -152,6 +165,24 @@ def _metrics_token(env: Mapping[str, str]) -> str | None:
             "spaces (Prometheus sends it as Authorization: Bearer <token>)"
         )
     return token
+
+
+def _trusted_proxies(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Addresses (or networks) only: a name or `*` would believe any peer that claims it."""
+    name = "LOOKOUT_TRUSTED_PROXIES"
+    entries = tuple(e.strip() for e in env.get(name, "").split(",") if e.strip())
+    for entry in entries:
+        try:
+            if "/" in entry:
+                ipaddress.ip_network(entry)
+            else:
+                ipaddress.ip_address(entry)
+        except ValueError:
+            raise ConfigError(
+                f"{name} must be IP addresses or networks of your proxies, comma-separated"
+                f" (e.g. 10.0.0.2,10.1.0.0/16), got {entry!r}"
+            ) from None
+    return entries
 
 
 def _demo_secret(data_dir: Path, name: str, *, prefix: str = "") -> str:

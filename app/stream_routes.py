@@ -14,7 +14,7 @@ from typing import Any
 
 import asyncpg
 from redis.exceptions import RedisError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
@@ -22,7 +22,7 @@ from starlette.types import ASGIApp
 from app.auth import authenticate, bearer_key, client_ip, count_request
 from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
-from app.errors import APIError, error_response
+from app.errors import APIError, client_gone, error_response
 from app.services import services
 from provisioning import get_operation
 from streams import (
@@ -77,6 +77,8 @@ def answering_errors(
             return await handler(request)
         except APIError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except ClientDisconnect:
+            return client_gone(request)
         except outage as exc:
             logger.warning("no stream on %s for now: %r", request.url.path, exc)
             return ReconnectLater()

@@ -17,10 +17,13 @@ __all__ = [
     "create_api_key",
     "create_user",
     "get_user_by_email",
+    "looks_like_api_key",
     "user_for_api_key",
 ]
 
 API_KEY_PREFIX = "lk_"
+# secrets.token_urlsafe(32): 43 characters; a little room for keys made otherwise.
+_MAX_API_KEY_LENGTH = 128
 
 
 class UserExists(Exception):
@@ -61,6 +64,11 @@ async def create_api_key(conn: Connection, user_id: str) -> str:
         _hash(key),
     )
     return key
+
+
+def looks_like_api_key(key: str) -> bool:
+    """Whether `key` could be one of ours: anything else is refused without a query."""
+    return key.startswith(API_KEY_PREFIX) and len(key) <= _MAX_API_KEY_LENGTH
 
 
 async def user_for_api_key(conn: Connection, key: str) -> User | None:

@@ -24,6 +24,7 @@ def test_defaults_follow_the_contract() -> None:
     assert settings.redis_prefix == "lookout:"
     assert settings.max_streams_per_user == 10
     assert settings.max_stream_seconds == 3600
+    assert settings.trusted_proxies == ()
 
 
 def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
@@ -43,6 +44,13 @@ def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
         ({"LOOKOUT_MAX_STREAMS_PER_USER": "many"}, "LOOKOUT_MAX_STREAMS_PER_USER"),
         ({"LOOKOUT_MAX_STREAM_SECONDS": "60"}, "LOOKOUT_MAX_STREAM_SECONDS"),
         ({"LOOKOUT_PUBLIC_URL": "ftp://x"}, "LOOKOUT_PUBLIC_URL"),
+        ({"LOOKOUT_HEADER_TIMEOUT_SECONDS": "0"}, "LOOKOUT_HEADER_TIMEOUT_SECONDS"),
+        ({"LOOKOUT_BODY_TIMEOUT_SECONDS": "1.5"}, "LOOKOUT_BODY_TIMEOUT_SECONDS"),
+        ({"LOOKOUT_KEEP_ALIVE_SECONDS": "-1"}, "LOOKOUT_KEEP_ALIVE_SECONDS"),
+        ({"LOOKOUT_MAX_CONNECTIONS": "lots"}, "LOOKOUT_MAX_CONNECTIONS"),
+        ({"LOOKOUT_TRUSTED_PROXIES": "proxy.internal"}, "LOOKOUT_TRUSTED_PROXIES"),
+        ({"LOOKOUT_TRUSTED_PROXIES": "*"}, "LOOKOUT_TRUSTED_PROXIES"),
+        ({"LOOKOUT_TRUSTED_PROXIES": "10.0.0.1/8"}, "LOOKOUT_TRUSTED_PROXIES"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
@@ -72,3 +80,32 @@ def test_the_provisioner_retry_window_is_15_minutes_unless_set() -> None:
     assert Settings.from_env(env).provisioner_retry_seconds == 60
     with pytest.raises(ConfigError, match="LOOKOUT_PROVISIONER_RETRY_SECONDS"):
         Settings.from_env({**BASE, "LOOKOUT_PROVISIONER_RETRY_SECONDS": "-1"})
+
+
+def test_connection_limits_have_defaults_and_can_be_set() -> None:
+    defaults = Settings.from_env(BASE)
+    assert (
+        defaults.header_timeout_seconds,
+        defaults.body_timeout_seconds,
+        defaults.keep_alive_seconds,
+        defaults.max_connections,
+    ) == (10, 30, 5, 1000)
+    env = {
+        **BASE,
+        "LOOKOUT_HEADER_TIMEOUT_SECONDS": "5",
+        "LOOKOUT_BODY_TIMEOUT_SECONDS": "60",
+        "LOOKOUT_KEEP_ALIVE_SECONDS": "75",
+        "LOOKOUT_MAX_CONNECTIONS": "200",
+    }
+    chosen = Settings.from_env(env)
+    assert (
+        chosen.header_timeout_seconds,
+        chosen.body_timeout_seconds,
+        chosen.keep_alive_seconds,
+        chosen.max_connections,
+    ) == (5, 60, 75, 200)
+
+
+def test_trusted_proxies_are_addresses_or_networks() -> None:
+    env = {**BASE, "LOOKOUT_TRUSTED_PROXIES": " 10.0.0.2, 10.1.0.0/16,::1 "}
+    assert Settings.from_env(env).trusted_proxies == ("10.0.0.2", "10.1.0.0/16", "::1")

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate
+from app.auth import authenticate, client_ip
 from app.billing.checkout import RESOURCE_NAME
 from app.billing.intake import EventNotStorable, EventNotStored
 from app.billing.lifecycle import StripeState
@@ -31,6 +31,7 @@ from app.billing.subscriptions import (
 )
 from app.billing.updates import subscription_json
 from app.billing.webhook_receiver import (
+    check_signature_header,
     parse_event,
     read_capped_body,
     verify_signature,
@@ -209,10 +210,18 @@ async def graph_subscription(request: Request) -> Response:
 
 async def stripe_webhook(request: Request) -> Response:
     found = services(request)
-    body = await read_capped_body(request)
-    text = verify_signature(
-        body, request.headers.get("stripe-signature"), found.settings.stripe_webhook_secrets
-    )
+    header = request.headers.get("stripe-signature")
+    try:
+        check_signature_header(header)
+        body = await read_capped_body(request)
+        text = verify_signature(body, header, found.settings.stripe_webhook_secrets)
+    except APIError as refused:
+        if refused.status == 400:
+            # Failed verifications are limited per address (a 429 once over), a valid delivery
+            # never: only refusals ask the limiter, and one from an address known to be over
+            # is refused before its body is read.
+            await found.rate_limits.check("unverified_webhooks", client_ip(request))
+        raise
     event = parse_event(text)
     try:
         new = await found.intake.store(event)

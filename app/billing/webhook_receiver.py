@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +21,7 @@ __all__ = [
     "MAX_WEBHOOK_BYTES",
     "SIGNATURE_TOLERANCE_SECONDS",
     "VerifiedEvent",
+    "check_signature_header",
     "parse_event",
     "read_capped_body",
     "store_events",
@@ -59,6 +61,36 @@ async def read_capped_body(request: Request, limit: int = MAX_WEBHOOK_BYTES) -> 
     return b"".join(chunks)
 
 
+def check_signature_header(header: str | None, *, now: float | None = None) -> None:
+    """What can be refused without the body or an HMAC: no header, one that is not Stripe's
+    form (`t=<seconds>,v1=<signature>`), or one older than the tolerance (the SDK checks the
+    age only after computing the HMAC)."""
+    if not header:
+        raise APIError(400, "missing_signature", "The Stripe-Signature header is missing.")
+    if not header.isascii():
+        raise APIError(400, "invalid_signature", "The Stripe-Signature header is not ASCII.")
+    timestamp: int | None = None
+    signed = False
+    for item in header.split(","):
+        name, _, value = item.strip().partition("=")
+        if name == "t" and value.isdigit():
+            timestamp = int(value)
+        elif name == "v1" and value:
+            signed = True
+    if timestamp is None or not signed:
+        raise APIError(
+            400,
+            "invalid_signature",
+            "The Stripe-Signature header needs a timestamp (t=) and a v1 signature.",
+        )
+    if timestamp < (time.time() if now is None else now) - SIGNATURE_TOLERANCE_SECONDS:
+        raise APIError(
+            400,
+            "invalid_signature",
+            f"This Stripe-Signature is older than {SIGNATURE_TOLERANCE_SECONDS} s.",
+        )
+
+
 def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...]) -> str:
     """Answers the body as text once one of the secrets (rotation) verifies its signature."""
     if not header:
@@ -93,6 +125,9 @@ def parse_event(text: str) -> VerifiedEvent:
         payload = json.loads(text)
     except ValueError:
         raise APIError(400, "invalid_payload", "The webhook body is not JSON.") from None
+    except RecursionError:
+        # Signed, yet thousands of levels deep: no Stripe event is.
+        raise APIError(400, "invalid_payload", "The webhook body is nested too deeply.") from None
     if not isinstance(payload, dict) or payload.get("object") != "event":
         raise APIError(400, "invalid_payload", "The webhook body is not a Stripe event object.")
     event_id, event_type, created = payload.get("id"), payload.get("type"), payload.get("created")

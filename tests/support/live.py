@@ -14,6 +14,9 @@ import anyio
 import uvicorn
 from starlette.types import ASGIApp
 
+from app.server import server_config
+from app.settings import Settings
+
 __all__ = ["database_dsn", "free_port", "live_server"]
 
 
@@ -31,19 +34,19 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def live_server(app: ASGIApp, *, port: int | None = None) -> AsyncIterator[str]:
-    """Serves `app` (lifespan included) and answers its base URL, e.g. http://127.0.0.1:5123."""
+async def live_server(
+    app: ASGIApp, *, port: int | None = None, settings: Settings | None = None
+) -> AsyncIterator[str]:
+    """Serves `app` (lifespan included) and answers its base URL, e.g. http://127.0.0.1:5123.
+    With `settings`, as `lookout serve` serves it (app.server: its protocol and limits)."""
     port = port or free_port()
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        lifespan="on",
-        log_level="warning",
-        loop="none",
-        # A stream that never ends must not hold the test up at shutdown.
-        timeout_graceful_shutdown=2,
-    )
+    if settings is not None:
+        config = server_config(settings, app, host="127.0.0.1", port=port, log_level="warning")
+    else:
+        config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    config.lifespan = "on"
+    # A stream that never ends must not hold the test up at shutdown.
+    config.timeout_graceful_shutdown = 2
     server = uvicorn.Server(config)
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(server.serve)

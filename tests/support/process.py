@@ -52,6 +52,11 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
         STRIPE_API_KEY=settings.stripe_api_key,
         STRIPE_WEBHOOK_SECRET=",".join(settings.stripe_webhook_secrets),
         STRIPE_API_BASE=settings.stripe_api_base,
+        LOOKOUT_HEADER_TIMEOUT_SECONDS=str(settings.header_timeout_seconds),
+        LOOKOUT_BODY_TIMEOUT_SECONDS=str(settings.body_timeout_seconds),
+        LOOKOUT_KEEP_ALIVE_SECONDS=str(settings.keep_alive_seconds),
+        LOOKOUT_MAX_CONNECTIONS=str(settings.max_connections),
+        LOOKOUT_TRUSTED_PROXIES=",".join(settings.trusted_proxies),
     )
     if settings.provisioner_database_url:
         env["PROVISIONER_DATABASE_URL"] = settings.provisioner_database_url

@@ -150,7 +150,7 @@ async def running_stack(
     app = create_app(settings, provider=provider, backends=backends)
     async with (
         live_server(emulator, port=emulator_port),
-        live_server(app, port=app_port),
+        live_server(app, port=app_port, settings=settings),
     ):
         services = app.state.services
         async with services.pool.acquire() as conn:
