@@ -46,7 +46,7 @@ async def demo_api_key(settings: Settings) -> str:
 EMULATOR_MOUNT = "/stripe"
 
 
-def run_demo(settings: Settings, *, port: int) -> None:
+def run_demo(settings: Settings, *, port: int, host: str = "127.0.0.1") -> None:
     """The Stripe emulator is mounted in the same app, so the demo needs one port only; the
     SDK calls it through STRIPE_API_BASE and it calls the webhook like Stripe would."""
     from app.application import create_app
@@ -70,4 +70,4 @@ def run_demo(settings: Settings, *, port: int) -> None:
     print(f"Dashboard: {base}/", flush=True)
     print(f"API key: {key}", flush=True)
     print("Press Ctrl-C to stop.", file=sys.stderr, flush=True)
-    run_server(settings, host="127.0.0.1", port=port, app=app)
+    run_server(settings, host=host, port=port, app=app)

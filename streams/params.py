@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "AccessCheck",
     "LeaseSource",
     "Releasable",
     "SnapshotProvider",
@@ -29,6 +30,14 @@ class SnapshotProvider(Protocol):
     """The current state of a topic's subject, sent in ``stream.reset`` when history is lost."""
 
     async def __call__(self, topic: str) -> Mapping[str, Any]: ...
+
+
+class AccessCheck(Protocol):
+    """Whether the client may still listen (say, the credential it opened the stream with was
+    not withdrawn): asked every ``StreamOptions.recheck_seconds``; False, or an error, ends the
+    stream. The stream layer knows nothing of what the credential is."""
+
+    async def __call__(self) -> bool: ...
 
 
 class Releasable(Protocol):
@@ -54,6 +63,8 @@ class StreamOptions:
     max_seconds: float | None = 3600.0
     ready_timeout: float = 10.0
     history_page: int = 500
+    # How often a stream with an AccessCheck asks it again (within one hub tick).
+    recheck_seconds: float = 10.0
 
 
 def last_event_id(scope: Scope) -> str | None:
