@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from streams import Event, EventPublisher, operation_topic, stream_key, user_topic
 from streams.hub import EventHub
@@ -281,3 +282,45 @@ async def until_event(items: AsyncIterator[SSEItem]) -> AsyncIterator[SSEItem]:
         if item.kind == "event":
             yield item
             return
+
+
+async def test_a_stream_ends_once_its_access_check_says_no(
+    hub: EventHub, snapshots: Snapshots
+) -> None:
+    """The caller's check (a revoked API key, in Lookout) is asked every `recheck_seconds`;
+    False, or a check that fails, ends the stream with a comment saying why."""
+    allowed = {"usr_ok": True, "usr_broken": True}
+    asked: list[str] = []
+    options = StreamOptions(keepalive_seconds=15, max_seconds=None, recheck_seconds=0.1)
+
+    async def user_events(request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+
+        async def still_allowed() -> bool:
+            asked.append(user_id)
+            if user_id == "usr_broken" and not allowed[user_id]:
+                raise ConnectionError("the database is away")
+            return allowed[user_id]
+
+        return EventStreamResponse.for_user(
+            hub,
+            user_id,
+            last_event_id=None,
+            snapshot=snapshots,
+            options=options,
+            still_allowed=still_allowed,
+        )
+
+    app = Starlette(routes=[Route("/users/{user_id}/events", user_events)])
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for user_id in allowed:
+            async with client.stream("GET", f"/users/{user_id}/events") as response:
+                stream = read_sse(response)
+                assert (await anext(stream)).kind == "retry"
+                await wait_until(lambda u=user_id: asked.count(u) >= 2)  # type: ignore[misc]
+                allowed[user_id] = False
+                with anyio.fail_after(5):
+                    rest = [i async for i in stream]
+            withdrawn = ("comment", "access withdrawn; this stream ends")
+            assert [(i.kind, i.text) for i in rest] == [withdrawn]
+        await wait_until(lambda: hub.subscriber_count() == 0)
