@@ -3,17 +3,20 @@ instance, its stream tokens stop working and its open streams close (issue 17)."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
 import anyio
+import asyncpg
 import httpx
 import pytest
 
 from app import create_app
 from app.settings import Settings
+from app.users import KeyStatus, create_user, new_api_key, revoke_api_key
 from tests.streams.sse_client import SSEItem, read_sse
 from tests.support.live import free_port, live_server
 from tests.support.stack import Stack, running_stack
@@ -184,3 +187,33 @@ async def test_users_keys_on_the_command_line(settings: Settings) -> None:
     assert code == 2 and "lookout users create nobody@example.com" in err
     code, _, err = await cli("users", "keys", "revoke", "key_nope", "k@example.com")
     assert code == 2 and "has no key key_nope" in err
+
+
+class CountingPool:
+    """A real pool that counts how many connections were taken."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.taken = 0
+
+    def acquire(self) -> Any:
+        self.taken += 1
+        return self.pool.acquire()
+
+
+async def test_checks_due_together_share_one_query(db_pool: asyncpg.Pool) -> None:
+    async with db_pool.acquire() as conn:
+        user = await create_user(conn, "batch@example.com")
+        kept, gone = (await new_api_key(conn, user.id)), (await new_api_key(conn, user.id))
+        await revoke_api_key(conn, user.id, gone.record.id)
+    counting = CountingPool(db_pool)
+    status = KeyStatus(counting)  # type: ignore[arg-type]
+    asked = [kept.record.id, gone.record.id, "key_unknown"] * 100
+    answers = await asyncio.gather(*(status.active(key_id) for key_id in asked))
+    assert answers == [True, False, False] * 100
+    assert counting.taken == 1
+    assert await status.active(kept.record.id) is True  # nothing kept between queries
+    async with db_pool.acquire() as conn:
+        await revoke_api_key(conn, user.id, kept.record.id)
+    assert await status.active(kept.record.id) is False
+    assert counting.taken == 3
