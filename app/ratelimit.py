@@ -42,7 +42,7 @@ def category_for(method: str, path: str) -> str:
         return "checkout"
     if path.startswith("/v1/subscriptions/") and method == "POST":
         return "billing"
-    if path.endswith("/credentials"):
+    if path.endswith("/credentials") or (path.startswith("/v1/api-keys") and method != "GET"):
         return "credentials"
     if path.endswith("/events") or path == "/v1/stream-tokens":
         return "streams"
