@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,8 @@ __all__ = [
     "unrevoked_api_keys",
     "user_for_api_key",
 ]
+
+logger = logging.getLogger(__name__)
 
 API_KEY_PREFIX = "lk_"
 # `last_used_at` is written at most this often per key: exact enough to tell an idle key from
@@ -226,6 +229,7 @@ class KeyStatus:
                 async with self._pool.acquire() as conn:
                     active = await unrevoked_api_keys(conn, list(waiting))
         except Exception as exc:  # every waiter decides what a failed check means
+            logger.warning("could not check %d API keys of open streams: %r", len(waiting), exc)
             for futures in waiting.values():
                 for future in futures:
                     if not future.done():
