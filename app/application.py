@@ -35,7 +35,10 @@ from app.billing.routes import billing_routes, stripe_webhook
 from app.billing.stripe_provider import StripePaymentProvider
 from app.db import create_pool, migrate
 from app.errors import exception_handlers
+from app.headers import SecurityHeaders
 from app.health import healthz, metrics_endpoint, readyz
+from app.hosts import HostGuard
+from app.key_routes import key_routes
 from app.metrics import CountingPublisher, Metrics
 from app.operation_routes import operation_routes
 from app.ratelimit import RateLimitMiddleware, RateLimits
@@ -43,6 +46,7 @@ from app.services import Services
 from app.settings import ConfigError, Settings
 from app.stream_routes import answering_errors, direct_stream_routes, stream_routes
 from app.usage_routes import usage_routes
+from app.users import KeyStatus
 from provisioning import (
     GraphBackend,
     OperationRunner,
@@ -95,13 +99,21 @@ def redis_client(url: str) -> Redis:
 
 
 class LookoutApp(Starlette):
-    """Serves its event streams ahead of its own middleware (see app.stream_routes)."""
+    """Serves its event streams ahead of its own middleware (see app.stream_routes).
+
+    ``allowed_hosts``: the Host check comes first of all, ahead of the direct routes too."""
 
     def __init__(
-        self, *, direct_routes: Sequence[tuple[str, StreamHandler]], **kwargs: Any
+        self,
+        *,
+        direct_routes: Sequence[tuple[str, StreamHandler]],
+        allowed_hosts: Sequence[str],
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self._direct = DirectRoutes(super().__call__, direct_routes, scope_app=self)
+        self._direct = HostGuard(
+            DirectRoutes(super().__call__, direct_routes, scope_app=self), allowed_hosts
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self._direct(scope, receive, send)
@@ -218,6 +230,7 @@ def create_app(
                     rate_limits=RateLimits(redis, prefix=settings.redis_prefix),
                     metrics=metrics,
                     supervisor=supervisor,
+                    key_status=KeyStatus(pool),
                 )
 
                 def begin_shutdown() -> None:
@@ -244,6 +257,7 @@ def create_app(
         *operation_routes,
         *stream_routes,
         *usage_routes,
+        *key_routes,
         *extra_routes,
     ]
     if STATIC_DIR.is_dir():
@@ -254,8 +268,10 @@ def create_app(
             # Stripe's burst of webhooks: the middleware stack was a quarter of each one's CPU.
             ("POST /v1/webhooks/stripe", answering_errors(stripe_webhook)),
         ],
+        # --- browser safety (issue 17): Host check here, security headers in the stack ---
+        allowed_hosts=settings.allowed_hosts,
         routes=routes,
         lifespan=lifespan,
         exception_handlers=exception_handlers,
-        middleware=[Middleware(RateLimitMiddleware)],
+        middleware=[Middleware(SecurityHeaders), Middleware(RateLimitMiddleware)],
     )

@@ -7,9 +7,9 @@ from starlette.requests import Request
 from app.errors import APIError
 from app.ratelimit import category_for
 from app.services import services
-from app.users import User, looks_like_api_key, user_for_api_key
+from app.users import KeyHolder, User, holder_of_api_key, looks_like_api_key
 
-__all__ = ["authenticate", "bearer_key", "client_ip", "count_request"]
+__all__ = ["authenticate", "authenticate_key", "bearer_key", "client_ip", "count_request"]
 
 
 def bearer_key(request: Request) -> str | None:
@@ -32,6 +32,12 @@ async def count_request(request: Request, category: str, identity: str) -> None:
 
 
 async def authenticate(request: Request) -> User:
+    return (await authenticate_key(request)).user
+
+
+async def authenticate_key(request: Request) -> KeyHolder:
+    """The user and which of their keys signed the request (streams and tokens keep the key's
+    id, so that revoking the key ends them too)."""
     key = bearer_key(request)
     if key is None:
         await count_request(request, "anonymous", client_ip(request))
@@ -45,18 +51,18 @@ async def authenticate(request: Request) -> User:
     # An address that has sent too many bad keys is refused before its key is looked up: a
     # guesser rotating keys must not cost a database query each.
     services(request).rate_limits.refuse_if_full("bad_keys", client_ip(request))
-    user = None
+    holder = None
     if looks_like_api_key(key):
         async with services(request).pool.acquire() as conn:
-            user = await user_for_api_key(conn, key)
-    if user is None:
+            holder = await holder_of_api_key(conn, key)
+    if holder is None:
         await count_request(request, "bad_keys", client_ip(request))
         raise APIError(
             401,
             "invalid_api_key",
-            "This API key is not valid; check it or create a new one.",
+            "This API key is not valid or was revoked; check it or create a new one.",
             headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
         )
-    request.state.user = user
-    await count_request(request, category_for(request.method, request.url.path), user.id)
-    return user
+    request.state.user = holder.user
+    await count_request(request, category_for(request.method, request.url.path), holder.user.id)
+    return holder

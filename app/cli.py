@@ -9,20 +9,33 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 from redis.exceptions import RedisError
 
-from app.db import DatabaseUnavailable, create_pool, migrate
+from app.db import Connection, DatabaseUnavailable, create_pool, migrate
 from app.embedded import EmbeddedServerError, embedded_servers
 from app.settings import ConfigError, Settings
-from app.users import UserExists, create_api_key, create_user
+from app.users import (
+    ApiKey,
+    User,
+    UserExists,
+    create_api_key,
+    create_user,
+    get_user_by_email,
+    list_api_keys,
+    new_api_key,
+    revoke_api_key,
+)
 
 __all__ = ["main"]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class StartupError(Exception):
@@ -146,11 +159,84 @@ def cmd_users_create(args: argparse.Namespace) -> None:
         finally:
             await pool.close()
 
-    if "@" not in args.email:
-        raise StartupError(f"EMAIL must be an email address, got {args.email!r}")
+    _require_email(args.email)
     with resolved_settings(demo=True) as settings:
         key = asyncio.run(run(settings))
     print(key)
+
+
+def _require_email(email: str) -> None:
+    if "@" not in email:
+        raise StartupError(f"EMAIL must be an email address, got {email!r}")
+
+
+async def _user(conn: Connection, email: str) -> User:
+    user = await get_user_by_email(conn, email)
+    if user is None:
+        raise StartupError(f"there is no user {email}; `lookout users create {email}` makes one")
+    return user
+
+
+def _with_user_conn(email: str, work: Callable[[Connection, User], Awaitable[T]]) -> T:
+    """Runs ``await work(conn, user)`` on the user with that email, on the configured database."""
+
+    async def run(settings: Settings) -> T:
+        assert settings.database_url is not None
+        pool = await create_pool(settings.database_url, min_size=1, max_size=1)
+        try:
+            async with pool.acquire() as conn:
+                await migrate(conn)
+                return await work(conn, await _user(conn, email))
+        finally:
+            await pool.close()
+
+    _require_email(email)
+    with resolved_settings(demo=True) as settings:
+        return asyncio.run(run(settings))
+
+
+def _describe_key(key: ApiKey) -> str:
+    def when(value: datetime | None) -> str:
+        return value.isoformat(timespec="seconds") if value is not None else "-"
+
+    state = f"revoked {when(key.revoked_at)}" if key.revoked_at else "active"
+    return f"{key.id}  created {when(key.created_at)}  last used {when(key.last_used_at)}  {state}"
+
+
+def cmd_users_keys_create(args: argparse.Namespace) -> None:
+    async def work(conn: Connection, user: User) -> str:
+        made = await new_api_key(conn, user.id)
+        print(f"created {made.record.id} for {user.email}", file=sys.stderr)
+        return made.key
+
+    print(_with_user_conn(args.email, work))
+
+
+def cmd_users_keys_list(args: argparse.Namespace) -> None:
+    async def work(conn: Connection, user: User) -> list[ApiKey]:
+        return await list_api_keys(conn, user.id)
+
+    keys = _with_user_conn(args.email, work)
+    for key in keys:
+        print(_describe_key(key))
+    print(f"{len(keys)} key(s)", file=sys.stderr)
+
+
+def cmd_users_keys_revoke(args: argparse.Namespace) -> None:
+    async def work(conn: Connection, user: User) -> ApiKey:
+        revoked = await revoke_api_key(conn, user.id, args.key_id)
+        if revoked is None:
+            raise StartupError(
+                f"{user.email} has no key {args.key_id}; `lookout users keys list "
+                f"{user.email}` shows their keys"
+            )
+        return revoked
+
+    revoked = _with_user_conn(args.email, work)
+    print(
+        f"revoked {revoked.id}: refused from now on, its open streams close within 30 s",
+        file=sys.stderr,
+    )
 
 
 def cmd_tail(args: argparse.Namespace) -> None:
@@ -193,13 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the HTTP API, streams and dashboard")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; the Host names answered are LOOKOUT_ALLOWED_HOSTS",
+    )
     serve.add_argument("--port", type=int, default=8000)
     serve.set_defaults(handler=cmd_serve)
 
     demo = commands.add_parser("demo", help="serve with a local Stripe emulator and a demo user")
     demo.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container or VM)"
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (0.0.0.0 in a container or VM); for another name than "
+        "127.0.0.1 or localhost in the browser, set LOOKOUT_ALLOWED_HOSTS too",
     )
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument(
@@ -219,11 +312,35 @@ def build_parser() -> argparse.ArgumentParser:
     create = users.add_parser("create", help="create a user; prints the API key once")
     create.add_argument("email")
     create.set_defaults(handler=cmd_users_create)
+    keys = users.add_parser(
+        "keys", help="a user's API keys: create another, list them, revoke one"
+    ).add_subparsers(dest="keys_command", required=True)
+    key_create = keys.add_parser("create", help="a new key for the user; prints it alone, once")
+    key_create.add_argument("email")
+    key_create.set_defaults(handler=cmd_users_keys_create)
+    key_list = keys.add_parser(
+        "list", help="one line per key: id, created, last used, active or revoked"
+    )
+    key_list.add_argument("email")
+    key_list.set_defaults(handler=cmd_users_keys_list)
+    key_revoke = keys.add_parser(
+        "revoke",
+        help="refuse the key from now on (its open streams close within 30 s); "
+        "revoking the user's last key is allowed",
+    )
+    key_revoke.add_argument("key_id")
+    key_revoke.add_argument("email")
+    key_revoke.set_defaults(handler=cmd_users_keys_revoke)
 
     tail = commands.add_parser("tail", help="follow event streams in the terminal")
     tail.add_argument("operation_id", nargs="?")
     tail.add_argument("--url", default=None, help="Lookout base URL (LOOKOUT_PUBLIC_URL)")
-    tail.add_argument("--api-key", default=None, help="API key (LOOKOUT_API_KEY)")
+    tail.add_argument(
+        "--api-key",
+        default=None,
+        help="API key; prefer setting LOOKOUT_API_KEY instead: a key on the command line is "
+        "visible to every local user in `ps` and lands in shell history",
+    )
     tail.set_defaults(handler=cmd_tail)
 
     webhooks = commands.add_parser("webhooks", help="Stripe webhook inbox").add_subparsers(

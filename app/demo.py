@@ -69,6 +69,11 @@ def run_demo(settings: Settings, *, host: str, port: int, verbose: bool = False)
         settings,
         public_url=base,
         stripe_api_base=base + EMULATOR_MOUNT,
+        # The emulator delivers its webhooks to 127.0.0.1, whatever names the operator added
+        # (e.g. the machine's address, for `--host 0.0.0.0`).
+        allowed_hosts_given=(
+            (*settings.allowed_hosts_given, "127.0.0.1") if settings.allowed_hosts_given else ()
+        ),
     )
     emulator = create_emulator(
         webhook_url=f"{base}/v1/webhooks/stripe",

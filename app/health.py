@@ -2,11 +2,15 @@
 
 Liveness fails only when a background loop of the process cannot stay up (the supervisor's
 failures): restarting the process is then the cure. Readiness also asks PostgreSQL and Redis.
+
+Both answer anyone, so they name what is failing and no more: an error's text can carry a
+host, a user or a query, and goes to the log instead.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from typing import Any
 
 import anyio
@@ -21,17 +25,22 @@ from app.services import Services, services
 
 __all__ = ["healthz", "metrics_endpoint", "readyz"]
 
+logger = logging.getLogger(__name__)
+
 CHECK_TIMEOUT_SECONDS = 2.0
 
 
 def _failing_tasks(found: Services) -> list[dict[str, Any]]:
+    # The supervisor logs every crash with its traceback; the answer leaves the error out.
     return [
         {
             "task": f.task,
             "crashes": f.crashes,
             "window_seconds": f.window_seconds,
-            "last_error": f.last_error,
-            "message": f.message,
+            "message": (
+                f"background task {f.task!r} crashed {f.crashes} times within "
+                f"{f.window_seconds:g} s; restart the process (its log has the error)"
+            ),
         }
         for f in found.supervisor.failing()
     ]
@@ -64,12 +73,14 @@ async def readyz(request: Request) -> Response:
             async with found.pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
-        problems["postgres"] = f"{exc.__class__.__name__}: {exc}"
+        logger.warning("readiness: PostgreSQL does not answer: %r", exc)
+        problems["postgres"] = "unavailable"
     try:
         with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
             await found.redis.ping()
     except (OSError, RedisError, TimeoutError) as exc:
-        problems["redis"] = f"{exc.__class__.__name__}: {exc}"
+        logger.warning("readiness: Redis does not answer: %r", exc)
+        problems["redis"] = "unavailable"
     if problems:
         return _unavailable(
             "task_failing" if failing else "not_ready",

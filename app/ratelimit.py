@@ -67,7 +67,7 @@ def category_for(method: str, path: str) -> str:
         return "billing"
     if path == "/v1/billing/portal":  # each one is a call to Stripe
         return "billing"
-    if path.endswith("/credentials"):
+    if path.endswith("/credentials") or (path.startswith("/v1/api-keys") and method != "GET"):
         return "credentials"
     if path.endswith("/events") or path == "/v1/stream-tokens":
         return "streams"

@@ -19,6 +19,7 @@ from app.billing.provider import PaymentProvider
 from app.metrics import Metrics
 from app.ratelimit import RateLimits
 from app.settings import Settings
+from app.users import KeyStatus
 from provisioning import OperationRunner
 from streams import EventHub, EventPublisher, StreamLeases, StreamTokens, Supervisor
 
@@ -48,6 +49,8 @@ class Services:
     metrics: Metrics
     # Every background loop of the process runs under it; health checks read its failures.
     supervisor: Supervisor
+    # Open streams ask it whether the API key they were opened with is still unrevoked.
+    key_status: KeyStatus
 
 
 def services(connection: HTTPConnection) -> Services:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -75,6 +76,13 @@ class Settings:
     max_connections: int = 1000
     # Peers whose X-Forwarded-For/-Proto are believed: addresses or networks; none by default.
     trusted_proxies: tuple[str, ...] = ()
+    # LOOKOUT_ALLOWED_HOSTS as given; empty: the defaults of `allowed_hosts`, which follow
+    # public_url (the demo and the tests set that after reading the environment).
+    allowed_hosts_given: tuple[str, ...] = ()
+    # How often an open stream asks again whether the credential it was opened with still
+    # holds (a revoked API key closes its streams within this plus one hub tick). Not an
+    # environment setting: the contract promises 30 s; tests make it short.
+    access_recheck_seconds: float = 10.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -144,6 +152,7 @@ class Settings:
             keep_alive_seconds=_int(env, "LOOKOUT_KEEP_ALIVE_SECONDS", 5, 1),
             max_connections=_int(env, "LOOKOUT_MAX_CONNECTIONS", 1000, 1),
             trusted_proxies=_trusted_proxies(env),
+            allowed_hosts_given=_allowed_hosts(env),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
@@ -153,6 +162,30 @@ class Settings:
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def allowed_hosts(self) -> tuple[str, ...]:
+        """The Host names the server answers to (lower case, no port)."""
+        if self.allowed_hosts_given:
+            return self.allowed_hosts_given
+        public_host = (urlsplit(self.public_url).hostname or "").lower()
+        return tuple(dict.fromkeys(h for h in (public_host, "127.0.0.1", "localhost") if h))
+
+
+# A host name, an IPv4 address or a bracketed IPv6 one; `*` alone, or leading a domain.
+_HOST_PATTERN = re.compile(r"(\*|(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?|\[[0-9a-f:.]+\])")
+
+
+def _allowed_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
+    raw = env.get("LOOKOUT_ALLOWED_HOSTS", "")
+    hosts = tuple(h.strip().lower() for h in raw.split(",") if h.strip())
+    for host in hosts:
+        if not _HOST_PATTERN.fullmatch(host):
+            raise ConfigError(
+                f"LOOKOUT_ALLOWED_HOSTS must be comma-separated host names without scheme or "
+                f"port (e.g. lookout.example.com,127.0.0.1), got {host!r}"
+            )
+    return hosts
 
 
 def _metrics_token(env: Mapping[str, str]) -> str | None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NoReturn
 
 import asyncpg
 from redis.exceptions import RedisError
@@ -19,13 +20,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from app.auth import authenticate, bearer_key, client_ip, count_request
+from app.auth import authenticate_key, bearer_key, client_ip, count_request
 from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
 from app.errors import APIError, client_gone, error_response
 from app.services import services
 from provisioning import get_operation
 from streams import (
+    AccessCheck,
     EventStreamResponse,
     InvalidStreamToken,
     LeaseSource,
@@ -89,18 +91,50 @@ def answering_errors(
     return run
 
 
-async def stream_user_id(request: Request) -> str:
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """Who opened a stream, and the API key it was opened with (directly, or through a stream
+    token issued on it): the stream ends when that key is revoked."""
+
+    user_id: str
+    key_id: str
+
+    def access_check(self, request: Request) -> AccessCheck:
+        status = services(request).key_status
+        key_id = self.key_id
+
+        async def still_allowed() -> bool:
+            return await status.active(key_id)
+
+        return still_allowed
+
+
+async def _refuse_token(request: Request, message: str) -> NoReturn:
+    await count_request(request, "anonymous", client_ip(request))
+    raise APIError(401, "invalid_token", message)
+
+
+async def stream_listener(request: Request) -> Listener:
     """The Bearer key when there is one, else the signed `?token=` of EventSource."""
     token = request.query_params.get("token")
     if bearer_key(request) is not None or token is None:
-        return (await authenticate(request)).id
+        holder = await authenticate_key(request)
+        return Listener(holder.user.id, holder.key_id)
+    found = services(request)
     try:
-        user_id = services(request).tokens.verify(token)
+        grant = found.tokens.grant(token)
     except InvalidStreamToken as exc:
-        await count_request(request, "anonymous", client_ip(request))
-        raise APIError(401, "invalid_token", str(exc)) from None
-    await count_request(request, "streams", user_id)
-    return user_id
+        await _refuse_token(request, str(exc))
+    if grant.credential is None:  # issued before tokens named their key
+        await _refuse_token(request, "outdated stream token; get a new one from /v1/stream-tokens")
+    assert grant.credential is not None
+    if not await found.key_status.active(grant.credential):
+        await _refuse_token(
+            request,
+            "the API key this stream token was issued on was revoked; sign in with a valid key",
+        )
+    await count_request(request, "streams", grant.user_id)
+    return Listener(grant.user_id, grant.credential)
 
 
 def _lease(request: Request, user_id: str) -> LeaseSource:
@@ -123,11 +157,16 @@ def _lease(request: Request, user_id: str) -> LeaseSource:
 
 
 def _options(request: Request) -> StreamOptions:
-    return StreamOptions(max_seconds=float(services(request).settings.max_stream_seconds))
+    settings = services(request).settings
+    return StreamOptions(
+        max_seconds=float(settings.max_stream_seconds),
+        recheck_seconds=settings.access_recheck_seconds,
+    )
 
 
 async def operation_events(request: Request) -> Response:
-    user_id = await stream_user_id(request)
+    listener = await stream_listener(request)
+    user_id = listener.user_id
     found = services(request)
     op_id = request.path_params["operation_id"]
     async with found.pool.acquire() as conn:
@@ -156,11 +195,13 @@ async def operation_events(request: Request) -> Response:
         snapshot=snapshot,
         options=_options(request),
         take_lease=_lease(request, user_id),
+        still_allowed=listener.access_check(request),
     )
 
 
 async def user_events(request: Request) -> Response:
-    user_id = await stream_user_id(request)
+    listener = await stream_listener(request)
+    user_id = listener.user_id
     found = services(request)
 
     async def snapshot(topic: str) -> Mapping[str, Any]:
@@ -175,12 +216,16 @@ async def user_events(request: Request) -> Response:
         snapshot=snapshot,
         options=_options(request),
         take_lease=_lease(request, user_id),
+        still_allowed=listener.access_check(request),
     )
 
 
 async def stream_tokens(request: Request) -> Response:
-    user = await authenticate(request)
-    token, expires_at = services(request).tokens.issue(user.id, STREAM_TOKEN_SECONDS)
+    holder = await authenticate_key(request)
+    # Bound to the key: revoking it withdraws the token too (checked as a stream opens).
+    token, expires_at = services(request).tokens.issue(
+        holder.user.id, STREAM_TOKEN_SECONDS, credential=holder.key_id
+    )
     return JSONResponse(
         {"token": token, "expires_at": isoformat_z(expires_at)},
         status_code=201,

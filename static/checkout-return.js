@@ -138,7 +138,13 @@ class CheckoutReturn {
     } catch (error) {
       if (error instanceof ApiError && error.status !== 0 && error.status !== 429 && error.status < 500) {
         if (error.status !== 401) {
-          this.banner.show(error);
+          // Our own words, never the server's: whatever was put in ?session_id= stays out of
+          // the page (a crafted link could otherwise make the site say anything).
+          this.banner.show(
+            error.status === 404 || error.status === 400
+              ? { message: "There is no such checkout. Open the link from your payment again, or go back to the dashboard.", code: error.code }
+              : error,
+          );
           this.#phase("error");
           this.#stop(); // nothing to follow: free the stream
           this.connection.hidden = true;

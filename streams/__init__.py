@@ -12,6 +12,7 @@ from .pubsub import RedisEndpoint
 from .routing import DirectRoutes, StreamHandler
 from .sse import (
     TERMINAL_STATUSES,
+    AccessCheck,
     EventStreamResponse,
     LeaseSource,
     ReconnectLater,
@@ -23,12 +24,13 @@ from .sse import (
 )
 from .subscription import Signal, Subscription
 from .supervisor import StartingLoop, Supervisor, TaskFailure
-from .tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
+from .tokens import ExpiredStreamToken, InvalidStreamToken, StreamGrant, StreamTokens
 from .topics import channel_name, operation_topic, stream_key, user_topic
 
 __all__ = [
     "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATUSES",
+    "AccessCheck",
     "Catchup",
     "DirectRoutes",
     "Event",
@@ -48,6 +50,7 @@ __all__ = [
     "Signal",
     "SnapshotProvider",
     "StartingLoop",
+    "StreamGrant",
     "StreamHandler",
     "StreamHistory",
     "StreamLease",

@@ -110,11 +110,16 @@ class EventHub:
         await self._link.wait_connected()
 
     def subscribe(
-        self, topic: str, *, keepalive: float = 15.0, max_seconds: float | None = None
+        self,
+        topic: str,
+        *,
+        keepalive: float = 15.0,
+        max_seconds: float | None = None,
+        recheck_seconds: float | None = None,
     ) -> Subscription:
         """A subscription to ``topic``; ``await sub.ready()`` (or ``async with``) before reading
         history. ``keepalive``: idle seconds before ``Signal.IDLE``; ``max_seconds``: lifetime
-        before ``Signal.EXPIRED``."""
+        before ``Signal.EXPIRED``; ``recheck_seconds``: period of ``Signal.RECHECK``."""
         if self._closed:
             raise HubClosed("the event hub is shutting down; reconnect to another instance")
         name = channel_name(self._prefix, topic).encode()
@@ -131,6 +136,7 @@ class EventHub:
             idle_after=max(keepalive - self._tick, 0.0),
             deadline=None if max_seconds is None else now + max_seconds,
             now=now,
+            recheck_every=recheck_seconds,
         )
         channel.subs[sub] = None
         channel.members = tuple(channel.subs)

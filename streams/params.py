@@ -13,6 +13,7 @@ from starlette.types import ASGIApp, Scope
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "AccessCheck",
     "LeaseSource",
     "Releasable",
     "SnapshotProvider",
@@ -29,6 +30,15 @@ class SnapshotProvider(Protocol):
     """The current state of a topic's subject, sent in ``stream.reset`` when history is lost."""
 
     async def __call__(self, topic: str) -> Mapping[str, Any]: ...
+
+
+class AccessCheck(Protocol):
+    """Whether the client may still listen (say, the credential it opened the stream with was
+    not withdrawn): asked every ``StreamOptions.recheck_seconds``; False ends the stream, and
+    so do errors for ``recheck_grace_seconds``. The stream layer knows nothing of what the
+    credential is."""
+
+    async def __call__(self) -> bool: ...
 
 
 class Releasable(Protocol):
@@ -54,6 +64,11 @@ class StreamOptions:
     max_seconds: float | None = 3600.0
     ready_timeout: float = 10.0
     history_page: int = 500
+    # How often a stream with an AccessCheck asks it again (within one hub tick), and how long
+    # it goes on without a True answer while the check fails (an outage) before it ends: a
+    # client whose access was withdrawn is gone within twice recheck plus a tick (21 s) either way.
+    recheck_seconds: float = 10.0
+    recheck_grace_seconds: float = 15.0
 
 
 def last_event_id(scope: Scope) -> str | None:

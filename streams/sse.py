@@ -33,6 +33,7 @@ from .history import Catchup
 from .hub import EventHub, HubClosed
 from .params import (  # the caller's side, also importable from here as it always was
     TERMINAL_STATUSES,
+    AccessCheck,
     LeaseSource,
     Releasable,
     SnapshotProvider,
@@ -45,6 +46,7 @@ from .topics import operation_topic, user_topic
 
 __all__ = [
     "TERMINAL_STATUSES",
+    "AccessCheck",
     "EventStreamResponse",
     "LeaseSource",
     "ReconnectLater",
@@ -63,6 +65,7 @@ _SIGNAL_COMMENTS: Final = {
 }
 _KEEPALIVE: Final = comment_frame("keep-alive")
 _UNAVAILABLE: Final = comment_frame("event source unavailable; reconnect later")
+_WITHDRAWN: Final = comment_frame("access withdrawn; this stream ends")
 _HEADERS: Final = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
 
 
@@ -94,6 +97,10 @@ class EventStreamResponse(Response):
     ``take_lease``: takes the stream's place in its user's limit (see ``leases``) as the stream
     starts; it is released when the stream ends, however it ends. It may raise
     ``StreamRefused`` to answer with another response (a 429) instead.
+    ``still_allowed``: asked every ``options.recheck_seconds``; the stream ends when it answers
+    False, or when it has not answered True for ``options.recheck_grace_seconds`` (a check that
+    cannot be made does not keep a revoked client listening for long, nor does one failed check
+    during a database failover end every stream at once).
     """
 
     media_type = "text/event-stream"
@@ -109,6 +116,7 @@ class EventStreamResponse(Response):
         end_on_terminal: bool = False,
         options: StreamOptions | None = None,
         take_lease: LeaseSource | None = None,
+        still_allowed: AccessCheck | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         self.status_code = 200
@@ -122,6 +130,9 @@ class EventStreamResponse(Response):
         self._end_on_terminal = end_on_terminal
         self._options = options or StreamOptions()
         self._take_lease = take_lease
+        self._still_allowed = still_allowed
+        # The caller checked the client's access as it opened the stream.
+        self._allowed_at = 0.0
         self._last: StreamPosition | None = None
         self._unplaceable = False
         self._sending = False
@@ -159,8 +170,14 @@ class EventStreamResponse(Response):
                         self._watch_disconnect(receive)
                     )
                     position = await self._start_position()
+                    self._allowed_at = anyio.current_time()
                     sub = self._hub.subscribe(
-                        self._topic, keepalive=opts.keepalive_seconds, max_seconds=opts.max_seconds
+                        self._topic,
+                        keepalive=opts.keepalive_seconds,
+                        max_seconds=opts.max_seconds,
+                        recheck_seconds=(
+                            opts.recheck_seconds if self._still_allowed is not None else None
+                        ),
                     )
                 except StreamRefused as refused:
                     await refused.response(scope, receive, send)
@@ -240,11 +257,28 @@ class EventStreamResponse(Response):
             elif item is Signal.RESYNC:
                 # The hub was away: catch up from the Stream; a reset only for a real gap.
                 await self._catch_up()
+            elif item is Signal.RECHECK:
+                if not await self._allowed():
+                    await self._write(_WITHDRAWN)
+                    return
             else:
                 comment = _SIGNAL_COMMENTS.get(item)
                 if comment is not None:
                     await self._write(comment)
                 return
+
+    async def _allowed(self) -> bool:
+        assert self._still_allowed is not None
+        try:
+            if await self._still_allowed():
+                self._allowed_at = anyio.current_time()
+                return True
+            return False
+        except Exception as exc:
+            since = anyio.current_time() - self._allowed_at
+            # Debug only: an outage fails every stream's check at once (the caller logs it).
+            logger.debug("access check of a stream of %s failed: %r", self._topic, exc)
+            return since < self._options.recheck_grace_seconds
 
     async def _catch_up(self) -> None:
         """Send what the Stream kept after the last position; report a gap with a reset."""

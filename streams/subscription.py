@@ -20,6 +20,7 @@ class Signal(enum.Enum):
 
     RESYNC = "resync"  # pub/sub was re-established: catch up from the Stream
     IDLE = "idle"  # nothing was delivered for the keep-alive interval
+    RECHECK = "recheck"  # time to ask again whether the client may still listen
     EXPIRED = "expired"  # the maximum stream duration has passed (terminal)
     OVERFLOW = "overflow"  # the client fell a full queue behind (terminal)
     CLOSED = "closed"  # the hub is shutting down (terminal)
@@ -39,7 +40,10 @@ class Subscription:
         "_idle_after",
         "_last",
         "_maxsize",
+        "_next_recheck",
         "_queue",
+        "_recheck",
+        "_recheck_every",
         "_release",
         "_resync",
         "_state",
@@ -58,6 +62,7 @@ class Subscription:
         idle_after: float,
         deadline: float | None,
         now: float,
+        recheck_every: float | None = None,
     ) -> None:
         self.topic = topic
         self._channel = channel
@@ -72,6 +77,9 @@ class Subscription:
         self._idle_after = idle_after
         self._deadline = deadline
         self._last = now
+        self._recheck_every = recheck_every
+        self._next_recheck = None if recheck_every is None else now + recheck_every
+        self._recheck = False
         # Called once when the subscription ends for a reason of the hub's (overflow, expiry,
         # shutdown), so that a writer blocked on a slow socket can be cancelled.
         self.on_terminal: Callable[[Signal], None] | None = None
@@ -93,6 +101,9 @@ class Subscription:
             if self._resync:
                 self._resync = False
                 return Signal.RESYNC
+            if self._recheck:
+                self._recheck = False
+                return Signal.RECHECK
             if self._queue:
                 batch, self._queue = self._queue, []
                 return batch
@@ -151,7 +162,13 @@ class Subscription:
             return
         if self._deadline is not None and now >= self._deadline:
             self._terminate(Signal.EXPIRED)
-        elif now - self._last >= self._idle_after:
+            return
+        if self._next_recheck is not None and now >= self._next_recheck:
+            assert self._recheck_every is not None
+            self._next_recheck = now + self._recheck_every
+            self._recheck = True
+            self._wake()
+        if now - self._last >= self._idle_after:
             self._last = now
             self._idle = True
             self._wake()

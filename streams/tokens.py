@@ -9,10 +9,11 @@ import hmac
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final
 
-__all__ = ["ExpiredStreamToken", "InvalidStreamToken", "StreamTokens"]
+__all__ = ["ExpiredStreamToken", "InvalidStreamToken", "StreamGrant", "StreamTokens"]
 
 _VERSION: Final = "v1"
 # Domain separation: the secret key may sign other things; this MAC is for stream tokens only.
@@ -26,6 +27,15 @@ class InvalidStreamToken(Exception):
 
 class ExpiredStreamToken(InvalidStreamToken):
     """A stream token past its expiry; get a new one from POST /v1/stream-tokens."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGrant:
+    """What a verified token says: whose streams it opens, and the opaque id of the credential
+    it was issued on (None when issued without one), which the caller may check is still good."""
+
+    user_id: str
+    credential: str | None
 
 
 def _b64(data: bytes) -> str:
@@ -49,18 +59,29 @@ class StreamTokens:
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self._key, _PURPOSE + payload.encode(), hashlib.sha256).digest())
 
-    def issue(self, user_id: str, ttl: float = 300.0) -> tuple[str, datetime]:
-        """A token for ``user_id`` valid ``ttl`` seconds, and its expiry (aware, UTC)."""
+    def issue(
+        self, user_id: str, ttl: float = 300.0, *, credential: str | None = None
+    ) -> tuple[str, datetime]:
+        """A token for ``user_id`` valid ``ttl`` seconds, and its expiry (aware, UTC).
+        ``credential``: an opaque id that ``grant`` answers back (what the token was issued
+        on, so that withdrawing that withdraws the token too)."""
         if not 0 < ttl <= _MAX_TTL:
             raise ValueError(f"stream token ttl must be between 0 and {_MAX_TTL} seconds")
         expires = int(self._clock() + ttl)
-        body = json.dumps({"sub": user_id, "exp": expires}, separators=(",", ":"))
+        claims: dict[str, object] = {"sub": user_id, "exp": expires}
+        if credential is not None:
+            claims["crd"] = credential
+        body = json.dumps(claims, separators=(",", ":"))
         payload = _b64(body.encode())
         return f"{_VERSION}.{payload}.{self._mac(payload)}", datetime.fromtimestamp(expires, UTC)
 
     def verify(self, token: str) -> str:
         """The user id the token was issued to; raises InvalidStreamToken or ExpiredStreamToken
         (for any string at all: a token comes straight from a query string)."""
+        return self.grant(token).user_id
+
+    def grant(self, token: str) -> StreamGrant:
+        """The user id and credential the token was issued with; raises as ``verify``."""
         if not token.isascii():  # every token issued here is base64url
             raise InvalidStreamToken("malformed stream token; get a new one from /v1/stream-tokens")
         version, _, rest = token.partition(".")
@@ -72,10 +93,15 @@ class StreamTokens:
         try:
             claims = json.loads(_unb64(payload))
             user_id, expires = claims["sub"], claims["exp"]
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            credential = claims.get("crd")
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
             raise InvalidStreamToken("unreadable stream token; get a new one") from exc
-        if not isinstance(user_id, str) or not isinstance(expires, int):
+        if (
+            not isinstance(user_id, str)
+            or not isinstance(expires, int)
+            or not isinstance(credential, str | None)
+        ):
             raise InvalidStreamToken("unreadable stream token; get a new one")
         if self._clock() >= expires:
             raise ExpiredStreamToken("stream token expired; get a new one from /v1/stream-tokens")
-        return user_id
+        return StreamGrant(user_id, credential)

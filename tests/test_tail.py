@@ -99,3 +99,13 @@ async def test_tail_follows_an_operation_to_its_end_and_exits_0(settings: Settin
             assert step.name in steps
             assert sum(step.message in line for line in out.lines) == 1
         assert "\x1b[" not in out.data.decode()  # no terminal codes into a pipe
+
+
+def test_tail_help_steers_the_key_to_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
+    from app.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["tail", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "prefer setting LOOKOUT_API_KEY" in shown
+    assert "visible to every local user in `ps`" in shown

@@ -78,7 +78,9 @@ async def create_checkout(request: Request) -> Response:
 
 
 def events_url(request: Request, record: SubscriptionRecord) -> str:
-    base = str(request.base_url).rstrip("/")
+    # From the configured origin, never the request's Host or X-Forwarded-Proto: a forged
+    # Host would otherwise come back as a link the client follows with its credentials.
+    base = services(request).settings.public_url
     if record.operation_id:
         return f"{base}/v1/operations/{record.operation_id}/events"
     return f"{base}/v1/events"
@@ -90,7 +92,8 @@ async def checkout_status(request: Request) -> Response:
     async with services(request).pool.acquire() as conn:
         record = await get_subscription_by_session(conn, session_id)
     if record is None or record.user_id != user.id:
-        raise APIError(404, "not_found", f"There is no checkout {session_id} of yours.")
+        # Not repeated back: the return page shows this message, and the id comes from its URL.
+        raise APIError(404, "not_found", "There is no such checkout of yours.")
     record = await services(request).checkout.confirm(record)
     return JSONResponse(
         {

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from streams.hub import EventHub
 from streams.leases import StreamLease, StreamLeases, TooManyStreams
 from streams.sse import EventStreamResponse, StreamOptions, StreamRefused
-from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamTokens
+from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamGrant, StreamTokens
 from tests.streams.conftest import Snapshots
 from tests.streams.sse_client import read_sse, wait_until
 from tests.support.live import live_server
@@ -183,3 +183,16 @@ def test_tokens_are_bound_to_a_user_and_expire() -> None:
         tokens.verify(token)
     with pytest.raises(ValueError, match="at least 16"):
         StreamTokens("short")
+
+
+def test_a_token_names_the_credential_it_was_issued_on() -> None:
+    tokens = StreamTokens("k" * 32)
+    token, _ = tokens.issue("usr_1", ttl=300, credential="key_1")
+    assert tokens.grant(token) == StreamGrant("usr_1", "key_1")
+    assert tokens.verify(token) == "usr_1"
+    assert tokens.grant(tokens.issue("usr_1", ttl=300)[0]) == StreamGrant("usr_1", None)
+    # The credential is under the MAC: another one cannot be put in.
+    version, _, mac = token.split(".")
+    other, _ = tokens.issue("usr_1", ttl=300, credential="key_2")
+    with pytest.raises(InvalidStreamToken):
+        tokens.grant(f"{version}.{other.split('.')[1]}.{mac}")

@@ -10,6 +10,7 @@ from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from streams import Event, EventPublisher, operation_topic, stream_key, user_topic
 from streams.hub import EventHub
@@ -281,3 +282,55 @@ async def until_event(items: AsyncIterator[SSEItem]) -> AsyncIterator[SSEItem]:
         if item.kind == "event":
             yield item
             return
+
+
+async def test_a_stream_ends_once_its_access_check_says_no(
+    hub: EventHub, snapshots: Snapshots
+) -> None:
+    """The caller's check (a revoked API key, in Lookout) is asked every `recheck_seconds`;
+    False ends the stream with a comment saying why, and so does a check that keeps failing
+    for `recheck_grace_seconds`; one failure alone does not."""
+    answers: dict[str, list[bool | None]] = {
+        "usr_revoked": [True, True, False],
+        "usr_broken": [True, None],  # None: the check raises, from then on
+        "usr_flaky": [True, None, True, True, True, False],
+    }
+    asked: list[str] = []
+    options = StreamOptions(
+        keepalive_seconds=15, max_seconds=None, recheck_seconds=0.1, recheck_grace_seconds=0.5
+    )
+
+    async def user_events(request: Request) -> Response:
+        user_id = request.path_params["user_id"]
+
+        async def still_allowed() -> bool:
+            asked.append(user_id)
+            script = answers[user_id]
+            answer = script.pop(0) if len(script) > 1 else script[0]
+            if answer is None:
+                raise ConnectionError("the database is away")
+            return answer
+
+        return EventStreamResponse.for_user(
+            hub,
+            user_id,
+            last_event_id=None,
+            snapshot=snapshots,
+            options=options,
+            still_allowed=still_allowed,
+        )
+
+    app = Starlette(routes=[Route("/users/{user_id}/events", user_events)])
+    withdrawn = ("comment", "access withdrawn; this stream ends")
+    async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
+        for user_id in answers:
+            async with client.stream("GET", f"/users/{user_id}/events") as response:
+                stream = read_sse(response)
+                assert (await anext(stream)).kind == "retry"
+                with anyio.fail_after(5):
+                    rest = [i async for i in stream]
+            assert [(i.kind, i.text) for i in rest] == [withdrawn], user_id
+        # Broken: ended once 0.5 s passed without a True, not at its first failure.
+        assert asked.count("usr_broken") >= 4
+        assert asked.count("usr_flaky") == 6  # one failure within the grace is let pass
+        await wait_until(lambda: hub.subscriber_count() == 0)

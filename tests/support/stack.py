@@ -22,7 +22,7 @@ from app.users import create_api_key, create_user
 from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
 from tests.support.live import free_port, live_server
 
-__all__ = ["Stack", "running_stack", "wait_for"]
+__all__ = ["Stack", "drop_resources", "running_stack", "wait_for"]
 
 T = TypeVar("T")
 
@@ -102,7 +102,7 @@ async def wait_for(
     raise AssertionError(f"timed out after {within} s waiting for {what}")
 
 
-async def _drop_resources(settings: Settings, backends: Sequence[ProvisionerBackend]) -> None:
+async def drop_resources(settings: Settings, backends: Sequence[ProvisionerBackend]) -> None:
     """Removes every graph and role the test's subscriptions made on the shared server."""
     assert settings.database_url is not None
     conn = await asyncpg.connect(settings.database_url)
@@ -177,4 +177,4 @@ async def running_stack(
                 )
             finally:
                 with anyio.CancelScope(shield=True):
-                    await _drop_resources(settings, backends)
+                    await drop_resources(settings, backends)
