@@ -23,7 +23,7 @@ from app.billing.subscriptions import (
     TERMINAL_STATUSES,
     SubscriptionRecord,
     get_subscription,
-    queue_stripe_cancellation,
+    queue_failed_provisioning_compensations,
     set_subscription_fields,
 )
 from app.billing.updates import publish_subscription, subscription_updates
@@ -196,8 +196,11 @@ class Lifecycle:
             )
             stripe_still_charges = state.status not in ("canceled", "incomplete_expired")
             if status == "failed" and stripe_still_charges and after.stripe_subscription_id:
-                # Provisioning failed before Stripe's subscription was known: stop charging now.
-                await queue_stripe_cancellation(conn, subscription_id, after.stripe_subscription_id)
+                # Provisioning failed before Stripe's subscription was known: stop charging now,
+                # and give back what was paid.
+                await queue_failed_provisioning_compensations(
+                    conn, subscription_id, after.stripe_subscription_id
+                )
             if status != before.status:
                 await record_audit(
                     conn,

@@ -25,6 +25,7 @@ __all__ = [
     "lock_for_payment",
     "mark_paid",
     "queue_compensation",
+    "queue_failed_provisioning_compensations",
     "queue_stripe_cancellation",
     "set_subscription_fields",
 ]
@@ -38,7 +39,8 @@ _COLUMNS = (
     "id, user_id, plan, resource_type, resource_name, resource_id, status,"
     " stripe_checkout_session_id, stripe_subscription_id, stripe_customer_id,"
     " cancel_at_period_end, current_period_end, has_payment_method, stripe_state_at,"
-    " billing_changes, operation_id, created_at, updated_at"
+    " billing_changes, operation_id, created_at, updated_at,"
+    " refund_amount, refund_currency, refund_status"
 )
 
 
@@ -62,6 +64,10 @@ class SubscriptionRecord:
     operation_id: str | None
     created_at: datetime
     updated_at: datetime
+    # What was given back when provisioning failed; None when nothing was.
+    refund_amount: int | None = None
+    refund_currency: str | None = None
+    refund_status: str | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> SubscriptionRecord:
@@ -164,6 +170,9 @@ _SETTABLE = frozenset(
         "stripe_state_at",
         "billing_changes",
         "operation_id",
+        "refund_amount",
+        "refund_currency",
+        "refund_status",
     }
 )
 
@@ -194,6 +203,15 @@ async def queue_stripe_cancellation(
     """Records that Stripe must stop charging for this subscription at once; the
     compensation sweep keeps trying until Stripe agrees."""
     await queue_compensation(conn, subscription_id, "cancel", stripe_subscription_id)
+
+
+async def queue_failed_provisioning_compensations(
+    conn: Connection, subscription_id: str, stripe_subscription_id: str
+) -> None:
+    """A failed provisioning owes the customer both: no further charge (the subscription is
+    cancelled at once) and their money back (the first invoice's payment is refunded)."""
+    await queue_stripe_cancellation(conn, subscription_id, stripe_subscription_id)
+    await queue_compensation(conn, subscription_id, "refund", stripe_subscription_id)
 
 
 async def queue_compensation(

@@ -23,6 +23,11 @@ _KIND_NAMES = {
     "invoice": "invoice",
     "event": "event",
     "setup_intent": "setupintent",
+    # payments and refunds
+    "payment_intent": "payment_intent",
+    "charge": "charge",
+    "invoice_payment": "invoice_payment",
+    "refund": "refund",
 }
 _PREFIXES = {
     "cus_": "customer",
@@ -33,6 +38,11 @@ _PREFIXES = {
     "in_": "invoice",
     "evt_": "event",
     "seti_": "setup_intent",
+    # payments and refunds
+    "pi_": "payment_intent",
+    "ch_": "charge",
+    "inpay_": "invoice_payment",
+    "re_": "refund",
 }
 
 
