@@ -54,7 +54,11 @@ function phaseText(phase, noun) {
       "Your subscription has been cancelled and your payment is refunded; the reason is below.",
       "cross",
     ],
-    cancelled: ["Set-up cancelled", "Your subscription has been cancelled.", "cross"],
+    cancelled: [
+      "Set-up cancelled",
+      "Your subscription has been cancelled and your payment is refunded.",
+      "cross",
+    ],
     error: [
       "This checkout cannot be followed",
       "See the message above, or go back to the dashboard.",

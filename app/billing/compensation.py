@@ -24,7 +24,12 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.lifecycle import Lifecycle
-from app.billing.provider import PaymentProvider, PaymentProviderError, RefundInfo
+from app.billing.provider import (
+    SUBSCRIPTION_ID_KEY,
+    PaymentProvider,
+    PaymentProviderError,
+    RefundInfo,
+)
 from app.billing.subscriptions import (
     SubscriptionRecord,
     get_subscription,
@@ -123,7 +128,10 @@ async def _cancel_now(provider: PaymentProvider, claimed: Compensation) -> objec
 
 async def _refund(provider: PaymentProvider, claimed: Compensation) -> RefundInfo | None:
     return await provider.refund_first_payment(
-        claimed.target_id, idempotency_key=refund_key(claimed.subscription_id)
+        claimed.target_id,
+        idempotency_key=refund_key(claimed.subscription_id),
+        # Names the subscription, so that the refund's own events find it.
+        metadata={SUBSCRIPTION_ID_KEY: claimed.subscription_id},
     )
 
 
@@ -138,7 +146,8 @@ async def _record_refund(conn: Connection, claimed: Compensation, outcome: objec
         "currency": outcome.currency,
         "status": outcome.status,
     }
-    if before is None:
+    if before is None or before.refund_amount is not None:
+        # The refund's own webhook told its (fresher) state already.
         return Recorded(detail)
     after = await set_subscription_fields(
         conn,

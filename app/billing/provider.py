@@ -156,11 +156,18 @@ class PaymentProvider(Protocol):
         ...
 
     async def refund_first_payment(
-        self, subscription_id: str, *, idempotency_key: str
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        metadata: Mapping[str, str] | None = None,
     ) -> RefundInfo | None:
         """Gives back the whole payment of the subscription's first invoice (the one paid at
-        Checkout), under `idempotency_key`; None when nothing was paid. A payment refunded
-        already (under another key) answers that refund, not an error."""
+        Checkout), under `idempotency_key`, with `metadata` on the refund; None when nothing
+        was paid. A payment refunded already (under another key) answers that refund, not an
+        error."""
         ...
+
+    async def retrieve_refund(self, refund_id: str) -> RefundInfo: ...
 
     async def aclose(self) -> None: ...

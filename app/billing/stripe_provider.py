@@ -281,7 +281,11 @@ class StripePaymentProvider:
         return customer.id
 
     async def refund_first_payment(
-        self, subscription_id: str, *, idempotency_key: str
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        metadata: Mapping[str, str] | None = None,
     ) -> RefundInfo | None:
         payment = await self._first_payment(subscription_id)
         if payment is None:
@@ -290,7 +294,7 @@ class StripePaymentProvider:
         what = f"refunding {payment_id} of {subscription_id}"
         params: RefundCreateParams = {
             "reason": "requested_by_customer",
-            "metadata": {"lookout_stripe_subscription": subscription_id},
+            "metadata": {**(metadata or {}), "lookout_stripe_subscription": subscription_id},
         }
         params[kind] = payment_id
         try:
@@ -304,6 +308,12 @@ class StripePaymentProvider:
                 raise translate_error(what, exc) from exc
             logger.info("%s: refunded already", what)
             return await self._existing_refund(kind, payment_id, what)
+        return refund_info(refund)
+
+    async def retrieve_refund(self, refund_id: str) -> RefundInfo:
+        refund = await self._call(
+            f"retrieving the refund {refund_id}", self._client.v1.refunds.retrieve_async(refund_id)
+        )
         return refund_info(refund)
 
     async def _first_payment(

@@ -368,3 +368,27 @@ def create_refund(
     emit("refund.updated", re, before)
     emit("charge.refund.updated", re, before)
     return re
+
+
+REFUND_FAILURE_REASONS = ("expired_or_canceled_card", "lost_or_stolen_card", "unknown")
+
+
+def fail_refund(state: EmulatorState, emit: Emit, refund_id: str, *, reason: str) -> Obj:
+    """The card's bank gives the money back to Stripe (a closed card): the refund fails, and
+    the charge counts it as unrefunded again."""
+    re = state.get("refund", refund_id, param="refund")
+    if re["status"] not in ("pending", "succeeded"):
+        raise StripeError.invalid(f"Refund {refund_id} is {re['status']}; it cannot fail.")
+    if reason not in REFUND_FAILURE_REASONS:
+        raise StripeError.invalid(f"reason must be one of {', '.join(REFUND_FAILURE_REASONS)}")
+    previous = {"status": re["status"]}
+    re.update(
+        status="failed", failure_reason=reason, failure_balance_transaction=objects.stripe_id("txn")
+    )
+    ch = state.get("charge", re["charge"])
+    ch["amount_refunded"] -= re["amount"]
+    ch["refunded"] = False
+    emit("refund.failed", re, previous)
+    emit("refund.updated", re, previous)
+    emit("charge.refund.updated", re, previous)
+    return re

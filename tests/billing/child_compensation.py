@@ -8,6 +8,7 @@ the test's SIGKILL.
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 
 import anyio
 import asyncpg
@@ -22,10 +23,14 @@ from streams import EventPublisher
 
 class DiesAfterRefund(StripePaymentProvider):
     async def refund_first_payment(
-        self, subscription_id: str, *, idempotency_key: str
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        metadata: Mapping[str, str] | None = None,
     ) -> RefundInfo | None:
         refund = await super().refund_first_payment(
-            subscription_id, idempotency_key=idempotency_key
+            subscription_id, idempotency_key=idempotency_key, metadata=metadata
         )
         print(f"REFUNDED {refund.id if refund else None}", flush=True)
         await anyio.sleep_forever()

@@ -290,6 +290,40 @@ async def test_a_process_killed_between_the_refund_and_its_commit_is_replayed(
         }
 
 
+async def test_a_refund_that_fails_later_is_shown_as_failed(settings: Settings) -> None:
+    async with running_stack(settings, backends=failing(settings)) as stack:
+        started = await stack.checkout("graph-standard", "bounced")
+        await stack.pay(started["checkout_session_id"])
+        subscription_id = started["subscription_id"]
+
+        async def refund_status(status: str) -> dict[str, Any] | None:
+            refund = (await stack.subscription(subscription_id))["refund"]
+            return refund if refund and refund["status"] == status else None
+
+        await wait_for(lambda: refund_status("succeeded"), what="the refund")
+        (refund,) = (await stripe_get(stack, "/v1/refunds"))["data"]
+        assert refund["metadata"]["lookout_subscription_id"] == subscription_id
+        # The card was closed meanwhile: the bank sends the money back to Stripe.
+        failed = await stack.emulator.post(f"/_emulator/refunds/{refund['id']}/fail", json={})
+        assert failed.status_code == 200, failed.text
+        assert [e["type"] for e in failed.json()["events"]] == [
+            "refund.failed",
+            "refund.updated",
+            "charge.refund.updated",
+        ]
+        shown = await wait_for(lambda: refund_status("failed"), what="the failure shown")
+        assert shown == {"amount": GRAPH_STANDARD, "currency": "usd", "status": "failed"}
+        charge = await stripe_get(stack, f"/v1/charges/{refund['charge']}")
+        assert (charge["amount_refunded"], charge["refunded"]) == (0, False)
+        async with stack.app.state.services.pool.acquire() as conn:
+            changes = await conn.fetchval(
+                "SELECT count(*) FROM audit_log WHERE subject_id = $1"
+                " AND kind = 'subscription.refund_changed' AND detail->>'status' = 'failed'",
+                subscription_id,
+            )
+        assert changes == 1
+
+
 async def customers_created(stack: Stack) -> int:
     events = (await stack.emulator.get("/_emulator/events")).json()["data"]
     return sum(e["type"] == "customer.created" for e in events)
