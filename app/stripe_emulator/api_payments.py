@@ -19,14 +19,19 @@ def retrieve_charge(ctx: ApiContext) -> Obj:
     return ctx.state.get("charge", ctx.path_params["id"], param="charge")
 
 
-def list_charges(ctx: ApiContext) -> Obj:
+def _listed(ctx: ApiContext, obj_type: str, filters: tuple[str, ...], url: str) -> Obj:
+    """A newest-first page of `obj_type`, filtered by equality on the given fields."""
     p = ctx.params
-    reject_unknown(p, ("customer", "payment_intent", *_PAGING))
-    items = ctx.state.all("charge")
-    for field in ("customer", "payment_intent"):
+    reject_unknown(p, (*filters, *_PAGING))
+    items = ctx.state.all(obj_type)
+    for field in filters:
         if p.get(field):
             items = [o for o in items if o[field] == as_str(p[field], field)]
-    return paginate(items, p, "/v1/charges")
+    return paginate(items, p, url)
+
+
+def list_charges(ctx: ApiContext) -> Obj:
+    return _listed(ctx, "charge", ("customer", "payment_intent"), "/v1/charges")
 
 
 def retrieve_invoice_payment(ctx: ApiContext) -> Obj:
@@ -70,10 +75,4 @@ def retrieve_refund(ctx: ApiContext) -> Obj:
 
 
 def list_refunds(ctx: ApiContext) -> Obj:
-    p = ctx.params
-    reject_unknown(p, ("charge", "payment_intent", *_PAGING))
-    items = ctx.state.all("refund")
-    for field in ("charge", "payment_intent"):
-        if p.get(field):
-            items = [o for o in items if o[field] == as_str(p[field], field)]
-    return paginate(items, p, "/v1/refunds")
+    return _listed(ctx, "refund", ("charge", "payment_intent"), "/v1/refunds")
