@@ -103,6 +103,7 @@ class Recorded:
 
     detail: Mapping[str, Any]
     change: tuple[SubscriptionRecord, SubscriptionRecord] | None = None
+    kind: str | None = None  # the audit kind, when not the action's `done_audit`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -137,7 +138,8 @@ async def _refund(provider: PaymentProvider, claimed: Compensation) -> RefundInf
 
 async def _record_refund(conn: Connection, claimed: Compensation, outcome: object) -> Recorded:
     if not isinstance(outcome, RefundInfo):
-        return Recorded({"refund": None, "note": "nothing was paid"})
+        # A Checkout whose delayed payment failed: no money to give back.
+        return Recorded({"refund": None}, kind="stripe.refund_not_needed")
     before = await get_subscription(conn, claimed.subscription_id, for_update=True)
     detail = {
         "refund_id": outcome.id,
@@ -299,7 +301,7 @@ class BillingHooks:
                     recorded = await action.record(conn, claimed, outcome)
                 await record_audit(
                     conn,
-                    action.done_audit,
+                    (recorded.kind if recorded else None) or action.done_audit,
                     user_id=recorded.change[1].user_id if recorded and recorded.change else None,
                     subject_id=claimed.subscription_id,
                     detail={

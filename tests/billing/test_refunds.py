@@ -324,6 +324,44 @@ async def test_a_refund_that_fails_later_is_shown_as_failed(settings: Settings) 
         assert changes == 1
 
 
+async def test_a_checkout_whose_payment_failed_is_cancelled_and_not_refunded(
+    settings: Settings,
+) -> None:
+    async with running_stack(settings) as stack:
+        bounced = await stack.checkout("graph-standard", "bounced")
+        session_id, subscription_id = bounced["checkout_session_id"], bounced["subscription_id"]
+        await stack.emulator.post(
+            f"/_emulator/checkout/{session_id}/pay", json={"async_payment": True}
+        )
+        await stack.emulator.post(
+            f"/_emulator/checkout/{session_id}/async_payment", json={"succeeded": False}
+        )
+        await stack.wait_for_status(subscription_id, "failed")
+        session = await stripe_get(stack, f"/v1/checkout/sessions/{session_id}")
+        pool = stack.app.state.services.pool
+        # What a failed subscription whose Stripe subscription still exists is owed (the
+        # lifecycle queues it when it sees Stripe's `incomplete` subscription after the
+        # failure; queued here so as not to depend on the order of the webhooks).
+        async with pool.acquire() as conn:
+            await queue_failed_provisioning_compensations(
+                conn, subscription_id, session["subscription"]
+            )
+        await stack.app.state.services.hooks.cancel_due()
+        async with pool.acquire() as conn:
+            kinds = Counter(
+                r["kind"]
+                for r in await conn.fetch(
+                    "SELECT kind FROM audit_log WHERE subject_id = $1", subscription_id
+                )
+            )
+        assert kinds["stripe.refund_not_needed"] == 1 and kinds["stripe.refunded"] == 0
+        assert kinds["stripe.canceled"] == 1
+        assert (await stripe_get(stack, "/v1/refunds"))["data"] == []
+        made = await stack.emulator.get("/_emulator/requests?method=POST&path=/v1/refunds")
+        assert made.json()["data"] == []
+        assert (await stack.subscription(subscription_id))["refund"] is None
+
+
 async def customers_created(stack: Stack) -> int:
     events = (await stack.emulator.get("/_emulator/events")).json()["data"]
     return sum(e["type"] == "customer.created" for e in events)
