@@ -49,8 +49,16 @@ function phaseText(phase, noun) {
       "spinner",
     ],
     completed: [`Your ${noun} is ready`, "Reveal its credentials from the dashboard.", "check"],
-    failed: ["Set-up failed", "Your subscription has been cancelled; the reason is below.", "cross"],
-    cancelled: ["Set-up cancelled", "Your subscription has been cancelled.", "cross"],
+    failed: [
+      "Set-up failed",
+      "Your subscription has been cancelled and your payment is refunded; the reason is below.",
+      "cross",
+    ],
+    cancelled: [
+      "Set-up cancelled",
+      "Your subscription has been cancelled and your payment is refunded.",
+      "cross",
+    ],
     error: [
       "This checkout cannot be followed",
       "See the message above, or go back to the dashboard.",

@@ -5,7 +5,16 @@ import { credentialsPanel } from "./credentials.js";
 import { isTerminal } from "./operation-state.js";
 import { OperationTracker } from "./operations.js";
 import { megabytes, resourceTypeLabel } from "./plans.js";
-import { badge, formatDate, h, icon, replaceChildren, statusLabel, updateBadge } from "./render.js";
+import {
+  badge,
+  formatDate,
+  formatPrice,
+  h,
+  icon,
+  replaceChildren,
+  statusLabel,
+  updateBadge,
+} from "./render.js";
 
 // Statuses in which a subscription is still billed, so it can be cancelled at period end.
 const BILLED = new Set(["active", "past_due", "unpaid", "paused"]);
@@ -26,6 +35,20 @@ function formatBytes(bytes) {
 
 function subscriptionName(sub) {
   return sub.plan_display_name || sub.plan || "Subscription";
+}
+
+// What a failed provisioning gave back (`sub.refund`), in the customer's words.
+function refundNotice(sub) {
+  const refund = sub.refund;
+  if (!refund || typeof refund.amount !== "number") return null;
+  const amount = formatPrice({ amount: refund.amount, currency: refund.currency });
+  const text =
+    {
+      succeeded: `Refunded ${amount}`,
+      failed: `The refund of ${amount} failed; please contact us.`,
+      canceled: `The refund of ${amount} was cancelled; please contact us.`,
+    }[refund.status] || `Refund of ${amount} under way`;
+  return h("p", { class: "notice", dataset: { testid: `refund-${sub.id}` } }, icon("info"), text);
 }
 
 class SubscriptionCard {
@@ -127,6 +150,7 @@ class SubscriptionCard {
             end ? `Cancels on ${end}.` : "Cancels at the end of the period.",
           )
         : null,
+      refundNotice(sub),
     );
   }
 

@@ -8,6 +8,7 @@ import re
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.customers import ensure_stripe_customer
 from app.billing.lifecycle import Lifecycle
 from app.billing.plans import Plan, plan_limit_refusal
 from app.billing.provider import (
@@ -86,12 +87,15 @@ class CheckoutService:
                 resource_id=new_id(RESOURCE_ID_PREFIX[plan.resource_type]),
             )
         try:
+            # Every purchase of a user names the user's one Customer, so that the Customer
+            # Portal shows all of them (Checkout would otherwise make a Customer each time).
+            customer_id = await ensure_stripe_customer(self._pool, self._provider, user)
             session = await self._provider.create_checkout_session(
                 plan=plan,
                 lookout_subscription_id=record.id,
                 success_url=f"{self._public_url}/checkout/return?session_id={{CHECKOUT_SESSION_ID}}",
                 cancel_url=f"{self._public_url}/?checkout=cancelled",
-                customer_email=user.email,
+                customer_id=customer_id,
             )
         except PaymentProviderError as exc:
             async with self._pool.acquire() as conn:

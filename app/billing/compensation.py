@@ -1,9 +1,11 @@
-"""What billing does when provisioning ends: activate, or fail and stop charging at once.
+"""What billing does when provisioning ends: activate, or fail, stop charging and refund.
 
-A failed provisioning cancels the Stripe subscription immediately (not at period end) under one
-idempotency key however often it is retried. The cancellation is recorded first, in the same
-transaction that marks the subscription failed, so a cancellation that fails, or a process
-that dies before trying, is retried by the sweep and visible in the audit log meanwhile.
+A failed provisioning cancels the Stripe subscription immediately (not at period end) and
+refunds the payment of its first invoice, each under one idempotency key however often it is
+retried (a retry after a lost answer is a replay in Stripe: one cancellation, one refund).
+Both are recorded first, in the same transaction that marks the subscription failed, so a call
+that fails, or a process that dies before trying, is retried by the sweep and visible in the
+audit log meanwhile.
 Every instance sweeps, and the failing instance also tries at once: each row is claimed
 (`FOR UPDATE SKIP LOCKED` plus a lock time, as the webhook inbox claims events), so one call is
 in flight per compensation and its outcome is audited once.
@@ -22,17 +24,32 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.lifecycle import Lifecycle
-from app.billing.provider import PaymentProvider, PaymentProviderError
+from app.billing.provider import (
+    SUBSCRIPTION_ID_KEY,
+    PaymentProvider,
+    PaymentProviderError,
+    RefundInfo,
+)
 from app.billing.subscriptions import (
+    SubscriptionRecord,
     get_subscription,
-    queue_stripe_cancellation,
+    queue_failed_provisioning_compensations,
     set_subscription_fields,
 )
 from app.billing.updates import publish_subscription
+from app.db import Connection
 from provisioning import OperationRecord
 from streams import EventPublisher
 
-__all__ = ["ACTIONS", "BillingHooks", "Compensation", "StripeAction", "cancellation_key"]
+__all__ = [
+    "ACTIONS",
+    "BillingHooks",
+    "Compensation",
+    "Recorded",
+    "StripeAction",
+    "cancellation_key",
+    "refund_key",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +82,10 @@ def cancellation_key(subscription_id: str) -> str:
     return f"lookout-cancel-failed-provisioning-{subscription_id}"
 
 
+def refund_key(subscription_id: str) -> str:
+    return f"lookout-refund-failed-provisioning-{subscription_id}"
+
+
 @dataclass(frozen=True, slots=True)
 class Compensation:
     """A claimed row of `stripe_compensations`: `attempts` counts this one."""
@@ -73,6 +94,16 @@ class Compensation:
     action: str
     target_id: str
     attempts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Recorded:
+    """What an action's outcome changed, written in the transaction that marks it done: more
+    audit detail, and the subscription before and after (published once committed)."""
+
+    detail: Mapping[str, Any]
+    change: tuple[SubscriptionRecord, SubscriptionRecord] | None = None
+    kind: str | None = None  # the audit kind, when not the action's `done_audit`
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,12 +117,48 @@ class StripeAction:
     failed_audit: str
     target_name: str  # what the audit detail calls `target_id`
     reason: str
+    # Records the outcome (the answer of `perform`) where the customer sees it.
+    record: Callable[[Connection, Compensation, object], Awaitable[Recorded]] | None = None
 
 
 async def _cancel_now(provider: PaymentProvider, claimed: Compensation) -> object:
     return await provider.cancel_subscription_now(
         claimed.target_id, idempotency_key=cancellation_key(claimed.subscription_id)
     )
+
+
+async def _refund(provider: PaymentProvider, claimed: Compensation) -> RefundInfo | None:
+    return await provider.refund_first_payment(
+        claimed.target_id,
+        idempotency_key=refund_key(claimed.subscription_id),
+        # Names the subscription, so that the refund's own events find it.
+        metadata={SUBSCRIPTION_ID_KEY: claimed.subscription_id},
+    )
+
+
+async def _record_refund(conn: Connection, claimed: Compensation, outcome: object) -> Recorded:
+    if not isinstance(outcome, RefundInfo):
+        # A Checkout whose delayed payment failed: no money to give back.
+        return Recorded({"refund": None}, kind="stripe.refund_not_needed")
+    before = await get_subscription(conn, claimed.subscription_id, for_update=True)
+    detail = {
+        "refund_id": outcome.id,
+        "payment_intent": outcome.payment_intent_id,
+        "amount": outcome.amount,
+        "currency": outcome.currency,
+        "status": outcome.status,
+    }
+    if before is None or before.refund_amount is not None:
+        # The refund's own webhook told its (fresher) state already.
+        return Recorded(detail)
+    after = await set_subscription_fields(
+        conn,
+        before.id,
+        refund_amount=outcome.amount,
+        refund_currency=outcome.currency,
+        refund_status=outcome.status,
+    )
+    return Recorded(detail, (before, after))
 
 
 # `queue_compensation(conn, subscription_id, <key>, target_id)` asks for one of these.
@@ -104,6 +171,15 @@ ACTIONS: Mapping[str, StripeAction] = MappingProxyType(
             failed_audit="stripe.cancel_failed",
             target_name="stripe_subscription_id",
             reason="provisioning failed",
+        ),
+        "refund": StripeAction(
+            perform=_refund,
+            doing="refunding the first payment of a Stripe subscription",
+            done_audit="stripe.refunded",
+            failed_audit="stripe.refund_failed",
+            target_name="stripe_subscription_id",
+            reason="provisioning failed",
+            record=_record_refund,
         ),
     }
 )
@@ -148,7 +224,9 @@ class BillingHooks:
                     detail={"operation_id": operation.id, "error": customer_message},
                 )
             if after.stripe_subscription_id:
-                await queue_stripe_cancellation(conn, after.id, after.stripe_subscription_id)
+                await queue_failed_provisioning_compensations(
+                    conn, after.id, after.stripe_subscription_id
+                )
         await publish_subscription(self._publisher, after, before)
         await self.cancel_due(subscription_id=after.id)
 
@@ -180,7 +258,7 @@ class BillingHooks:
     async def _perform(self, claimed: Compensation) -> None:
         action = ACTIONS[claimed.action]
         try:
-            await action.perform(self._provider, claimed)
+            outcome = await action.perform(self._provider, claimed)
         except PaymentProviderError as exc:
             backoff = min(2**claimed.attempts, MAX_BACKOFF_SECONDS)
             logger.warning(
@@ -207,6 +285,7 @@ class BillingHooks:
                     detail={action.target_name: claimed.target_id, "error": str(exc)[:500]},
                 )
             return
+        recorded = None
         async with self._pool.acquire() as conn, conn.transaction():
             # Only the first to record it audits it: a call repeated after its claim expired
             # (a process that died after Stripe agreed) must not add a second row.
@@ -218,12 +297,22 @@ class BillingHooks:
                 claimed.action,
             )
             if first:
+                if action.record is not None:
+                    recorded = await action.record(conn, claimed, outcome)
                 await record_audit(
                     conn,
-                    action.done_audit,
+                    (recorded.kind if recorded else None) or action.done_audit,
+                    user_id=recorded.change[1].user_id if recorded and recorded.change else None,
                     subject_id=claimed.subscription_id,
-                    detail={action.target_name: claimed.target_id, "reason": action.reason},
+                    detail={
+                        action.target_name: claimed.target_id,
+                        "reason": action.reason,
+                        **(recorded.detail if recorded else {}),
+                    },
                 )
+        if recorded is not None and recorded.change is not None:
+            after, before = recorded.change[1], recorded.change[0]
+            await publish_subscription(self._publisher, after, before)
 
     async def run_sweeps(self) -> None:
         """Retries failed compensations until cancelled."""

@@ -72,6 +72,10 @@ class StripeEventHandlers:
             "invoice.paid": self._invoice,
             "invoice.payment_failed": self._invoice,
             "invoice.payment_action_required": self._invoice,
+            # The refund of a failed provisioning (its metadata names the subscription).
+            "refund.created": self._refund_changed,
+            "refund.updated": self._refund_changed,
+            "refund.failed": self._refund_changed,
         }
 
     async def __call__(self, event: InboxEvent) -> None:
@@ -187,6 +191,18 @@ class StripeEventHandlers:
         await self._apply_current(
             record, stripe_id, event, fallback={"id": stripe_id, "status": fallback_status}
         )
+
+    async def _refund_changed(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+        refund_id = object_id(event.object)
+        if refund_id is None:
+            return
+        # Delivered late or out of order: Stripe's current state, not the payload's.
+        try:
+            refund = await self._provider.retrieve_refund(refund_id)
+        except PaymentProviderNotFound:
+            logger.warning("refund %s of %s is unknown to Stripe", refund_id, record.id)
+            return
+        await self._lifecycle.refund_changed(record.id, refund, source=event.type)
 
     async def _apply_current(
         self,

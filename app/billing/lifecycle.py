@@ -17,13 +17,13 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.fulfilment import Fulfilment, PaymentConfirmation, fulfil_many, resource_spec
-from app.billing.provider import SubscriptionInfo
+from app.billing.provider import RefundInfo, SubscriptionInfo
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
     TERMINAL_STATUSES,
     SubscriptionRecord,
     get_subscription,
-    queue_stripe_cancellation,
+    queue_failed_provisioning_compensations,
     set_subscription_fields,
 )
 from app.billing.updates import publish_subscription, subscription_updates
@@ -200,8 +200,11 @@ class Lifecycle:
             )
             stripe_still_charges = state.status not in ("canceled", "incomplete_expired")
             if status == "failed" and stripe_still_charges and after.stripe_subscription_id:
-                # Provisioning failed before Stripe's subscription was known: stop charging now.
-                await queue_stripe_cancellation(conn, subscription_id, after.stripe_subscription_id)
+                # Provisioning failed before Stripe's subscription was known: stop charging now,
+                # and give back what was paid.
+                await queue_failed_provisioning_compensations(
+                    conn, subscription_id, after.stripe_subscription_id
+                )
             if status != before.status:
                 await record_audit(
                     conn,
@@ -221,6 +224,33 @@ class Lifecycle:
             )
         if after.status == "canceled" and before.status != "canceled":
             await self.schedule_deprovisioning(after)
+        return after
+
+    async def refund_changed(
+        self, subscription_id: str, refund: RefundInfo, *, source: str
+    ) -> SubscriptionRecord | None:
+        """Stripe's current state of the refund of a failed provisioning (it may fail or be
+        cancelled after it was made): what the customer is shown."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None:
+                return None
+            after = await set_subscription_fields(
+                conn,
+                subscription_id,
+                refund_amount=refund.amount,
+                refund_currency=refund.currency,
+                refund_status=refund.status,
+            )
+            if (before.refund_amount, before.refund_status) != (refund.amount, refund.status):
+                await record_audit(
+                    conn,
+                    "subscription.refund_changed",
+                    user_id=after.user_id,
+                    subject_id=after.id,
+                    detail={"refund_id": refund.id, "status": refund.status, "source": source},
+                )
+        await publish_subscription(self._publisher, after, before)
         return after
 
     async def schedule_deprovisioning(self, record: SubscriptionRecord) -> None:

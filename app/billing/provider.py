@@ -21,6 +21,7 @@ __all__ = [
     "PaymentProviderError",
     "PaymentProviderNotFound",
     "PaymentProviderUnavailable",
+    "RefundInfo",
     "SubscriptionAlreadyCanceled",
     "SubscriptionInfo",
 ]
@@ -114,6 +115,17 @@ class InvoiceInfo:
         return self.metadata.get(SUBSCRIPTION_ID_KEY)
 
 
+@dataclass(frozen=True)
+class RefundInfo:
+    """Money given back for a payment: `amount` in minor units."""
+
+    id: str
+    amount: int
+    currency: str
+    status: str  # Stripe's: pending, requires_action, succeeded, failed, canceled
+    payment_intent_id: str | None
+
+
 class PaymentProvider(Protocol):
     async def ensure_price(self, plan: Plan) -> str:
         """The provider's price id for `plan` in this environment, found by lookup key or
@@ -170,5 +182,28 @@ class PaymentProvider(Protocol):
     ) -> SubscriptionInfo:
         """End the subscription at once. One that is already canceled counts as success."""
         ...
+
+    # -- customers and refunds -------------------------------------------------------------
+    async def create_customer(
+        self, *, email: str, lookout_user_id: str, idempotency_key: str
+    ) -> str:
+        """A new Customer for a Lookout user; answers its id. The same key gives the same
+        Customer, also to concurrent callers."""
+        ...
+
+    async def refund_first_payment(
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> RefundInfo | None:
+        """Gives back the whole payment of the subscription's first invoice (the one paid at
+        Checkout), under `idempotency_key`, with `metadata` on the refund; None when nothing
+        was paid. A payment refunded already (under another key) answers that refund, not an
+        error."""
+        ...
+
+    async def retrieve_refund(self, refund_id: str) -> RefundInfo: ...
 
     async def aclose(self) -> None: ...

@@ -11,6 +11,7 @@ from starlette.routing import Route
 
 from app.auth import authenticate, client_ip
 from app.billing.checkout import RESOURCE_NAME
+from app.billing.customers import stripe_customer_id
 from app.billing.intake import EventNotStorable, EventNotStored
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, UnknownPlan, get_plan
@@ -27,7 +28,6 @@ from app.billing.subscriptions import (
     get_subscription_by_resource,
     get_subscription_by_session,
     list_subscriptions,
-    stripe_customer_of,
 )
 from app.billing.updates import subscription_json
 from app.billing.webhook_receiver import (
@@ -247,8 +247,7 @@ async def stripe_webhook(request: Request) -> Response:
 async def billing_portal(request: Request) -> Response:
     user = await authenticate(request)
     found = services(request)
-    async with found.pool.acquire() as conn:
-        customer_id = await stripe_customer_of(conn, user.id)
+    customer_id = await stripe_customer_id(found.pool, user.id)
     if customer_id is None:
         raise APIError(
             409,

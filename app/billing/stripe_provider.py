@@ -10,10 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import stripe
-from stripe.params import PriceCreateParams, SubscriptionUpdateParams
+from stripe.params import (
+    PriceCreateParams,
+    RefundCreateParams,
+    RefundListParams,
+    SubscriptionUpdateParams,
+)
 from stripe.params.checkout import SessionCreateParams
 
 from app.billing.plans import Plan, price_lookup_key, stripe_product_name
@@ -21,12 +26,15 @@ from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     CheckoutSessionInfo,
     InvoiceInfo,
+    PaymentProviderError,
+    RefundInfo,
     SubscriptionAlreadyCanceled,
     SubscriptionInfo,
 )
 from app.billing.stripe_objects import invoice_info
 from app.billing.stripe_translation import (
     expandable_id,
+    refund_info,
     refused,
     session_info,
     subscription_info,
@@ -311,3 +319,97 @@ class StripePaymentProvider:
             self._client.v1.invoices.retrieve_async(invoice_id),
         )
         return invoice_info(invoice.to_dict())
+
+    # -- customers and refunds -------------------------------------------------------------
+    async def create_customer(
+        self, *, email: str, lookout_user_id: str, idempotency_key: str
+    ) -> str:
+        customer = await self._call(
+            f"creating the customer of {lookout_user_id}",
+            self._client.v1.customers.create_async(
+                params={"email": email, "metadata": {"lookout_user_id": lookout_user_id}},
+                options={"idempotency_key": idempotency_key},
+            ),
+        )
+        return customer.id
+
+    async def refund_first_payment(
+        self,
+        subscription_id: str,
+        *,
+        idempotency_key: str,
+        metadata: Mapping[str, str] | None = None,
+    ) -> RefundInfo | None:
+        payment = await self._first_payment(subscription_id)
+        if payment is None:
+            return None
+        kind, payment_id = payment
+        what = f"refunding {payment_id} of {subscription_id}"
+        params: RefundCreateParams = {
+            "reason": "requested_by_customer",
+            "metadata": {**(metadata or {}), "lookout_stripe_subscription": subscription_id},
+        }
+        params[kind] = payment_id
+        try:
+            refund = await self._client.v1.refunds.create_async(
+                params=params, options={"idempotency_key": idempotency_key}
+            )
+        except stripe.StripeError as exc:
+            # Refunded before under another key (one that Stripe has forgotten after 24 hours,
+            # or a refund made in the Dashboard): that refund is the answer.
+            if not (refused(exc, 400) and exc.code == "charge_already_refunded"):
+                raise translate_error(what, exc) from exc
+            logger.info("%s: refunded already", what)
+            return await self._existing_refund(kind, payment_id, what)
+        return refund_info(refund)
+
+    async def retrieve_refund(self, refund_id: str) -> RefundInfo:
+        refund = await self._call(
+            f"retrieving the refund {refund_id}", self._client.v1.refunds.retrieve_async(refund_id)
+        )
+        return refund_info(refund)
+
+    async def _first_payment(
+        self, subscription_id: str
+    ) -> tuple[Literal["payment_intent", "charge"], str] | None:
+        """What paid the subscription's first invoice: its PaymentIntent (or, for an old
+        invoice, its Charge). Current API versions link them through `invoice_payments`."""
+        invoices = await self._call(
+            f"listing the paid invoices of {subscription_id}",
+            self._client.v1.invoices.list_async(
+                params={"subscription": subscription_id, "status": "paid", "limit": 100}
+            ),
+        )
+        first = next((i for i in invoices.data if i.billing_reason == "subscription_create"), None)
+        if first is None or not first.amount_paid or first.id is None:
+            return None
+        payments = await self._call(
+            f"listing the payments of {first.id}",
+            self._client.v1.invoice_payments.list_async(
+                params={"invoice": first.id, "status": "paid"}
+            ),
+        )
+        for paid in payments.data:
+            if paid.payment.type == "payment_intent" and paid.payment.payment_intent:
+                return "payment_intent", expandable_id(paid.payment.payment_intent) or ""
+            if paid.payment.type == "charge" and paid.payment.charge:
+                return "charge", expandable_id(paid.payment.charge) or ""
+        return None
+
+    async def _existing_refund(
+        self, kind: Literal["payment_intent", "charge"], payment_id: str, what: str
+    ) -> RefundInfo:
+        params: RefundListParams = {"limit": 100}
+        params[kind] = payment_id
+        listed = await self._call(what, self._client.v1.refunds.list_async(params=params))
+        given = [r for r in listed.data if r.status not in ("failed", "canceled")]
+        if not given:
+            raise PaymentProviderError(f"{what}: Stripe says it is refunded but lists no refund")
+        newest = given[0]
+        return RefundInfo(
+            id=newest.id,
+            amount=sum(r.amount for r in given),
+            currency=newest.currency,
+            status=newest.status or "pending",
+            payment_intent_id=expandable_id(newest.payment_intent),
+        )

@@ -18,10 +18,18 @@ from app.billing.provider import (
     PaymentProviderError,
     PaymentProviderNotFound,
     PaymentProviderUnavailable,
+    RefundInfo,
     SubscriptionInfo,
 )
 
-__all__ = ["expandable_id", "refused", "session_info", "subscription_info", "translate_error"]
+__all__ = [
+    "expandable_id",
+    "refund_info",
+    "refused",
+    "session_info",
+    "subscription_info",
+    "translate_error",
+]
 
 
 def translate_error(what: str, exc: stripe.StripeError) -> PaymentProviderError:
@@ -107,4 +115,14 @@ def subscription_info(sub: stripe.Subscription) -> SubscriptionInfo:
         price_lookup_key=first.price.lookup_key if first else None,
         latest_invoice_id=expandable_id(sub.latest_invoice),
         items=tuple(item.id for item in items),
+    )
+
+
+def refund_info(refund: stripe.Refund) -> RefundInfo:
+    return RefundInfo(
+        id=refund.id,
+        amount=refund.amount,
+        currency=refund.currency,
+        status=refund.status or "pending",
+        payment_intent_id=expandable_id(refund.payment_intent),
     )

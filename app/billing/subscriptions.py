@@ -25,9 +25,9 @@ __all__ = [
     "lock_for_payment",
     "mark_paid",
     "queue_compensation",
+    "queue_failed_provisioning_compensations",
     "queue_stripe_cancellation",
     "set_subscription_fields",
-    "stripe_customer_of",
 ]
 
 # Once here, a subscription stays: no later event moves it anywhere else.
@@ -39,7 +39,8 @@ _COLUMNS = (
     "id, user_id, plan, resource_type, resource_name, resource_id, status,"
     " stripe_checkout_session_id, stripe_subscription_id, stripe_customer_id,"
     " cancel_at_period_end, current_period_end, has_payment_method, stripe_state_at,"
-    " billing_changes, operation_id, created_at, updated_at, cancel_at"
+    " billing_changes, operation_id, created_at, updated_at, cancel_at,"
+    " refund_amount, refund_currency, refund_status"
 )
 
 
@@ -65,6 +66,10 @@ class SubscriptionRecord:
     updated_at: datetime
     # When Stripe ends it (`cancel_at_period_end` is then true too); None: not scheduled.
     cancel_at: datetime | None = None
+    # What was given back when provisioning failed; None when nothing was.
+    refund_amount: int | None = None
+    refund_currency: str | None = None
+    refund_status: str | None = None
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> SubscriptionRecord:
@@ -155,16 +160,6 @@ async def list_subscriptions(
     return [SubscriptionRecord.from_row(r) for r in rows]
 
 
-async def stripe_customer_of(conn: Connection, user_id: str) -> str | None:
-    """The Stripe Customer the user last paid as (None before a first payment)."""
-    found: str | None = await conn.fetchval(
-        "SELECT stripe_customer_id FROM subscriptions WHERE user_id = $1"
-        " AND stripe_customer_id IS NOT NULL ORDER BY created_at DESC, id LIMIT 1",
-        user_id,
-    )
-    return found
-
-
 _SETTABLE = frozenset(
     {
         "status",
@@ -178,6 +173,9 @@ _SETTABLE = frozenset(
         "stripe_state_at",
         "billing_changes",
         "operation_id",
+        "refund_amount",
+        "refund_currency",
+        "refund_status",
     }
 )
 
@@ -208,6 +206,15 @@ async def queue_stripe_cancellation(
     """Records that Stripe must stop charging for this subscription at once; the
     compensation sweep keeps trying until Stripe agrees."""
     await queue_compensation(conn, subscription_id, "cancel", stripe_subscription_id)
+
+
+async def queue_failed_provisioning_compensations(
+    conn: Connection, subscription_id: str, stripe_subscription_id: str
+) -> None:
+    """A failed provisioning owes the customer both: no further charge (the subscription is
+    cancelled at once) and their money back (the first invoice's payment is refunded)."""
+    await queue_stripe_cancellation(conn, subscription_id, stripe_subscription_id)
+    await queue_compensation(conn, subscription_id, "refund", stripe_subscription_id)
 
 
 async def queue_compensation(

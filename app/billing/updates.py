@@ -35,8 +35,20 @@ def subscription_json(record: SubscriptionRecord) -> dict[str, Any]:
             isoformat_z(record.current_period_end) if record.current_period_end else None
         ),
         "operation_id": record.operation_id,
+        "refund": refund_json(record),
         "created_at": isoformat_z(record.created_at),
         "updated_at": isoformat_z(record.updated_at),
+    }
+
+
+def refund_json(record: SubscriptionRecord) -> dict[str, Any] | None:
+    """What a failed provisioning gave back: `{"amount", "currency", "status"}`, or None."""
+    if record.refund_amount is None:
+        return None
+    return {
+        "amount": record.refund_amount,
+        "currency": record.refund_currency,
+        "status": record.refund_status,
     }
 
 

@@ -14,6 +14,7 @@ from starlette.routing import Route
 
 from app.stripe_emulator import api_billing as billing
 from app.stripe_emulator import api_catalog as catalog
+from app.stripe_emulator import api_payments as payments
 from app.stripe_emulator import portal
 from app.stripe_emulator.api import Handler, api_endpoint
 from app.stripe_emulator.checkout_page import checkout_routes
@@ -51,6 +52,15 @@ _API: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/billing_portal/sessions", portal.create_portal_session),
     ("GET", "/v1/events", billing.list_events),
     ("GET", "/v1/events/{id}", billing.retrieve_event),
+    # payments and refunds
+    ("GET", "/v1/payment_intents/{id}", payments.retrieve_payment_intent),
+    ("GET", "/v1/charges", payments.list_charges),
+    ("GET", "/v1/charges/{id}", payments.retrieve_charge),
+    ("GET", "/v1/invoice_payments", payments.list_invoice_payments),
+    ("GET", "/v1/invoice_payments/{id}", payments.retrieve_invoice_payment),
+    ("POST", "/v1/refunds", payments.create_refund),
+    ("GET", "/v1/refunds", payments.list_refunds),
+    ("GET", "/v1/refunds/{id}", payments.retrieve_refund),
 ]
 
 

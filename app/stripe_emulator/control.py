@@ -143,6 +143,10 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
     def payment_method(emit: flows.Emit, customer_id: str, body: Obj) -> Obj:
         return flows.attach_payment_method(state, emit, customer_id)
 
+    def fail_refund(emit: flows.Emit, refund_id: str, body: Obj) -> Obj:
+        reason = str(body.get("reason", "expired_or_canceled_card"))
+        return flows.fail_refund(state, emit, refund_id, reason=reason)
+
     async def requests(request: Request) -> Response:
         if request.method == "DELETE":
             state.requests.clear()
@@ -234,6 +238,7 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
         Route("/_emulator/subscriptions/{id}/pay_invoice", action(pay_invoice), methods=post),
         Route("/_emulator/subscriptions/{id}/status", action(set_status), methods=post),
         Route("/_emulator/customers/{id}/payment_method", action(payment_method), methods=post),
+        Route("/_emulator/refunds/{id}/fail", action(fail_refund), methods=post),
         Route("/_emulator/requests", requests, methods=["GET", "DELETE"]),
         Route("/_emulator/events", events, methods=["GET"]),
         Route("/_emulator/events/{id}", event, methods=["GET"]),

@@ -8,6 +8,7 @@ updated to `active` once the first invoice is paid), so receivers meet the same 
 from __future__ import annotations
 
 import copy
+import secrets
 from typing import Protocol
 
 from app.stripe_emulator import objects
@@ -48,6 +49,7 @@ def _new_invoice(state: EmulatorState, emit: Emit, sub: Obj, reason: str) -> Obj
     # Stripe gives a finalized invoice its hosted page; the emulator serves one (portal.py).
     inv["hosted_invoice_url"] = f"{state.public_url}/i/{inv['id']}"
     emit("invoice.finalized", inv, {"status": "draft"})
+    _open_payment(state, emit, inv)
     return inv
 
 
@@ -59,6 +61,7 @@ def _pay_invoice(state: EmulatorState, emit: Emit, inv: Obj) -> None:
         attempt_count=inv["attempt_count"] + 1, next_payment_attempt=None,
     )  # fmt: skip
     inv["status_transitions"]["paid_at"] = state.now()
+    _settle_payment(state, emit, inv)
     emit("invoice.paid", inv, previous)
     emit("invoice.payment_succeeded", inv, previous)
 
@@ -328,3 +331,138 @@ def update_default_payment_method(
     settings["default_payment_method"] = pm["id"]
     emit("customer.updated", customer, previous)
     return pm
+
+
+# -- payments and refunds ----------------------------------------------------------------------
+# An invoice's money moves as Stripe moves it: finalizing opens a PaymentIntent and the
+# invoice's default `invoice_payment`; paying it makes a Charge; a refund takes money back
+# from that Charge, once at most for its whole amount.
+
+REFUND_REASONS = ("duplicate", "fraudulent", "requested_by_customer")
+
+
+def invoice_payments(state: EmulatorState, invoice_id: str) -> list[Obj]:
+    return [p for p in state.all("invoice_payment") if p["invoice"] == invoice_id]
+
+
+def _open_payment(state: EmulatorState, emit: Emit, inv: Obj) -> None:
+    if inv["amount_due"] <= 0:
+        return  # nothing to collect: Stripe marks such an invoice paid without a payment
+    now = state.now()
+    pi = objects.payment_intent(
+        objects.stripe_id("pi"), now, amount=inv["amount_due"], currency=inv["currency"],
+        customer_id=inv["customer"],
+        description="Subscription creation"
+        if inv["billing_reason"] == "subscription_create"
+        else "Subscription update",
+    )  # fmt: skip
+    state.put(pi)
+    state.put(objects.invoice_payment(objects.stripe_id("inpay"), now, inv=inv, pi_id=pi["id"]))
+    emit("payment_intent.created", pi)
+
+
+def _settle_payment(state: EmulatorState, emit: Emit, inv: Obj) -> None:
+    """The card is charged for the invoice's default payment."""
+    for payment in invoice_payments(state, inv["id"]):
+        if payment["status"] != "open":
+            continue
+        pi = state.get("payment_intent", payment["payment"]["payment_intent"])
+        now = state.now()
+        pm = pi["payment_method"] or objects.stripe_id("pm")
+        ch = objects.charge(
+            objects.stripe_id("ch"), now, pi=pi, payment_method=pm, email=inv["customer_email"]
+        )
+        state.put(ch)
+        pi.update(
+            status="succeeded", amount_received=pi["amount"], latest_charge=ch["id"],
+            payment_method=pm,
+        )  # fmt: skip
+        payment.update(status="paid", amount_paid=pi["amount"])
+        payment["status_transitions"]["paid_at"] = now
+        emit("charge.succeeded", ch)
+        emit("payment_intent.succeeded", pi)
+        emit("invoice_payment.paid", payment)
+
+
+def create_refund(
+    state: EmulatorState, emit: Emit, *, charge_id: str | None, payment_intent_id: str | None,
+    amount: int | None, reason: str | None, metadata: Obj,
+) -> Obj:  # fmt: skip
+    if charge_id and payment_intent_id:
+        raise StripeError.invalid(
+            "You may only specify one of these parameters: charge, payment_intent."
+        )
+    if payment_intent_id:
+        pi = state.get("payment_intent", payment_intent_id, param="payment_intent")
+        if pi["status"] != "succeeded" or pi["latest_charge"] is None:
+            raise StripeError.invalid(
+                f"This PaymentIntent ({payment_intent_id}) does not have a successful charge "
+                "to refund.",
+                param="payment_intent",
+            )
+        charge_id = pi["latest_charge"]
+    if not charge_id:
+        raise StripeError.invalid(
+            "One of the following params should be provided for this request: payment_intent "
+            "or charge."
+        )
+    ch = state.get("charge", charge_id, param="charge")
+    if reason is not None and reason not in REFUND_REASONS:
+        raise StripeError.invalid(
+            f"Invalid reason: must be one of {', '.join(REFUND_REASONS)}", param="reason"
+        )
+    remaining = ch["amount_captured"] - ch["amount_refunded"]
+    if remaining <= 0:
+        raise StripeError.invalid(
+            f"Charge {ch['id']} has already been refunded.", code="charge_already_refunded"
+        )
+    amount = remaining if amount is None else amount
+    if amount <= 0:
+        raise StripeError.invalid("Invalid positive integer", param="amount")
+    if amount > remaining:
+        raise StripeError.invalid(
+            f"Refund amount ({amount}) is greater than unrefunded amount on charge ({remaining})",
+            param="amount",
+            code="amount_too_large",
+        )
+    re = objects.refund(
+        objects.stripe_id("re"), state.now(), ch=ch, amount=amount, reason=reason, meta=metadata
+    )
+    state.put(re)
+    emit("refund.created", re)
+    previous = {"amount_refunded": ch["amount_refunded"], "refunded": ch["refunded"]}
+    ch["amount_refunded"] += amount
+    ch["refunded"] = ch["amount_refunded"] >= ch["amount_captured"]
+    emit("charge.refunded", ch, previous)
+    # The card network's reference arrives later in live mode; the emulator has it at once.
+    before = {"destination_details": copy.deepcopy(re["destination_details"])}
+    re["destination_details"]["card"].update(
+        reference=str(secrets.randbelow(10**23)).zfill(23), reference_status="available"
+    )
+    emit("refund.updated", re, before)
+    emit("charge.refund.updated", re, before)
+    return re
+
+
+REFUND_FAILURE_REASONS = ("expired_or_canceled_card", "lost_or_stolen_card", "unknown")
+
+
+def fail_refund(state: EmulatorState, emit: Emit, refund_id: str, *, reason: str) -> Obj:
+    """The card's bank gives the money back to Stripe (a closed card): the refund fails, and
+    the charge counts it as unrefunded again."""
+    re = state.get("refund", refund_id, param="refund")
+    if re["status"] not in ("pending", "succeeded"):
+        raise StripeError.invalid(f"Refund {refund_id} is {re['status']}; it cannot fail.")
+    if reason not in REFUND_FAILURE_REASONS:
+        raise StripeError.invalid(f"reason must be one of {', '.join(REFUND_FAILURE_REASONS)}")
+    previous = {"status": re["status"]}
+    re.update(
+        status="failed", failure_reason=reason, failure_balance_transaction=objects.stripe_id("txn")
+    )
+    ch = state.get("charge", re["charge"])
+    ch["amount_refunded"] -= re["amount"]
+    ch["refunded"] = False
+    emit("refund.failed", re, previous)
+    emit("refund.updated", re, previous)
+    emit("charge.refund.updated", re, previous)
+    return re

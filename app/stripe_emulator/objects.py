@@ -314,3 +314,118 @@ def payment_method(
         "created": created, "customer": customer_id, "customer_account": None,
         "livemode": False, "metadata": {}, "type": "card",
     }  # fmt: skip
+
+
+# -- payments and refunds ----------------------------------------------------------------------
+# The money behind an invoice, in the current API's shape: the invoice no longer names its
+# PaymentIntent or Charge; an `invoice_payment` links the two.
+
+
+def payment_intent(
+    pi_id: str, created: int, *, amount: int, currency: str, customer_id: str, description: str,
+) -> Obj:  # fmt: skip
+    return {
+        "id": pi_id, "object": "payment_intent", "amount": amount, "amount_capturable": 0,
+        "amount_details": {"tip": {}}, "amount_received": 0, "application": None,
+        "application_fee_amount": None, "automatic_payment_methods": None,
+        "canceled_at": None, "cancellation_reason": None, "capture_method": "automatic",
+        "client_secret": f"{pi_id}_secret_{secrets.token_hex(12)}",
+        "confirmation_method": "automatic", "created": created, "currency": currency,
+        "customer": customer_id, "customer_account": None, "description": description,
+        "excluded_payment_method_types": None, "last_payment_error": None,
+        "latest_charge": None, "livemode": False, "metadata": {}, "next_action": None,
+        "on_behalf_of": None, "payment_method": None,
+        "payment_method_configuration_details": None,
+        "payment_method_options": {
+            "card": {
+                "installments": None, "mandate_options": None, "network": None,
+                "request_three_d_secure": "automatic",
+            },
+        },
+        "payment_method_types": ["card"], "processing": None, "receipt_email": None,
+        "review": None, "setup_future_usage": "off_session", "shipping": None, "source": None,
+        "statement_descriptor": None, "statement_descriptor_suffix": None,
+        "status": "requires_payment_method", "transfer_data": None, "transfer_group": None,
+    }  # fmt: skip
+
+
+def charge(ch_id: str, created: int, *, pi: Obj, payment_method: str, email: str | None) -> Obj:
+    """A card charge that succeeded for the whole of `pi`. Its `refunds` list is left out, as
+    Stripe leaves it out unless expanded (since 2022-11-15)."""
+    return {
+        "id": ch_id, "object": "charge", "amount": pi["amount"],
+        "amount_captured": pi["amount"], "amount_refunded": 0, "application": None,
+        "application_fee": None, "application_fee_amount": None,
+        "balance_transaction": stripe_id("txn"),
+        "billing_details": {
+            "address": {
+                "city": None, "country": None, "line1": None, "line2": None,
+                "postal_code": None, "state": None,
+            },
+            "email": email, "name": None, "phone": None, "tax_id": None,
+        },
+        "calculated_statement_descriptor": "LOOKOUT", "captured": True, "created": created,
+        "currency": pi["currency"], "customer": pi["customer"],
+        "description": pi["description"], "disputed": False,
+        "failure_balance_transaction": None, "failure_code": None, "failure_message": None,
+        "fraud_details": {}, "livemode": False, "metadata": {}, "on_behalf_of": None,
+        "outcome": {
+            "advice_code": None, "network_advice_code": None, "network_decline_code": None,
+            "network_status": "approved_by_network", "reason": None, "risk_level": "normal",
+            "risk_score": 32, "seller_message": "Payment complete.", "type": "authorized",
+        },
+        "paid": True, "payment_intent": pi["id"], "payment_method": payment_method,
+        "payment_method_details": {
+            "card": {
+                "amount_authorized": pi["amount"], "brand": "visa",
+                "checks": {
+                    "address_line1_check": None, "address_postal_code_check": None,
+                    "cvc_check": "pass",
+                },
+                "country": "US", "exp_month": 12, "exp_year": 2034,
+                "fingerprint": secrets.token_hex(8), "funding": "credit", "last4": "4242",
+                "mandate": None, "network": "visa", "network_token": {"used": False},
+                "three_d_secure": None, "wallet": None,
+            },
+            "type": "card",
+        },
+        "receipt_email": None, "receipt_number": None,
+        "receipt_url": f"https://pay.stripe.com/receipts/payment/{secrets.token_urlsafe(24)}",
+        "refunded": False, "review": None, "shipping": None, "source": None,
+        "source_transfer": None, "statement_descriptor": None,
+        "statement_descriptor_suffix": None, "status": "succeeded", "transfer_data": None,
+        "transfer_group": None,
+    }  # fmt: skip
+
+
+def invoice_payment(ip_id: str, created: int, *, inv: Obj, pi_id: str) -> Obj:
+    """The default payment Stripe creates when it finalizes an invoice, still `open`."""
+    return {
+        "id": ip_id, "object": "invoice_payment", "amount_paid": None,
+        "amount_requested": inv["amount_due"], "created": created, "currency": inv["currency"],
+        "invoice": inv["id"], "is_default": True, "livemode": False,
+        "payment": {"payment_intent": pi_id, "type": "payment_intent"}, "status": "open",
+        "status_transitions": {"canceled_at": None, "paid_at": None},
+    }  # fmt: skip
+
+
+def refund(
+    re_id: str, created: int, *, ch: Obj, amount: int, reason: str | None, meta: Obj,
+) -> Obj:  # fmt: skip
+    """A card refund: `succeeded` at once; its acquirer reference number comes later."""
+    return {
+        "id": re_id, "object": "refund", "amount": amount,
+        "balance_transaction": stripe_id("txn"), "charge": ch["id"], "created": created,
+        "currency": ch["currency"],
+        "destination_details": {
+            "card": {
+                "reference": None, "reference_status": "pending",
+                "reference_type": "acquirer_reference_number", "type": "refund",
+            },
+            "type": "card",
+        },
+        "metadata": meta, "payment_intent": ch["payment_intent"], "reason": reason,
+        "receipt_number": None, "source_transfer_reversal": None, "status": "succeeded",
+        "transfer_reversal": None, "customer": None, "customer_account": None,
+        "payment_method": None,
+    }  # fmt: skip

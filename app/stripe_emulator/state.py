@@ -25,6 +25,11 @@ _KIND_NAMES = {
     "setup_intent": "setupintent",
     "payment_method": "PaymentMethod",
     "billing_portal.session": "billing_portal.session",
+    # payments and refunds
+    "payment_intent": "payment_intent",
+    "charge": "charge",
+    "invoice_payment": "invoice_payment",
+    "refund": "refund",
 }
 _PREFIXES = {
     "cus_": "customer",
@@ -37,6 +42,11 @@ _PREFIXES = {
     "seti_": "setup_intent",
     "pm_": "payment_method",
     "bps_": "billing_portal.session",
+    # payments and refunds
+    "pi_": "payment_intent",
+    "ch_": "charge",
+    "inpay_": "invoice_payment",
+    "re_": "refund",
 }
 
 
