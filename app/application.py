@@ -62,7 +62,16 @@ __all__ = ["PROVISIONING_CONCURRENCY", "create_app", "redis_client"]
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+def _static_dir() -> Path:
+    """The dashboard's files: inside the package where a wheel put them (app/static), else
+    static/ at the top of the source tree (a clone, an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "static"
+    return installed if installed.is_dir() else here.parent / "static"
+
+
+STATIC_DIR = _static_dir()
 REDIS_MAX_CONNECTIONS = 500
 REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 # Lookout's slowest command is an XRANGE of a topic's whole Stream (a few thousand entries,
