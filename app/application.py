@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import secrets
@@ -36,6 +37,7 @@ from app.db import create_pool, migrate
 from app.errors import exception_handlers
 from app.health import healthz, metrics_endpoint, readyz
 from app.metrics import CountingPublisher, Metrics
+from app.openapi import openapi_document
 from app.operation_routes import operation_routes
 from app.ratelimit import RateLimitMiddleware, RateLimits
 from app.services import Services
@@ -127,6 +129,16 @@ async def dashboard(request: Request) -> Response:
 
 async def checkout_return_page(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "checkout-return.html")
+
+
+def openapi_route(settings: Settings) -> Route:
+    """`GET /openapi.json`: the document, rendered once, naming LOOKOUT_PUBLIC_URL."""
+    body = json.dumps(openapi_document(settings.public_url)).encode()
+
+    async def openapi(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    return Route("/openapi.json", openapi, methods=["GET"])
 
 
 def create_app(
@@ -244,6 +256,7 @@ def create_app(
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        openapi_route(settings),
         *billing_routes,
         *operation_routes,
         *stream_routes,
