@@ -245,6 +245,21 @@ SCHEMAS: Final[dict[str, Schema]] = {
     "StripeEvent": _object(
         {"id": STRING, "object": {"const": "event"}, "type": STRING, "data": {"type": "object"}}
     ),
+    "ServerSentEvent": {
+        **_object(
+            {
+                "id": {**STRING, "description": "opaque, distinct within the stream"},
+                "event": {"enum": list(EVENT_TYPES)},
+                "data": {
+                    "type": "string",
+                    "contentMediaType": "application/json",
+                    "contentSchema": _ref("StreamEvent"),
+                },
+            },
+            {"retry": {"type": "integer", "minimum": 0}},
+        ),
+        "description": "One event of a stream, as a client's parser assembles its fields.",
+    },
     "StreamEvent": {
         **_object(
             {"type": {"enum": list(EVENT_TYPES)}, "ts": TIME},
@@ -332,7 +347,9 @@ def _stream(description: str) -> Schema:
         "headers": {
             "Cache-Control": {"schema": {"type": "string"}, "description": "no-cache"},
         },
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        # One event: what a client's parser (EventSource) hands over, as OpenAPI 3.2's
+        # `itemSchema` has it and as schemathesis reads it.
+        "content": {"text/event-stream": {"schema": _ref("ServerSentEvent")}},
     }
 
 
