@@ -21,8 +21,10 @@ import anyio
 import asyncpg
 import pytest
 import schemathesis
+from hypothesis import strategies as st
 from schemathesis import Case, CheckFunction
 from schemathesis.config import SchemathesisConfig
+from schemathesis.hooks import HookContext
 from schemathesis.specs.openapi.checks import (
     allow_header_conformance,
     positive_data_acceptance,
@@ -55,7 +57,24 @@ FUZZ_CONFIG = SchemathesisConfig.from_dict(
         ],
     }
 )
+# The schema must exist when pytest collects (one test per operation), before the server
+# does; the URL is the live one's at each call.
 SCHEMA = schemathesis.openapi.from_dict(openapi_document("http://127.0.0.1"), config=FUZZ_CONFIG)
+# Path parameter -> one of the user's real ids, filled in once the live stack has them.
+REAL_IDS: dict[str, str] = {}
+
+
+@SCHEMA.hook
+def flatmap_path_parameters(
+    context: HookContext, path_parameters: dict[str, Any] | None
+) -> st.SearchStrategy[dict[str, Any] | None]:
+    """Half the time, the user's real ids: the fuzzer gets past the 404s into the handlers."""
+    if not path_parameters:
+        return st.just(path_parameters)
+    real = {name: REAL_IDS[name] for name in path_parameters if name in REAL_IDS}
+    return st.sampled_from([path_parameters, {**path_parameters, **real}])
+
+
 # Valid-looking events answer 400 too: their signature is not Stripe's.
 UNSIGNED = {("POST", "/v1/webhooks/stripe")}
 
@@ -107,7 +126,13 @@ def _serve_in_thread(
                 # Something of the user's to find: a paid, provisioned graph.
                 checkout = await stack.checkout(name="fuzzed-graph")
                 await stack.pay(checkout["checkout_session_id"])
-                await stack.wait_for_status(checkout["subscription_id"], "active")
+                active = await stack.wait_for_status(checkout["subscription_id"], "active")
+                REAL_IDS.update(
+                    subscription_id=active["id"],
+                    graph_id=active["resource_id"],
+                    operation_id=active["operation_id"],
+                    checkout_session_id=checkout["checkout_session_id"],
+                )
                 found["api"] = LiveAPI(
                     url=stack.url,
                     api_key=stack.api_key,
