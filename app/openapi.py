@@ -35,7 +35,7 @@ OPERATION_KINDS: Final = ["provision", "deprovision", "resize", "suspend", "resu
 OPERATION_STATUSES: Final = ["pending", "running", "waiting", "completed", "failed", "cancelled"]
 # The `event:` of every SSE event, and what its `data` carries besides `type` and `ts`.
 EVENT_TYPES: Final[dict[str, str]] = {
-    "operation.started": "`operation_id`, `kind`, `step`, `progress`, `message`",
+    "operation.started": "`operation_id`, `step` (null), `progress` 0, `message`",
     "operation.progress": "`operation_id`, `step`, `progress` (0-100, never decreasing), `message`",
     "operation.waiting": "`operation_id`, `step`, `progress`, `message`, `retry_at`: the "
     "provisioning server does not answer and is waited out",
@@ -266,6 +266,9 @@ SCHEMAS: Final[dict[str, Schema]] = {
             {
                 "operation_id": STRING,
                 "subscription_id": STRING,
+                "kind": {"enum": OPERATION_KINDS},
+                "resource_type": {"enum": ["graph", "repository"]},
+                "resource_id": STRING,
                 "step": _nullable(STRING),
                 "progress": PROGRESS,
                 "message": _nullable(STRING),
