@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import secrets
@@ -40,6 +41,7 @@ from app.health import healthz, metrics_endpoint, readyz
 from app.hosts import HostGuard
 from app.key_routes import key_routes
 from app.metrics import CountingPublisher, Metrics
+from app.openapi import openapi_document
 from app.operation_routes import operation_routes
 from app.ratelimit import RateLimitMiddleware, RateLimits
 from app.services import Services
@@ -67,7 +69,16 @@ __all__ = ["PROVISIONING_CONCURRENCY", "create_app", "redis_client"]
 
 logger = logging.getLogger(__name__)
 
-STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
+
+def _static_dir() -> Path:
+    """The dashboard's files: inside the package where a wheel put them (app/static), else
+    static/ at the top of the source tree (a clone, an editable install)."""
+    here = Path(__file__).resolve().parent
+    installed = here / "static"
+    return installed if installed.is_dir() else here.parent / "static"
+
+
+STATIC_DIR = _static_dir()
 REDIS_MAX_CONNECTIONS = 500
 REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 # Lookout's slowest command is an XRANGE of a topic's whole Stream (a few thousand entries,
@@ -131,6 +142,16 @@ async def dashboard(request: Request) -> Response:
 
 async def checkout_return_page(request: Request) -> Response:
     return FileResponse(STATIC_DIR / "checkout-return.html")
+
+
+def openapi_route(settings: Settings) -> Route:
+    """`GET /openapi.json`: the document, rendered once, naming LOOKOUT_PUBLIC_URL."""
+    body = json.dumps(openapi_document(settings.public_url)).encode()
+
+    async def openapi(request: Request) -> Response:
+        return Response(body, media_type="application/json")
+
+    return Route("/openapi.json", openapi, methods=["GET"])
 
 
 def create_app(
@@ -253,6 +274,7 @@ def create_app(
         Route("/healthz", healthz),
         Route("/readyz", readyz),
         Route("/metrics", metrics_endpoint),
+        openapi_route(settings),
         *billing_routes,
         *operation_routes,
         *stream_routes,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import signal
 import socket
@@ -274,27 +275,75 @@ def cmd_webhooks_list(args: argparse.Namespace) -> None:
     print(f"{len(events)} event(s){more}", file=sys.stderr)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lookout", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _version() -> str:
+    try:
+        return importlib.metadata.version("lookout")
+    except importlib.metadata.PackageNotFoundError:
+        # Run from a source tree that was never installed.
+        return "unknown (not installed)"
 
-    serve = commands.add_parser("serve", help="serve the HTTP API, streams and dashboard")
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Shows an option's default where it has a value of its own (not for flags, nor where
+    the help already says where the default comes from)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _command(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, what: str
+) -> argparse.ArgumentParser:
+    """A subcommand whose `--help` says what it does (`what`) and shows every default."""
+    return commands.add_parser(
+        name, help=what, description=what, formatter_class=_DefaultsFormatter
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lookout",
+        description=(
+            "Lookout: Stripe Checkout, in-process provisioning and live progress over "
+            "Server-Sent Events. Settings come from the environment (docs/CONFIGURATION.md); "
+            "with DATABASE_URL and REDIS_URL unset, embedded servers are started under "
+            "LOOKOUT_DATA_DIR (default ./.lookout)."
+        ),
+        epilog="`lookout COMMAND --help` describes each command; docs/CLI.md has them all.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = _command(
+        commands,
+        "serve",
+        "Serve the HTTP API, the event streams and the dashboard (migrates first). "
+        "Needs LOOKOUT_SECRET_KEY, STRIPE_API_KEY and STRIPE_WEBHOOK_SECRET.",
+    )
     serve.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on; the Host names answered are LOOKOUT_ALLOWED_HOSTS",
     )
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on")
     serve.set_defaults(handler=cmd_serve)
 
-    demo = commands.add_parser("demo", help="serve with a local Stripe emulator and a demo user")
+    demo = _command(
+        commands,
+        "demo",
+        "Serve with a local Stripe emulator (mounted at /stripe) and a demo user, on one port; "
+        "prints the dashboard's URL and the demo user's API key. No setting is required.",
+    )
     demo.add_argument(
         "--host",
         default="127.0.0.1",
         help="address to listen on (0.0.0.0 in a container or VM); for another name than "
         "127.0.0.1 or localhost in the browser, set LOOKOUT_ALLOWED_HOSTS too",
     )
-    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--port", type=int, default=8000, help="port to listen on")
     demo.add_argument(
         "--verbose",
         action="store_true",
@@ -302,58 +351,77 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(handler=cmd_demo)
 
-    commands.add_parser("migrate", help="apply the database migrations").set_defaults(
-        handler=cmd_migrate
-    )
+    _command(
+        commands, "migrate", "Apply the database migrations that are not applied yet."
+    ).set_defaults(handler=cmd_migrate)
 
-    users = commands.add_parser("users", help="manage users").add_subparsers(
-        dest="users_command", required=True
+    users = _command(commands, "users", "Manage users and their API keys.").add_subparsers(
+        dest="users_command", required=True, metavar="USERS_COMMAND"
     )
-    create = users.add_parser("create", help="create a user; prints the API key once")
-    create.add_argument("email")
+    create = _command(users, "create", "Create a user; prints its API key alone on stdout, once.")
+    create.add_argument("email", help="the user's email address")
     create.set_defaults(handler=cmd_users_create)
-    keys = users.add_parser(
-        "keys", help="a user's API keys: create another, list them, revoke one"
-    ).add_subparsers(dest="keys_command", required=True)
-    key_create = keys.add_parser("create", help="a new key for the user; prints it alone, once")
-    key_create.add_argument("email")
+    keys = _command(
+        users, "keys", "A user's API keys: create another, list them, revoke one."
+    ).add_subparsers(dest="keys_command", required=True, metavar="KEYS_COMMAND")
+    key_create = _command(keys, "create", "A new key for the user; prints it alone, once.")
+    key_create.add_argument("email", help="the user's email address")
     key_create.set_defaults(handler=cmd_users_keys_create)
-    key_list = keys.add_parser(
-        "list", help="one line per key: id, created, last used, active or revoked"
+    key_list = _command(
+        keys, "list", "One line per key: id, created, last used, active or revoked."
     )
-    key_list.add_argument("email")
+    key_list.add_argument("email", help="the user's email address")
     key_list.set_defaults(handler=cmd_users_keys_list)
-    key_revoke = keys.add_parser(
+    key_revoke = _command(
+        keys,
         "revoke",
-        help="refuse the key from now on (its open streams close within 30 s); "
-        "revoking the user's last key is allowed",
+        "Refuse the key from now on, on every instance (its open streams close within 30 s); "
+        "revoking the user's last key is allowed.",
     )
-    key_revoke.add_argument("key_id")
-    key_revoke.add_argument("email")
+    key_revoke.add_argument("key_id", help="the key's id, as `lookout users keys list` shows it")
+    key_revoke.add_argument("email", help="the user's email address")
     key_revoke.set_defaults(handler=cmd_users_keys_revoke)
 
-    tail = commands.add_parser("tail", help="follow event streams in the terminal")
-    tail.add_argument("operation_id", nargs="?")
-    tail.add_argument("--url", default=None, help="Lookout base URL (LOOKOUT_PUBLIC_URL)")
+    tail = _command(
+        commands,
+        "tail",
+        "Follow event streams in the terminal with progress bars: all of the user's events, "
+        "or one operation to its end.",
+    )
+    tail.add_argument(
+        "operation_id", nargs="?", help="follow this operation only (default: all events)"
+    )
+    tail.add_argument(
+        "--url",
+        default=None,
+        help="Lookout's base URL (default: LOOKOUT_PUBLIC_URL, else http://127.0.0.1:8000)",
+    )
     tail.add_argument(
         "--api-key",
         default=None,
-        help="API key; prefer setting LOOKOUT_API_KEY instead: a key on the command line is "
-        "visible to every local user in `ps` and lands in shell history",
+        help="API key (default: LOOKOUT_API_KEY); prefer the variable: a key on the command "
+        "line is visible to every local user in `ps` and lands in shell history",
     )
     tail.set_defaults(handler=cmd_tail)
 
-    webhooks = commands.add_parser("webhooks", help="Stripe webhook inbox").add_subparsers(
-        dest="webhooks_command", required=True
+    webhooks = _command(
+        commands, "webhooks", "Inspect and replay the inbox of Stripe webhooks."
+    ).add_subparsers(dest="webhooks_command", required=True, metavar="WEBHOOKS_COMMAND")
+    replay_parser = _command(
+        webhooks,
+        "replay",
+        "Queue one event, or every failed one, to be handled again; "
+        "a running Lookout takes them within 5 s.",
     )
-    replay_parser = webhooks.add_parser("replay", help="re-run one event, or all failed ones")
     which = replay_parser.add_mutually_exclusive_group(required=True)
-    which.add_argument("event_id", nargs="?")
-    which.add_argument("--failed", action="store_true")
+    which.add_argument("event_id", nargs="?", help="the Stripe event id (evt_...)")
+    which.add_argument("--failed", action="store_true", help="every failed event")
     replay_parser.set_defaults(handler=cmd_webhooks_replay)
-    list_parser = webhooks.add_parser(
+    list_parser = _command(
+        webhooks,
         "list",
-        help="one line per event: id, type, status, attempts, received, next attempt, error",
+        "List stored events, one line each: id, type, status, attempts, received, "
+        "next attempt, last error.",
     )
     only = list_parser.add_mutually_exclusive_group()
     only.add_argument("--pending", action="store_true", help="not yet processed, oldest first")
@@ -366,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit",
         type=int,
         default=100,
-        help="at most this many (default 100); without a filter, the newest",
+        help="at most this many; without a filter, the newest",
     )
     list_parser.set_defaults(handler=cmd_webhooks_list)
     return parser

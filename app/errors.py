@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 __all__ = ["APIError", "client_gone", "error_response", "exception_handlers"]
 
@@ -59,14 +60,27 @@ async def _api_error(request: Request, exc: Exception) -> Response:
 
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    headers = dict(exc.headers or {})
     if exc.status_code == 404:
-        message = f"There is no {request.url.path}; see the API reference in the README."
+        message = f"There is no {request.url.path}; see the API reference in docs/API.md."
     elif exc.status_code == 405:
         message = f"{request.method} is not allowed on {request.url.path}."
+        headers["Allow"] = ", ".join(_allowed_methods(request))
     else:
         message = str(exc.detail)
     code = _HTTP_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, code, message, exc.headers)
+    return error_response(exc.status_code, code, message, headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method of every route on this path: Starlette's own 405 names only those of the
+    first route that matched, so a path served by two routes (GET and DELETE of
+    /v1/operations/{id}) would deny the other's existence."""
+    methods: set[str] = set()
+    for route in getattr(request.app, "routes", ()):
+        if isinstance(route, Route) and route.methods and route.path_regex.match(request.url.path):
+            methods |= route.methods
+    return sorted(methods)
 
 
 def client_gone(request: Request) -> Response:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -89,7 +90,7 @@ class Allowance:
 
 
 class RateLimits:
-    def __init__(self, redis: Redis, *, prefix: str) -> None:
+    def __init__(self, redis: Redis, *, prefix: str, limits: Mapping[str, str] = LIMITS) -> None:
         # The app's own connection pool: one pool per process, closed by the lifespan.
         self._storage = RedisStorage(
             "async+redis://",
@@ -98,7 +99,7 @@ class RateLimits:
             connection_pool=redis.connection_pool,  # type: ignore[arg-type]
         )
         self._limiter = MovingWindowRateLimiter(self._storage)
-        self._items: dict[str, RateLimitItem] = {name: parse(rule) for name, rule in LIMITS.items()}
+        self._items: dict[str, RateLimitItem] = {name: parse(rule) for name, rule in limits.items()}
         # (category, identity) -> when its window frees a slot (epoch seconds).
         self._full_until: dict[tuple[str, str], float] = {}
 

@@ -111,7 +111,7 @@ class OperationRecord:
         }
 
     def snapshot(self) -> dict[str, Any]:
-        """The body of ``GET /v1/operations/{id}`` (CONTRACT: HTTP API)."""
+        """The body of ``GET /v1/operations/{id}`` (docs/API.md, Operations)."""
         return {
             "id": self.id,
             "kind": self.kind,

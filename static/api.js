@@ -1,4 +1,4 @@
-// The HTTP API of Lookout (see CONTRACT.md), and where the browser keeps the API key.
+// The HTTP API of Lookout (see docs/API.md), and where the browser keeps the API key.
 
 const KEY_STORAGE = "lookout.apiKey";
 

@@ -1,5 +1,5 @@
 // Server-Sent Events with EventSource: stream tokens, renewal, resuming without gaps or
-// doubles, and one connection state for the page (see CONTRACT.md, Server-Sent Events).
+// doubles, and one connection state for the page (see docs/API.md, Server-Sent Events).
 
 import { ApiError } from "./api.js";
 

@@ -17,7 +17,7 @@ __all__ = [
     "isoformat_z",
 ]
 
-# An operation stream ends right after one of these (CONTRACT: Server-Sent Events).
+# An operation stream ends right after one of these (docs/API.md, Server-Sent Events).
 TERMINAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
     {"operation.completed", "operation.failed", "operation.cancelled"}
 )

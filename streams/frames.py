@@ -71,7 +71,7 @@ class Frame:
         self.type = event_type.decode()
         self.data = data
         self.terminal = event_type in _TERMINAL
-        # JSON never holds a raw newline, so the data is one "data:" line (CONTRACT).
+        # JSON never holds a raw newline, so the data is one "data:" line (docs/API.md).
         self.wire = b"".join(
             (b"id: ", stream_id, b"\nevent: ", event_type, b"\ndata: ", data, b"\n\n")
         )

