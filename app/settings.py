@@ -67,6 +67,8 @@ class Settings:
     demo: bool = False
     # How long an operation waits out an unreachable provisioning server before it fails.
     provisioner_retry_seconds: int = 900
+    # How long `past_due` keeps its resource before it is suspended (issue 13).
+    past_due_grace_days: int = 7
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -125,6 +127,7 @@ class Settings:
             metrics_token=_metrics_token(env),
             demo=demo,
             provisioner_retry_seconds=_int(env, "LOOKOUT_PROVISIONER_RETRY_SECONDS", 900, 0),
+            past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.access import DEFAULT_GRACE, converge_access
 from app.billing.fulfilment import Fulfilment, PaymentConfirmation, fulfil_many, resource_spec
+from app.billing.plans import Plan
 from app.billing.provider import SubscriptionInfo
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
@@ -28,7 +30,12 @@ from app.billing.subscriptions import (
 )
 from app.billing.updates import publish_subscription, subscription_updates
 from app.db import Connection
-from provisioning import NothingToDeprovision, OperationRunner
+from provisioning import (
+    NothingToDeprovision,
+    OperationRecord,
+    OperationRunner,
+    resource_for_subject,
+)
 from streams import EventPublisher
 
 __all__ = ["Lifecycle", "StripeState", "status_for_stripe"]
@@ -81,10 +88,18 @@ class StripeState:
 
 
 class Lifecycle:
-    def __init__(self, pool: asyncpg.Pool, publisher: EventPublisher) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: EventPublisher,
+        *,
+        past_due_grace: timedelta = DEFAULT_GRACE,
+    ) -> None:
         self._pool = pool
         self._publisher = publisher
         self.runner: OperationRunner | None = None  # attached once the runner exists
+        # How long `past_due` keeps its resource (LOOKOUT_PAST_DUE_GRACE_DAYS).
+        self.past_due_grace = past_due_grace
 
     async def fulfil(
         self,
@@ -206,7 +221,10 @@ class Lifecycle:
                     subject_id=after.id,
                     detail={"from": before.status, "stripe_status": state.status, "source": source},
                 )
+            after, access = await self._converge_access(conn, after, reason=source)
         await publish_subscription(self._publisher, after, before)
+        if access is not None:
+            await self._runner().launch([access])
         if before.status == "pending_payment" and state.status in ("active", "trialing"):
             # Stripe says it is paid even though the checkout event has not been seen.
             return await self.fulfil(
@@ -217,6 +235,84 @@ class Lifecycle:
             )
         if after.status == "canceled" and before.status != "canceled":
             await self.schedule_deprovisioning(after)
+        return after
+
+    # -- access follows payment (issue 13; the rules are `app.billing.access`) --------------
+    async def _converge_access(
+        self,
+        conn: Connection,
+        record: SubscriptionRecord,
+        *,
+        reason: str,
+        grace: timedelta | None = None,
+    ) -> tuple[SubscriptionRecord, OperationRecord | None]:
+        """In the caller's transaction (row locked): the suspend or resume the status now
+        requires, made the subscription's operation; launched by the caller after commit."""
+        if self.runner is None:
+            return record, None
+        op = await converge_access(
+            conn,
+            self.runner,
+            record,
+            grace=self.past_due_grace if grace is None else grace,
+            reason=reason,
+        )
+        if op is None:
+            return record, None
+        return await set_subscription_fields(conn, record.id, operation_id=op.id), op
+
+    async def converge_access(
+        self, subscription_id: str, *, grace: timedelta | None = None, reason: str
+    ) -> OperationRecord | None:
+        """Decides again what the subscription's access must be, and starts what it needs
+        (the access sweep's entry: a grace that ended, a decision a crash interrupted)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None:
+                return None
+            after, op = await self._converge_access(conn, before, reason=reason, grace=grace)
+        await publish_subscription(self._publisher, after, before)
+        if op is not None:
+            await self._runner().launch([op])
+        return op
+
+    async def change_plan(
+        self, subscription_id: str, plan: Plan, *, source: str
+    ) -> SubscriptionRecord | None:
+        """The plan changed in Stripe: the subscription follows, and its resource with a
+        `resize` operation (its `operation_id` from now on). None if it is gone."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None:
+                return None
+            resource = await resource_for_subject(conn, subscription_id)
+            after = await set_subscription_fields(conn, subscription_id, plan=plan.name)
+            op: OperationRecord | None = None
+            if resource is not None and resource.status in ("active", "suspended"):
+                op = await self._runner().create_change(
+                    conn,
+                    "resize",
+                    after.id,
+                    after.user_id,
+                    resource_spec(after),
+                    resource_id=resource.id,
+                )
+                after = await set_subscription_fields(conn, subscription_id, operation_id=op.id)
+            await record_audit(
+                conn,
+                "subscription.plan_changed",
+                user_id=after.user_id,
+                subject_id=after.id,
+                detail={
+                    "from": before.plan,
+                    "to": plan.name,
+                    "operation_id": op.id if op else None,
+                    "source": source,
+                },
+            )
+        await publish_subscription(self._publisher, after, before)
+        if op is not None:
+            await self._runner().launch([op])
         return after
 
     async def schedule_deprovisioning(self, record: SubscriptionRecord) -> None:

@@ -20,6 +20,7 @@ from app.billing.plans import Plan, price_lookup_key, stripe_product_name
 from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     CheckoutSessionInfo,
+    PaymentProviderError,
     SubscriptionAlreadyCanceled,
     SubscriptionInfo,
 )
@@ -262,4 +263,28 @@ class StripePaymentProvider:
                     logger.info("%s: already canceled in Stripe", what)
                     return current
             raise translate_error(what, exc) from exc
+        return subscription_info(sub)
+
+    # -- plan changes (issue 13) -------------------------------------------------------------
+    async def change_price(
+        self, subscription_id: str, plan: Plan, *, upgrade: bool, idempotency_key: str
+    ) -> SubscriptionInfo:
+        price_id = await self.ensure_price(plan)
+        current = await self.retrieve_subscription(subscription_id)
+        if current.status == "canceled":
+            raise SubscriptionAlreadyCanceled(f"changing the plan of {subscription_id}: it ended")
+        if not current.items:
+            raise PaymentProviderError(f"subscription {subscription_id} has no item to change")
+        what = f"moving {subscription_id} to {plan.name}"
+        sub = await self._call(
+            what,
+            self._client.v1.subscriptions.update_async(
+                subscription_id,
+                params={
+                    "items": [{"id": current.items[0], "price": price_id}],
+                    "proration_behavior": "always_invoice" if upgrade else "create_prorations",
+                },
+                options={"idempotency_key": idempotency_key},
+            ),
+        )
         return subscription_info(sub)
