@@ -21,8 +21,12 @@
 //     status-<id>                  its badge (data-status = raw status, text = label)
 //     period-end-<id>              the period end date
 //     cancel-at-period-end-<id>    the notice shown while it cancels at period end
-//     cancel-<id>, reactivate-<id>, reveal-credentials-<id>
+//     cancel-<id>, reactivate-<id>, reveal-credentials-<id> (graphs and repositories)
 //     credentials-<id>             the revealed credentials (shown once)
+//     change-plan-<id>             opens change-plan-dialog: change-plan-select,
+//                                  change-plan-submit, change-plan-error (a refusal's reason)
+//     past-due-banner-<id>         shown while past due (access kept for a grace period)
+//     suspended-banner-<id>        shown while unpaid or paused (access suspended)
 //   Checkout return page (/checkout/return?session_id=…): see checkout-return.js.
 
 import { Api, credentials } from "./api.js";
