@@ -75,6 +75,8 @@ class SubscriptionCard {
       sub.resource_name ? ` · ${sub.resource_name}` : null,
     );
     updateBadge(this.badge, sub.status);
+    // A new plan has new limits: the usage answer carries them, so ask again now.
+    if (previous !== sub && previous.plan !== sub.plan) this.usageAskedAt = 0;
     this.#renderFacts();
     this.#renderActions();
     this.#loadUsage();

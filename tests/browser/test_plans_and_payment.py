@@ -81,6 +81,12 @@ async def test_change_plan_shows_the_resize_and_a_refusal_says_why(
             "(lis) => lis.map((li) => li.dataset.step)"
         )
         assert steps == ["apply_limits", "verify_limits"]
+        # The card's limits follow the new plan.
+        connections = page.locator(by_testid(f"connections-{sub['id']}"))
+        await page.wait_for_function(
+            "(el) => el.textContent === 'Up to 5 at once'",
+            arg=await connections.element_handle(),
+        )
         await screenshot(page, "change-plan-resized.png")
         assert page_errors == []
 
