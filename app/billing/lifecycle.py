@@ -18,7 +18,7 @@ import asyncpg
 from app.audit import record_audit
 from app.billing.access import DEFAULT_GRACE, converge_access
 from app.billing.fulfilment import Fulfilment, PaymentConfirmation, fulfil_many, resource_spec
-from app.billing.plans import Plan
+from app.billing.plans import PLANS, plan_by_lookup_key
 from app.billing.provider import SubscriptionInfo
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
@@ -41,6 +41,9 @@ from streams import EventPublisher
 __all__ = ["Lifecycle", "StripeState", "status_for_stripe"]
 
 logger = logging.getLogger(__name__)
+
+# Resource statuses in which a resource exists for its customer (a suspended one too).
+_PRESENT = ("active", "suspended")
 
 
 def status_for_stripe(stripe_status: str, current: str) -> str:
@@ -74,9 +77,13 @@ class StripeState:
     cancel_at_period_end: bool
     current_period_end: datetime | None
     observed_at: datetime
+    # The plan whose price the subscription's item has (None: not known from this view). A
+    # plan changed in Stripe (the API, the Customer Portal) is followed from here.
+    plan: str | None = None
 
     @classmethod
     def fetched(cls, info: SubscriptionInfo, observed_at: datetime) -> StripeState:
+        priced = plan_by_lookup_key(info.price_lookup_key)
         return cls(
             stripe_id=info.id,
             status=info.status,
@@ -84,6 +91,7 @@ class StripeState:
             cancel_at_period_end=info.cancel_at_period_end or info.cancel_at is not None,
             current_period_end=info.current_period_end,
             observed_at=observed_at,
+            plan=priced.name if priced else None,
         )
 
 
@@ -221,10 +229,12 @@ class Lifecycle:
                     subject_id=after.id,
                     detail={"from": before.status, "stripe_status": state.status, "source": source},
                 )
+            after, resize = await self._follow_plan(conn, after, state.plan, source=source)
             after, access = await self._converge_access(conn, after, reason=source)
         await publish_subscription(self._publisher, after, before)
-        if access is not None:
-            await self._runner().launch([access])
+        changes = [op for op in (resize, access) if op is not None]
+        if changes:
+            await self._runner().launch(changes)
         if before.status == "pending_payment" and state.status in ("active", "trialing"):
             # Stripe says it is paid even though the checkout event has not been seen.
             return await self.fulfil(
@@ -276,44 +286,53 @@ class Lifecycle:
             await self._runner().launch([op])
         return op
 
-    async def change_plan(
-        self, subscription_id: str, plan: Plan, *, source: str
-    ) -> SubscriptionRecord | None:
-        """The plan changed in Stripe: the subscription follows, and its resource with a
-        `resize` operation (its `operation_id` from now on). None if it is gone."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            before = await get_subscription(conn, subscription_id, for_update=True)
-            if before is None:
-                return None
-            resource = await resource_for_subject(conn, subscription_id)
-            after = await set_subscription_fields(conn, subscription_id, plan=plan.name)
-            op: OperationRecord | None = None
-            if resource is not None and resource.status in ("active", "suspended"):
-                op = await self._runner().create_change(
-                    conn,
-                    "resize",
-                    after.id,
-                    after.user_id,
-                    resource_spec(after),
-                    resource_id=resource.id,
-                )
-                after = await set_subscription_fields(conn, subscription_id, operation_id=op.id)
-            await record_audit(
-                conn,
-                "subscription.plan_changed",
-                user_id=after.user_id,
-                subject_id=after.id,
-                detail={
-                    "from": before.plan,
-                    "to": plan.name,
-                    "operation_id": op.id if op else None,
-                    "source": source,
-                },
+    async def _follow_plan(
+        self, conn: Connection, record: SubscriptionRecord, plan_name: str | None, *, source: str
+    ) -> tuple[SubscriptionRecord, OperationRecord | None]:
+        """In the caller's transaction (row locked, Stripe's view newer than the last one):
+        the subscription takes the plan Stripe's price names, and its resource follows with a
+        `resize` (the subscription's operation from now on), created here so that it runs
+        after every change decided before. A price of another resource type is not followed
+        (a graph cannot become a repository): it is logged for an operator."""
+        if plan_name is None or plan_name == record.plan:
+            return record, None
+        plan = PLANS.get(plan_name)
+        if plan is None or plan.resource_type != record.resource_type:
+            logger.error(
+                "subscription %s (%s) is priced as %s in Stripe; not followed",
+                record.id,
+                record.resource_type,
+                plan_name,
             )
-        await publish_subscription(self._publisher, after, before)
-        if op is not None:
-            await self._runner().launch([op])
-        return after
+            return record, None
+        if record.status not in ACTIVE_RESOURCE_STATUSES:
+            return record, None  # not provisioned yet, or ended: nothing to resize
+        after = await set_subscription_fields(conn, record.id, plan=plan.name)
+        resource = await resource_for_subject(conn, record.id)
+        op: OperationRecord | None = None
+        if self.runner is not None and resource is not None and resource.status in _PRESENT:
+            op = await self.runner.create_change(
+                conn,
+                "resize",
+                after.id,
+                after.user_id,
+                resource_spec(after),
+                resource_id=resource.id,
+            )
+            after = await set_subscription_fields(conn, record.id, operation_id=op.id)
+        await record_audit(
+            conn,
+            "subscription.plan_changed",
+            user_id=after.user_id,
+            subject_id=after.id,
+            detail={
+                "from": record.plan,
+                "to": plan.name,
+                "operation_id": op.id if op else None,
+                "source": source,
+            },
+        )
+        return after, op
 
     async def schedule_deprovisioning(self, record: SubscriptionRecord) -> None:
         try:

@@ -123,11 +123,13 @@ async def change_plan(request: Request) -> Response:
             "Stripe did not answer; your plan did not change. Try again in a moment.",
             headers={"Retry-After": "5"},
         ) from exc
-    changed = await found.lifecycle.change_plan(record.id, plan, source="api.change_plan")
+    # Stripe's answer names the new price: the subscription follows it, and its resource with
+    # a `resize`, as it follows a change made in the Customer Portal (or the webhook of this
+    # one, whichever comes first: the newer view of Stripe wins, the other changes nothing).
     updated = await found.lifecycle.apply_stripe_state(
         record.id, StripeState.fetched(info, asked_at), source="api.change_plan"
     )
-    return JSONResponse(subscription_json(updated or changed or record))
+    return JSONResponse(subscription_json(updated or record))
 
 
 async def _refuse_what_does_not_fit(

@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 
 from app.billing.access import AccessSweep
+from app.billing.plans import get_plan
 from app.settings import Settings
 from tests.app.test_provisioning_flow import read_stream
 from tests.support.stack import Stack, running_stack, wait_for
@@ -229,7 +230,7 @@ async def test_past_due_keeps_access_until_the_grace_period_ends(settings: Setti
 
 
 async def test_a_repository_subscriber_reads_the_shared_repository_and_nothing_else(
-    settings: Settings, database_url: str
+    settings: Settings,
 ) -> None:
     async with running_stack(settings) as stack:
         pending = await stack.checkout("repository-reader", "reading")
@@ -253,6 +254,37 @@ async def test_a_repository_subscriber_reads_the_shared_repository_and_nothing_e
                     await conn.execute(statement)
         finally:
             await conn.close()
-        own = database_url.rsplit("/", 1)[1]
+        own = await stack.app.state.services.pool.fetchval("SELECT current_database()")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await asyncpg.connect(login["dsn"].replace("/lookout_shared", f"/{own}"))
+
+
+async def test_a_plan_changed_in_stripe_itself_is_followed_with_a_resize(
+    settings: Settings,
+) -> None:
+    """As a switch in the Customer Portal: Stripe's webhook says the price changed."""
+    async with running_stack(settings) as stack:
+        sub = await active(stack, "graph-standard", "portal")
+        login = await reveal(stack, sub["id"])
+        stripe_id = (await stripe_subscription(stack, sub["id"]))["id"]
+        provider = stack.app.state.services.provider
+        await provider.change_price(
+            stripe_id, get_plan("graph-large"), upgrade=True, idempotency_key="portal-switch"
+        )
+
+        async def followed() -> dict[str, Any] | None:
+            found = await stack.subscription(sub["id"])
+            return found if found["plan"] == "graph-large" else None
+
+        after = await wait_for(followed, what="the plan to follow Stripe's price")
+        assert after["operation_id"] != sub["operation_id"]
+        events = await finished(stack, after["operation_id"])
+        assert {data["kind"] for _, _, data in events} == {"resize"}
+        async with sessions(login["dsn"], 8):
+            pass
+        async with stack.app.state.services.pool.acquire() as conn:
+            resizes = await conn.fetchval(
+                "SELECT count(*) FROM operations WHERE subject_id = $1 AND kind = 'resize'",
+                sub["id"],
+            )
+        assert resizes == 1  # the webhook and the fetch that follows it agree: one resize
