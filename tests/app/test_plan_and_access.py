@@ -288,3 +288,43 @@ async def test_a_plan_changed_in_stripe_itself_is_followed_with_a_resize(
                 sub["id"],
             )
         assert resizes == 1  # the webhook and the fetch that follows it agree: one resize
+
+
+async def test_a_paused_repository_subscription_loses_its_grants_until_it_resumes(
+    settings: Settings,
+) -> None:
+    async with running_stack(settings) as stack:
+        sub = await active(stack, "repository-reader", "pausing")
+        login = await reveal(stack, sub["id"])
+        stripe_id = (await stripe_subscription(stack, sub["id"]))["id"]
+        for status, kind in (("paused", "suspend"), ("active", "resume")):
+            before = (await stack.subscription(sub["id"]))["operation_id"]
+            moved = await stack.emulator.post(
+                f"/_emulator/subscriptions/{stripe_id}/status", json={"status": status}
+            )
+            assert moved.status_code == 200, moved.text
+            assert any(
+                e["type"].startswith("customer.subscription.") for e in moved.json()["events"]
+            )
+
+            async def changed(before: str = before) -> str | None:
+                found = await stack.subscription(sub["id"])
+                return found["operation_id"] if found["operation_id"] != before else None
+
+            events = await finished(stack, await wait_for(changed, what=f"the {kind}"))
+            assert {data["kind"] for _, _, data in events} == {kind}
+            if kind == "suspend":
+                with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+                    await asyncpg.connect(login["dsn"])
+                async with stack.app.state.services.pool.acquire() as conn:
+                    reads = await conn.fetchval(
+                        "SELECT has_database_privilege($1, 'lookout_shared', 'CONNECT')",
+                        login["user"],
+                    )
+                assert reads is False
+        conn = await asyncpg.connect(login["dsn"])
+        try:
+            assert await conn.fetchval("SELECT count(*) FROM repository.cities") == 8
+        finally:
+            await conn.close()
+        assert (await stack.subscription(sub["id"]))["status"] == "active"
