@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
-from app.billing.access import AccessSweep
+from app.billing.access import AccessSweep, suspension_required
 from app.billing.plans import get_plan
-from app.settings import Settings
+from app.settings import ConfigError, Settings
 from tests.app.test_provisioning_flow import read_stream
 from tests.support.stack import Stack, running_stack, wait_for
 
@@ -328,3 +328,22 @@ async def test_a_paused_repository_subscription_loses_its_grants_until_it_resume
         finally:
             await conn.close()
         assert (await stack.subscription(sub["id"]))["status"] == "active"
+
+
+def test_the_grace_period_is_a_setting_and_the_rule_uses_it() -> None:
+    base = {
+        "LOOKOUT_SECRET_KEY": "k" * 32,
+        "STRIPE_API_KEY": "sk_x",
+        "STRIPE_WEBHOOK_SECRET": "whsec_x",
+    }
+    assert Settings.from_env(base).past_due_grace_days == 7
+    assert Settings.from_env({**base, "LOOKOUT_PAST_DUE_GRACE_DAYS": "0"}).past_due_grace_days == 0
+    with pytest.raises(ConfigError, match="LOOKOUT_PAST_DUE_GRACE_DAYS"):
+        Settings.from_env({**base, "LOOKOUT_PAST_DUE_GRACE_DAYS": "a week"})
+    now = datetime.now(UTC)
+    week = timedelta(days=7)
+    assert not suspension_required("past_due", now - timedelta(days=6), now=now, grace=week)
+    assert suspension_required("past_due", now - week, now=now, grace=week)
+    assert suspension_required("unpaid", None, now=now, grace=week)
+    assert suspension_required("paused", None, now=now, grace=week)
+    assert not suspension_required("active", None, now=now, grace=week)
