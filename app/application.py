@@ -10,6 +10,7 @@ import os
 import secrets
 import socket
 from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
+from app.billing.access import AccessSweep
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
 from app.billing.handlers import StripeEventHandlers
@@ -30,6 +32,7 @@ from app.billing.inbox import WebhookInbox
 from app.billing.intake import WebhookIntake
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
+from app.billing.plan_routes import plan_routes
 from app.billing.provider import PaymentProvider
 from app.billing.reconciler import Reconciler
 from app.billing.routes import billing_routes, stripe_webhook
@@ -191,7 +194,9 @@ def create_app(
             leases = StreamLeases(
                 redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
             )
-            lifecycle = Lifecycle(pool, publisher)
+            lifecycle = Lifecycle(
+                pool, publisher, past_due_grace=timedelta(days=settings.past_due_grace_days)
+            )
             hooks = BillingHooks(pool, payments, publisher, lifecycle)
             invoices = Invoices(pool, payments, redis, publisher, prefix=settings.redis_prefix)
             inbox = WebhookInbox(
@@ -229,6 +234,8 @@ def create_app(
                 task_group.start_soon(
                     supervisor.run, "subscription-reconciler", Reconciler(pool, lifecycle).run
                 )
+                access_sweep = AccessSweep(pool, lifecycle)
+                task_group.start_soon(supervisor.run, "access-sweep", access_sweep.run)
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,
@@ -276,6 +283,7 @@ def create_app(
         Route("/metrics", metrics_endpoint),
         openapi_route(settings),
         *billing_routes,
+        *plan_routes,
         *operation_routes,
         *stream_routes,
         *usage_routes,

@@ -83,6 +83,8 @@ class Settings:
     # holds (a revoked API key closes its streams within this plus one hub tick). Not an
     # environment setting: the contract promises 30 s; tests make it short.
     access_recheck_seconds: float = 10.0
+    # How long `past_due` keeps its resource before it is suspended (issue 13).
+    past_due_grace_days: int = 7
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -153,6 +155,7 @@ class Settings:
             max_connections=_int(env, "LOOKOUT_MAX_CONNECTIONS", 1000, 1),
             trusted_proxies=_trusted_proxies(env),
             allowed_hosts_given=_allowed_hosts(env),
+            past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:

@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
-from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step, StepContext
+from .backend import (
+    CHANGE_KINDS,
+    ConnectionMeter,
+    Credentials,
+    OperationKind,
+    ProvisionerBackend,
+    ResourceSpec,
+    Step,
+    StepContext,
+)
 from .bulk import ProvisionRequest
 from .errors import (
     BackendNotConfigured,
@@ -26,7 +35,9 @@ from .retry import RetryPolicy
 from .runner import OperationRunner
 
 __all__ = [
+    "CHANGE_KINDS",
     "BackendNotConfigured",
+    "ConnectionMeter",
     "Credentials",
     "Foreground",
     "GraphBackend",

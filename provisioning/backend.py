@@ -5,10 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal, Protocol
+from typing import Any, Final, Literal, Protocol, runtime_checkable
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 __all__ = [
+    "CHANGE_KINDS",
+    "ConnectionMeter",
     "Credentials",
     "OperationKind",
     "ProvisionerBackend",
@@ -17,7 +19,12 @@ __all__ = [
     "StepContext",
 ]
 
-OperationKind = Literal["provision", "deprovision"]
+OperationKind = Literal["provision", "deprovision", "resize", "suspend", "resume"]
+# Operations that change a resource that exists and stays: a plan change (``resize``: the
+# spec carries the new plan's limits), shutting its login out (``suspend``: payment stopped)
+# and letting it in again (``resume``). A subject may have any number of each, one
+# generation after another, run in the order they were created.
+CHANGE_KINDS: Final = frozenset({"resize", "suspend", "resume"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,4 +143,14 @@ class ProvisionerBackend(Protocol):
 
     async def rotate_credentials(self, resource_id: str) -> Credentials:
         """Sets a new random password and returns it, once. Raises ``ResourceNotFound``."""
+        ...
+
+
+@runtime_checkable
+class ConnectionMeter(Protocol):
+    """A backend that can count the sessions a resource's login holds open now (what a
+    smaller plan's connection limit must fit)."""
+
+    async def open_connections(self, resource_id: str) -> int:
+        """Sessions of the resource's login on the server now; 0 when it has none."""
         ...

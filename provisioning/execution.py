@@ -17,7 +17,7 @@ import asyncpg
 from streams import Event, EventPublisher, isoformat_z, operation_topic, user_topic
 
 from . import operations as ops
-from .backend import ProvisionerBackend, Step, StepContext
+from .backend import CHANGE_KINDS, ProvisionerBackend, Step, StepContext
 from .errors import LeaseLost, ProvisioningError, is_transient
 from .hooks import SubscriptionHooks
 from .operations import OperationRecord
@@ -267,7 +267,7 @@ class Executor:
 
     def _failure_sentence(self, op: OperationRecord, step: Step, exc: Exception) -> str:
         after = _consequence(op)
-        doing = "set up" if op.kind == "provision" else "removed"
+        doing = _VERBS[op.kind][2]
         if is_transient(exc):
             logger.warning(
                 "operation %s: step %s gave up after retries (%s)",
@@ -286,7 +286,11 @@ class Executor:
         self, op: OperationRecord, outcome: Outcome, backend: ProvisionerBackend
     ) -> OperationRecord:
         """Rolls back a provision that did not complete, then records and reports the outcome."""
-        if outcome.status == "completed":
+        resource_status: str | None
+        if op.kind in CHANGE_KINDS:
+            # The resource stays; only what its login may do changed (or did not).
+            resource_status = _CHANGED_STATUS[op.kind] if outcome.status == "completed" else None
+        elif outcome.status == "completed":
             resource_status = "active" if op.kind == "provision" else "deleted"
         else:
             resource_status = "orphaned" if op.kind == "deprovision" else "deleted"
@@ -340,7 +344,11 @@ class Executor:
             await anyio.sleep(delay)
 
     async def _finish(
-        self, conn: ops.Connection, op: OperationRecord, outcome: Outcome, resource_status: str
+        self,
+        conn: ops.Connection,
+        op: OperationRecord,
+        outcome: Outcome,
+        resource_status: str | None,
     ) -> OperationRecord:
         result = (
             {
@@ -359,6 +367,9 @@ class Executor:
             resource_status=resource_status,
             error=outcome.error if outcome.status == "failed" else None,
             result=result,
+            resource_plan=(
+                op.spec.plan_name if op.kind == "resize" and outcome.status == "completed" else None
+            ),
         )
         if finished is None:
             raise LeaseLost("another instance holds this operation's lease")
@@ -417,9 +428,24 @@ def _addressed(op: OperationRecord, type_: str, **fields: Any) -> tuple[Event, l
     return event, [operation_topic(op.id), user_topic(op.user_id)]
 
 
+# Per kind: what is under way, what is done, and "could not be <...>".
+_VERBS: Mapping[str, tuple[str, str, str]] = {
+    "provision": ("Setting up", "is ready", "set up"),
+    "deprovision": ("Removing", "was removed", "removed"),
+    "resize": ("Resizing", "follows your new plan", "resized"),
+    "suspend": ("Suspending", "was suspended", "suspended"),
+    "resume": ("Restoring", "is available again", "restored"),
+}
+# A change's resource status once it completed (None: as it was).
+_CHANGED_STATUS: Mapping[str, str | None] = {
+    "resize": None,
+    "suspend": "suspended",
+    "resume": "active",
+}
+
+
 def _started_message(op: OperationRecord) -> str:
-    verb = "Setting up" if op.kind == "provision" else "Removing"
-    return f"{verb} your {_noun(op)}"
+    return f"{_VERBS[op.kind][0]} your {_noun(op)}"
 
 
 def _started(op: OperationRecord) -> tuple[Event, list[str]]:
@@ -441,7 +467,7 @@ def _cancelled_sentence(op: OperationRecord) -> str:
 def _terminal_fields(op: OperationRecord) -> Mapping[str, Any]:
     fields: dict[str, Any] = {"status": op.status, "step": op.step, "progress": op.progress}
     if op.status == "completed":
-        done = "is ready" if op.kind == "provision" else "was removed"
+        done = _VERBS[op.kind][1]
         fields.update(message=f"Your {_noun(op)} {done}", result=dict(op.result or {}))
     elif op.status == "failed":
         fields.update(message=op.error, error=op.error)

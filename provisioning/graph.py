@@ -116,6 +116,21 @@ class GraphBackend:
                 Step("apply_schema", "Creating the nodes and edges tables", self._apply_schema),
                 Step("verify", "Checking that your graph accepts connections", self._verify),
             )
+        if kind == "resize":
+            return (
+                Step("apply_limits", "Applying your new plan's connection limit", self._resize),
+                Step("verify_limits", "Checking your graph's new limits", self._verify_limits),
+            )
+        if kind == "suspend":
+            return (
+                Step("revoke_login", "Shutting your graph's login out", self._revoke_login),
+                Step("end_sessions", "Closing your open sessions", self._end_sessions),
+            )
+        if kind == "resume":
+            return (
+                Step("restore_login", "Letting your graph's login in again", self._restore_login),
+                Step("verify_limits", "Checking your graph's limits", self._verify_limits),
+            )
         return (
             Step("revoke_access", "Revoking access to your graph", self._revoke_access),
             Step("drop_database", "Deleting your graph's database", self._drop_database),
@@ -256,6 +271,67 @@ class GraphBackend:
                 or found["rolsuper"]
             ):
                 raise ProvisioningError("Your graph's database could not be made private.")
+
+    # -- changes of a live graph (issue 13) ------------------------------------------------
+    async def _existing(self, conn: asyncpg.Connection, graph_id: str) -> None:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_database d, pg_roles r"
+            " WHERE d.datname = $1 AND r.rolname = $2",
+            self.database_name(graph_id),
+            self.role_name(graph_id),
+        )
+        if not found:
+            raise ProvisioningError("Your graph's database or login could not be found.")
+
+    async def _resize(self, ctx: StepContext) -> None:
+        """The new plan's limit on the role and the database, with every grant re-applied.
+        A smaller limit does not end sessions already open (billing refuses a downgrade that
+        does not fit them); it refuses new ones past it."""
+        limit = connection_limit(ctx.spec.limits, what="graph")
+        async with self._connect(ctx.resource_id, suffix=":resize") as conn:
+            await self._existing(conn, ctx.resource_id)
+            await self._grant_database(conn, ctx.resource_id, limit)
+
+    async def _verify_limits(self, ctx: StepContext) -> None:
+        limit = connection_limit(ctx.spec.limits, what="graph")
+        async with self._connect(ctx.resource_id, suffix=":resize") as conn:
+            found = await conn.fetchrow(
+                "SELECT d.datconnlimit, r.rolconnlimit, r.rolcanlogin"
+                " FROM pg_database d, pg_roles r WHERE d.datname = $1 AND r.rolname = $2",
+                self.database_name(ctx.resource_id),
+                self.role_name(ctx.resource_id),
+            )
+        if found is None or (found["datconnlimit"], found["rolconnlimit"]) != (limit, limit):
+            raise ProvisioningError("Your plan's connection limit could not be set.")
+        if ctx.kind == "resume" and not found["rolcanlogin"]:
+            raise ProvisioningError("Your graph's login could not be let in again.")
+
+    async def _revoke_login(self, ctx: StepContext) -> None:
+        """NOLOGIN keeps the role, its password and its tables: resuming only lifts it."""
+        async with self._connect(ctx.resource_id, suffix=":suspend") as conn:
+            await self._existing(conn, ctx.resource_id)
+            await conn.execute(f"ALTER ROLE {quote_ident(self.role_name(ctx.resource_id))} NOLOGIN")
+
+    async def _end_sessions(self, ctx: StepContext) -> None:
+        async with self._connect(ctx.resource_id, suffix=":suspend") as conn:
+            await terminate_sessions(conn, role=self.role_name(ctx.resource_id))
+
+    async def _restore_login(self, ctx: StepContext) -> None:
+        limit = connection_limit(ctx.spec.limits, what="graph")
+        async with self._connect(ctx.resource_id, suffix=":resume") as conn:
+            await self._existing(conn, ctx.resource_id)
+            await conn.execute(f"ALTER ROLE {quote_ident(self.role_name(ctx.resource_id))} LOGIN")
+            # The plan may have changed while it was suspended; the grants converge as well.
+            await self._grant_database(conn, ctx.resource_id, limit)
+
+    async def open_connections(self, resource_id: str) -> int:
+        """Sessions of the graph's login now (``provisioning.ConnectionMeter``)."""
+        async with self._connect(resource_id, suffix=":usage") as conn:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                self.role_name(resource_id),
+            )
+        return count
 
     async def _revoke_access(self, ctx: StepContext) -> None:
         role = self.role_name(ctx.resource_id)

@@ -22,7 +22,9 @@ __all__ = [
     "StepStart",
     "begin_step",
     "complete_step",
+    "create_change",
     "create_operation",
+    "earlier_unfinished",
     "finish_operation",
     "get_operation",
     "get_operation_for_subject",
@@ -194,6 +196,64 @@ async def create_operation(
     return OperationRecord.from_row(row), True
 
 
+_CREATE_CHANGE = f"""
+INSERT INTO operations (id, kind, subject_id, user_id, resource_type, resource_id, spec,
+                        lease_owner, lease_expires_at, attempts, generation, created_at)
+SELECT $1, $2, $3, $4, $5, $6, $7::text::jsonb, $8, {lease_until(9)}, 1,
+       coalesce(max(generation) + 1, 0), clock_timestamp()
+  FROM operations WHERE kind = $2 AND subject_id = $3
+RETURNING *
+"""
+
+
+async def create_change(
+    conn: Connection,
+    *,
+    op_id: str,
+    kind: OperationKind,
+    subject_id: str,
+    user_id: str,
+    resource_id: str,
+    spec: ResourceSpec,
+    lease_owner: str,
+    lease_seconds: float,
+) -> OperationRecord:
+    """Inserts the subject's next ``resize``, ``suspend`` or ``resume`` (the next generation
+    of that kind), leased to ``lease_owner``.
+
+    ``created_at`` is the clock at the insert, not the transaction's start: a caller that
+    decides under a lock on the subject (its subscription row) creates its operations in the
+    order of those decisions, and the runner runs them in that order.
+    """
+    row = await conn.fetchrow(
+        _CREATE_CHANGE,
+        op_id,
+        kind,
+        subject_id,
+        user_id,
+        spec.resource_type,
+        resource_id,
+        jsonb_text(spec.to_json()),
+        lease_owner,
+        lease_seconds,
+    )
+    assert row is not None  # an INSERT ... SELECT of an aggregate always yields one row
+    return OperationRecord.from_row(row)
+
+
+async def earlier_unfinished(conn: Connection, op: OperationRecord) -> bool:
+    """Whether another operation of the same subject, created before ``op``, has not finished:
+    changes of one resource run one at a time, in the order they were decided."""
+    found = await conn.fetchval(
+        "SELECT EXISTS (SELECT FROM operations WHERE subject_id = $1 AND id <> $2"
+        " AND finished_at IS NULL AND created_at < $3)",
+        op.subject_id,
+        op.id,
+        op.created_at,
+    )
+    return bool(found)
+
+
 async def get_operation(conn: Connection, op_id: str) -> OperationRecord | None:
     return _one(await conn.fetchrow("SELECT * FROM operations WHERE id = $1", op_id))
 
@@ -311,11 +371,15 @@ async def finish_operation(
     owner: str,
     status: OperationStatus,
     *,
-    resource_status: str,
+    resource_status: str | None,
     error: str | None = None,
     result: Mapping[str, Any] | None = None,
+    resource_plan: str | None = None,
 ) -> OperationRecord | None:
-    """Moves an unfinished operation to ``status``, and its resource to ``resource_status``."""
+    """Moves an unfinished operation to ``status``, and its resource to ``resource_status``
+    (None: unchanged) and ``resource_plan`` (a completed resize; None: unchanged).
+
+    A change of a resource that is being removed, or is gone, leaves its status alone."""
     async with conn.transaction():
         row = await conn.fetchrow(
             "UPDATE operations SET status = $3, error = $4, result = $5::text::jsonb,"
@@ -331,12 +395,17 @@ async def finish_operation(
         )
         if row is None:
             return None
+        if resource_status is None and resource_plan is None:
+            return OperationRecord.from_row(row)
         await conn.execute(
-            "UPDATE resources SET status = $2, updated_at = now(),"
+            "UPDATE resources SET status = coalesce($2, status), plan = coalesce($3, plan),"
+            " updated_at = now(),"
             " deleted_at = CASE WHEN $2 = 'deleted' THEN now() ELSE deleted_at END"
-            " WHERE id = $1",
+            " WHERE id = $1 AND ($4 OR status IN ('active', 'suspended'))",
             row["resource_id"],
             resource_status,
+            resource_plan,
+            row["kind"] in ("provision", "deprovision"),
         )
     return OperationRecord.from_row(row)
 

@@ -98,6 +98,21 @@ class SharedRepositoryBackend:
                 Step("grant_read", "Granting your role read access", self._grant_read),
                 Step("verify", "Checking that your role can read the repository", self._verify),
             )
+        if kind == "resize":
+            return (
+                Step("grant_read", "Applying your new plan's access", self._grant_read),
+                Step("verify_access", "Checking your new limits", self._verify_access),
+            )
+        if kind == "suspend":
+            # NOLOGIN, open sessions ended, every grant taken back; the role (and so its
+            # password) stays for the resume.
+            return (Step("revoke_read", "Revoking your read access", self._revoke_read),)
+        if kind == "resume":
+            return (
+                Step("restore_login", "Letting your login in again", self._restore_login),
+                Step("grant_read", "Granting your role read access again", self._grant_read),
+                Step("verify_access", "Checking that your role reads again", self._verify_access),
+            )
         return (
             Step("revoke_read", "Revoking your read access", self._revoke_read),
             Step("drop_role", "Deleting your login role", self._drop_role),
@@ -185,6 +200,48 @@ class SharedRepositoryBackend:
             )
         if limit != connection_limit(ctx.spec.limits, what="access"):
             raise ProvisioningError("Your plan's connection limit could not be set.")
+
+    # -- changes of a live subscriber's access (issue 13) -----------------------------------
+    async def _restore_login(self, ctx: StepContext) -> None:
+        role = self.role_name(ctx.resource_id)
+        async with self._connect(ctx.resource_id, suffix=":resume") as conn:
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", role):
+                raise ProvisioningError("Your repository login could not be found.")
+            await conn.execute(f"ALTER ROLE {quote_ident(role)} LOGIN")
+
+    async def _verify_access(self, ctx: StepContext) -> None:
+        """What the login may do, read from the catalog (no login: its password is the
+        customer's and stays as it is)."""
+        role = self.role_name(ctx.resource_id)
+        table = f"{quote_ident(self.schema)}.countries"
+        async with self._connect(ctx.resource_id, database=self.database) as conn:
+            found = await conn.fetchrow(
+                "SELECT r.rolcanlogin, r.rolconnlimit,"
+                " has_database_privilege(r.rolname, current_database(), 'CONNECT') AS connect,"
+                " has_table_privilege(r.rolname, $2, 'SELECT') AS reads,"
+                " has_table_privilege(r.rolname, $2, 'INSERT') AS writes"
+                " FROM pg_roles r WHERE r.rolname = $1",
+                role,
+                table,
+            )
+        limit = connection_limit(ctx.spec.limits, what="access")
+        if (
+            found is None
+            or not (found["rolcanlogin"] and found["connect"] and found["reads"])
+            or found["writes"]
+        ):
+            raise ProvisioningError("Your read access to the repository could not be restored.")
+        if found["rolconnlimit"] != limit:
+            raise ProvisioningError("Your plan's connection limit could not be set.")
+
+    async def open_connections(self, resource_id: str) -> int:
+        """Sessions of the subscriber's login now (``provisioning.ConnectionMeter``)."""
+        async with self._connect(resource_id, suffix=":usage") as conn:
+            count: int = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = $1",
+                self.role_name(resource_id),
+            )
+        return count
 
     async def _revoke_read(self, ctx: StepContext) -> None:
         await self._revoke(ctx.resource_id)

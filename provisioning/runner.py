@@ -14,7 +14,14 @@ from streams import Event, EventPublisher, Supervisor
 
 from . import leases
 from . import operations as ops
-from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec
+from .backend import (
+    CHANGE_KINDS,
+    ConnectionMeter,
+    Credentials,
+    OperationKind,
+    ProvisionerBackend,
+    ResourceSpec,
+)
 from .bulk import ProvisionRequest, create_provisions
 from .errors import (
     BackendNotConfigured,
@@ -233,6 +240,47 @@ class OperationRunner:
             [(f"op_{secrets.token_hex(12)}", request) for request in requests],
             lease_owner=self._instance_id,
             lease_seconds=self._lease_seconds,
+        )
+
+    async def create_change(
+        self,
+        conn: ops.Connection,
+        kind: OperationKind,
+        subject_id: str,
+        user_id: str,
+        spec: ResourceSpec,
+        *,
+        resource_id: str,
+    ) -> OperationRecord:
+        """Inserts, in the caller's transaction, the subject's next ``resize``, ``suspend`` or
+        ``resume`` of ``resource_id`` (``spec``: the plan the resource must follow); ``launch``
+        announces and runs it once that transaction has committed. Changes of one subject run
+        one at a time, in the order they were created (decide them under a lock on the
+        subject, and the order is the order of the decisions)."""
+        if self._tg is None:
+            raise RunnerNotRunning("start OperationRunner.run in a task group first")
+        if kind not in CHANGE_KINDS:
+            raise ValueError(f"{kind} is not a change of a resource; use start()")
+        self.backend(spec.resource_type)
+        return await ops.create_change(
+            conn,
+            op_id=f"op_{secrets.token_hex(12)}",
+            kind=kind,
+            subject_id=subject_id,
+            user_id=user_id,
+            resource_id=resource_id,
+            spec=spec,
+            lease_owner=self._instance_id,
+            lease_seconds=self._lease_seconds,
+        )
+
+    async def open_connections(self, resource_id: str, resource_type: str) -> int | None:
+        """Sessions the resource's login holds open now; None when its backend cannot tell."""
+        backend = self.backend(resource_type)
+        if not isinstance(backend, ConnectionMeter):
+            return None
+        return await self._retry.call(
+            lambda: backend.open_connections(resource_id), what=f"{resource_id} sessions"
         )
 
     async def launch(

@@ -12,7 +12,8 @@ import asyncpg
 from anyio.abc import TaskGroup
 
 from . import leases
-from .backend import ProvisionerBackend, Step
+from . import operations as ops
+from .backend import CHANGE_KINDS, ProvisionerBackend, Step
 from .errors import LeaseLost
 from .execution import Executor, Outcome
 from .foreground import Foreground, give_way
@@ -23,6 +24,9 @@ from .operations import OperationRecord
 __all__ = ["OperationTask", "Workers"]
 
 logger = logging.getLogger(__name__)
+
+# How often a change waiting for its turn looks again (a few cheap reads a second).
+TURN_POLL_SECONDS = 0.2
 
 
 @dataclass(eq=False)
@@ -93,7 +97,17 @@ class Workers:
     def _steps(self, op: OperationRecord, backend: ProvisionerBackend) -> Sequence[Step]:
         if op.kind == "provision":
             return (check_limits_step(self._pool), *backend.steps("provision"))
-        return tuple(backend.steps("deprovision"))
+        return tuple(backend.steps(op.kind))
+
+    async def _wait_turn(self, op: OperationRecord) -> None:
+        """A change of a resource waits, leased and pending, until every operation of its
+        subject created before it has finished: a resume decided after a suspend must not
+        run first, on this instance or another."""
+        while True:
+            async with self._pool.acquire() as conn:
+                if not await ops.earlier_unfinished(conn, op):
+                    return
+            await anyio.sleep(TURN_POLL_SECONDS)
 
     async def _execute(self, op: OperationRecord, task: OperationTask) -> None:
         try:
@@ -130,6 +144,8 @@ class Workers:
             if not task.announced:
                 await self._exec.announce_start(op)
             outcome: Outcome | None = None
+            if op.kind in CHANGE_KINDS:
+                await self._wait_turn(op)
             # A cancellation also stops the wait for a slot: rolling back needs none.
             with task.steps_scope:
                 async with self._limiter:

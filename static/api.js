@@ -142,6 +142,13 @@ export class Api {
   graphCredentials(graphId) {
     return this.json("POST", `/v1/graphs/${enc(graphId)}/credentials`);
   }
+  /** A graph's or a repository subscription's login, with a new password (shown once). */
+  subscriptionCredentials(subscriptionId) {
+    return this.json("POST", `/v1/subscriptions/${enc(subscriptionId)}/credentials`);
+  }
+  changePlan(subscriptionId, plan) {
+    return this.json("PATCH", `/v1/subscriptions/${enc(subscriptionId)}`, { plan });
+  }
   graphUsage(graphId) {
     return this.json("GET", `/v1/graphs/${enc(graphId)}/usage`);
   }

@@ -28,6 +28,10 @@
 //     invoices                     the invoice list; no-invoices when empty
 //     invoice-<invoice id>         a row; invoice-status-<invoice id> (data-status = Stripe's),
 //                                  invoice-amount-<invoice id>
+//     change-plan-<id>             opens change-plan-dialog: change-plan-select,
+//                                  change-plan-submit, change-plan-error (a refusal's reason)
+//     past-due-banner-<id>         shown while past due (access kept for a grace period)
+//     suspended-banner-<id>        shown while unpaid or paused (access suspended)
 //   Checkout return page (/checkout/return?session_id=…): see checkout-return.js.
 
 import { Api, credentials } from "./api.js";

@@ -4,7 +4,13 @@
 import { isTerminal } from "./operation-state.js";
 import { badge, formatTime, h, humanize, icon, replaceChildren, updateBadge } from "./render.js";
 
-const TITLES = { provision: "Set-up", deprovision: "Removal" };
+const TITLES = {
+  provision: "Set-up",
+  deprovision: "Removal",
+  resize: "Plan change",
+  suspend: "Suspension",
+  resume: "Restoration",
+};
 
 function title(state) {
   return TITLES[state.kind] || "Operation";

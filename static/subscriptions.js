@@ -1,6 +1,7 @@
 // The user's subscriptions: cards with live status, period end, actions, the running
 // operation of each, and graph credentials.
 
+import { ChangePlanDialog } from "./change-plan.js";
 import { credentialsPanel } from "./credentials.js";
 import { isTerminal } from "./operation-state.js";
 import { OperationTracker } from "./operations.js";
@@ -19,6 +20,8 @@ import {
 // Statuses in which a subscription is still billed, so it can be cancelled at period end.
 const BILLED = new Set(["active", "past_due", "unpaid", "paused"]);
 const ENDED = new Set(["canceled", "expired", "failed"]);
+// Statuses whose resource is suspended (access follows payment).
+const SUSPENDED = new Set(["unpaid", "paused"]);
 // The server measures sizes at most once a minute: asking more often shows nothing new.
 const USAGE_REFRESH_MS = 60_000;
 
@@ -95,6 +98,8 @@ class SubscriptionCard {
       sub.resource_name ? ` · ${sub.resource_name}` : null,
     );
     updateBadge(this.badge, sub.status);
+    // A new plan has new limits: the usage answer carries them, so ask again now.
+    if (previous !== sub && previous.plan !== sub.plan) this.usageAskedAt = 0;
     this.#renderFacts();
     this.#renderActions();
     this.#loadUsage();
@@ -151,7 +156,33 @@ class SubscriptionCard {
           )
         : null,
       refundNotice(sub),
+      this.#paymentNotice(),
     );
+  }
+
+  /** Access follows payment: a past-due subscription keeps it for a grace period, an unpaid
+   * or paused one is suspended until it is paid or resumed. */
+  #paymentNotice() {
+    const sub = this.sub;
+    if (sub.status === "past_due") {
+      return h(
+        "p",
+        { class: "notice payment", role: "status", dataset: { testid: `past-due-banner-${sub.id}` } },
+        icon("alert"),
+        "Your last payment failed. Your resource stays available for a grace period; pay the open invoice to keep it.",
+      );
+    }
+    if (SUSPENDED.has(sub.status)) {
+      return h(
+        "p",
+        { class: "notice payment", role: "status", dataset: { testid: `suspended-banner-${sub.id}` } },
+        icon("alert"),
+        sub.status === "paused"
+          ? "This subscription is paused, so its resource is suspended until it resumes."
+          : "This subscription is unpaid, so its resource is suspended until the invoice is paid.",
+      );
+    }
+    return null;
   }
 
   /** The graph's measured size, for an active graph; kept as it was when the server fails. */
@@ -175,11 +206,18 @@ class SubscriptionCard {
       ? document.activeElement.dataset.testid
       : null;
     const buttons = [];
-    const isGraph = sub.resource_type === "graph";
-    if (sub.status === "active" && isGraph && sub.resource_id && !this.credentialsShown) {
+    if (sub.status === "active" && sub.resource_id && !this.credentialsShown) {
       buttons.push(
         this.#button("reveal-credentials", "Reveal credentials", "secondary", () => this.#reveal(), "key"),
       );
+    }
+    if (sub.status === "active" && !sub.cancel_at_period_end) {
+      const change = this.#button("change-plan", "Change plan", "secondary", () =>
+        this.list.changePlan.open(this.sub, change, (changed) => this.update(changed)).catch((error) =>
+          this.list.banner.show(error, "Could not load the plans"),
+        ),
+      );
+      buttons.push(change);
     }
     if (BILLED.has(sub.status) && !sub.cancel_at_period_end) {
       buttons.push(this.#button("cancel", "Cancel subscription", "danger", () => this.#act("cancel")));
@@ -245,7 +283,7 @@ class SubscriptionCard {
     const button = this.actions.querySelector(`[data-testid="reveal-credentials-${this.sub.id}"]`);
     if (button) button.disabled = true;
     try {
-      const creds = await this.list.api.graphCredentials(this.sub.resource_id);
+      const creds = await this.list.api.subscriptionCredentials(this.sub.id);
       this.credentialsShown = true;
       const panel = credentialsPanel(this.sub.id, creds, () => {
         this.credentialsShown = false;
@@ -311,6 +349,7 @@ export class SubscriptionList {
     this.banner = banner;
     this.announcer = announcer;
     this.cards = new Map();
+    this.changePlan = new ChangePlanDialog(api);
     this.loading = null;
     this.queued = [];
     this.reloadTimer = null;

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.access import DEFAULT_GRACE, converge_access
 from app.billing.fulfilment import Fulfilment, PaymentConfirmation, fulfil_many, resource_spec
+from app.billing.plans import PLANS, plan_by_lookup_key
 from app.billing.provider import RefundInfo, SubscriptionInfo
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
@@ -28,12 +30,20 @@ from app.billing.subscriptions import (
 )
 from app.billing.updates import publish_subscription, subscription_updates
 from app.db import Connection
-from provisioning import NothingToDeprovision, OperationRunner
+from provisioning import (
+    NothingToDeprovision,
+    OperationRecord,
+    OperationRunner,
+    resource_for_subject,
+)
 from streams import EventPublisher
 
 __all__ = ["Lifecycle", "StripeState", "status_for_stripe"]
 
 logger = logging.getLogger(__name__)
+
+# Resource statuses in which a resource exists for its customer (a suspended one too).
+_PRESENT = ("active", "suspended")
 
 
 def status_for_stripe(stripe_status: str, current: str) -> str:
@@ -68,9 +78,13 @@ class StripeState:
     current_period_end: datetime | None
     observed_at: datetime
     cancel_at: datetime | None = None
+    # The plan whose price the subscription's item has (None: not known from this view). A
+    # plan changed in Stripe (the API, the Customer Portal) is followed from here.
+    plan: str | None = None
 
     @classmethod
     def fetched(cls, info: SubscriptionInfo, observed_at: datetime) -> StripeState:
+        priced = plan_by_lookup_key(info.price_lookup_key)
         return cls(
             stripe_id=info.id,
             status=info.status,
@@ -80,14 +94,23 @@ class StripeState:
             observed_at=observed_at,
             cancel_at=info.cancel_at
             or (info.current_period_end if info.cancel_at_period_end else None),
+            plan=priced.name if priced else None,
         )
 
 
 class Lifecycle:
-    def __init__(self, pool: asyncpg.Pool, publisher: EventPublisher) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        publisher: EventPublisher,
+        *,
+        past_due_grace: timedelta = DEFAULT_GRACE,
+    ) -> None:
         self._pool = pool
         self._publisher = publisher
         self.runner: OperationRunner | None = None  # attached once the runner exists
+        # How long `past_due` keeps its resource (LOOKOUT_PAST_DUE_GRACE_DAYS).
+        self.past_due_grace = past_due_grace
 
     async def fulfil(
         self,
@@ -213,7 +236,12 @@ class Lifecycle:
                     subject_id=after.id,
                     detail={"from": before.status, "stripe_status": state.status, "source": source},
                 )
+            after, resize = await self._follow_plan(conn, after, state.plan, source=source)
+            after, access = await self._converge_access(conn, after, reason=source)
         await publish_subscription(self._publisher, after, before)
+        changes = [op for op in (resize, access) if op is not None]
+        if changes:
+            await self._runner().launch(changes)
         if before.status == "pending_payment" and state.status in ("active", "trialing"):
             # Stripe says it is paid even though the checkout event has not been seen.
             return await self.fulfil(
@@ -252,6 +280,93 @@ class Lifecycle:
                 )
         await publish_subscription(self._publisher, after, before)
         return after
+
+    # -- access follows payment (issue 13; the rules are `app.billing.access`) --------------
+    async def _converge_access(
+        self,
+        conn: Connection,
+        record: SubscriptionRecord,
+        *,
+        reason: str,
+        grace: timedelta | None = None,
+    ) -> tuple[SubscriptionRecord, OperationRecord | None]:
+        """In the caller's transaction (row locked): the suspend or resume the status now
+        requires, made the subscription's operation; launched by the caller after commit."""
+        if self.runner is None:
+            return record, None
+        op = await converge_access(
+            conn,
+            self.runner,
+            record,
+            grace=self.past_due_grace if grace is None else grace,
+            reason=reason,
+        )
+        if op is None:
+            return record, None
+        return await set_subscription_fields(conn, record.id, operation_id=op.id), op
+
+    async def converge_access(
+        self, subscription_id: str, *, grace: timedelta | None = None, reason: str
+    ) -> OperationRecord | None:
+        """Decides again what the subscription's access must be, and starts what it needs
+        (the access sweep's entry: a grace that ended, a decision a crash interrupted)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            before = await get_subscription(conn, subscription_id, for_update=True)
+            if before is None:
+                return None
+            after, op = await self._converge_access(conn, before, reason=reason, grace=grace)
+        await publish_subscription(self._publisher, after, before)
+        if op is not None:
+            await self._runner().launch([op])
+        return op
+
+    async def _follow_plan(
+        self, conn: Connection, record: SubscriptionRecord, plan_name: str | None, *, source: str
+    ) -> tuple[SubscriptionRecord, OperationRecord | None]:
+        """In the caller's transaction (row locked, Stripe's view newer than the last one):
+        the subscription takes the plan Stripe's price names, and its resource follows with a
+        `resize` (the subscription's operation from now on), created here so that it runs
+        after every change decided before. A price of another resource type is not followed
+        (a graph cannot become a repository): it is logged for an operator."""
+        if plan_name is None or plan_name == record.plan:
+            return record, None
+        plan = PLANS.get(plan_name)
+        if plan is None or plan.resource_type != record.resource_type:
+            logger.error(
+                "subscription %s (%s) is priced as %s in Stripe; not followed",
+                record.id,
+                record.resource_type,
+                plan_name,
+            )
+            return record, None
+        if record.status not in ACTIVE_RESOURCE_STATUSES:
+            return record, None  # not provisioned yet, or ended: nothing to resize
+        after = await set_subscription_fields(conn, record.id, plan=plan.name)
+        resource = await resource_for_subject(conn, record.id)
+        op: OperationRecord | None = None
+        if self.runner is not None and resource is not None and resource.status in _PRESENT:
+            op = await self.runner.create_change(
+                conn,
+                "resize",
+                after.id,
+                after.user_id,
+                resource_spec(after),
+                resource_id=resource.id,
+            )
+            after = await set_subscription_fields(conn, record.id, operation_id=op.id)
+        await record_audit(
+            conn,
+            "subscription.plan_changed",
+            user_id=after.user_id,
+            subject_id=after.id,
+            detail={
+                "from": record.plan,
+                "to": plan.name,
+                "operation_id": op.id if op else None,
+                "source": source,
+            },
+        )
+        return after, op
 
     async def schedule_deprovisioning(self, record: SubscriptionRecord) -> None:
         try:

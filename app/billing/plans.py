@@ -13,6 +13,7 @@ __all__ = [
     "PlanPrice",
     "UnknownPlan",
     "get_plan",
+    "plan_by_lookup_key",
     "plan_limit_refusal",
     "price_lookup_key",
     "stripe_product_name",
@@ -179,3 +180,14 @@ def price_lookup_key(plan: Plan, environment: str) -> str:
     """The Stripe `lookup_key` of a plan's price: one per plan and environment, stable across
     price changes (a new amount moves the key to a new Price with `transfer_lookup_key`)."""
     return f"lookout_{_environment(environment)}_{plan.name}"
+
+
+def plan_by_lookup_key(lookup_key: str | None) -> Plan | None:
+    """The plan a Stripe price's `lookup_key` (`price_lookup_key`: `lookout_<env>_<plan>`)
+    names, whatever the environment; None for a price Lookout did not make."""
+    if not lookup_key or not lookup_key.startswith("lookout_"):
+        return None
+    for plan in PLANS.values():
+        if lookup_key.endswith(f"_{plan.name}"):
+            return plan
+    return None

@@ -206,4 +206,14 @@ class PaymentProvider(Protocol):
 
     async def retrieve_refund(self, refund_id: str) -> RefundInfo: ...
 
+    # -- plan changes (issue 13) -------------------------------------------------------------
+    async def change_price(
+        self, subscription_id: str, plan: Plan, *, upgrade: bool, idempotency_key: str
+    ) -> SubscriptionInfo:
+        """Moves the subscription's item to `plan`'s price, prorated: an upgrade is invoiced
+        and charged at once (`proration_behavior=always_invoice`), a downgrade credits the
+        unused time to the next invoice (`create_prorations`). Raises
+        `SubscriptionAlreadyCanceled` when it has ended."""
+        ...
+
     async def aclose(self) -> None: ...

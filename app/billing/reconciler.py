@@ -58,13 +58,15 @@ BATCH = 100
 Required = Literal["present", "absent", "provisioning"]
 
 # What each status requires. A status not listed is left alone: `pending_payment` has bought
-# nothing yet; `unpaid` and `paused` keep their resource until suspension exists (issue 13:
-# one line each here, "suspended", and its action in `Reconciler._repair`).
+# nothing yet. `present` is about existence: whether the login may use it (suspended for
+# `unpaid`, `paused` and a `past_due` whose grace has ended) is `app.billing.access`'s.
 REQUIRED: Mapping[str, Required] = MappingProxyType(
     {
         "provisioning": "provisioning",
         "active": "present",
         "past_due": "present",
+        "unpaid": "present",
+        "paused": "present",
         "canceled": "absent",
         "failed": "absent",
         "expired": "absent",
@@ -73,7 +75,9 @@ REQUIRED: Mapping[str, Required] = MappingProxyType(
 
 # Resource statuses that still hold something on a provisioning server; `orphaned` ones are
 # the `OrphanReaper`'s.
-_LIVE = ("provisioning", "active", "deprovisioning")
+_LIVE = ("provisioning", "active", "suspended", "deprovisioning")
+# A resource that exists for its customer, whatever its login may do now.
+_PRESENT = ("active", "suspended")
 
 
 def required_state(record: SubscriptionRecord) -> Required | None:
@@ -105,7 +109,7 @@ SELECT s.id FROM subscriptions s
    AND NOT EXISTS (SELECT FROM operations o
                     WHERE o.subject_id = s.id AND o.finished_at IS NULL)
    AND ((s.status = ANY($1::text[]) AND r.status = ANY($6::text[]))
-        OR (s.status = ANY($2::text[]) AND r.status IS DISTINCT FROM 'active'
+        OR (s.status = ANY($2::text[]) AND (r.status IS NULL OR r.status <> ALL($7::text[]))
             AND NOT EXISTS (SELECT FROM audit_log a
                              WHERE a.subject_id = s.id AND a.kind = 'subscription.resource_missing'
                                AND a.at >= s.updated_at))
@@ -153,6 +157,7 @@ class Reconciler:
                 self._settle_seconds,
                 BATCH,
                 list(_LIVE),
+                list(_PRESENT),
             )
         repairs = []
         for row in rows:
@@ -191,7 +196,7 @@ class Reconciler:
                 )
                 await self._audit(conn, record, required, resource, "deprovision", op.id)
                 return Repair(record.id, "deprovision", op.id)
-            if required == "present" and (resource is None or resource.status != "active"):
+            if required == "present" and (resource is None or resource.status not in _PRESENT):
                 await self._report_missing(conn, record, resource)
                 return Repair(record.id, "reported")
             if not (required == "provisioning" and provision is None):

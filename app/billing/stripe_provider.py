@@ -413,3 +413,27 @@ class StripePaymentProvider:
             status=newest.status or "pending",
             payment_intent_id=expandable_id(newest.payment_intent),
         )
+
+    # -- plan changes (issue 13) -------------------------------------------------------------
+    async def change_price(
+        self, subscription_id: str, plan: Plan, *, upgrade: bool, idempotency_key: str
+    ) -> SubscriptionInfo:
+        price_id = await self.ensure_price(plan)
+        current = await self.retrieve_subscription(subscription_id)
+        if current.status == "canceled":
+            raise SubscriptionAlreadyCanceled(f"changing the plan of {subscription_id}: it ended")
+        if not current.items:
+            raise PaymentProviderError(f"subscription {subscription_id} has no item to change")
+        what = f"moving {subscription_id} to {plan.name}"
+        sub = await self._call(
+            what,
+            self._client.v1.subscriptions.update_async(
+                subscription_id,
+                params={
+                    "items": [{"id": current.items[0], "price": price_id}],
+                    "proration_behavior": "always_invoice" if upgrade else "create_prorations",
+                },
+                options={"idempotency_key": idempotency_key},
+            ),
+        )
+        return subscription_info(sub)

@@ -28,6 +28,7 @@ __all__ = [
     "queue_failed_provisioning_compensations",
     "queue_stripe_cancellation",
     "set_subscription_fields",
+    "track_past_due",
 ]
 
 # Once here, a subscription stays: no later event moves it anywhere else.
@@ -163,6 +164,7 @@ async def list_subscriptions(
 _SETTABLE = frozenset(
     {
         "status",
+        "plan",  # a plan change (same resource type), with its `resize` operation
         "stripe_checkout_session_id",
         "stripe_subscription_id",
         "stripe_customer_id",
@@ -271,3 +273,15 @@ async def mark_paid(conn: Connection, payments: Sequence[Payment]) -> list[Subsc
         [p.operation_id for p in payments],
     )
     return [SubscriptionRecord.from_row(r) for r in rows]
+
+
+# -- past due since (issue 13: access follows payment) ------------------------------------
+async def track_past_due(conn: Connection, subscription_id: str) -> datetime | None:
+    """Keeps `past_due_since` with the status: set when it turns `past_due` (kept while it
+    stays so), cleared when it leaves it. Answers it, for the grace-period rule."""
+    since: datetime | None = await conn.fetchval(
+        "UPDATE subscriptions SET past_due_since = CASE WHEN status = 'past_due'"
+        " THEN coalesce(past_due_since, now()) END WHERE id = $1 RETURNING past_due_since",
+        subscription_id,
+    )
+    return since

@@ -146,8 +146,12 @@ def retrieve_subscription(ctx: ApiContext) -> Obj:
 def update_subscription(ctx: ApiContext) -> Obj:
     p = ctx.params
     reject_unknown(
-        p, ("cancel_at", "cancel_at_period_end", "metadata", "cancellation_details", "description")
-    )
+        p,
+        (
+            "cancel_at", "cancel_at_period_end", "metadata", "cancellation_details",
+            "description", "items", "proration_behavior",
+        ),
+    )  # fmt: skip
     sub = ctx.state.get("subscription", ctx.path_params["id"], param="subscription_exposed_id")
     if sub["status"] == "canceled" and set(p) - {"metadata", "cancellation_details", "expand"}:
         raise StripeError.invalid(
@@ -163,6 +167,18 @@ def update_subscription(ctx: ApiContext) -> Obj:
         sub["metadata"] = {k: v for k, v in meta.items() if v != ""}
         if sub["metadata"] != previous_meta:
             ctx.emit("customer.subscription.updated", sub, {"metadata": previous_meta})
+    if "items" in p:  # a price change (issue 13), prorated as `proration_behavior` says
+        flows.change_price(
+            ctx.state,
+            ctx.emit,
+            sub,
+            as_list(p["items"], "items"),
+            as_str(p.get("proration_behavior"), "proration_behavior") or "create_prorations",
+        )
+    elif "proration_behavior" in p:
+        raise StripeError.invalid(
+            "proration_behavior is only valid with a change of items.", param="proration_behavior"
+        )
     details = as_str_dict(p.get("cancellation_details"), "cancellation_details")
     if "cancel_at" in p and "cancel_at_period_end" in p:
         raise StripeError.invalid(

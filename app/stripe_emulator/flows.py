@@ -466,3 +466,92 @@ def fail_refund(state: EmulatorState, emit: Emit, refund_id: str, *, reason: str
     emit("refund.updated", re, previous)
     emit("charge.refund.updated", re, previous)
     return re
+
+
+# -- price changes (issue 13) ------------------------------------------------------------------
+_PRORATIONS = ("always_invoice", "create_prorations", "none")
+
+
+def change_price(
+    state: EmulatorState, emit: Emit, sub: Obj, items: list[object], proration_behavior: str
+) -> Obj:
+    """`POST /v1/subscriptions/{id}` with `items[0][id]` and `items[0][price]`: the item moves
+    to the new price now; the rest of the period is prorated (Stripe's `proration_behavior`):
+    `always_invoice` invoices the difference at once and charges it (a negative one is credited
+    to the customer's balance), `create_prorations` leaves it for the next invoice (kept on the
+    customer's balance here), `none` ignores it. The billing cycle stays (one interval only)."""
+    if proration_behavior not in _PRORATIONS:
+        raise StripeError.invalid(
+            f"Invalid proration_behavior: must be one of {', '.join(_PRORATIONS)}",
+            param="proration_behavior",
+        )
+    if sub["status"] not in _LIVE or sub["status"] == "incomplete":
+        raise StripeError.invalid(
+            f"Subscription {sub['id']} is {sub['status']}; its items cannot be changed."
+        )
+    if len(items) != 1 or not isinstance(items[0], dict):
+        raise StripeError.invalid("Pass one item: items[0][id] and items[0][price].", param="items")
+    wanted: Obj = items[0]
+    item = _items(sub)
+    if wanted.get("id") != item["id"]:
+        raise StripeError.invalid(
+            f"Invalid subscription_item id: {wanted.get('id')}", param="items[0][id]"
+        )
+    if not isinstance(wanted.get("price"), str):
+        raise StripeError.missing("items[0][price]")
+    new = state.get("price", wanted["price"], param="items[0][price]")
+    old = item["price"]
+    if not new["active"] or new["recurring"] is None:
+        raise StripeError.invalid(
+            "The price must be an active recurring price.", param="items[0][price]"
+        )
+    if new["currency"] != old["currency"]:
+        raise StripeError.invalid(
+            "The price's currency must match the subscription's.", param="items[0][price]"
+        )
+    interval = (new["recurring"]["interval"], new["recurring"].get("interval_count", 1))
+    if interval != (old["recurring"]["interval"], old["recurring"].get("interval_count", 1)):
+        raise StripeError.invalid(
+            "The emulator keeps the billing cycle: the new price must have the same interval.",
+            param="items[0][price]",
+        )
+    if new["id"] == old["id"]:
+        return sub
+    now = state.now()
+    start, end = item["current_period_start"], item["current_period_end"]
+    left = max(0, end - now) / max(1, end - start)
+    difference = round((new["unit_amount"] - old["unit_amount"]) * left)
+    previous: Obj = {"items": copy.deepcopy(sub["items"])}
+    item["price"] = dict(new)
+    item["plan"] = objects.plan_of(new)
+    emit("customer.subscription.updated", sub, previous)
+    customer = state.get("customer", sub["customer"])
+    if proration_behavior == "always_invoice" and difference > 0:
+        inv = _proration_invoice(state, emit, sub, customer, difference, start=now, end=end)
+        sub["latest_invoice"] = inv["id"]
+        _pay_invoice(state, emit, inv)
+    elif proration_behavior != "none" and difference != 0:
+        customer["balance"] += difference
+    return sub
+
+
+def _proration_invoice(
+    state: EmulatorState, emit: Emit, sub: Obj, customer: Obj, amount: int, *, start: int, end: int
+) -> Obj:
+    inv = objects.invoice(
+        objects.stripe_id("in"), state.now(), sub=sub, customer=customer,
+        billing_reason="subscription_update", number=state.next_invoice_number(),
+    )  # fmt: skip
+    for key in ("amount_due", "amount_remaining", "subtotal", "subtotal_excluding_tax"):
+        inv[key] = amount
+    inv.update(total=amount, total_excluding_tax=amount, period_start=start, period_end=end)
+    line = inv["lines"]["data"][0]
+    line.update(amount=amount, subtotal=amount, period={"start": start, "end": end})
+    line["description"] = "Remaining time on the new price, less unused time on the old one"
+    line["parent"]["subscription_item_details"]["proration"] = True
+    state.put(inv)
+    emit("invoice.created", inv)
+    inv.update(status="open", effective_at=state.now())
+    inv["status_transitions"]["finalized_at"] = state.now()
+    emit("invoice.finalized", inv, {"status": "draft"})
+    return inv

@@ -14,9 +14,7 @@ __all__ = ["NOT_YET_MOUNTED", "documented_operations", "mounted_operations", "sh
 # merge this set is empty.
 NOT_YET_MOUNTED: frozenset[tuple[str, str]] = frozenset(
     {
-        ("PATCH", "/v1/subscriptions/{}"),
         ("POST", "/v1/subscriptions"),
-        ("POST", "/v1/subscriptions/{}/credentials"),
     }
 )
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
