@@ -184,7 +184,9 @@ def test_the_api_answers_as_documented(case: Case[Any], live_api: LiveAPI) -> No
     operation = (case.operation.method.upper(), shape(case.operation.path))
     if operation not in live_api.mounted:
         pytest.skip(f"{operation[0]} {case.operation.path} is not mounted yet")
-    excluded: list[CheckFunction] = [positive_data_acceptance] if operation in REFUSED_BEYOND_SCHEMA else []
+    excluded: list[CheckFunction] = (
+        [positive_data_acceptance] if operation in REFUSED_BEYOND_SCHEMA else []
+    )
     siblings = {(m, p) for m, p in live_api.documented if p == operation[1]}
     if not siblings <= live_api.mounted:
         # `Allow` cannot list a method another branch has not mounted yet.
