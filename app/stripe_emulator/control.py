@@ -78,11 +78,13 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
         if not body.get("at_period_end", True):
             return flows.cancel_now(state, emit, sub_id)
         sub = state.get("subscription", sub_id)
+        flows.refuse_ended(sub, "canceled")
         details: Obj = {k: body[k] for k in ("comment", "feedback") if k in body}
         return flows.set_cancel_at_period_end(state, emit, sub, True, details=details)
 
     def portal_reactivate(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:
         sub = state.get("subscription", sub_id)
+        flows.refuse_ended(sub, "reactivated")
         return flows.set_cancel_at_period_end(state, emit, sub, False)
 
     def renew(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:

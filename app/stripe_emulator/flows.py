@@ -15,6 +15,22 @@ from app.stripe_emulator.errors import StripeError
 from app.stripe_emulator.state import EmulatorState, Obj
 
 _LIVE = ("active", "past_due", "unpaid", "paused", "incomplete", "trialing")
+# What Stripe moves a subscription to from each status (the `status` control refuses the rest):
+# the first payment settles or expires; a failed renewal makes it past_due, whose retries end
+# in unpaid (or canceled); paying makes it active again. `paused` is what a trial that ends
+# without a payment method becomes; the emulator lets an active subscription stand in for it.
+# Ending one goes through cancellation (`cancel_now`), never through this table.
+_TRANSITIONS: dict[str, frozenset[str]] = {
+    "incomplete": frozenset({"active", "incomplete_expired"}),
+    "trialing": frozenset({"active", "past_due", "paused"}),
+    "active": frozenset({"past_due", "paused"}),
+    "past_due": frozenset({"active", "unpaid"}),
+    "unpaid": frozenset({"active"}),
+    "paused": frozenset({"active"}),
+    "canceled": frozenset(),
+    "incomplete_expired": frozenset(),
+}
+_ENDED = ("canceled", "incomplete_expired")
 
 
 class Emit(Protocol):
@@ -84,7 +100,13 @@ def _set_status(emit: Emit, sub: Obj, status: str, **more: object) -> None:
 def complete_checkout(
     state: EmulatorState, emit: Emit, session_id: str, *, email: str | None, async_payment: bool
 ) -> Obj:
-    """The customer pays: customer, subscription and first invoice, then the session completes."""
+    """The customer pays: customer, subscription and first invoice, then the session completes.
+
+    In Stripe's current order (API versions 2025-03-31 and later) the subscription is created
+    only once the customer has paid: born `active` with its paid first invoice, never
+    `incomplete`, and the session has no subscription before that. A delayed payment method (a
+    bank debit) completes the session unpaid: its subscription is `incomplete` until the
+    payment settles (`async_payment_result`)."""
     session = state.get("checkout.session", session_id)
     if session["status"] == "complete":
         return session
@@ -106,14 +128,15 @@ def complete_checkout(
     sub_id = objects.stripe_id("sub")
     item = objects.subscription_item(objects.stripe_id("si", 14), sub_id, now, price, now, end)
     sub_meta = dict(state.session_subscription_data.get(session_id, {}).get("metadata", {}))
+    status = "incomplete" if async_payment else "active"
     sub = state.put(
         objects.subscription(
-            sub_id, now, customer_id=cust["id"], item=item, meta=sub_meta, status="incomplete"
+            sub_id, now, customer_id=cust["id"], item=item, meta=sub_meta, status=status
         )
     )
-    emit("customer.subscription.created", sub)
     inv = _new_invoice(state, emit, sub, "subscription_create")
     sub["latest_invoice"] = inv["id"]
+    emit("customer.subscription.created", sub)
     details = {"address": None, "email": cust["email"], "name": cust["name"], "phone": None}
     details.update(
         {"tax_exempt": "none", "tax_ids": [], "business_name": None, "individual_name": None}
@@ -125,7 +148,6 @@ def complete_checkout(
     session["url"] = None  # Stripe keeps `url` only while the session is open
     if not async_payment:
         _pay_invoice(state, emit, inv)
-        _set_status(emit, sub, "active")
         session["payment_status"] = "paid"
     emit("checkout.session.completed", session)
     return session
@@ -134,12 +156,18 @@ def complete_checkout(
 def async_payment_result(
     state: EmulatorState, emit: Emit, session_id: str, *, succeeded: bool
 ) -> Obj:
-    """A delayed payment method (a bank debit) settles or fails after the session completed."""
+    """A delayed payment method (a bank debit) settles or fails after the session completed.
+    A failed one ends the subscription: its invoice is voided and it is `incomplete_expired`
+    (terminal; nothing will ever charge it)."""
     session = state.get("checkout.session", session_id)
     if session["status"] != "complete" or session["payment_status"] != "unpaid":
         raise StripeError.invalid("Only a completed, unpaid Checkout Session awaits a payment.")
     inv = state.get("invoice", session["invoice"])
     sub = state.get("subscription", session["subscription"])
+    if sub["status"] != "incomplete":
+        raise StripeError.invalid(
+            f"Subscription {sub['id']} is {sub['status']}; its first payment was settled already."
+        )
     if succeeded:
         _pay_invoice(state, emit, inv)
         _set_status(emit, sub, "active")
@@ -147,6 +175,11 @@ def async_payment_result(
         emit("checkout.session.async_payment_succeeded", session)
     else:
         _fail_invoice(state, emit, inv, action_required=False)
+        previous = {"status": inv["status"]}
+        inv.update(status="void", next_payment_attempt=None, amount_remaining=0)
+        inv["status_transitions"]["voided_at"] = state.now()
+        emit("invoice.voided", inv, previous)
+        _set_status(emit, sub, "incomplete_expired", ended_at=state.now())
         emit("checkout.session.async_payment_failed", session)
     return session
 
@@ -197,7 +230,8 @@ def cancel_now(
 def renew(state: EmulatorState, emit: Emit, sub_id: str, *, outcome: str) -> Obj:
     """The end of the period: the subscription ends (if so asked) or a new invoice is charged."""
     sub = state.get("subscription", sub_id)
-    if sub["status"] not in _LIVE:
+    # An incomplete subscription has not begun its first period; a paused one bills nothing.
+    if sub["status"] not in _LIVE or sub["status"] in ("incomplete", "paused"):
         raise StripeError.invalid(f"Subscription {sub_id} is {sub['status']}; it does not renew.")
     item = _items(sub)
     if sub["cancel_at_period_end"]:
@@ -225,6 +259,7 @@ def renew(state: EmulatorState, emit: Emit, sub_id: str, *, outcome: str) -> Obj
 
 def pay_latest_invoice(state: EmulatorState, emit: Emit, sub_id: str) -> Obj:
     sub = state.get("subscription", sub_id)
+    refuse_ended(sub, "paid for")
     inv = state.get("invoice", sub["latest_invoice"])
     if inv["status"] != "open":
         raise StripeError.invalid(
@@ -238,12 +273,28 @@ def pay_latest_invoice(state: EmulatorState, emit: Emit, sub_id: str) -> Obj:
 def set_status(state: EmulatorState, emit: Emit, sub_id: str, status: str) -> Obj:
     sub = state.get("subscription", sub_id)
     before = sub["status"]
+    allowed = _TRANSITIONS.get(before, frozenset())
+    if status != before and status not in allowed:
+        choices = ", ".join(sorted(allowed)) or "nothing: it has ended"
+        raise StripeError.invalid(
+            f"Stripe cannot move a subscription from {before} to {status}; from {before} it "
+            f"goes to {choices}.",
+            param="status",
+        )
     _set_status(emit, sub, status)
     if status == "paused" and before != "paused":
         emit("customer.subscription.paused", sub)
     elif before == "paused" and status != "paused":
         emit("customer.subscription.resumed", sub)
     return sub
+
+
+def refuse_ended(sub: Obj, action: str) -> None:
+    """An ended subscription (canceled, incomplete_expired) cannot change any more."""
+    if sub["status"] in _ENDED:
+        raise StripeError.invalid(
+            f"Subscription {sub['id']} is {sub['status']}; it cannot be {action}."
+        )
 
 
 def attach_payment_method(state: EmulatorState, emit: Emit, customer_id: str) -> Obj:
