@@ -18,6 +18,12 @@ def main() -> None:
     parser.add_argument("--webhook-secret", default="whsec_emulator", help="signs the events")
     parser.add_argument("--public-url", default=None, help="base of checkout page URLs")
     parser.add_argument("--api-key", default=None, help="accept only this secret key")
+    parser.add_argument(
+        "--shuffle-seed", type=int, default=None, help="deliver webhooks late and out of order"
+    )
+    parser.add_argument(
+        "--max-delay", type=float, default=2.0, help="longest delay of a shuffled delivery (s)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_emulator(
@@ -25,6 +31,8 @@ def main() -> None:
         webhook_secret=args.webhook_secret,
         public_url=args.public_url or f"http://{args.host}:{args.port}",
         api_key=args.api_key,
+        webhook_shuffle_seed=args.shuffle_seed,
+        webhook_max_delay=args.max_delay,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
