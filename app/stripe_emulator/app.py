@@ -41,6 +41,7 @@ _API: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/checkout/sessions/{id}/line_items", billing.session_line_items),
     ("POST", "/v1/checkout/sessions/{id}/expire", billing.expire_session),
     ("GET", "/v1/subscriptions", billing.list_subscriptions),
+    ("POST", "/v1/subscriptions", billing.create_subscription),
     ("GET", "/v1/subscriptions/{id}", billing.retrieve_subscription),
     ("POST", "/v1/subscriptions/{id}", billing.update_subscription),
     ("DELETE", "/v1/subscriptions/{id}", billing.cancel_subscription),

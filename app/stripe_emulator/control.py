@@ -103,7 +103,10 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
         return flows.set_status(state, emit, sub_id, status)
 
     def payment_method(emit: flows.Emit, customer_id: str, body: Obj) -> Obj:
-        return flows.attach_payment_method(state, emit, customer_id)
+        return flows.attach_payment_method(
+            state, emit, customer_id, outcome=str(body.get("card", "succeeds")),
+            default=bool(body.get("default", True)),
+        )  # fmt: skip
 
     async def requests(request: Request) -> Response:
         if request.method == "DELETE":

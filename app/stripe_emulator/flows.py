@@ -122,35 +122,47 @@ def complete_checkout(
         cust = state.put(objects.customer(objects.stripe_id("cus", 14), now, address, None, {}))
         emit("customer.created", cust)
     price_id, _quantity = state.session_items[session_id][0]
-    price = state.get("price", price_id)
-    interval = price["recurring"] or {"interval": "month", "interval_count": 1}
-    end = objects.add_interval(now, interval["interval"], interval["interval_count"])
-    sub_id = objects.stripe_id("sub")
-    item = objects.subscription_item(objects.stripe_id("si", 14), sub_id, now, price, now, end)
     sub_meta = dict(state.session_subscription_data.get(session_id, {}).get("metadata", {}))
-    status = "incomplete" if async_payment else "active"
-    sub = state.put(
-        objects.subscription(
-            sub_id, now, customer_id=cust["id"], item=item, meta=sub_meta, status=status
-        )
+    sub, inv = start_subscription(
+        state, emit, cust, state.get("price", price_id), sub_meta, paid=not async_payment
     )
-    inv = _new_invoice(state, emit, sub, "subscription_create")
-    sub["latest_invoice"] = inv["id"]
-    emit("customer.subscription.created", sub)
     details = {"address": None, "email": cust["email"], "name": cust["name"], "phone": None}
     details.update(
         {"tax_exempt": "none", "tax_ids": [], "business_name": None, "individual_name": None}
     )
     session.update(
-        customer=cust["id"], customer_details=details, subscription=sub_id, invoice=inv["id"]
+        customer=cust["id"], customer_details=details, subscription=sub["id"], invoice=inv["id"]
     )
     session["status"] = "complete"
     session["url"] = None  # Stripe keeps `url` only while the session is open
     if not async_payment:
-        _pay_invoice(state, emit, inv)
         session["payment_status"] = "paid"
     emit("checkout.session.completed", session)
     return session
+
+
+def start_subscription(
+    state: EmulatorState, emit: Emit, cust: Obj, price: Obj, meta: Obj, *, paid: bool
+) -> tuple[Obj, Obj]:
+    """A new subscription with its first invoice, paid (the subscription `active`) or left
+    open (`incomplete`); answers both."""
+    now = state.now()
+    interval = price["recurring"] or {"interval": "month", "interval_count": 1}
+    end = objects.add_interval(now, interval["interval"], interval["interval_count"])
+    sub_id = objects.stripe_id("sub")
+    item = objects.subscription_item(objects.stripe_id("si", 14), sub_id, now, price, now, end)
+    status = "active" if paid else "incomplete"
+    sub = state.put(
+        objects.subscription(
+            sub_id, now, customer_id=cust["id"], item=item, meta=dict(meta), status=status
+        )
+    )
+    inv = _new_invoice(state, emit, sub, "subscription_create")
+    sub["latest_invoice"] = inv["id"]
+    emit("customer.subscription.created", sub)
+    if paid:
+        _pay_invoice(state, emit, inv)
+    return sub, inv
 
 
 def async_payment_result(
@@ -297,11 +309,31 @@ def refuse_ended(sub: Obj, action: str) -> None:
         )
 
 
-def attach_payment_method(state: EmulatorState, emit: Emit, customer_id: str) -> Obj:
-    state.get("customer", customer_id)
-    seti = objects.setup_intent(
-        objects.stripe_id("seti"), state.now(), customer_id, objects.stripe_id("pm")
-    )
+def attach_payment_method(
+    state: EmulatorState, emit: Emit, customer_id: str, *, outcome: str = "succeeds",
+    default: bool = True,
+) -> Obj:  # fmt: skip
+    """The customer saves a card (in the Portal, say): a SetupIntent succeeds and, with
+    `default`, the card becomes the customer's default for invoices. `outcome` is what
+    charging it will do: "succeeds", "declined" or "requires_action" (SCA)."""
+    if outcome not in CARD_OUTCOMES:
+        raise StripeError.invalid(f"card must be one of {', '.join(CARD_OUTCOMES)}")
+    cust = state.get("customer", customer_id)
+    pm = objects.stripe_id("pm")
+    state.card_outcomes[pm] = outcome
+    seti = objects.setup_intent(objects.stripe_id("seti"), state.now(), customer_id, pm)
     state.put(seti)
     emit("setup_intent.succeeded", seti)
+    if default:
+        previous = {"invoice_settings": copy.deepcopy(cust["invoice_settings"])}
+        cust["invoice_settings"]["default_payment_method"] = pm
+        emit("customer.updated", cust, previous)
     return seti
+
+
+CARD_OUTCOMES = ("succeeds", "declined", "requires_action")
+
+
+def fail_payment(state: EmulatorState, emit: Emit, inv: Obj, *, action_required: bool) -> None:
+    """A charge of `inv` failed, or waits for the customer to authenticate."""
+    _fail_invoice(state, emit, inv, action_required=action_required)

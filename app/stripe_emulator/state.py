@@ -113,6 +113,9 @@ class EmulatorState:
     session_items: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     session_subscription_data: dict[str, Obj] = field(default_factory=dict)
     invoice_numbers: int = 0
+    # -- saved payment methods (issue 13): what charging each one does, by id: "succeeds",
+    # "declined" or "requires_action" (the bank asks the customer to authenticate: SCA).
+    card_outcomes: dict[str, str] = field(default_factory=dict)
 
     def now(self) -> int:
         return int(self.clock())
