@@ -92,6 +92,7 @@ class Dashboard {
       announcer: this.announcer,
     });
     this.session = { hub, list };
+    this.catalog.onSubscribed = (subscription) => list.upsert(subscription);
     // The user stream first, so that no change falls between the list and the stream; a
     // stream that had to start over without a position reloads the list (onGap).
     hub.open("/v1/events", {
