@@ -57,9 +57,11 @@ class CheckoutService:
         self._lifecycle = lifecycle
         self._public_url = public_url
 
-    async def _reserve(self, user: User, plan: Plan, resource_name: str) -> SubscriptionRecord:
+    async def _reserve(
+        self, user: User, plan: Plan, resource_name: str, *, customer_id: str | None = None
+    ) -> SubscriptionRecord:
         """A new `pending_payment` subscription for `resource_name`, once the name is free and
-        the plan's limit allows it (409 otherwise)."""
+        the plan's limit allows it (409 otherwise); `customer_id` marks a saved card's."""
         async with self._pool.acquire() as conn, conn.transaction():
             # One checkout of a customer at a time decides: the next one waits here until this
             # one's subscription row is committed, then counts it (two at once over a limit of
@@ -67,6 +69,13 @@ class CheckoutService:
             # written meanwhile.
             await conn.execute("SELECT FROM users WHERE id = $1 FOR NO KEY UPDATE", user.id)
             named = await list_subscriptions(conn, user.id, resource_name=resource_name)
+            if any(_charging_saved_card(s) for s in named):
+                raise APIError(
+                    409,
+                    "payment_in_progress",
+                    f"A payment with your saved card for {resource_name!r} is under way. "
+                    "Subscribe with the saved card again to finish it, or choose another name.",
+                )
             for orphan in (s for s in named if s.status == "pending_payment"):
                 await self._abandon(orphan)
             # After the abandoning: an earlier checkout of this name may turn out to be paid.
@@ -89,6 +98,10 @@ class CheckoutService:
                 resource_name=resource_name,
                 resource_id=new_id(RESOURCE_ID_PREFIX[plan.resource_type]),
             )
+            if customer_id is not None:
+                record = await set_subscription_fields(
+                    conn, record.id, stripe_customer_id=customer_id
+                )
         return record
 
     async def start(
@@ -213,7 +226,16 @@ class CheckoutService:
             raise _stripe_unavailable("look up your saved card") from exc
         if customer_id is None or payment_method is None:
             raise _payment_method_required()
-        record = await self._reserve(user, plan, resource_name)
+        async with self._pool.acquire() as conn:
+            named = await list_subscriptions(conn, user.id, resource_name=resource_name)
+        # A retry (a double click, an answer lost) finishes the same subscription: the same
+        # idempotency key gets Stripe's first answer, or a 409 while that one is under way.
+        pending = [s for s in named if _charging_saved_card(s) and s.plan == plan.name]
+        record = (
+            pending[0]
+            if pending
+            else await self._reserve(user, plan, resource_name, customer_id=customer_id)
+        )
         try:
             info = await self._provider.create_subscription(
                 plan=plan, customer_id=customer_id, lookout_subscription_id=record.id
@@ -238,9 +260,7 @@ class CheckoutService:
                 raise _payment_method_required() from exc
             raise
         async with self._pool.acquire() as conn, conn.transaction():
-            record = await set_subscription_fields(
-                conn, record.id, stripe_subscription_id=info.id, stripe_customer_id=customer_id
-            )
+            record = await set_subscription_fields(conn, record.id, stripe_subscription_id=info.id)
             await record_audit(
                 conn,
                 "subscription.created_with_saved_card",
@@ -270,6 +290,16 @@ class CheckoutService:
                 conn, record.id, stripe_checkout_session_id=session.id
             )
         return record, session
+
+
+def _charging_saved_card(record: SubscriptionRecord) -> bool:
+    """Unpaid, no Checkout, a Customer named: a saved card is being charged (its outcome is
+    Stripe's). A Checkout's row has no Customer before it is paid."""
+    return (
+        record.status == "pending_payment"
+        and record.stripe_checkout_session_id is None
+        and record.stripe_customer_id is not None
+    )
 
 
 def _payment_method_required() -> APIError:

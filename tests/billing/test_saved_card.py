@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import pytest
 
 from app.settings import Settings
@@ -102,3 +103,36 @@ async def test_a_card_that_needs_authentication_falls_back_to_checkout(settings:
         session_id = created["checkout_url"].rsplit("/", 1)[1]
         await stack.pay(session_id)
         await stack.wait_for_status(created["id"], "active")
+
+
+async def test_a_double_submit_makes_one_subscription(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        customer = await _bought_once(stack)
+        await _save_card(stack, customer)
+        # Stripe is slow to answer the first: the second arrives while it is under way.
+        slow = {"method": "POST", "path": "/v1/subscriptions", "status": 200, "delay": 1.0}
+        await stack.emulator.post("/_emulator/faults", json=slow)
+        answers: list[Any] = []
+
+        async def submit() -> None:
+            answers.append(await _subscribe(stack, "twice"))
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(submit)
+            tasks.start_soon(submit)
+        codes = sorted(a.status_code for a in answers)
+        assert codes[0] == 201 and codes[1] in (201, 409, 503), [a.text for a in answers]
+        if codes[1] != 201:  # the customer tries again: it finishes the same subscription
+            again = await _subscribe(stack, "twice")
+            assert again.status_code == 201, again.text
+            answers.append(again)
+        ids = {a.json()["id"] for a in answers if a.status_code == 201}
+        assert len(ids) == 1
+        await stack.wait_for_status(ids.pop(), "active")
+        auth = {"Authorization": f"Bearer {stack.settings.stripe_api_key}"}
+        subs = (
+            await stack.emulator.get(f"/v1/subscriptions?customer={customer}", headers=auth)
+        ).json()["data"]
+        assert len(subs) == 2  # the first purchase's and this one
+        listed = (await stack.http.get("/v1/subscriptions")).json()["data"]
+        assert [s["resource_name"] for s in listed].count("twice") == 1
