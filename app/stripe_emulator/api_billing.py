@@ -130,11 +130,12 @@ def session_line_items(ctx: ApiContext) -> Obj:
         price = ctx.state.get("price", price_id)
         amount = price["unit_amount"] * quantity
         data.append({
-            "id": objects.stripe_id("li", 24), "object": "item", "amount_discount": 0,
+            "id": objects.stripe_id("li", 24), "object": "item", "adjustable_quantity": None,
+            "amount_discount": 0,
             "amount_subtotal": amount, "amount_tax": 0, "amount_total": amount,
             "currency": price["currency"],
             "description": ctx.state.get("product", price["product"])["name"],
-            "price": price, "quantity": quantity,
+            "metadata": {}, "price": price, "quantity": quantity,
         })  # fmt: skip
     return paginate(data, ctx.params, f"/v1/checkout/sessions/{sid}/line_items")
 

@@ -743,6 +743,7 @@ async def test_answers_have_the_shapes_of_stripes_own_objects(env: Env) -> None:
         "/v1/products",
         "/v1/prices",
         f"/v1/checkout/sessions/{session_id}",
+        f"/v1/checkout/sessions/{session_id}/line_items",
         "/v1/subscriptions",
         "/v1/invoices",
         "/v1/events?limit=100",
@@ -760,4 +761,6 @@ async def test_answers_have_the_shapes_of_stripes_own_objects(env: Env) -> None:
         for difference in _shape_differences(examples[kind], obj, kind)
     ]
     assert not differences, differences
-    assert {"checkout.session", "subscription", "invoice", "event", "customer"} <= set(served)
+    assert {"checkout.session", "subscription", "invoice", "event", "customer", "item"} <= set(
+        served
+    )
