@@ -124,6 +124,10 @@ export class Api {
   checkout(plan, resourceName) {
     return this.json("POST", "/v1/checkout", { plan, resource_name: resourceName });
   }
+  /** Subscribe with the saved card (no Checkout); 402 payment_method_required without one. */
+  subscribeWithSavedCard(plan, resourceName) {
+    return this.json("POST", "/v1/subscriptions", { plan, resource_name: resourceName });
+  }
   checkoutSession(sessionId) {
     return this.json("GET", `/v1/checkout/${enc(sessionId)}`);
   }

@@ -109,6 +109,7 @@ class Dashboard {
       subscriptionName: (id) => list.displayName(id),
     });
     this.session = { hub, list, invoices };
+    this.catalog.onSubscribed = (subscription) => list.upsert(subscription);
     // The user stream first, so that no change falls between the list and the stream; a
     // stream that had to start over without a position reloads the list (onGap).
     hub.open("/v1/events", {

@@ -64,6 +64,11 @@ export class PlanCatalog {
     this.dialog = new SubscribeDialog(dialog, api);
   }
 
+  /** `callback(subscription)` runs when a saved card bought one without leaving the page. */
+  set onSubscribed(callback) {
+    this.dialog.onSubscribed = callback;
+  }
+
   async load() {
     this.container.setAttribute("aria-busy", "true");
     try {
@@ -146,11 +151,14 @@ class SubscribeDialog {
     this.input = dialog.querySelector("[data-testid=resource-name-input]");
     this.error = dialog.querySelector(".field-error");
     this.submit = dialog.querySelector("[type=submit]");
+    this.savedCard = dialog.querySelector("[data-testid=saved-card-submit]");
+    this.onSubscribed = null;
     this.plan = null;
     this.opener = null;
     dialog.querySelector(".dialog-cancel").addEventListener("click", () => this.close());
     dialog.addEventListener("close", () => this.opener && this.opener.focus());
     this.form.addEventListener("submit", (event) => this.#submit(event));
+    this.savedCard?.addEventListener("click", () => this.#subscribeWithSavedCard());
   }
 
   open(plan, opener) {
@@ -178,16 +186,52 @@ class SubscribeDialog {
   #busy(busy) {
     this.submit.disabled = busy;
     this.submit.textContent = busy ? "Opening checkout…" : "Continue to checkout";
+    if (this.savedCard) this.savedCard.disabled = busy;
   }
 
-  async #submit(event) {
-    event.preventDefault();
+  #name() {
     const name = this.input.value.trim();
     if (!name) {
       this.#setError("Give your resource a name.");
       this.input.focus();
-      return;
     }
+    return name;
+  }
+
+  // The saved card is charged at once; the new subscription then follows on the list's stream.
+  // A bank that asks the customer to confirm the payment sends them to Checkout for it.
+  async #subscribeWithSavedCard() {
+    const name = this.#name();
+    if (!name) return;
+    this.#setError("");
+    this.#busy(true);
+    try {
+      const subscription = await this.api.subscribeWithSavedCard(this.plan.name, name);
+      if (subscription.checkout_url) {
+        window.location.assign(subscription.checkout_url);
+        return;
+      }
+      this.close();
+      if (this.onSubscribed) this.onSubscribed(subscription);
+    } catch (error) {
+      this.#busy(false);
+      if (error.handled) {
+        this.close();
+        return;
+      }
+      this.#setError(
+        error.code === "payment_method_required"
+          ? "You have no saved card yet. Continue to checkout to pay with a card."
+          : error.message,
+      );
+      this.input.focus();
+    }
+  }
+
+  async #submit(event) {
+    event.preventDefault();
+    const name = this.#name();
+    if (!name) return;
     this.#setError("");
     this.#busy(true);
     try {

@@ -412,6 +412,9 @@ export class SubscriptionList {
     }
     const card = this.cards.get(sub.id);
     if (card) {
+      // Updates of one subscription can be published out of order (its events are handled
+      // side by side); `updated_at` orders its versions, so an older one is dropped.
+      if (sub.updated_at && card.sub.updated_at && sub.updated_at < card.sub.updated_at) return;
       card.update(sub);
       return;
     }

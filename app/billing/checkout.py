@@ -8,13 +8,17 @@ import re
 import asyncpg
 
 from app.audit import record_audit
-from app.billing.customers import ensure_stripe_customer
+from app.billing.customers import ensure_stripe_customer, stripe_customer_id
 from app.billing.lifecycle import Lifecycle
 from app.billing.plans import Plan, plan_limit_refusal
 from app.billing.provider import (
     CheckoutSessionInfo,
+    PaymentDeclined,
+    PaymentMethodRequired,
+    PaymentNeedsAuthentication,
     PaymentProvider,
     PaymentProviderError,
+    PaymentProviderUnavailable,
 )
 from app.billing.subscriptions import (
     SubscriptionRecord,
@@ -54,9 +58,11 @@ class CheckoutService:
         self._lifecycle = lifecycle
         self._public_url = public_url
 
-    async def start(
-        self, user: User, plan: Plan, resource_name: str
-    ) -> tuple[SubscriptionRecord, CheckoutSessionInfo]:
+    async def _reserve(
+        self, user: User, plan: Plan, resource_name: str, *, customer_id: str | None = None
+    ) -> SubscriptionRecord:
+        """A new `pending_payment` subscription for `resource_name`, once the name is free and
+        the plan's limit allows it (409 otherwise); `customer_id` marks a saved card's."""
         async with self._pool.acquire() as conn, conn.transaction():
             # One checkout of a customer at a time decides: the next one waits here until this
             # one's subscription row is committed, then counts it (two at once over a limit of
@@ -64,6 +70,13 @@ class CheckoutService:
             # written meanwhile.
             await conn.execute("SELECT FROM users WHERE id = $1 FOR NO KEY UPDATE", user.id)
             named = await list_subscriptions(conn, user.id, resource_name=resource_name)
+            if any(_charging_saved_card(s) for s in named):
+                raise APIError(
+                    409,
+                    "payment_in_progress",
+                    f"A payment with your saved card for {resource_name!r} is under way. "
+                    "Subscribe with the saved card again to finish it, or choose another name.",
+                )
             for orphan in (s for s in named if s.status == "pending_payment"):
                 await self._abandon(orphan)
             # After the abandoning: an earlier checkout of this name may turn out to be paid.
@@ -86,6 +99,16 @@ class CheckoutService:
                 resource_name=resource_name,
                 resource_id=new_id(RESOURCE_ID_PREFIX[plan.resource_type]),
             )
+            if customer_id is not None:
+                record = await set_subscription_fields(
+                    conn, record.id, stripe_customer_id=customer_id
+                )
+        return record
+
+    async def start(
+        self, user: User, plan: Plan, resource_name: str
+    ) -> tuple[SubscriptionRecord, CheckoutSessionInfo]:
+        record = await self._reserve(user, plan, resource_name)
         try:
             # Every purchase of a user names the user's one Customer, so that the Customer
             # Portal shows all of them (Checkout would otherwise make a Customer each time).
@@ -189,3 +212,113 @@ class CheckoutService:
             )
         async with self._pool.acquire() as conn:
             return await get_subscription(conn, record.id) or record
+
+    # -- subscribing with a saved payment method (issue 13) -------------------------------------
+    async def subscribe(
+        self, user: User, plan: Plan, resource_name: str
+    ) -> tuple[SubscriptionRecord, CheckoutSessionInfo | None]:
+        """Subscribes with the default payment method of the user's Stripe Customer, without
+        Checkout. The payment is made in Stripe at once; provisioning follows on its
+        `invoice.paid`, as after Checkout. Answers a Checkout Session too when the bank asks the
+        customer to authenticate (SCA): they finish the payment there."""
+        customer_id = await stripe_customer_id(self._pool, user.id)
+        try:
+            payment_method = (
+                await self._provider.default_payment_method(customer_id) if customer_id else None
+            )
+        except PaymentProviderError as exc:
+            raise _stripe_unavailable("look up your saved card") from exc
+        if customer_id is None or payment_method is None:
+            raise _payment_method_required()
+        async with self._pool.acquire() as conn:
+            named = await list_subscriptions(conn, user.id, resource_name=resource_name)
+        # A retry (a double click, an answer lost) finishes the same subscription: the same
+        # idempotency key gets Stripe's first answer, or a 409 while that one is under way.
+        pending = [s for s in named if _charging_saved_card(s) and s.plan == plan.name]
+        record = (
+            pending[0]
+            if pending
+            else await self._reserve(user, plan, resource_name, customer_id=customer_id)
+        )
+        try:
+            info = await self._provider.create_subscription(
+                plan=plan, customer_id=customer_id, lookout_subscription_id=record.id
+            )
+        except PaymentNeedsAuthentication:
+            return await self._authenticate_in_checkout(record, plan, customer_id)
+        except PaymentProviderUnavailable as exc:
+            # Kept: Stripe may have made the subscription before the answer was lost; its
+            # events find this row by its id in the metadata.
+            raise _stripe_unavailable("charge your saved card") from exc
+        except (PaymentDeclined, PaymentMethodRequired, PaymentProviderError) as exc:
+            async with self._pool.acquire() as conn:  # nothing was created in Stripe
+                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+            if isinstance(exc, PaymentDeclined):
+                raise APIError(
+                    402,
+                    "card_declined",
+                    "Your saved card was declined and nothing was charged. Subscribe with "
+                    "another card through Checkout (POST /v1/checkout).",
+                ) from exc
+            if isinstance(exc, PaymentMethodRequired):
+                raise _payment_method_required() from exc
+            raise
+        async with self._pool.acquire() as conn, conn.transaction():
+            record = await set_subscription_fields(conn, record.id, stripe_subscription_id=info.id)
+            await record_audit(
+                conn,
+                "subscription.created_with_saved_card",
+                user_id=user.id,
+                subject_id=record.id,
+                detail={"plan": plan.name, "stripe_subscription_id": info.id},
+            )
+        return record, None
+
+    async def _authenticate_in_checkout(
+        self, record: SubscriptionRecord, plan: Plan, customer_id: str
+    ) -> tuple[SubscriptionRecord, CheckoutSessionInfo | None]:
+        try:
+            session = await self._provider.create_checkout_session(
+                plan=plan,
+                lookout_subscription_id=record.id,
+                success_url=f"{self._public_url}/checkout/return?session_id={{CHECKOUT_SESSION_ID}}",
+                cancel_url=f"{self._public_url}/?checkout=cancelled",
+                customer_id=customer_id,
+            )
+        except PaymentProviderError as exc:
+            async with self._pool.acquire() as conn:
+                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+            raise _stripe_unavailable("start the checkout") from exc
+        async with self._pool.acquire() as conn:
+            record = await set_subscription_fields(
+                conn, record.id, stripe_checkout_session_id=session.id
+            )
+        return record, session
+
+
+def _charging_saved_card(record: SubscriptionRecord) -> bool:
+    """Unpaid, no Checkout, a Customer named: a saved card is being charged (its outcome is
+    Stripe's). A Checkout's row has no Customer before it is paid."""
+    return (
+        record.status == "pending_payment"
+        and record.stripe_checkout_session_id is None
+        and record.stripe_customer_id is not None
+    )
+
+
+def _payment_method_required() -> APIError:
+    return APIError(
+        402,
+        "payment_method_required",
+        "You have no saved card to charge. Subscribe through Checkout (POST /v1/checkout), "
+        "which can save one.",
+    )
+
+
+def _stripe_unavailable(doing: str) -> APIError:
+    return APIError(
+        503,
+        "payment_provider_unavailable",
+        f"Stripe did not answer when we tried to {doing}. Try again in a moment.",
+        headers={"Retry-After": "5"},
+    )

@@ -53,7 +53,9 @@ def status_for_stripe(stripe_status: str, current: str) -> str:
     if stripe_status == "canceled":
         return "canceled"
     if stripe_status == "incomplete_expired":
-        return "expired" if current == "pending_payment" else current
+        # The first payment failed (a bank debit bounced, or it was never made): the same
+        # end as `checkout.session.async_payment_failed`, whichever of the two comes first.
+        return "failed" if current == "pending_payment" else current
     if current not in ACTIVE_RESOURCE_STATUSES:
         # Paid but not yet provisioned: provisioning, not Stripe, says when it is active.
         return current

@@ -17,6 +17,9 @@ from app.billing.plans import Plan
 __all__ = [
     "CheckoutSessionInfo",
     "InvoiceInfo",
+    "PaymentDeclined",
+    "PaymentMethodRequired",
+    "PaymentNeedsAuthentication",
     "PaymentProvider",
     "PaymentProviderError",
     "PaymentProviderNotFound",
@@ -45,6 +48,20 @@ class PaymentProviderNotFound(PaymentProviderError):
 
 class SubscriptionAlreadyCanceled(PaymentProviderError):
     """The subscription has ended in the provider; only its metadata can still change."""
+
+
+# -- subscribing with a saved payment method (issue 13) -----------------------------------------
+class PaymentMethodRequired(PaymentProviderError):
+    """The customer has no default payment method to charge: pay through Checkout instead."""
+
+
+class PaymentDeclined(PaymentProviderError):
+    """The customer's saved payment method was declined; nothing was created or charged."""
+
+
+class PaymentNeedsAuthentication(PaymentDeclined):
+    """The bank asks the customer to authenticate the payment (SCA), which only an on-session
+    flow such as Checkout can do; nothing was created or charged."""
 
 
 @dataclass(frozen=True)
@@ -214,6 +231,20 @@ class PaymentProvider(Protocol):
         and charged at once (`proration_behavior=always_invoice`), a downgrade credits the
         unused time to the next invoice (`create_prorations`). Raises
         `SubscriptionAlreadyCanceled` when it has ended."""
+        ...
+
+    # -- subscribing with a saved payment method (issue 13) -------------------------------------
+    async def default_payment_method(self, customer_id: str) -> str | None:
+        """The id of the customer's default payment method for invoices, or None."""
+        ...
+
+    async def create_subscription(
+        self, *, plan: Plan, customer_id: str, lookout_subscription_id: str
+    ) -> SubscriptionInfo:
+        """Subscribes the customer, charging the default payment method at once; the same
+        `lookout_subscription_id` (in the metadata, deriving the idempotency key) gives the same
+        subscription. Creates nothing when the payment cannot complete: raises
+        `PaymentMethodRequired`, `PaymentDeclined` or `PaymentNeedsAuthentication`."""
         ...
 
     async def aclose(self) -> None: ...

@@ -14,7 +14,7 @@ from app.billing.checkout import RESOURCE_NAME
 from app.billing.customers import stripe_customer_id
 from app.billing.intake import EventNotStorable, EventNotStored
 from app.billing.lifecycle import StripeState
-from app.billing.plans import PLANS, UnknownPlan, get_plan
+from app.billing.plans import PLANS, Plan, UnknownPlan, get_plan
 from app.billing.provider import (
     PaymentProviderError,
     PaymentProviderNotFound,
@@ -50,7 +50,8 @@ async def plans(request: Request) -> Response:
     return JSONResponse({"data": [plan.as_json() for plan in PLANS.values()]})
 
 
-async def create_checkout(request: Request) -> Response:
+async def _purchase(request: Request) -> tuple[User, Plan, str]:
+    """The signed-in user and what they buy: `{"plan", "resource_name"}`."""
     user = await authenticate(request)
     body = await read_json(request)
     plan_name = require_string(body, "plan", hint=f"Choose one of: {', '.join(PLANS)}.")
@@ -65,6 +66,11 @@ async def create_checkout(request: Request) -> Response:
         hint="Use 3 to 40 lower-case letters, digits and dashes, starting with a letter.",
         label="name of your resource",
     )
+    return user, plan, resource_name
+
+
+async def create_checkout(request: Request) -> Response:
+    user, plan, resource_name = await _purchase(request)
     record, session = await services(request).checkout.start(user, plan, resource_name)
     return JSONResponse(
         {
@@ -201,6 +207,19 @@ async def reactivate(request: Request) -> Response:
     return await _set_cancel_at_period_end(request, False)
 
 
+# -- subscribing with a saved payment method (issue 13) ---------------------------------------
+async def create_subscription(request: Request) -> Response:
+    """201 the subscription, paid with the saved card (provisioning follows on Stripe's
+    `invoice.paid`); when the bank asks for authentication, its `checkout_url` is where the
+    customer confirms the payment. 402 `payment_method_required` without a saved card."""
+    user, plan, resource_name = await _purchase(request)
+    record, session = await services(request).checkout.subscribe(user, plan, resource_name)
+    body = subscription_json(record)
+    if session is not None:
+        body["checkout_url"] = session.url
+    return JSONResponse(body, status_code=201)
+
+
 async def graph_subscription(request: Request) -> Response:
     user = await authenticate(request)
     graph_id = request.path_params["graph_id"]
@@ -288,6 +307,7 @@ billing_routes = [
     Route("/v1/checkout", create_checkout, methods=["POST"]),
     Route("/v1/checkout/{session_id}", checkout_status, methods=["GET"]),
     Route("/v1/subscriptions", subscriptions, methods=["GET"]),
+    Route("/v1/subscriptions", create_subscription, methods=["POST"]),
     Route("/v1/subscriptions/{subscription_id}", subscription, methods=["GET"]),
     Route("/v1/subscriptions/{subscription_id}/cancel", cancel, methods=["POST"]),
     Route("/v1/subscriptions/{subscription_id}/reactivate", reactivate, methods=["POST"]),

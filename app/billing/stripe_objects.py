@@ -36,10 +36,15 @@ def object_id(value: Any) -> str | None:
 
 
 def lookout_id(obj: Mapping[str, Any]) -> str | None:
-    metadata = obj.get("metadata")
-    if isinstance(metadata, Mapping) and isinstance(metadata.get(SUBSCRIPTION_ID_KEY), str):
-        found: str = metadata[SUBSCRIPTION_ID_KEY]
-        return found
+    """Our subscription's id, from the object's metadata; for an invoice, from its
+    subscription's metadata, which Stripe copies into it: an invoice event that comes before
+    any event naming the Stripe subscription still finds ours."""
+    parent = obj.get("parent")
+    details = parent.get("subscription_details") if isinstance(parent, Mapping) else None
+    for metadata in (obj.get("metadata"), details.get("metadata") if details else None):
+        if isinstance(metadata, Mapping) and isinstance(metadata.get(SUBSCRIPTION_ID_KEY), str):
+            found: str = metadata[SUBSCRIPTION_ID_KEY]
+            return found
     reference = obj.get("client_reference_id")
     return reference if isinstance(reference, str) and reference.startswith("sub_") else None
 

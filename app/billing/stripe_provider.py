@@ -26,6 +26,9 @@ from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     CheckoutSessionInfo,
     InvoiceInfo,
+    PaymentDeclined,
+    PaymentMethodRequired,
+    PaymentNeedsAuthentication,
     PaymentProviderError,
     RefundInfo,
     SubscriptionAlreadyCanceled,
@@ -436,4 +439,41 @@ class StripePaymentProvider:
                 options={"idempotency_key": idempotency_key},
             ),
         )
+        return subscription_info(sub)
+
+    # -- subscribing with a saved payment method (issue 13) -------------------------------------
+    async def default_payment_method(self, customer_id: str) -> str | None:
+        customer = await self._call(
+            f"retrieving the customer {customer_id}",
+            self._client.v1.customers.retrieve_async(customer_id),
+        )
+        settings = customer.invoice_settings
+        return expandable_id(settings.default_payment_method) if settings else None
+
+    async def create_subscription(
+        self, *, plan: Plan, customer_id: str, lookout_subscription_id: str
+    ) -> SubscriptionInfo:
+        price_id = await self.ensure_price(plan)
+        tags = {SUBSCRIPTION_ID_KEY: lookout_subscription_id, "lookout_plan": plan.name}
+        what = f"subscribing {customer_id} to {plan.name} for {lookout_subscription_id}"
+        try:
+            sub = await self._client.v1.subscriptions.create_async(
+                params={
+                    "customer": customer_id,
+                    "items": [{"price": price_id}],
+                    "metadata": tags,
+                    # Nothing is created unless the first invoice is paid now: no incomplete
+                    # subscription for the customer to find and no invoice left open.
+                    "payment_behavior": "error_if_incomplete",
+                },
+                options={"idempotency_key": f"lookout-subscribe-{lookout_subscription_id}"},
+            )
+        except stripe.CardError as exc:
+            if exc.code == "authentication_required":
+                raise PaymentNeedsAuthentication(f"{what}: {exc.user_message or exc}") from exc
+            raise PaymentDeclined(f"{what}: {exc.user_message or exc}") from exc
+        except stripe.StripeError as exc:
+            if refused(exc, 400) and "payment method" in str(exc):
+                raise PaymentMethodRequired(f"{what}: {exc.user_message or exc}") from exc
+            raise translate_error(what, exc) from exc
         return subscription_info(sub)

@@ -191,8 +191,11 @@ async def set_subscription_fields(
         raise ValueError(f"not settable: {sorted(unknown)}")
     names = sorted(fields)
     assignments = ", ".join(f"{name} = ${i}" for i, name in enumerate(names, start=2))
+    # clock_timestamp(), not now() (the transaction's start): a transaction that waited for
+    # the row's lock stamps a later time than the one it waited for, so `updated_at` orders a
+    # subscription's versions, and clients drop a `subscription.updated` published late.
     row = await conn.fetchrow(
-        f"UPDATE subscriptions SET {assignments}, updated_at = now() WHERE id = $1"
+        f"UPDATE subscriptions SET {assignments}, updated_at = clock_timestamp() WHERE id = $1"
         f" RETURNING {_COLUMNS}",
         subscription_id,
         *(fields[n] for n in names),
@@ -263,7 +266,7 @@ async def mark_paid(conn: Connection, payments: Sequence[Payment]) -> list[Subsc
         "UPDATE subscriptions SET status = 'provisioning',"
         " stripe_subscription_id = coalesce(stripe_subscription_id, p.paid_stripe_id),"
         " stripe_customer_id = coalesce(stripe_customer_id, p.paid_customer_id),"
-        " operation_id = p.paid_operation_id, updated_at = now()"
+        " operation_id = p.paid_operation_id, updated_at = clock_timestamp()"
         " FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])"
         " AS p(paid_id, paid_stripe_id, paid_customer_id, paid_operation_id)"
         f" WHERE id = p.paid_id AND status = 'pending_payment' RETURNING {_COLUMNS}",

@@ -21,6 +21,12 @@ def main() -> None:
     parser.add_argument(
         "--control-key", default=None, help="ask for this key on the /_emulator/ controls"
     )
+    parser.add_argument(
+        "--shuffle-seed", type=int, default=None, help="deliver webhooks late and out of order"
+    )
+    parser.add_argument(
+        "--max-delay", type=float, default=2.0, help="longest delay of a shuffled delivery (s)"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     app = create_emulator(
@@ -29,6 +35,8 @@ def main() -> None:
         public_url=args.public_url or f"http://{args.host}:{args.port}",
         api_key=args.api_key,
         control_key=args.control_key,
+        webhook_shuffle_seed=args.shuffle_seed,
+        webhook_max_delay=args.max_delay,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 

@@ -24,7 +24,7 @@ from starlette.responses import Response
 from app.stripe_emulator import objects
 from app.stripe_emulator.errors import StripeError
 from app.stripe_emulator.forms import as_list, parse_pairs
-from app.stripe_emulator.state import EmulatorState, Obj, RequestRecord, SavedResponse
+from app.stripe_emulator.state import EmulatorState, Fault, Obj, RequestRecord, SavedResponse
 from app.stripe_emulator.webhooks import WebhookDispatcher
 
 logger = logging.getLogger(__name__)
@@ -81,23 +81,90 @@ def api_key_of(request: Request) -> str | None:
     return None
 
 
-def expand(state: EmulatorState, obj: Any, path: list[str]) -> Any:
-    """Replace ids by objects along a dotted `expand[]` path (`data.` walks a list)."""
-    if not path:
+# Ids of objects the emulator does not keep (payment methods, charges...): expandable in
+# Stripe, left as ids here.
+_FOREIGN_IDS = ("pm_", "pi_", "ch_", "re_", "card_", "src_", "txn_", "bpc_", "acct_", "cn_")
+_MAX_EXPAND_DEPTH = 4
+
+
+def _not_expandable(full: str) -> StripeError:
+    return StripeError.invalid(f"This property cannot be expanded ({full}).", param="expand")
+
+
+def expand(state: EmulatorState, obj: Any, path: list[str], full: str = "") -> Any:
+    """Replace ids by objects along a dotted `expand[]` path (`data.` walks a list). A path
+    that names no expandable property is refused, as Stripe refuses it."""
+    full = full or ".".join(path)
+    if len(full.split(".")) > _MAX_EXPAND_DEPTH:
+        raise StripeError.invalid(
+            f"You cannot expand more than {_MAX_EXPAND_DEPTH} levels of a property ({full}).",
+            param="expand",
+        )
+    if not path or obj is None:
         return obj
     if isinstance(obj, list):
-        return [expand(state, item, path) for item in obj]
-    if not isinstance(obj, dict):
-        return obj
+        return [expand(state, item, path, full) for item in obj]
+    if not isinstance(obj, dict) or path[0] not in obj:
+        raise _not_expandable(full)
     head, rest = path[0], path[1:]
-    value = obj.get(head)
+    value = obj[head]
     if isinstance(value, str):
         found = state.find(value)
         if found is None:
+            if not value.startswith(_FOREIGN_IDS):
+                raise _not_expandable(full)
             return obj
         value = copy.deepcopy(found)
-    obj[head] = expand(state, value, rest)
+    elif value is not None and not rest and not (isinstance(value, dict) and "id" in value):
+        raise _not_expandable(full)  # a scalar, a hash or a list: nothing to expand
+    obj[head] = expand(state, value, rest, full)
     return obj
+
+
+def _saves(exc: StripeError) -> bool:
+    """Stripe saves an error answer under its idempotency key once the endpoint began
+    executing; a request refused by parameter validation never began, and may be retried."""
+    return not (exc.code or "").startswith("parameter_")
+
+
+async def _execute(
+    ctx: ApiContext, handler: Handler, record: RequestRecord, key: tuple[str, str] | None,
+    fault: Fault | None, headers: dict[str, str],
+) -> Response:  # fmt: skip
+    """Runs the handler with `key` held in flight, and saves its answer for replays: a result,
+    an error raised while executing, a 500. An injected fault strikes before execution (as a
+    429 or a load balancer's 5xx at Stripe would): nothing is saved, a retry may succeed."""
+    state = ctx.state
+    if key is not None:
+        state.in_flight.add(key)
+    try:
+        if fault is not None and fault.delay > 0:
+            await anyio.sleep(fault.delay)
+        if fault is not None and fault.status >= 400:
+            headers["Stripe-Should-Retry"] = "true"
+            raise StripeError(fault.status, fault.message, type=fault.error_type)
+        saved = True
+        try:
+            result = copy.deepcopy(handler(ctx))
+            for expansion in as_list(ctx.params.get("expand"), "expand"):
+                result = expand(state, result, str(expansion).split("."), str(expansion))
+            status, body = 200, json.dumps(result, indent=2).encode()
+        except StripeError as exc:
+            saved = _saves(exc)
+            status, body = exc.status, json.dumps(exc.body(record.request_id), indent=2).encode()
+        except Exception:  # a bug of the emulator: answer as Stripe would, keep the trace
+            logger.exception("emulator failed on %s %s", record.method, record.path)
+            error = StripeError(500, "An unknown error occurred in the emulator.", type="api_error")
+            status, body = 500, json.dumps(error.body(record.request_id), indent=2).encode()
+    finally:
+        if key is not None:
+            state.in_flight.discard(key)
+    if key is not None and saved:
+        state.idempotency[key] = SavedResponse(
+            record.method, record.path, ctx.params, status, body, record.request_id
+        )
+    record.status = status
+    return Response(body, status, headers, media_type="application/json")
 
 
 def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Handler) -> Endpoint:
@@ -125,11 +192,6 @@ def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Han
             params = parse_pairs(form)
             record.params = params
             fault = state.take_fault(method, path)
-            if fault is not None and fault.delay > 0:
-                await anyio.sleep(fault.delay)
-            if fault is not None and fault.status >= 400:
-                headers["Stripe-Should-Retry"] = "true"
-                raise StripeError(fault.status, fault.message, type=fault.error_type)
             # Stripe ignores Idempotency-Key on GET and DELETE: they are idempotent already.
             key = (api_key, idem) if idem and method == "POST" else None
             saved = state.idempotency.get(key) if key else None
@@ -147,15 +209,18 @@ def api_endpoint(state: EmulatorState, webhooks: WebhookDispatcher, handler: Han
                     {"Idempotent-Replayed": "true", "Original-Request": saved.request_id}
                 )
                 return Response(saved.body, saved.status, headers, media_type="application/json")
+            if key is not None and key in state.in_flight:
+                # Nothing is saved for the loser: it may retry once the first one has answered.
+                headers["Stripe-Should-Retry"] = "true"
+                raise StripeError(
+                    409,
+                    f"There is currently another in-progress request using this Idempotent Key "
+                    f"(that probably means you submitted twice, and the other request is still "
+                    f"going through): {idem}. Please try again later.",
+                    code="idempotency_key_in_use",
+                )
             ctx = ApiContext(state, webhooks, params, dict(request.path_params), request_id, idem)
-            result = copy.deepcopy(handler(ctx))
-            for expansion in as_list(params.get("expand"), "expand"):
-                result = expand(state, result, str(expansion).split("."))
-            body = json.dumps(result, indent=2).encode()
-            if key is not None:
-                state.idempotency[key] = SavedResponse(method, path, params, 200, body, request_id)
-            record.status = 200
-            return Response(body, 200, headers, media_type="application/json")
+            return await _execute(ctx, handler, record, key, fault, headers)
         except StripeError as exc:
             record.status = exc.status
             return _json(exc.status, exc.body(request_id), headers)

@@ -130,11 +130,12 @@ def session_line_items(ctx: ApiContext) -> Obj:
         price = ctx.state.get("price", price_id)
         amount = price["unit_amount"] * quantity
         data.append({
-            "id": objects.stripe_id("li", 24), "object": "item", "amount_discount": 0,
+            "id": objects.stripe_id("li", 24), "object": "item", "adjustable_quantity": None,
+            "amount_discount": 0,
             "amount_subtotal": amount, "amount_tax": 0, "amount_total": amount,
             "currency": price["currency"],
             "description": ctx.state.get("product", price["product"])["name"],
-            "price": price, "quantity": quantity,
+            "metadata": {}, "price": price, "quantity": quantity,
         })  # fmt: skip
     return paginate(data, ctx.params, f"/v1/checkout/sessions/{sid}/line_items")
 
@@ -254,3 +255,70 @@ def list_events(ctx: ApiContext) -> Obj:
     if types:  # `customer.subscription.*` as Stripe allows
         items = [o for o in items if any(fnmatch.fnmatchcase(o["type"], str(t)) for t in types)]
     return paginate(items, p, "/v1/events")
+
+
+# -- creating a subscription for a saved payment method (issue 13) ------------------------------
+_CREATE_SUBSCRIPTION_PARAMS = (
+    "customer", "items", "metadata", "payment_behavior", "default_payment_method",
+    "description", "off_session",
+)  # fmt: skip
+_PAYMENT_BEHAVIORS = ("allow_incomplete", "error_if_incomplete", "default_incomplete")
+
+
+def create_subscription(ctx: ApiContext) -> Obj:
+    """`POST /v1/subscriptions`: charged at once to the customer's default payment method.
+    With `payment_behavior=error_if_incomplete` a payment that fails or needs the customer to
+    authenticate creates nothing and answers 402, as Stripe does."""
+    p, state = ctx.params, ctx.state
+    reject_unknown(p, _CREATE_SUBSCRIPTION_PARAMS)
+    customer_id = as_str(p.get("customer"), "customer")
+    if customer_id is None:
+        raise StripeError.missing("customer")
+    cust = state.get("customer", customer_id, param="customer")
+    items = as_list(p.get("items"), "items")
+    if len(items) != 1:
+        raise StripeError.invalid("The emulator supports exactly one item.", param="items")
+    price_id = as_str(as_dict(items[0], "items[0]").get("price"), "items[0][price]")
+    if price_id is None:
+        raise StripeError.missing("items[0][price]")
+    price = state.get("price", price_id, param="items[0][price]")
+    if price["recurring"] is None or not price["active"]:
+        raise StripeError.invalid(
+            "The price must be an active recurring price.", param="items[0][price]"
+        )
+    behavior = as_str(p.get("payment_behavior"), "payment_behavior") or "allow_incomplete"
+    if behavior not in _PAYMENT_BEHAVIORS:
+        raise StripeError.invalid(
+            f"Invalid payment_behavior: must be one of {', '.join(_PAYMENT_BEHAVIORS)}",
+            param="payment_behavior",
+        )
+    meta = as_str_dict(p.get("metadata"), "metadata")
+    own_pm = as_str(p.get("default_payment_method"), "default_payment_method")
+    pm = own_pm or cust["invoice_settings"]["default_payment_method"]
+    if pm is None and behavior != "default_incomplete":
+        raise StripeError.invalid(
+            "This customer has no attached payment source or default payment method. Please "
+            "consider adding a default payment method.",
+            code="resource_missing",
+        )
+    outcome = state.card_outcomes.get(pm or "", "succeeds")
+    if behavior == "error_if_incomplete" and outcome != "succeeds":
+        raise _card_error(outcome)
+    paid = pm is not None and outcome == "succeeds" and behavior != "default_incomplete"
+    sub, inv = flows.start_subscription(ctx.state, ctx.emit, cust, price, meta, paid=paid)
+    sub["default_payment_method"] = own_pm
+    if pm is not None and not paid and behavior == "allow_incomplete":
+        flows.fail_payment(state, ctx.emit, inv, action_required=outcome != "declined")
+    return sub
+
+
+def _card_error(outcome: str) -> StripeError:
+    if outcome == "requires_action":
+        return StripeError(
+            402,
+            "This payment requires the customer to authenticate (3D Secure); confirm it "
+            "on-session, for example in Checkout.",
+            type="card_error",
+            code="authentication_required",
+        )
+    return StripeError(402, "Your card was declined.", type="card_error", code="card_declined")

@@ -44,6 +44,7 @@ _API: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/checkout/sessions/{id}/line_items", billing.session_line_items),
     ("POST", "/v1/checkout/sessions/{id}/expire", billing.expire_session),
     ("GET", "/v1/subscriptions", billing.list_subscriptions),
+    ("POST", "/v1/subscriptions", billing.create_subscription),
     ("GET", "/v1/subscriptions/{id}", billing.retrieve_subscription),
     ("POST", "/v1/subscriptions/{id}", billing.update_subscription),
     ("DELETE", "/v1/subscriptions/{id}", billing.cancel_subscription),
@@ -79,14 +80,19 @@ def create_emulator(
     public_url: str,
     api_key: str | None = None,
     webhook_retry_base: float = 1.0,
-    webhook_max_attempts: int = 8,
+    webhook_max_attempts: int | None = None,
+    webhook_shuffle_seed: int | None = None,
+    webhook_max_delay: float = 0.0,
     control_key: str | None = None,
 ) -> Starlette:
     """A fresh emulator with its own in-memory state.
 
     `public_url` is where browsers reach it (Checkout Session `url`s point there);
-    `api_key`, when given, is the only secret key accepted; webhooks that fail are retried
-    after `webhook_retry_base * 2**n` seconds, `webhook_max_attempts` times in all;
+    `api_key`, when given, is the only secret key accepted; webhooks that fail are retried on
+    Stripe's three-day schedule, compressed so that `webhook_retry_base` seconds stand for its
+    first minute (`webhook_max_attempts`, when given, cuts it short). With
+    `webhook_shuffle_seed`, each delivery waits up to `webhook_max_delay` seconds, so events
+    arrive late and out of order as Stripe allows (see `webhooks`).
     `control_key`, when given, is asked for by every `/_emulator/` control.
     """
     state = EmulatorState(
@@ -98,6 +104,8 @@ def create_emulator(
         secret=webhook_secret,
         retry_base=webhook_retry_base,
         max_attempts=webhook_max_attempts,
+        shuffle_seed=webhook_shuffle_seed,
+        max_delay=webhook_max_delay,
     )
     routes = [
         Route(path, api_endpoint(state, webhooks, handler), methods=[method])

@@ -117,12 +117,14 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
             return flows.cancel_now(state, emit, sub_id)
         # As the Customer Portal does in flexible billing mode: `cancel_at` only.
         sub = state.get("subscription", sub_id)
+        flows.refuse_ended(sub, "canceled")
         details: Obj = {k: body[k] for k in ("comment", "feedback") if k in body}
         end = flows.resolve_cancel_at(state, sub, "min_period_end")
         return flows.set_cancel_at(state, emit, sub, end, details=details)
 
     def portal_reactivate(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:
         sub = state.get("subscription", sub_id)
+        flows.refuse_ended(sub, "reactivated")
         return flows.set_cancel_at(state, emit, sub, None)
 
     def renew(emit: flows.Emit, sub_id: str, body: Obj) -> Obj:
@@ -141,7 +143,10 @@ def control_routes(state: EmulatorState, webhooks: WebhookDispatcher) -> list[Ro
         return flows.set_status(state, emit, sub_id, status)
 
     def payment_method(emit: flows.Emit, customer_id: str, body: Obj) -> Obj:
-        return flows.attach_payment_method(state, emit, customer_id)
+        return flows.attach_payment_method(
+            state, emit, customer_id, outcome=str(body.get("card", "succeeds")),
+            default=bool(body.get("default", True)),
+        )  # fmt: skip
 
     def fail_refund(emit: flows.Emit, refund_id: str, body: Obj) -> Obj:
         reason = str(body.get("reason", "expired_or_canceled_card"))

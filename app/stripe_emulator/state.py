@@ -121,10 +121,15 @@ class EmulatorState:
     order: dict[str, list[str]] = field(default_factory=dict)
     requests: list[RequestRecord] = field(default_factory=list)
     idempotency: dict[tuple[str, str], SavedResponse] = field(default_factory=dict)
+    # (API key, Idempotency-Key) of requests executing now: a duplicate meanwhile gets 409.
+    in_flight: set[tuple[str, str]] = field(default_factory=set)
     faults: list[Fault] = field(default_factory=list)
     session_items: dict[str, list[tuple[str, int]]] = field(default_factory=dict)
     session_subscription_data: dict[str, Obj] = field(default_factory=dict)
     invoice_numbers: int = 0
+    # -- saved payment methods (issue 13): what charging each one does, by id: "succeeds",
+    # "declined" or "requires_action" (the bank asks the customer to authenticate: SCA).
+    card_outcomes: dict[str, str] = field(default_factory=dict)
 
     def now(self) -> int:
         return int(self.clock())

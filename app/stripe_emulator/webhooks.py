@@ -1,7 +1,10 @@
 """Events as Stripe builds them, signed as Stripe signs them, delivered in the background.
 
-Delivery is in creation order while the receiver answers 2xx; a failed delivery is retried with
-exponential backoff while later events go on, so the receiver sees the reordering Stripe causes.
+By default delivery is in creation order while the receiver answers 2xx. Stripe promises no
+order: with a `shuffle_seed` every delivery waits a random delay (up to `max_delay`, drawn from
+that seed) and they run concurrently, so events arrive late and out of order, and one seed
+replays the same delays. A failed delivery is retried on Stripe's live-mode schedule (see
+`retry_schedule`) while later events go on.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import hashlib
 import hmac
 import json
 import logging
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +29,24 @@ from app.stripe_emulator.state import EmulatorState, Obj
 logger = logging.getLogger(__name__)
 
 _WAITING = frozenset({"pending", "delivering", "retrying"})
+# Stripe retries a failed delivery "for up to three days with an exponential back off" in live
+# mode. The emulator doubles from one minute within those three days (12 retries, the last
+# about 34 hours after the one before); `retry_base` seconds of emulator time stand for a
+# minute, so tests run the same schedule compressed.
+_FIRST_RETRY = 60.0
+_RETRY_HORIZON = 3 * 86400.0
+
+
+def retry_schedule(first: float = _FIRST_RETRY, horizon: float = _RETRY_HORIZON) -> list[float]:
+    """Stripe-time seconds before each retry: doubling from `first` while the total stays
+    within `horizon`."""
+    delays: list[float] = []
+    delay, total = first, 0.0
+    while total + delay <= horizon:
+        delays.append(delay)
+        total += delay
+        delay *= 2
+    return delays
 
 
 @dataclass
@@ -63,15 +85,25 @@ class WebhookDispatcher:
         url: str | None,
         secret: str,
         retry_base: float = 1.0,
-        max_attempts: int = 8,
+        max_attempts: int | None = None,
         timeout: float = 10.0,
+        shuffle_seed: int | None = None,
+        max_delay: float = 0.0,
     ) -> None:
         self.state = state
         self.url = url
         self.secrets = [secret]
         self.retry_base = retry_base
-        self.max_attempts = max_attempts
+        schedule = retry_schedule()
+        if max_attempts is not None:
+            schedule = schedule[: max(max_attempts - 1, 0)]
+        self.schedule = schedule  # Stripe-time seconds before each retry
+        self.max_attempts = len(schedule) + 1
         self.timeout = timeout
+        self.shuffle_seed = shuffle_seed
+        self.max_delay = max_delay
+        self._rng = random.Random(shuffle_seed) if shuffle_seed is not None else None
+        self._deliveries: set[asyncio.Task[None]] = set()
         self.paused = False
         self.deliveries: dict[str, Delivery] = {}
         self._ready: deque[str] = deque()
@@ -146,7 +178,7 @@ class WebhookDispatcher:
         return True
 
     async def aclose(self) -> None:
-        tasks = [t for t in (self._worker, *self._retries) if t is not None]
+        tasks = [t for t in (self._worker, *self._retries, *self._deliveries) if t is not None]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -174,25 +206,44 @@ class WebhookDispatcher:
                 if delivery.state != "pending":
                     continue
                 delivery.state = "delivering"
-                try:
-                    ok, _status, _error = await self._attempt(event_id)
-                except Exception:  # the worker must outlive one bad event
-                    logger.exception("delivering webhook %s failed", event_id)
-                    delivery.state = "failed"
+                if self._rng is None:
+                    await self._deliver(event_id, 0.0)
                     continue
-                if ok:
-                    delivery.state = "delivered"
-                elif len(delivery.attempts) >= self.max_attempts:
-                    delivery.state = "failed"
-                    logger.warning(
-                        "webhook %s failed %d times; giving up", event_id, self.max_attempts
-                    )
-                else:
-                    delivery.state = "retrying"
-                    delay = self.retry_base * 2 ** (len(delivery.attempts) - 1)
-                    task = asyncio.get_running_loop().create_task(self._retry(event_id, delay))
-                    self._retries.add(task)
-                    task.add_done_callback(self._retries.discard)
+                task = asyncio.get_running_loop().create_task(
+                    self._deliver(event_id, self._rng.uniform(0.0, self.max_delay))
+                )
+                self._deliveries.add(task)
+                task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver(self, event_id: str, delay: float) -> None:
+        """One attempt (after `delay`), then delivered, failed, or a retry on the schedule."""
+        delivery = self.deliveries[event_id]
+        if delay > 0:
+            await asyncio.sleep(delay)
+            if self.paused:  # paused while it waited: it goes with the others on resume
+                delivery.state = "pending"
+                self._ready.append(event_id)
+                return
+        try:
+            ok, _status, _error = await self._attempt(event_id)
+        except Exception:  # the worker must outlive one bad event
+            logger.exception("delivering webhook %s failed", event_id)
+            delivery.state = "failed"
+            return
+        retries = len(delivery.attempts) - 1
+        if ok:
+            delivery.state = "delivered"
+        elif retries >= len(self.schedule):
+            delivery.state = "failed"
+            logger.warning("webhook %s failed %d times; giving up", event_id, self.max_attempts)
+        else:
+            delivery.state = "retrying"
+            stripe_delay = self.schedule[retries]
+            delivery.attempts[-1]["retry_in"] = stripe_delay
+            wait = self.retry_base * stripe_delay / _FIRST_RETRY
+            task = asyncio.get_running_loop().create_task(self._retry(event_id, wait))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
 
     async def _retry(self, event_id: str, delay: float) -> None:
         await asyncio.sleep(delay)

@@ -14,7 +14,6 @@ __all__ = ["NOT_YET_MOUNTED", "documented_operations", "mounted_operations", "sh
 # merge this set is empty.
 NOT_YET_MOUNTED: frozenset[tuple[str, str]] = frozenset(
     {
-        ("POST", "/v1/subscriptions"),
     }
 )
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")

@@ -17,8 +17,8 @@ pytestmark = pytest.mark.anyio
 SEQUENCE = (
     "checkout.session.completed",
     "customer.subscription.created",
-    "customer.subscription.updated",
     "invoice.paid",
+    "invoice.payment_succeeded",
 )
 
 
@@ -115,8 +115,15 @@ async def test_stripe_events_move_the_status_as_described(settings: Settings) ->
         await stack.wait_for_status(sub_id, "past_due")
         await stack.emulator.post(f"{control}/pay_invoice", json={})
         await stack.wait_for_status(sub_id, "active")
+        # Stripe makes a subscription unpaid only once the retries of a past_due one ran out.
+        refused = await stack.emulator.post(f"{control}/status", json={"status": "unpaid"})
+        assert refused.status_code == 400
+        await stack.emulator.post(f"{control}/renew", json={"outcome": "failed"})
+        await stack.wait_for_status(sub_id, "past_due")
         await stack.emulator.post(f"{control}/status", json={"status": "unpaid"})
         await stack.wait_for_status(sub_id, "unpaid")
+        await stack.emulator.post(f"{control}/pay_invoice", json={})
+        await stack.wait_for_status(sub_id, "active")
         await stack.emulator.post(f"{control}/status", json={"status": "paused"})
         await stack.wait_for_status(sub_id, "paused")
         await stack.emulator.post(f"{control}/status", json={"status": "active"})

@@ -213,8 +213,10 @@ async def test_a_stopped_instance_woken_after_a_takeover_undoes_and_redoes_nothi
             subscription_id = await pay_for_a_graph(setup, http)
 
             async def waiting() -> asyncpg.Record | None:
+                # Not yet `pending` either: an operation is created before it runs, and with
+                # the webhooks out of order the test may look in between.
                 op = await setup.operation(subscription_id)
-                return op if op is not None and op["status"] != "running" else None
+                return op if op is not None and op["status"] not in ("pending", "running") else None
 
             op = await wait_for(waiting, within=60, what="the provision to wait")
             assert op["status"] == "waiting"

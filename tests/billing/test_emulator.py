@@ -3,12 +3,14 @@ webhooks verified by `stripe.Webhook.construct_event` in a live receiver."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 import stripe
@@ -21,6 +23,8 @@ from app.billing.stripe_provider import StripeHTTPXClient
 from app.stripe_emulator import API_VERSION, create_emulator
 from app.stripe_emulator.forms import parse_pairs
 from tests.support import free_port, live_server
+from tests.support.stack import wait_for
+from tests.support.stripe_events import FIXTURES
 
 pytestmark = pytest.mark.anyio
 
@@ -283,18 +287,17 @@ async def test_webhooks_are_signed_like_stripe_and_verify(env: Env) -> None:
     flow = [t for t in receiver.types() if t not in ("price.created", "product.created")]
     assert flow == [
         "customer.created",
-        "customer.subscription.created",
         "invoice.created",
         "invoice.finalized",
         "payment_intent.created",
         "charge.succeeded",
         "payment_intent.succeeded",
         "invoice_payment.paid",
+        "customer.subscription.created",
         "invoice.paid",
         "invoice.payment_succeeded",
-        "customer.subscription.updated",
         "checkout.session.completed",
-    ]  # creation order, as delivered to a receiver that answers 2xx
+    ]  # creation order, as delivered in order to a receiver that answers 2xx
     by_type = {e.type: e for e in receiver.events}
     completed = by_type["checkout.session.completed"]
     assert completed.api_version == API_VERSION and completed.object == "event"
@@ -303,10 +306,11 @@ async def test_webhooks_are_signed_like_stripe_and_verify(env: Env) -> None:
     assert obj["subscription"] == sub_id
     assert obj["metadata"].to_dict() == {"lookout_subscription_id": "sub_local"}
     created = by_type["customer.subscription.created"].data.object
-    assert created["status"] == "incomplete"  # as Stripe creates it, before the first payment
-    updated = by_type["customer.subscription.updated"]
-    assert updated.data.object["status"] == "active"
-    assert updated.data.to_dict()["previous_attributes"] == {"status": "incomplete"}
+    # Stripe's current order: created once paid, so active at once and never updated from
+    # incomplete (2025-03-31.basil: "Subscriptions are now created after the user completes
+    # payment").
+    assert created["status"] == "active" and created["latest_invoice"] == obj["invoice"]
+    assert "customer.subscription.updated" not in by_type
     assert len({e.id for e in receiver.events}) == len(receiver.events)
 
 
@@ -346,7 +350,7 @@ async def test_held_and_paused_deliveries(env: Env) -> None:
     # Only the events of the API calls went out; those of the payment are held.
     assert set(env.receiver.types()) == {"price.created", "product.created"}
     await env.control("webhooks/pause")
-    assert (await env.control("webhooks/release"))["released"] >= 8
+    assert (await env.control("webhooks/release"))["released"] >= 7
     drained = await env.http.post(f"{env.base}/_emulator/webhooks/drain", json={"timeout": 0.2})
     assert drained.json() == {"drained": False}
     assert "checkout.session.completed" not in env.receiver.types()
@@ -613,3 +617,286 @@ async def test_the_customer_portal_cancels_renews_updates_the_card_and_lists_inv
         await env.sdk.v1.billing_portal.sessions.create_async(
             params={"customer": customer, "flow_data": {"type": "payment_method_update"}}
         )
+
+
+# -- Stripe's strictness (issue 13): idempotency, expand[], order, refusals, retries, shapes ---
+
+
+async def _raw(
+    env: Env, method: str, path: str, form: str = "", key: str | None = None
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    if method == "GET":
+        return await env.http.get(f"{env.base}{path}?{form}", headers=headers)
+    headers["Content-Type"] = "application/x-www-form-urlencoded"
+    return await env.http.request(method, f"{env.base}{path}", content=form, headers=headers)
+
+
+async def test_an_error_once_executing_is_saved_and_replayed(env: Env) -> None:
+    first = await _raw(env, "POST", "/v1/subscriptions/sub_gone", "metadata[a]=b", key="upd-1")
+    assert first.status_code == 404 and "Idempotent-Replayed" not in first.headers
+    again = await _raw(env, "POST", "/v1/subscriptions/sub_gone", "metadata[a]=b", key="upd-1")
+    assert again.status_code == 404 and again.content == first.content
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.headers["Original-Request"] == first.headers["Request-Id"]
+    # A request refused by parameter validation never began executing: nothing is saved, and
+    # the same key with the parameters put right goes through.
+    typo = await _raw(env, "POST", "/v1/customers", "emial=a%40example.com", key="cust-1")
+    assert typo.status_code == 400 and typo.json()["error"]["code"] == "parameter_unknown"
+    fixed = await _raw(env, "POST", "/v1/customers", "email=a%40example.com", key="cust-1")
+    assert fixed.status_code == 200 and "Idempotent-Replayed" not in fixed.headers
+
+
+async def test_a_duplicate_while_the_first_is_executing_gets_409(env: Env) -> None:
+    slow = {"method": "POST", "path": "/v1/customers", "status": 200, "count": 1, "delay": 1.0}
+    await env.control("faults", slow)
+    async with anyio.create_task_group() as tasks:
+        answers: dict[str, httpx.Response] = {}
+
+        async def first() -> None:
+            answers["first"] = await _raw(env, "POST", "/v1/customers", "email=x", key="dup")
+
+        tasks.start_soon(first)
+        await wait_for(lambda: env.requests("POST", "/v1/customers"), what="the first request")
+        answers["second"] = await _raw(env, "POST", "/v1/customers", "email=x", key="dup")
+    second = answers["second"]
+    assert second.status_code == 409
+    assert second.json()["error"]["code"] == "idempotency_key_in_use"
+    assert second.headers["Stripe-Should-Retry"] == "true"
+    assert answers["first"].status_code == 200
+    third = await _raw(env, "POST", "/v1/customers", "email=x", key="dup")
+    assert third.headers["Idempotent-Replayed"] == "true"
+    assert third.json()["id"] == answers["first"].json()["id"]
+
+
+async def test_an_unknown_expand_path_is_refused(env: Env) -> None:
+    session_id, sub_id = await _paid_subscription(env)
+    path = f"/v1/checkout/sessions/{session_id}"
+    for bad in ("nope", "status", "metadata", "subscription.nope", "a.b.c.d.e"):
+        answer = await _raw(env, "GET", path, f"expand[]={bad}")
+        assert answer.status_code == 400, bad
+        assert answer.json()["error"]["param"] == "expand"
+    good = await _raw(env, "GET", path, "expand[]=subscription.latest_invoice&expand[]=customer")
+    assert good.status_code == 200
+    assert good.json()["subscription"]["latest_invoice"]["object"] == "invoice"
+    listed = await _raw(env, "GET", "/v1/subscriptions", "expand[]=data.customer")
+    assert listed.json()["data"][0]["customer"]["object"] == "customer"
+    assert (await _raw(env, "GET", "/v1/subscriptions", "expand[]=customer")).status_code == 400
+    updated = await _raw(env, "POST", f"/v1/subscriptions/{sub_id}", "expand[]=plan")
+    assert updated.status_code == 400
+
+
+async def test_checkout_creates_the_subscription_only_once_paid(env: Env) -> None:
+    price = await env.sdk.v1.prices.create_async(
+        params={
+            "currency": "usd",
+            "unit_amount": 2900,
+            "recurring": {"interval": "month"},
+            "product_data": {"name": "Graph Standard (test)"},
+        }
+    )
+    session = await env.sdk.v1.checkout.sessions.create_async(
+        params={"mode": "subscription", "line_items": [{"price": price.id, "quantity": 1}]}
+    )
+    assert session.subscription is None and session.invoice is None
+    assert (await env.sdk.v1.subscriptions.list_async(params={"status": "all"})).data == []
+    paid = await env.control(f"checkout/{session.id}/pay")
+    types = [e["type"] for e in paid["events"]]
+    assert types.index("customer.subscription.created") < types.index("invoice.paid")
+    assert types[-1] == "checkout.session.completed"
+    assert "customer.subscription.updated" not in types
+    created_id = paid["events"][types.index("customer.subscription.created")]["id"]
+    created = (await env.sdk.v1.events.retrieve_async(created_id)).data.object
+    assert created["status"] == "active"
+
+
+async def test_a_failed_async_payment_ends_the_subscription_incomplete_expired(env: Env) -> None:
+    price = await env.sdk.v1.prices.create_async(
+        params={
+            "currency": "usd",
+            "unit_amount": 4900,
+            "recurring": {"interval": "month"},
+            "product_data": {"name": "Repository Team"},
+        }
+    )
+    session = await env.sdk.v1.checkout.sessions.create_async(
+        params={"mode": "subscription", "line_items": [{"price": price.id, "quantity": 1}]}
+    )
+    pending = await env.control(f"checkout/{session.id}/pay", {"async_payment": True})
+    sub_id = pending["object"]["subscription"]
+    assert (await env.sdk.v1.subscriptions.retrieve_async(sub_id)).status == "incomplete"
+    bounced = await env.control(f"checkout/{session.id}/async_payment", {"succeeded": False})
+    assert [e["type"] for e in bounced["events"]] == [
+        "invoice.payment_failed",
+        "invoice.voided",
+        "customer.subscription.updated",
+        "checkout.session.async_payment_failed",
+    ]
+    sub = await env.sdk.v1.subscriptions.retrieve_async(sub_id)
+    assert sub.status == "incomplete_expired" and sub.ended_at is not None
+    assert (await env.sdk.v1.invoices.retrieve_async(str(sub.latest_invoice))).status == "void"
+    for path, body in [
+        (f"subscriptions/{sub_id}/status", {"status": "active"}),
+        (f"subscriptions/{sub_id}/pay_invoice", {}),
+        (f"subscriptions/{sub_id}/renew", {}),
+        (f"subscriptions/{sub_id}/portal_cancel", {}),
+        (f"checkout/{session.id}/async_payment", {"succeeded": True}),
+    ]:
+        refused = await env.http.post(f"{env.base}/_emulator/{path}", json=body)
+        assert refused.status_code == 400, path
+
+
+async def test_controls_refuse_transitions_stripe_cannot_make(env: Env) -> None:
+    _session, sub_id = await _paid_subscription(env)
+
+    async def status(value: str) -> httpx.Response:
+        return await env.http.post(
+            f"{env.base}/_emulator/subscriptions/{sub_id}/status", json={"status": value}
+        )
+
+    for impossible in ("unpaid", "incomplete", "trialing", "incomplete_expired", "canceled"):
+        answer = await status(impossible)
+        assert answer.status_code == 400, impossible
+        assert "goes to past_due, paused" in answer.json()["error"]["message"]
+    paid_already = f"{env.base}/_emulator/subscriptions/{sub_id}/pay_invoice"
+    assert (await env.http.post(paid_already)).status_code == 400
+    await env.control(f"subscriptions/{sub_id}/renew", {"outcome": "failed"})
+    assert (await status("unpaid")).status_code == 200  # the retries of a past_due one ran out
+    assert (await status("paused")).status_code == 400
+    await env.control(f"subscriptions/{sub_id}/portal_cancel", {"at_period_end": False})
+    for after_the_end in ("active", "past_due"):
+        assert (await status(after_the_end)).status_code == 400
+    reactivate = f"{env.base}/_emulator/subscriptions/{sub_id}/portal_reactivate"
+    assert (await env.http.post(reactivate)).status_code == 400
+
+
+async def test_a_failing_endpoint_is_retried_on_stripes_schedule() -> None:
+    receiver = Receiver([SECRET], fail_first=10**6)
+    async with live_server(receiver.app()) as hook_base:
+        port = free_port()
+        emulator = create_emulator(
+            webhook_url=f"{hook_base}/webhook",
+            webhook_secret=SECRET,
+            public_url=f"http://127.0.0.1:{port}",
+            api_key=API_KEY,
+            webhook_retry_base=0.0005,  # a minute of Stripe's schedule: half a millisecond
+        )
+        async with live_server(emulator, port=port) as base, httpx.AsyncClient() as http:
+            auth = {"Authorization": f"Bearer {API_KEY}"}
+            customer = await http.post(f"{base}/v1/customers", data={"email": "a@x"}, headers=auth)
+            assert customer.status_code == 200
+            drained = await http.post(f"{base}/_emulator/webhooks/drain", json={"timeout": 30})
+            assert drained.json() == {"drained": True}
+            [summary] = (await http.get(f"{base}/_emulator/events")).json()["data"]
+    assert summary["delivery"] == "failed"
+    attempts = summary["attempts"]
+    assert all(a["status"] == 500 for a in attempts)
+    delays = [a["retry_in"] for a in attempts[:-1]]
+    assert delays == [60.0 * 2**n for n in range(12)]  # doubling from a minute...
+    assert sum(delays) <= 3 * 86400 < sum(delays) + delays[-1] * 2  # ...for up to three days
+    assert "retry_in" not in attempts[-1] and receiver.calls == 13
+
+
+async def test_shuffled_delivery_is_late_and_out_of_order_yet_complete() -> None:
+    receiver = Receiver([SECRET])
+    async with live_server(receiver.app()) as hook_base:
+        port = free_port()
+        emulator = create_emulator(
+            webhook_url=f"{hook_base}/webhook",
+            webhook_secret=SECRET,
+            public_url=f"http://127.0.0.1:{port}",
+            api_key=API_KEY,
+            webhook_shuffle_seed=1234,
+            webhook_max_delay=0.2,
+        )
+        async with live_server(emulator, port=port) as base, httpx.AsyncClient() as http:
+            auth = {"Authorization": f"Bearer {API_KEY}"}
+            for n in range(20):
+                await http.post(f"{base}/v1/customers", data={"email": f"{n}@x"}, headers=auth)
+            assert (await http.post(f"{base}/_emulator/webhooks/drain", json={})).json() == {
+                "drained": True
+            }
+            created = [e["id"] for e in (await http.get(f"{base}/_emulator/events")).json()["data"]]
+    arrived = [e.id for e in receiver.events]
+    assert sorted(arrived) == sorted(created)  # each exactly once
+    assert arrived != created  # 20 events in creation order: 1 chance in 20! with seed 1234
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "number" if isinstance(value, int | float) else type(value).__name__
+
+
+# Hashes whose keys are the caller's (metadata) or depend on the payment method.
+_FREE_HASHES = frozenset({"metadata", "payment_method_options", "previous_attributes"})
+
+
+def _shape_differences(stripe: Any, ours: Any, path: str) -> list[str]:
+    """Keys of Stripe's example missing from ours, and values of another JSON type (where
+    both are set), recursively; keys Stripe's example leaves out are allowed."""
+    found = []
+    for key, example in stripe.items():
+        where = f"{path}.{key}"
+        if key not in ours:
+            found.append(f"missing {where}")
+            continue
+        value = ours[key]
+        if example is None or value is None or key in _FREE_HASHES:
+            continue
+        if _kind(example) != _kind(value):
+            found.append(f"{where}: Stripe has {_kind(example)}, the emulator {_kind(value)}")
+        elif isinstance(example, dict) and "object" not in example:
+            found += _shape_differences(example, value, where)
+        elif isinstance(example, list) and example and value and isinstance(example[0], dict):
+            found += _shape_differences(example[0], value[0], f"{where}[0]")
+    return found
+
+
+def _objects_by_kind(obj: Any, into: dict[str, list[dict[str, Any]]]) -> None:
+    """Every object (`{"object": kind, ...}`) inside an answer, nested ones included."""
+    if isinstance(obj, list):
+        for item in obj:
+            _objects_by_kind(item, into)
+    elif isinstance(obj, dict):
+        kind = obj.get("object")
+        if isinstance(kind, str) and kind not in ("list", "search_result"):
+            into.setdefault(kind, []).append(obj)
+        for value in obj.values():
+            _objects_by_kind(value, into)
+
+
+async def test_answers_have_the_shapes_of_stripes_own_objects(env: Env) -> None:
+    session_id, sub_id = await _paid_subscription(env)
+    await env.control(f"subscriptions/{sub_id}/renew", {"outcome": "failed"})
+    customer = (await env.sdk.v1.subscriptions.retrieve_async(sub_id)).customer
+    await env.control(f"customers/{customer}/payment_method")
+    served: dict[str, list[dict[str, Any]]] = {}
+    for path in (
+        "/v1/customers/" + str(customer),
+        "/v1/products",
+        "/v1/prices",
+        f"/v1/checkout/sessions/{session_id}",
+        f"/v1/checkout/sessions/{session_id}/line_items",
+        "/v1/subscriptions",
+        "/v1/invoices",
+        "/v1/events?limit=100",
+    ):
+        answer = await _raw(env, "GET", path.partition("?")[0], path.partition("?")[2])
+        assert answer.status_code == 200, path
+        _objects_by_kind(answer.json(), served)
+    examples = json.loads(FIXTURES.read_text())["resources"]
+    unknown = sorted(set(served) - set(examples))
+    assert not unknown, f"add Stripe's example of {unknown} to {FIXTURES.name}"
+    differences = [
+        difference
+        for kind, objects in served.items()
+        for obj in objects
+        for difference in _shape_differences(examples[kind], obj, kind)
+    ]
+    assert not differences, differences
+    assert {"checkout.session", "subscription", "invoice", "event", "customer", "item"} <= set(
+        served
+    )

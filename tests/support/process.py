@@ -17,6 +17,7 @@ import httpx
 from app.settings import Settings
 from app.stripe_emulator import create_emulator
 from tests.support.live import free_port, live_server
+from tests.support.webhook_order import webhook_order
 
 __all__ = ["ProcessStripe", "ServeProcess", "clean_environment", "process_stripe", "serve_process"]
 
@@ -117,6 +118,7 @@ async def process_stripe(settings: Settings) -> AsyncIterator[ProcessStripe]:
         public_url=emulator_url,
         api_key=settings.stripe_api_key,
         webhook_retry_base=0.2,
+        **webhook_order(),
     )
     settings = replace(settings, stripe_api_base=emulator_url, stripe_webhook_secrets=(secret,))
     async with (

@@ -21,6 +21,7 @@ from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
 from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
 from tests.support.live import free_port, live_server
+from tests.support.webhook_order import webhook_order
 
 __all__ = ["Stack", "drop_resources", "running_stack", "wait_for"]
 
@@ -126,7 +127,10 @@ async def running_stack(
     backends: Sequence[ProvisionerBackend] | None = None,
     webhook_retry_base: float = 0.2,
     extra_webhook_secrets: tuple[str, ...] = (),
+    shuffle_webhooks: bool | None = None,
 ) -> AsyncIterator[Stack]:
+    """The app and the emulator on real sockets. The emulator delivers webhooks late and out
+    of order unless `shuffle_webhooks` is False (see `tests.support.webhook_order`)."""
     app_port, emulator_port = free_port(), free_port()
     app_url = f"http://127.0.0.1:{app_port}"
     emulator_url = f"http://127.0.0.1:{emulator_port}"
@@ -146,6 +150,7 @@ async def running_stack(
         public_url=emulator_url,
         api_key=settings.stripe_api_key,
         webhook_retry_base=webhook_retry_base,
+        **webhook_order(shuffle_webhooks),
     )
     app = create_app(settings, provider=provider, backends=backends)
     async with (
