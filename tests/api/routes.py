@@ -12,10 +12,7 @@ __all__ = ["NOT_YET_MOUNTED", "documented_operations", "mounted_operations", "sh
 # Routes of the contract (and of the document) that other branches are adding. Once one is
 # mounted, the test that lists mounted routes fails until it is removed from here; after the
 # merge this set is empty.
-NOT_YET_MOUNTED: frozenset[tuple[str, str]] = frozenset(
-    {
-    }
-)
+NOT_YET_MOUNTED: frozenset[tuple[str, str]] = frozenset()
 _HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
