@@ -399,8 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--api-key",
         default=None,
-        help="API key (default: LOOKOUT_API_KEY); prefer the variable: a key on the command "
-        "line is visible to every local user in `ps` and lands in shell history",
+        help="API key (default: LOOKOUT_API_KEY); prefer setting LOOKOUT_API_KEY instead: a key "
+        "on the command line is visible to every local user in `ps` and lands in shell history",
     )
     tail.set_defaults(handler=cmd_tail)
 

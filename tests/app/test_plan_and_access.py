@@ -213,6 +213,9 @@ async def test_past_due_keeps_access_until_the_grace_period_ends(settings: Setti
             f"/_emulator/subscriptions/{stripe_id}/renew", json={"outcome": "failed"}
         )
         await stack.wait_for_status(sub["id"], "past_due")
+        # Events delivered late would decide again with the configured grace (7 days) and
+        # undo the suspension the shortened grace below makes: let them all arrive first.
+        await stack.settled()
         services = stack.app.state.services
         sweep = AccessSweep(services.pool, services.lifecycle)
         assert await sweep.sweep_once() == []  # the configured 7 days have not passed
@@ -298,6 +301,7 @@ async def test_a_paused_repository_subscription_loses_its_grants_until_it_resume
         login = await reveal(stack, sub["id"])
         stripe_id = (await stripe_subscription(stack, sub["id"]))["id"]
         for status, kind in (("paused", "suspend"), ("active", "resume")):
+            await stack.settled()  # no late event of the step before is taken for this one
             before = (await stack.subscription(sub["id"]))["operation_id"]
             moved = await stack.emulator.post(
                 f"/_emulator/subscriptions/{stripe_id}/status", json={"status": status}

@@ -80,6 +80,21 @@ class Stack:
         paid = await self.pay(session_id, deliver_webhooks=False)
         return {e["type"]: await self.stripe_event(e["id"]) for e in paid["events"]}
 
+    async def settled(self) -> None:
+        """Every webhook the emulator made is delivered (late ones included: delivery is
+        shuffled in the tests) and handled by Lookout's inbox."""
+        drained = await self.emulator.post("/_emulator/webhooks/drain", json={"timeout": 20})
+        assert drained.status_code == 200, drained.text
+        pool = self.app.state.services.pool
+
+        async def idle() -> bool:
+            waiting: int = await pool.fetchval(
+                "SELECT count(*) FROM webhook_events WHERE status <> 'processed'"
+            )
+            return waiting == 0
+
+        await wait_for(idle, what="the inbox to be processed")
+
     async def wait_for_status(
         self, subscription_id: str, status: str, *, within: float = 30
     ) -> dict[str, Any]:
