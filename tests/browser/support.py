@@ -28,6 +28,7 @@ __all__ = [
     "GatedBackend",
     "ServerEvent",
     "by_testid",
+    "credentials_shown",
     "distinct_steps",
     "operation_id_of",
     "screenshot",
@@ -183,3 +184,13 @@ async def screenshot(page: Page, name: str, *, full_page: bool = False) -> Path:
     )
     assert target.stat().st_size > 0
     return target
+
+
+async def credentials_shown(page: Page, subscription_id: str) -> dict[str, str]:
+    panel = page.locator(by_testid(f"credentials-{subscription_id}"))
+    await panel.wait_for()
+    shown: dict[str, str] = await panel.evaluate(
+        """(panel) => Object.fromEntries([...panel.querySelectorAll(".cred-row")].map((row) =>
+             [row.querySelector("dt").textContent, row.querySelector("dd code").textContent]))"""
+    )
+    return shown

@@ -18,6 +18,7 @@ from tests.browser.support import (
     GatedBackend,
     ServerEvent,
     by_testid,
+    credentials_shown,
     distinct_steps,
     operation_id_of,
     screenshot,
@@ -78,16 +79,6 @@ async def no_horizontal_scroll(page: Page) -> bool:
         "() => document.documentElement.scrollWidth <= document.documentElement.clientWidth"
     )
     return fits
-
-
-async def credentials_shown(page: Page, subscription_id: str) -> dict[str, str]:
-    panel = page.locator(by_testid(f"credentials-{subscription_id}"))
-    await panel.wait_for()
-    shown: dict[str, str] = await panel.evaluate(
-        """(panel) => Object.fromEntries([...panel.querySelectorAll(".cred-row")].map((row) =>
-             [row.querySelector("dt").textContent, row.querySelector("dd code").textContent]))"""
-    )
-    return shown
 
 
 async def test_sign_in_subscribe_pay_watch_reveal_and_cancel(

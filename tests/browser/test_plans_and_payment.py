@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 from app.settings import Settings
-from tests.browser.support import by_testid, screenshot, sign_in
+from tests.browser.support import by_testid, credentials_shown, screenshot, sign_in
 from tests.support.stack import Stack, running_stack, wait_for
 
 if TYPE_CHECKING:
@@ -118,9 +118,7 @@ async def test_past_due_shows_a_banner_and_a_repository_reveals_its_login(
         await screenshot(page, "past-due.png")
 
         await page.locator(by_testid(f"reveal-credentials-{repo['id']}")).click()
-        panel = page.locator(by_testid(f"credentials-{repo['id']}"))
-        await panel.wait_for()
-        dsn = await panel.locator(".cred-row dd code").first.inner_text()
+        dsn = (await credentials_shown(page, repo["id"]))["Connection string"]
         conn = await asyncpg.connect(dsn, timeout=10)
         try:
             assert await conn.fetchval("SELECT count(*) FROM repository.countries") == 5
