@@ -75,9 +75,14 @@ def flatmap_path_parameters(
     return st.sampled_from([path_parameters, {**path_parameters, **real}])
 
 
-# Schema-valid requests that are refused with a 400 by a rule no schema can state: events
-# unsigned by Stripe; a plan change to a plan of another resource type (the contract's 400).
-REFUSED_BEYOND_SCHEMA = {("POST", "/v1/webhooks/stripe"), ("PATCH", "/v1/subscriptions/{}")}
+# Schema-valid requests refused by a rule no schema can state: events unsigned by Stripe
+# (400); a plan change to a plan of another resource type (400); subscribing without a saved
+# card (402 payment_method_required).
+REFUSED_BEYOND_SCHEMA = {
+    ("POST", "/v1/webhooks/stripe"),
+    ("PATCH", "/v1/subscriptions/{}"),
+    ("POST", "/v1/subscriptions"),
+}
 
 
 @dataclass
