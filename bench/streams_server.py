@@ -29,8 +29,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from streams import EventHub, EventStreamResponse, StreamOptions, channel_name
+from streams.hub import Signal
 from streams.routing import DirectRoutes
-from streams.subscription import Signal
 
 OPTIONS = StreamOptions(keepalive_seconds=15, max_seconds=None)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .events import TERMINAL_EVENT_TYPES, Event, EventEncodingError, iso_now, isoformat_z
 from .frames import Frame, InvalidEventId, parse_stream_id
 from .history import Catchup, StreamHistory
-from .hub import EventHub, HubClosed
+from .hub import EventHub, HubClosed, Signal, Subscription
 from .leases import StreamLease, StreamLeases, TooManyStreams
 from .publisher import EventPublisher
 from .pubsub import RedisEndpoint
@@ -22,7 +22,6 @@ from .sse import (
     StreamRefused,
     last_event_id,
 )
-from .subscription import Signal, Subscription
 from .supervisor import StartingLoop, Supervisor, TaskFailure
 from .tokens import ExpiredStreamToken, InvalidStreamToken, StreamGrant, StreamTokens
 from .topics import channel_name, operation_topic, stream_key, user_topic

@@ -30,7 +30,7 @@ from .frames import (
     retry_frame,
 )
 from .history import Catchup
-from .hub import EventHub, HubClosed
+from .hub import EventHub, HubClosed, Signal, Subscription
 from .params import (  # the caller's side, also importable from here as it always was
     TERMINAL_STATUSES,
     AccessCheck,
@@ -41,7 +41,6 @@ from .params import (  # the caller's side, also importable from here as it alwa
     StreamRefused,
     last_event_id,
 )
-from .subscription import Signal, Subscription
 from .topics import operation_topic, user_topic
 
 __all__ = [

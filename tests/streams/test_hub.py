@@ -10,8 +10,7 @@ from redis.asyncio import Redis
 
 from streams import Event, EventPublisher, channel_name, operation_topic
 from streams.frames import Frame
-from streams.hub import EventHub, HubClosed
-from streams.subscription import Signal, Subscription
+from streams.hub import EventHub, HubClosed, Signal, Subscription
 from tests.streams.sse_client import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio import Redis
 
 from streams import Event, EventPublisher, Supervisor, channel_name, operation_topic
-from streams.hub import EventHub
-from streams.subscription import Signal
+from streams.hub import EventHub, Signal
+from streams.link import RedisLink
 from tests.streams.sse_client import wait_until
 from tests.streams.test_hub import frames, numbers
 
@@ -65,9 +65,10 @@ async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
 
                 # A bug on the fan-out path, once: the next keep-alive PING's answer raises.
                 link = hub._link
+                assert isinstance(link, RedisLink)
                 acknowledge = link._acknowledge
 
-                def broken(reply: object) -> None:
+                def broken(reply: object, listener: object) -> None:
                     monkeypatch.setattr(link, "_acknowledge", acknowledge)
                     raise RuntimeError("a bug in the hub")
 
