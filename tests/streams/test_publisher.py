@@ -8,16 +8,8 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from streams import (
-    Event,
-    EventEncodingError,
-    EventPublisher,
-    channel_name,
-    iso_now,
-    operation_topic,
-    stream_key,
-    user_topic,
-)
+from streams import Event, EventPublisher, channel_name, operation_topic, stream_key, user_topic
+from streams.events import EventEncodingError, iso_now
 
 pytestmark = pytest.mark.anyio
 
