@@ -124,7 +124,7 @@ async def stream_listener(request: Request) -> Listener:
     try:
         grant = found.tokens.grant(token)
     except InvalidStreamToken as exc:
-        await _refuse_token(request, str(exc))
+        await _refuse_token(request, f"{exc}; get a new one from POST /v1/stream-tokens")
     if grant.credential is None:  # issued before tokens named their key
         await _refuse_token(request, "outdated stream token; get a new one from /v1/stream-tokens")
     assert grant.credential is not None

@@ -68,7 +68,7 @@ class StreamLeases:
         ttl_seconds: float = 30.0,
     ) -> None:
         if limit < 1:
-            raise ValueError("LOOKOUT_MAX_STREAMS_PER_USER must be at least 1")
+            raise ValueError(f"a limit of {limit} streams per user refuses every stream; give 1+")
         self._redis = redis
         self._prefix = prefix
         self.limit = limit
