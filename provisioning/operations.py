@@ -14,7 +14,6 @@ from asyncpg.pool import PoolConnectionProxy
 from .backend import OperationKind, ResourceSpec
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "TERMINAL_STATUSES",
     "Connection",
     "OperationRecord",
@@ -42,10 +41,9 @@ __all__ = [
 
 # A plain connection or one from a pool: query functions take either.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
-OperationStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 # `waiting`: the provisioning server does not answer; the operation retries until it does or
 # until the retry window has passed.
-ACTIVE_STATUSES: Final = ("pending", "running", "waiting")
+OperationStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: Final = ("completed", "failed", "cancelled")
 
 

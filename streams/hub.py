@@ -275,10 +275,6 @@ class EventHub:
         )
 
     @property
-    def prefix(self) -> str:
-        return self._prefix
-
-    @property
     def connected(self) -> bool:
         return self._link.connected
 

@@ -49,10 +49,6 @@ class EventPublisher:
         self._trim_op = "=" if exact_trim else "~"
         self._script = redis.register_script(_PUBLISH_LUA)
 
-    @property
-    def prefix(self) -> str:
-        return self._prefix
-
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
         """Publish ``event`` to every topic; answers each topic's Stream id (its SSE ``id``)."""
         [ids] = await self.publish_many([(event, topics)])
