@@ -298,8 +298,10 @@ async def _read_stored(conn: Connection) -> StoredFigures:
 class CountingPublisher(EventPublisher):
     """The publisher, counting what it publishes by event type."""
 
-    def __init__(self, redis: Redis, *, prefix: str, counter: Counter) -> None:
-        super().__init__(redis, prefix=prefix)
+    def __init__(
+        self, redis: Redis, *, prefix: str, counter: Counter, terminal_types: frozenset[str]
+    ) -> None:
+        super().__init__(redis, prefix=prefix, terminal_types=terminal_types)
         self._counter = counter
 
     async def publish_many(

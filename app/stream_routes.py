@@ -25,7 +25,7 @@ from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
 from app.errors import APIError, client_gone, error_response
 from app.services import services
-from provisioning import get_operation
+from provisioning import TERMINAL_STATUSES, get_operation
 from streams import (
     AccessCheck,
     EventStreamResponse,
@@ -161,6 +161,7 @@ def _options(request: Request) -> StreamOptions:
     return StreamOptions(
         max_seconds=float(settings.max_stream_seconds),
         recheck_seconds=settings.access_recheck_seconds,
+        final_statuses=frozenset(TERMINAL_STATUSES),
     )
 
 

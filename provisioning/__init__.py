@@ -15,9 +15,11 @@ from .errors import (
     ProvisioningError,
     ResourceNotFound,
 )
+from .execution import TERMINAL_EVENT_TYPES
 from .graph import GraphBackend, StorageMeter
 from .hooks import SubscriptionHooks
 from .operations import (
+    TERMINAL_STATUSES,
     OperationRecord,
     get_operation,
     get_operation_for_subject,
@@ -31,6 +33,8 @@ from .runner import OperationRunner
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
+    "TERMINAL_EVENT_TYPES",
+    "TERMINAL_STATUSES",
     "BackendNotConfigured",
     "Credentials",
     "GraphBackend",

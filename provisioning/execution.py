@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import anyio
 import asyncpg
@@ -23,9 +23,13 @@ from .hooks import SubscriptionHooks
 from .operations import OperationRecord
 from .retry import RetryPolicy
 
-__all__ = ["Executor", "Outcome"]
+__all__ = ["TERMINAL_EVENT_TYPES", "Executor", "Outcome"]
 
 logger = logging.getLogger(__name__)
+
+# An operation's last event, `operation.<its terminal status>` (docs/API.md, Server-Sent
+# Events): the event hub and publisher are told so, and end an operation's stream after it.
+TERMINAL_EVENT_TYPES: Final = frozenset(f"operation.{s}" for s in ops.TERMINAL_STATUSES)
 
 _NOUNS = {"graph": "graph", "repository": "repository access"}
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -23,12 +23,18 @@ def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _frame(entry: Sequence[Any]) -> Frame:
+def _frame(entry: Sequence[Any], terminal_types: frozenset[bytes]) -> Frame:
     stream_id, raw = entry[0], entry[1]
     # A script answers flat [field, value, ...]; redis-py's xrange parses into a dict.
     pairs = raw.items() if isinstance(raw, Mapping) else zip(raw[::2], raw[1::2], strict=True)
     fields = {_bytes(k): _bytes(v) for k, v in pairs}
-    return Frame(_bytes(stream_id), fields.get(b"t", b"message"), fields.get(b"d", b"{}"))
+    event_type = fields.get(b"t", b"message")
+    return Frame(
+        _bytes(stream_id),
+        event_type,
+        fields.get(b"d", b"{}"),
+        terminal=event_type in terminal_types,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,11 +85,21 @@ def _gap(
 
 
 class StreamHistory:
-    """Reads of the Streams written by ``EventPublisher`` (same ``prefix``)."""
+    """Reads of the Streams written by ``EventPublisher`` (same ``prefix``); an event of one of
+    ``terminal_types`` ends its topic (as the publisher was told)."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "lookout:", concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "lookout:",
+        concurrency: int = 32,
+        terminal_types: Collection[str] = frozenset(),
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._terminal_names = frozenset(terminal_types)
+        self._terminal = frozenset(t.encode() for t in terminal_types)
         self._script = redis.register_script(_CATCHUP_LUA)
         self._head_script = redis.register_script(_HEAD_LUA)
         # Bounds the history reads of a reconnect storm to what the pool can serve.
@@ -104,7 +120,7 @@ class StreamHistory:
             )
         added, length = int(reply[2]), int(reply[3])
         head = parse_stream_id(_bytes(reply[5]))
-        frames = [_frame(entry) for entry in reply[8]]
+        frames = [_frame(entry, self._terminal) for entry in reply[8]]
         reset = _gap(
             position,
             head=head,
@@ -119,7 +135,8 @@ class StreamHistory:
             frames,
             reset=reset,
             last=head if head > (0, 0) else None,
-            last_terminal=bool(last_type) and Frame(b"0-0", last_type, b"").terminal,
+            # Decoded as a Frame's type is: an entry no instance wrote fails the read here too.
+            last_terminal=last_type.decode() in self._terminal_names,
             more=len(frames) >= limit,
         )
 
@@ -134,7 +151,7 @@ class StreamHistory:
         """The newest kept entry of ``topic``."""
         async with self._limiter:
             entries = await self._redis.xrevrange(stream_key(self._prefix, topic), count=1)
-        return _frame(entries[0]) if entries else None
+        return _frame(entries[0], self._terminal) if entries else None
 
     async def is_fully_delivered(self, topic: str, last_event_id: str | None) -> bool:
         """True when ``last_event_id`` is the id of the topic's terminal event, so that a

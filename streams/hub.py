@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -235,6 +235,8 @@ class EventHub:
     re-subscribes, and then sends every subscriber ``Signal.RESYNC`` so that it catches up from
     the topic's Stream. Run it with ``async with EventHub(redis) as hub`` or start ``run`` in a
     lifespan task group; ``close()`` (or setting ``shutdown``) ends every stream politely.
+    ``terminal_types``: the event types that end a topic, in the caller's vocabulary (the
+    publisher's must be the same); ``backend``: another transport than Redis pub/sub.
     """
 
     def __init__(
@@ -252,6 +254,7 @@ class EventHub:
         name: str = "lookout-hub",
         shutdown: anyio.Event | None = None,
         backend: HubBackend | None = None,
+        terminal_types: Collection[str] = frozenset(),
     ) -> None:
         self._prefix = prefix
         self.name = name
@@ -259,7 +262,10 @@ class EventHub:
         self._queue_size = queue_size
         self._tick = tick_seconds
         self._ping = ping_seconds
-        self.history = StreamHistory(redis, prefix=prefix, concurrency=history_concurrency)
+        self.history = StreamHistory(
+            redis, prefix=prefix, concurrency=history_concurrency, terminal_types=terminal_types
+        )
+        self._terminal = frozenset(t.encode() for t in terminal_types)
         self._channels: dict[bytes, Channel] = {}
         self._subs: dict[Subscription, None] = {}
         self._closed = False
@@ -403,7 +409,7 @@ class EventHub:
         if channel is None or not channel.members:
             return  # unsubscribed meanwhile: the UNSUBSCRIBE is on its way
         try:
-            frame = Frame.from_announcement(payload)
+            frame = Frame.from_announcement(payload, self._terminal)
         except (ValueError, TypeError) as exc:
             self.skipped(str(exc), (name, payload))
             return

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Final
 
 from redis.asyncio import Redis
 
-from .events import TERMINAL_EVENT_TYPES, Event
+from .events import Event
 from .scripts import lua_script
 from .topics import channel_name, ends_with_terminal, stream_key
 
@@ -15,7 +15,6 @@ __all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher"]
 
 DEFAULT_MAXLEN: Final = 1000
 DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
-_TERMINAL_ARG: Final = " ".join(sorted(TERMINAL_EVENT_TYPES))
 
 _PUBLISH_LUA: Final = lua_script("publish.lua")
 
@@ -26,7 +25,8 @@ class EventPublisher:
     ``maxlen`` caps each topic's Stream; with ``exact_trim=False`` (the default) Redis trims
     approximately (``MAXLEN ~``), which is much cheaper and keeps at least ``maxlen`` entries.
     ``ttl_seconds`` is renewed on every publish, so a topic's history expires that long after
-    its last event.
+    its last event. An event of one of ``terminal_types`` ends a topic that ends (see
+    ``topics.ends_with_terminal``): nothing published to it afterwards is kept.
     """
 
     def __init__(
@@ -37,6 +37,7 @@ class EventPublisher:
         maxlen: int = DEFAULT_MAXLEN,
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
         exact_trim: bool = False,
+        terminal_types: Collection[str] = frozenset(),
     ) -> None:
         if maxlen < 1:
             raise ValueError("EventPublisher maxlen must be at least 1")
@@ -47,6 +48,9 @@ class EventPublisher:
         self._maxlen = maxlen
         self._ttl = ttl_seconds
         self._trim_op = "=" if exact_trim else "~"
+        if any(not t or " " in t for t in terminal_types):
+            raise ValueError("terminal event types are non-empty and have no space")
+        self._terminal_arg = " ".join(sorted(terminal_types))
         self._script = redis.register_script(_PUBLISH_LUA)
 
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
@@ -64,7 +68,7 @@ class EventPublisher:
         topic's terminal event)."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, _TERMINAL_ARG]
+        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, self._terminal_arg]
         for event, topics in planned:
             if not topics:
                 continue
