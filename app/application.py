@@ -53,6 +53,7 @@ from app.stream_routes import answering_errors, direct_stream_routes, stream_rou
 from app.usage_routes import usage_routes
 from app.users import KeyStatus
 from provisioning import (
+    TERMINAL_EVENT_TYPES,
     GraphBackend,
     OperationRunner,
     ProvisionerBackend,
@@ -188,9 +189,12 @@ def create_app(
                 await migrate(conn)
             metrics = Metrics()
             publisher = CountingPublisher(
-                redis, prefix=settings.redis_prefix, counter=metrics.events_published
+                redis,
+                prefix=settings.redis_prefix,
+                counter=metrics.events_published,
+                terminal_types=TERMINAL_EVENT_TYPES,
             )
-            hub = EventHub(redis, prefix=settings.redis_prefix)
+            hub = EventHub(redis, prefix=settings.redis_prefix, terminal_types=TERMINAL_EVENT_TYPES)
             leases = StreamLeases(
                 redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
             )

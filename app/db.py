@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import TypeAlias
 
 import asyncpg
@@ -11,7 +12,14 @@ from asyncpg.pool import PoolConnectionProxy
 
 from provisioning.pgadmin import quote_ident
 
-__all__ = ["Connection", "DatabaseUnavailable", "create_pool", "keep_private", "migrate"]
+__all__ = [
+    "Connection",
+    "DatabaseUnavailable",
+    "MigrationConflict",
+    "create_pool",
+    "keep_private",
+    "migrate",
+]
 
 # What query functions take: a plain connection or one borrowed from the pool.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
@@ -52,14 +60,36 @@ async def _keep_session(conn: asyncpg.Connection[asyncpg.Record]) -> None:
     burst of 100 payments that round trip was a tenth of the server's time."""
 
 
+# Each layer keeps the migrations of its own tables (provisioning/migrations: operations,
+# resources). The numbers are one sequence across the folders, so that every database, fresh
+# or migrated before a file moved, applies them in the same order; a name is what
+# schema_migrations records, so a file keeps its name when it moves to another folder.
+MIGRATION_PACKAGES = ("app", "provisioning")
+
+
+class MigrationConflict(RuntimeError):
+    """Two migration folders hold files of the same name; rename the newer one."""
+
+
 def _migration_files() -> list[tuple[str, str]]:
-    folder = resources.files("app") / "migrations"
-    files = sorted((f for f in folder.iterdir() if f.name.endswith(".sql")), key=lambda f: f.name)
-    return [(f.name.removesuffix(".sql"), f.read_text()) for f in files]
+    found: dict[str, tuple[str, Traversable]] = {}
+    for package in MIGRATION_PACKAGES:
+        for f in (resources.files(package) / "migrations").iterdir():
+            name = f.name.removesuffix(".sql")
+            if name == f.name:
+                continue
+            if name in found:
+                raise MigrationConflict(
+                    f"migration {name} is in both {found[name][0]}/migrations and"
+                    f" {package}/migrations; give the newer one the next free number"
+                )
+            found[name] = (package, f)
+    return [(name, found[name][1].read_text()) for name in sorted(found)]
 
 
 async def migrate(conn: Connection) -> list[str]:
-    """Applies the migrations not yet applied, each once, in order; answers their names.
+    """Applies the migrations not yet applied (of every ``MIGRATION_PACKAGES``), each once, in
+    the order of their names; answers their names.
 
     The advisory lock makes instances that start together wait for each other instead of
     racing on the same `CREATE TABLE`.

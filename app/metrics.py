@@ -28,7 +28,12 @@ from redis.asyncio import Redis
 
 from app.billing.inbox import InboxCounts, inbox_counts
 from app.db import Connection
-from provisioning import ProvisionerBackend, StorageMeter
+from provisioning import (
+    ProvisionerBackend,
+    StorageMeter,
+    operation_counts,
+    operation_durations,
+)
 from streams import Event, EventPublisher
 
 __all__ = [
@@ -278,25 +283,14 @@ async def _read_stored(conn: Connection) -> StoredFigures:
         "SELECT coalesce(extract(epoch FROM now() - min(received_at)), 0)"
         " FROM webhook_events WHERE status IN ('pending', 'processing', 'retrying')"
     )
-    operations = await conn.fetch(
-        "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status"
-    )
-    durations = await conn.fetch(
-        "SELECT kind, percentile_cont(0.5) WITHIN GROUP (ORDER BY seconds) AS p50,"
-        " percentile_cont(0.99) WITHIN GROUP (ORDER BY seconds) AS p99"
-        " FROM (SELECT kind, extract(epoch FROM finished_at - created_at) AS seconds"
-        "       FROM operations WHERE finished_at > now() - interval '1 hour') AS recent"
-        " GROUP BY kind"
-    )
     return StoredFigures(
         inbox={r["status"]: r["n"] for r in inbox},
         inbox_oldest_seconds=float(oldest or 0),
         webhooks=await inbox_counts(conn),
-        operations={(r["kind"], r["status"]): r["n"] for r in operations},
+        operations=await operation_counts(conn),
         durations={
-            (r["kind"], q): float(r[col])
-            for r in durations
-            for q, col in (("0.5", "p50"), ("0.99", "p99"))
+            (kind, str(q)): seconds
+            for (kind, q), seconds in (await operation_durations(conn, (0.5, 0.99))).items()
         },
     )
 
@@ -304,8 +298,10 @@ async def _read_stored(conn: Connection) -> StoredFigures:
 class CountingPublisher(EventPublisher):
     """The publisher, counting what it publishes by event type."""
 
-    def __init__(self, redis: Redis, *, prefix: str, counter: Counter) -> None:
-        super().__init__(redis, prefix=prefix)
+    def __init__(
+        self, redis: Redis, *, prefix: str, counter: Counter, terminal_types: frozenset[str]
+    ) -> None:
+        super().__init__(redis, prefix=prefix, terminal_types=terminal_types)
         self._counter = counter
 
     async def publish_many(

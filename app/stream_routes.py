@@ -25,7 +25,7 @@ from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
 from app.errors import APIError, client_gone, error_response
 from app.services import services
-from provisioning import get_operation
+from provisioning import TERMINAL_STATUSES, get_operation
 from streams import (
     AccessCheck,
     EventStreamResponse,
@@ -124,7 +124,7 @@ async def stream_listener(request: Request) -> Listener:
     try:
         grant = found.tokens.grant(token)
     except InvalidStreamToken as exc:
-        await _refuse_token(request, str(exc))
+        await _refuse_token(request, f"{exc}; get a new one from POST /v1/stream-tokens")
     if grant.credential is None:  # issued before tokens named their key
         await _refuse_token(request, "outdated stream token; get a new one from /v1/stream-tokens")
     assert grant.credential is not None
@@ -161,6 +161,7 @@ def _options(request: Request) -> StreamOptions:
     return StreamOptions(
         max_seconds=float(settings.max_stream_seconds),
         recheck_seconds=settings.access_recheck_seconds,
+        final_statuses=frozenset(TERMINAL_STATUSES),
     )
 
 

@@ -30,6 +30,7 @@ import psutil
 import uvloop
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from provisioning import TERMINAL_EVENT_TYPES
 from streams import Event, EventPublisher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -184,7 +185,9 @@ def run_scenario(
             redis = Redis(connection_pool=pool)
             try:
                 return await publish_for(
-                    EventPublisher(redis, prefix=prefix, maxlen=100),
+                    EventPublisher(
+                        redis, prefix=prefix, maxlen=100, terminal_types=TERMINAL_EVENT_TYPES
+                    ),
                     topics,
                     scenario.events_per_second,
                     seconds,

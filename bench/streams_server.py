@@ -28,9 +28,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from provisioning import TERMINAL_EVENT_TYPES
 from streams import EventHub, EventStreamResponse, StreamOptions, channel_name
+from streams.hub import Signal
 from streams.routing import DirectRoutes
-from streams.subscription import Signal
 
 OPTIONS = StreamOptions(keepalive_seconds=15, max_seconds=None)
 
@@ -44,7 +45,7 @@ def build(design: str, redis_url: str, prefix: str) -> ASGIApp:
     # Per-connection needs one Redis connection per client; the hub needs a few for history.
     max_connections = 25_000 if design == "per-connection" else 64
     redis = Redis(connection_pool=pool_class.from_url(redis_url, max_connections=max_connections))
-    hub = EventHub(redis, prefix=prefix)
+    hub = EventHub(redis, prefix=prefix, terminal_types=TERMINAL_EVENT_TYPES)
 
     async def hub_stream(request: Request) -> Response:
         topic = request.path_params["topic"]

@@ -1,55 +1,49 @@
-"""Provisioning: durable in-process operations that create and remove customer resources."""
+"""Provisioning: durable in-process operations that create and remove customer resources.
+
+The face holds what the layer above calls; everything else is imported from its module.
+"""
 
 from __future__ import annotations
 
-from .backend import (
-    CHANGE_KINDS,
-    ConnectionMeter,
-    Credentials,
-    OperationKind,
-    ProvisionerBackend,
-    ResourceSpec,
-    Step,
-    StepContext,
-)
+from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step, StepContext
 from .bulk import ProvisionRequest
 from .errors import (
     BackendNotConfigured,
-    LeaseLost,
     NothingToDeprovision,
     OperationNotCancellable,
     OperationNotFound,
-    PlanLimitExceeded,
     ProvisioningError,
     ResourceNotFound,
-    RunnerNotRunning,
-    is_transient,
 )
-from .foreground import Foreground
+from .execution import TERMINAL_EVENT_TYPES
 from .graph import GraphBackend, StorageMeter
 from .hooks import SubscriptionHooks
-from .operations import OperationRecord, OperationStatus, get_operation, get_operation_for_subject
+from .operations import (
+    TERMINAL_STATUSES,
+    OperationRecord,
+    get_operation,
+    get_operation_for_subject,
+    operation_counts,
+    operation_durations,
+)
 from .repository import SharedRepositoryBackend
-from .resources import ResourceRecord, get_resource, resource_for_subject
+from .resources import ResourceRecord, resource_for_subject
 from .retry import RetryPolicy
 from .runner import OperationRunner
 
+# A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
-    "CHANGE_KINDS",
+    "TERMINAL_EVENT_TYPES",
+    "TERMINAL_STATUSES",
     "BackendNotConfigured",
-    "ConnectionMeter",
     "Credentials",
-    "Foreground",
     "GraphBackend",
-    "LeaseLost",
     "NothingToDeprovision",
     "OperationKind",
     "OperationNotCancellable",
     "OperationNotFound",
     "OperationRecord",
     "OperationRunner",
-    "OperationStatus",
-    "PlanLimitExceeded",
     "ProvisionRequest",
     "ProvisionerBackend",
     "ProvisioningError",
@@ -57,7 +51,6 @@ __all__ = [
     "ResourceRecord",
     "ResourceSpec",
     "RetryPolicy",
-    "RunnerNotRunning",
     "SharedRepositoryBackend",
     "Step",
     "StepContext",
@@ -65,7 +58,7 @@ __all__ = [
     "SubscriptionHooks",
     "get_operation",
     "get_operation_for_subject",
-    "get_resource",
-    "is_transient",
+    "operation_counts",
+    "operation_durations",
     "resource_for_subject",
 ]

@@ -9,7 +9,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from functools import partial
-from typing import Any, Literal, cast
+from typing import Any, Final, Literal, cast
 
 import anyio
 import asyncpg
@@ -23,9 +23,13 @@ from .hooks import SubscriptionHooks
 from .operations import OperationRecord
 from .retry import RetryPolicy
 
-__all__ = ["Executor", "Outcome"]
+__all__ = ["TERMINAL_EVENT_TYPES", "Executor", "Outcome"]
 
 logger = logging.getLogger(__name__)
+
+# An operation's last event, `operation.<its terminal status>` (docs/API.md, Server-Sent
+# Events): the event hub and publisher are told so, and end an operation's stream after it.
+TERMINAL_EVENT_TYPES: Final = frozenset(f"operation.{s}" for s in ops.TERMINAL_STATUSES)
 
 _NOUNS = {"graph": "graph", "repository": "repository access"}
 
@@ -166,7 +170,7 @@ class Executor:
                 logger.info("operation %s: cancelled before step %s ran", op.id, step.name)
                 return Outcome("cancelled")
             if isinstance(error, ProvisioningError):
-                return Outcome("failed", error.customer_message + _consequence(op))
+                return Outcome("failed", error.customer_message + self._consequence(op))
             if error is not None:
                 return Outcome("failed", self._failure_sentence(op, step, error))
         return Outcome("completed")
@@ -266,7 +270,7 @@ class Executor:
         return delay
 
     def _failure_sentence(self, op: OperationRecord, step: Step, exc: Exception) -> str:
-        after = _consequence(op)
+        after = self._consequence(op)
         doing = _VERBS[op.kind][2]
         if is_transient(exc):
             logger.warning(
@@ -391,7 +395,7 @@ class Executor:
         announced = op.announced_at is not None
         if not announced:
             try:
-                await self.publish(op, f"operation.{op.status}", **_terminal_fields(op))
+                await self.publish(op, f"operation.{op.status}", **self._terminal_fields(op))
                 announced = True
             except Exception as exc:
                 logger.warning(
@@ -413,7 +417,30 @@ class Executor:
         if op.status == "completed":
             await self._hooks.provisioning_succeeded(op)
         else:
-            await self._hooks.provisioning_failed(op, op.error or _cancelled_sentence(op))
+            await self._hooks.provisioning_failed(op, op.error or self._cancelled_sentence(op))
+
+    def _consequence(self, op: OperationRecord) -> str:
+        # What the layer above does when a provision fails (billing cancels the subscription),
+        # in its own words.
+        note = self._hooks.provision_failed_note
+        return f" {note}" if note and op.kind == "provision" else ""
+
+    def _cancelled_sentence(self, op: OperationRecord) -> str:
+        return (
+            f"The set-up of your {_noun(op)} was cancelled and everything it had created was"
+            f" removed.{self._consequence(op)}"
+        )
+
+    def _terminal_fields(self, op: OperationRecord) -> Mapping[str, Any]:
+        fields: dict[str, Any] = {"status": op.status, "step": op.step, "progress": op.progress}
+        if op.status == "completed":
+            done = _VERBS[op.kind][1]
+            fields.update(message=f"Your {_noun(op)} {done}", result=dict(op.result or {}))
+        elif op.status == "failed":
+            fields.update(message=op.error, error=op.error)
+        else:
+            fields.update(message=self._cancelled_sentence(op))
+        return fields
 
 
 def _addressed(op: OperationRecord, type_: str, **fields: Any) -> tuple[Event, list[str]]:
@@ -450,27 +477,3 @@ def _started_message(op: OperationRecord) -> str:
 
 def _started(op: OperationRecord) -> tuple[Event, list[str]]:
     return _addressed(op, "operation.started", step=None, progress=0, message=_started_message(op))
-
-
-def _consequence(op: OperationRecord) -> str:
-    # BillingHooks.provisioning_failed cancels the subscription at once.
-    return " Your subscription has been cancelled." if op.kind == "provision" else ""
-
-
-def _cancelled_sentence(op: OperationRecord) -> str:
-    return (
-        f"The set-up of your {_noun(op)} was cancelled and everything it had created was"
-        " removed. Your subscription has been cancelled."
-    )
-
-
-def _terminal_fields(op: OperationRecord) -> Mapping[str, Any]:
-    fields: dict[str, Any] = {"status": op.status, "step": op.step, "progress": op.progress}
-    if op.status == "completed":
-        done = _VERBS[op.kind][1]
-        fields.update(message=f"Your {_noun(op)} {done}", result=dict(op.result or {}))
-    elif op.status == "failed":
-        fields.update(message=op.error, error=op.error)
-    else:
-        fields.update(message=_cancelled_sentence(op))
-    return fields

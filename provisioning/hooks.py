@@ -18,7 +18,12 @@ class SubscriptionHooks(Protocol):
     ``provision`` only (``failed`` also after a cancellation, with a sentence saying so), before
     the terminal event is published. An exception makes the runner retry the call later.
     ``audit`` receives every operation's start, resumption, cancellation request and outcome.
+    ``provision_failed_note`` is what the customer is told follows a failed or cancelled
+    provision (say, that their subscription is cancelled), in the caller's words; "" for nothing.
     """
+
+    @property
+    def provision_failed_note(self) -> str: ...
 
     async def provisioning_succeeded(self, operation: OperationRecord) -> None: ...
 

@@ -14,7 +14,6 @@ from asyncpg.pool import PoolConnectionProxy
 from .backend import OperationKind, ResourceSpec
 
 __all__ = [
-    "ACTIVE_STATUSES",
     "TERMINAL_STATUSES",
     "Connection",
     "OperationRecord",
@@ -34,16 +33,17 @@ __all__ = [
     "lease_until",
     "mark_outcome",
     "mark_started",
+    "operation_counts",
+    "operation_durations",
     "request_cancel",
     "set_waiting",
 ]
 
 # A plain connection or one from a pool: query functions take either.
 Connection: TypeAlias = "asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]"
-OperationStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 # `waiting`: the provisioning server does not answer; the operation retries until it does or
 # until the retry window has passed.
-ACTIVE_STATUSES: Final = ("pending", "running", "waiting")
+OperationStatus = Literal["pending", "running", "waiting", "completed", "failed", "cancelled"]
 TERMINAL_STATUSES: Final = ("completed", "failed", "cancelled")
 
 
@@ -456,3 +456,28 @@ async def set_waiting(
         retry_in,
     )
     return _one(row)
+
+
+async def operation_counts(conn: Connection) -> dict[tuple[str, str], int]:
+    """How many operations there are, by (kind, status): for an operator's metrics."""
+    rows = await conn.fetch(
+        "SELECT kind, status, count(*) AS n FROM operations GROUP BY kind, status"
+    )
+    return {(r["kind"], r["status"]): r["n"] for r in rows}
+
+
+async def operation_durations(
+    conn: Connection, quantiles: tuple[float, ...] = (0.5, 0.99), *, within_seconds: float = 3600
+) -> dict[tuple[str, float], float]:
+    """Seconds from creation to finish of the operations finished in the last
+    ``within_seconds``, by (kind, quantile). Reads a range of the ``operations_finished``
+    index, not every operation ever run."""
+    rows = await conn.fetch(
+        "SELECT kind, percentile_cont($1::float8[]) WITHIN GROUP (ORDER BY seconds) AS q"
+        " FROM (SELECT kind, extract(epoch FROM finished_at - created_at) AS seconds"
+        "       FROM operations WHERE finished_at > now() - make_interval(secs => $2))"
+        " AS recent GROUP BY kind",
+        list(quantiles),
+        within_seconds,
+    )
+    return {(r["kind"], q): float(v) for r in rows for q, v in zip(quantiles, r["q"], strict=True)}

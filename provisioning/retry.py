@@ -49,7 +49,7 @@ class RetryPolicy:
     A provisioning step whose server still does not answer after ``attempts`` tries is not
     failed: its operation waits (``operation.waiting``) and tries again every
     ``outage_max_delay`` seconds at most, and fails only ``outage_window`` seconds after the
-    outage began (LOOKOUT_PROVISIONER_RETRY_SECONDS).
+    outage began (the caller sets it: an operator's setting).
     """
 
     attempts: int = 5

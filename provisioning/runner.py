@@ -203,7 +203,7 @@ class OperationRunner:
                 if resource_id is None:
                     resource = await resource_for_subject(conn, subject_id)
                     if resource is None:
-                        raise NothingToDeprovision(f"subscription {subject_id} has no resource")
+                        raise NothingToDeprovision(f"subject {subject_id} has no resource")
                     resource_id = resource.id
                 provision = await ops.get_operation_for_subject(conn, "provision", subject_id)
             op, created = await ops.create_operation(

@@ -7,20 +7,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any
 
 __all__ = [
-    "TERMINAL_EVENT_TYPES",
     "Event",
     "EventEncodingError",
     "iso_now",
     "isoformat_z",
 ]
-
-# An operation stream ends right after one of these (docs/API.md, Server-Sent Events).
-TERMINAL_EVENT_TYPES: Final[frozenset[str]] = frozenset(
-    {"operation.completed", "operation.failed", "operation.cancelled"}
-)
 
 
 class EventEncodingError(TypeError):

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from typing import Final
 
-from .events import TERMINAL_EVENT_TYPES
-
 __all__ = [
     "Frame",
     "InvalidEventId",
@@ -21,7 +19,6 @@ __all__ = [
 StreamPosition = tuple[int, int]
 
 _STREAM_ID: Final = re.compile(r"(\d{1,20})-(\d{1,20})")
-_TERMINAL: Final = frozenset(t.encode() for t in TERMINAL_EVENT_TYPES)
 _EVENT_TYPE: Final = re.compile(rb"[!-~]{1,100}")  # printable ASCII, no space
 _MAX_PART: Final = 2**64 - 1
 
@@ -61,23 +58,28 @@ def retry_frame(milliseconds: int) -> bytes:
 
 
 class Frame:
-    """One event of one topic: its Stream id, type, JSON and the SSE bytes sent for it."""
+    """One event of one topic: its Stream id, type, JSON and the SSE bytes sent for it.
+
+    ``terminal``: the event ends its topic (its type is one of the terminal types the caller
+    named: ``EventHub(terminal_types=...)``)."""
 
     __slots__ = ("data", "id", "position", "terminal", "type", "wire")
 
-    def __init__(self, stream_id: bytes, event_type: bytes, data: bytes) -> None:
+    def __init__(
+        self, stream_id: bytes, event_type: bytes, data: bytes, *, terminal: bool = False
+    ) -> None:
         self.id = stream_id.decode()
         self.position = parse_stream_id(self.id)
         self.type = event_type.decode()
         self.data = data
-        self.terminal = event_type in _TERMINAL
+        self.terminal = terminal
         # JSON never holds a raw newline, so the data is one "data:" line (docs/API.md).
         self.wire = b"".join(
             (b"id: ", stream_id, b"\nevent: ", event_type, b"\ndata: ", data, b"\n\n")
         )
 
     @classmethod
-    def from_announcement(cls, payload: bytes) -> Frame:
+    def from_announcement(cls, payload: bytes, terminal_types: frozenset[bytes]) -> Frame:
         """From a pub/sub announcement "<id>\\n<type>\\n<json>" (see publisher); raises
         ValueError for anything else (a hand-typed PUBLISH), which would break the SSE framing."""
         parts = payload.split(b"\n", 2)
@@ -89,7 +91,7 @@ class Frame:
             raise ValueError("an announcement's data is one line of a JSON object")
         if _EVENT_TYPE.fullmatch(event_type) is None:
             raise ValueError("an announcement's type is printable ASCII")
-        return cls(stream_id, event_type, data)
+        return cls(stream_id, event_type, data, terminal=event_type in terminal_types)
 
     def __repr__(self) -> str:
         return f"Frame(id={self.id!r}, type={self.type!r})"

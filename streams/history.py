@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -10,70 +10,31 @@ import anyio
 from redis.asyncio import Redis
 
 from .frames import Frame, StreamPosition, format_stream_id, parse_stream_id
+from .scripts import lua_script
 from .topics import stream_key
 
 __all__ = ["Catchup", "StreamHistory"]
 
-# One atomic read: what the Stream has lost (so a gap is reported, never skipped silently) and
-# the entries after a position. ARGV: the position ("-" for the very start), the page size.
-# Returns {exists, max-deleted id, entries-added, length, first id, last-generated id,
-# last type, whether the position itself is kept, entries}. The read starts AT the position,
-# so that one more entry says whether the Stream still holds it: a position the Stream never
-# held (Redis lost it: a failover, a restart without persistence) is a gap too.
-_CATCHUP_LUA: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {0} end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-local out = {1, '0-0', -1, 0, '', '0-0', '', 0}
-for i = 1, #info, 2 do
-  local k, v = info[i], info[i + 1]
-  if k == 'max-deleted-entry-id' then out[2] = v
-  elseif k == 'entries-added' then out[3] = v
-  elseif k == 'length' then out[4] = v
-  elseif k == 'first-entry' and v then out[5] = v[1]
-  elseif k == 'last-generated-id' then out[6] = v
-  elseif k == 'last-entry' and v then
-    local fields = v[2]
-    for j = 1, #fields, 2 do if fields[j] == 't' then out[7] = fields[j + 1] end end
-  end
-end
-local limit = tonumber(ARGV[2])
-local entries
-if ARGV[1] == '-' then
-  entries = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', limit)
-else
-  entries = redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', limit + 1)
-  if entries[1] and entries[1][1] == ARGV[1] then
-    out[8] = 1
-    table.remove(entries, 1)
-  elseif #entries > limit then
-    table.remove(entries)
-  end
-end
-out[9] = entries
-return out
-"""
-
-# The newest id the Stream ever generated (kept or not): where "live from now" begins.
-_HEAD_LUA: Final = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-local info = redis.call('XINFO', 'STREAM', KEYS[1])
-for i = 1, #info, 2 do
-  if info[i] == 'last-generated-id' then return info[i + 1] end
-end
-return false
-"""
+_CATCHUP_LUA: Final = lua_script("history_catchup.lua")
+_HEAD_LUA: Final = lua_script("history_head.lua")
 
 
 def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
-def _frame(entry: Sequence[Any]) -> Frame:
+def _frame(entry: Sequence[Any], terminal_types: frozenset[bytes]) -> Frame:
     stream_id, raw = entry[0], entry[1]
     # A script answers flat [field, value, ...]; redis-py's xrange parses into a dict.
     pairs = raw.items() if isinstance(raw, Mapping) else zip(raw[::2], raw[1::2], strict=True)
     fields = {_bytes(k): _bytes(v) for k, v in pairs}
-    return Frame(_bytes(stream_id), fields.get(b"t", b"message"), fields.get(b"d", b"{}"))
+    event_type = fields.get(b"t", b"message")
+    return Frame(
+        _bytes(stream_id),
+        event_type,
+        fields.get(b"d", b"{}"),
+        terminal=event_type in terminal_types,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,11 +85,21 @@ def _gap(
 
 
 class StreamHistory:
-    """Reads of the Streams written by ``EventPublisher`` (same ``prefix``)."""
+    """Reads of the Streams written by ``EventPublisher`` (same ``prefix``); an event of one of
+    ``terminal_types`` ends its topic (as the publisher was told)."""
 
-    def __init__(self, redis: Redis, *, prefix: str = "lookout:", concurrency: int = 32) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        prefix: str = "lookout:",
+        concurrency: int = 32,
+        terminal_types: Collection[str] = frozenset(),
+    ) -> None:
         self._redis = redis
         self._prefix = prefix
+        self._terminal_names = frozenset(terminal_types)
+        self._terminal = frozenset(t.encode() for t in terminal_types)
         self._script = redis.register_script(_CATCHUP_LUA)
         self._head_script = redis.register_script(_HEAD_LUA)
         # Bounds the history reads of a reconnect storm to what the pool can serve.
@@ -149,7 +120,7 @@ class StreamHistory:
             )
         added, length = int(reply[2]), int(reply[3])
         head = parse_stream_id(_bytes(reply[5]))
-        frames = [_frame(entry) for entry in reply[8]]
+        frames = [_frame(entry, self._terminal) for entry in reply[8]]
         reset = _gap(
             position,
             head=head,
@@ -164,7 +135,8 @@ class StreamHistory:
             frames,
             reset=reset,
             last=head if head > (0, 0) else None,
-            last_terminal=bool(last_type) and Frame(b"0-0", last_type, b"").terminal,
+            # Decoded as a Frame's type is: an entry no instance wrote fails the read here too.
+            last_terminal=last_type.decode() in self._terminal_names,
             more=len(frames) >= limit,
         )
 
@@ -179,7 +151,7 @@ class StreamHistory:
         """The newest kept entry of ``topic``."""
         async with self._limiter:
             entries = await self._redis.xrevrange(stream_key(self._prefix, topic), count=1)
-        return _frame(entries[0]) if entries else None
+        return _frame(entries[0], self._terminal) if entries else None
 
     async def is_fully_delivered(self, topic: str, last_event_id: str | None) -> bool:
         """True when ``last_event_id`` is the id of the topic's terminal event, so that a

@@ -1,13 +1,18 @@
 """The per-process hub: one Redis pub/sub connection, fanned out to every local client.
 
-Here: the clients' subscriptions and the channels they hold (a channel is wanted while one
-local client is on it), the ticker behind keep-alives, duration limits and pings, and starting
-and stopping. Keeping those channels subscribed on Redis, across reconnects, is ``link``'s.
+Here, together because they share one state (encode/broadcaster's ``_base.py``): the channel
+table (a channel is wanted while one local client is on it), each client's bounded mailbox
+(``Subscription``), the fan-out of what arrives, the ticker behind keep-alives, duration limits
+and pings, and starting and stopping. Keeping the channels subscribed on Redis, across
+reconnects, is the backend's (``backend.HubBackend``, by default ``link.RedisLink``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import logging
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -15,19 +20,202 @@ import anyio
 import anyio.abc
 from redis.asyncio import Redis
 
+from .backend import ChannelHandle, HubBackend
+from .frames import Frame
 from .history import StreamHistory
-from .link import Channel, HubLink
+from .link import RedisLink
 from .pubsub import RedisEndpoint
-from .subscription import Signal, Subscription
 from .topics import channel_name
 
-__all__ = ["EventHub", "HubClosed", "HubStats"]
+__all__ = ["EventHub", "HubClosed", "HubStats", "Signal", "Subscription"]
 
 logger = logging.getLogger(__name__)
 
 
 class HubClosed(RuntimeError):
     """The hub is shutting down; open the stream on another instance."""
+
+
+class Signal(enum.Enum):
+    """What a subscriber gets instead of frames."""
+
+    RESYNC = "resync"  # pub/sub was re-established: catch up from the Stream
+    IDLE = "idle"  # nothing was delivered for the keep-alive interval
+    RECHECK = "recheck"  # time to ask again whether the client may still listen
+    EXPIRED = "expired"  # the maximum stream duration has passed (terminal)
+    OVERFLOW = "overflow"  # the client fell a full queue behind (terminal)
+    CLOSED = "closed"  # the hub is shutting down (terminal)
+
+
+class Subscription:
+    """One client's interest in one topic, created by ``EventHub.subscribe``.
+
+    Use as ``async with hub.subscribe(topic) as sub:`` (waits until Redis confirmed the
+    channel, and unsubscribes on exit), then ``await sub.receive()`` in a loop.
+    """
+
+    __slots__ = (
+        "_channel",
+        "_deadline",
+        "_idle",
+        "_idle_after",
+        "_last",
+        "_maxsize",
+        "_next_recheck",
+        "_queue",
+        "_recheck",
+        "_recheck_every",
+        "_release",
+        "_resync",
+        "_state",
+        "_waiter",
+        "on_terminal",
+        "topic",
+    )
+
+    def __init__(
+        self,
+        topic: str,
+        channel: Channel,
+        release: Callable[[Subscription], None],
+        *,
+        maxsize: int,
+        idle_after: float,
+        deadline: float | None,
+        now: float,
+        recheck_every: float | None = None,
+    ) -> None:
+        self.topic = topic
+        self._channel = channel
+        self._release: Callable[[Subscription], None] | None = release
+        # A list, not a deque: always drained whole, and an empty deque costs 600 bytes.
+        self._queue: list[Frame] = []
+        self._maxsize = maxsize
+        self._waiter: asyncio.Future[None] | None = None
+        self._state: Signal | None = None
+        self._resync = False
+        self._idle = False
+        self._idle_after = idle_after
+        self._deadline = deadline
+        self._last = now
+        self._recheck_every = recheck_every
+        self._next_recheck = None if recheck_every is None else now + recheck_every
+        self._recheck = False
+        # Called once when the subscription ends for a reason of the hub's (overflow, expiry,
+        # shutdown), so that a writer blocked on a slow socket can be cancelled.
+        self.on_terminal: Callable[[Signal], None] | None = None
+
+    @property
+    def state(self) -> Signal | None:
+        """The terminal signal, once there is one."""
+        return self._state
+
+    async def ready(self) -> None:
+        """Wait until Redis has confirmed the subscription (so a history read misses nothing)."""
+        await self._channel.confirmed.wait()
+
+    async def receive(self) -> list[Frame] | Signal:
+        """Every frame queued so far, in order; or a signal. Terminal signals repeat."""
+        while True:
+            if self._state is not None:
+                return self._state
+            if self._resync:
+                self._resync = False
+                return Signal.RESYNC
+            if self._recheck:
+                self._recheck = False
+                return Signal.RECHECK
+            if self._queue:
+                batch, self._queue = self._queue, []
+                return batch
+            if self._idle:
+                self._idle = False
+                return Signal.IDLE
+            # A bare future: the wake-up of every delivery, so the cheapest primitive there is
+            # (anyio.Event costs three objects per wait). Lookout runs on asyncio only.
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    def close(self) -> None:
+        """Leave the topic; the last local subscriber leaving unsubscribes the channel."""
+        release, self._release = self._release, None
+        if release is not None:
+            release(self)
+        self._queue.clear()
+
+    async def __aenter__(self) -> Subscription:
+        try:
+            await self.ready()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # The hub's side. Plain methods, no awaits: fan-out is one synchronous loop.
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # done: its reader was cancelled
+                waiter.set_result(None)
+
+    def _offer(self, frame: Frame, now: float) -> None:
+        if self._state is not None:
+            return
+        if len(self._queue) >= self._maxsize:
+            self._terminate(Signal.OVERFLOW)
+            return
+        self._queue.append(frame)
+        self._last = now
+        self._wake()
+
+    def _request_resync(self) -> None:
+        if self._state is None:
+            self._resync = True
+            self._wake()
+
+    def _tick(self, now: float) -> None:
+        if self._state is not None:
+            return
+        if self._deadline is not None and now >= self._deadline:
+            self._terminate(Signal.EXPIRED)
+            return
+        if self._next_recheck is not None and now >= self._next_recheck:
+            assert self._recheck_every is not None
+            self._next_recheck = now + self._recheck_every
+            self._recheck = True
+            self._wake()
+        if now - self._last >= self._idle_after:
+            self._last = now
+            self._idle = True
+            self._wake()
+
+    def _terminate(self, signal: Signal) -> None:
+        if self._state is not None:
+            return
+        self._state = signal
+        self._queue.clear()
+        self._wake()
+        callback = self.on_terminal
+        if callback is not None:
+            callback(signal)
+
+
+class Channel:
+    """A channel local clients want: ``subs`` counts them, ``members`` is ``subs`` frozen for
+    the fan-out, which then neither copies it nor trips over a change."""
+
+    __slots__ = ("confirmed", "members", "name", "subs")
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.subs: dict[Subscription, None] = {}
+        self.members: tuple[Subscription, ...] = ()
+        self.confirmed = anyio.Event()
 
 
 @dataclass(slots=True)
@@ -47,6 +235,8 @@ class EventHub:
     re-subscribes, and then sends every subscriber ``Signal.RESYNC`` so that it catches up from
     the topic's Stream. Run it with ``async with EventHub(redis) as hub`` or start ``run`` in a
     lifespan task group; ``close()`` (or setting ``shutdown``) ends every stream politely.
+    ``terminal_types``: the event types that end a topic, in the caller's vocabulary (the
+    publisher's must be the same); ``backend``: another transport than Redis pub/sub.
     """
 
     def __init__(
@@ -63,6 +253,8 @@ class EventHub:
         history_concurrency: int = 32,
         name: str = "lookout-hub",
         shutdown: anyio.Event | None = None,
+        backend: HubBackend | None = None,
+        terminal_types: Collection[str] = frozenset(),
     ) -> None:
         self._prefix = prefix
         self.name = name
@@ -70,7 +262,10 @@ class EventHub:
         self._queue_size = queue_size
         self._tick = tick_seconds
         self._ping = ping_seconds
-        self.history = StreamHistory(redis, prefix=prefix, concurrency=history_concurrency)
+        self.history = StreamHistory(
+            redis, prefix=prefix, concurrency=history_concurrency, terminal_types=terminal_types
+        )
+        self._terminal = frozenset(t.encode() for t in terminal_types)
         self._channels: dict[bytes, Channel] = {}
         self._subs: dict[Subscription, None] = {}
         self._closed = False
@@ -78,27 +273,16 @@ class EventHub:
         self._tg: anyio.abc.TaskGroup | None = None
         self.reconnects = 0
         self.stats = HubStats()
-        self._link = HubLink(
+        self._link: HubBackend = backend or RedisLink(
             endpoint or RedisEndpoint.from_client(redis),
-            self._channels,
-            self.stats,
             name=name,
             ping_seconds=ping_seconds,
             backoff=(backoff_min, backoff_max),
-            on_resync=self._resync,
         )
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
 
     @property
     def connected(self) -> bool:
         return self._link.connected
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def subscriber_count(self, topic: str | None = None) -> int:
         if topic is None:
@@ -163,6 +347,8 @@ class EventHub:
         self._closed = True
         for sub in list(self._subs):
             sub._terminate(Signal.CLOSED)
+        for channel in self._channels.values():
+            channel.confirmed.set()  # nobody waits for a subscription that will not come
         self._link.close()
         if self._scope is not None:
             self._scope.cancel()
@@ -199,7 +385,7 @@ class EventHub:
                     if self._shutdown is not None:
                         tg.start_soon(self._close_on, self._shutdown)
                     task_status.started()
-                    await self._link.run()
+                    await self._link.run(self)
                     tg.cancel_scope.cancel()
         finally:
             # A supervisor may run it again after a crash.
@@ -209,7 +395,35 @@ class EventHub:
         await event.wait()
         self.close()
 
-    def _resync(self) -> None:
+    # The backend's listener (``backend.BackendListener``): called on the read path.
+
+    def channels(self) -> list[Channel]:
+        return list(self._channels.values())
+
+    def confirmed(self, channel: ChannelHandle) -> None:
+        assert isinstance(channel, Channel)
+        channel.confirmed.set()
+
+    def deliver(self, name: bytes, payload: bytes, now: float) -> None:
+        channel = self._channels.get(name)
+        if channel is None or not channel.members:
+            return  # unsubscribed meanwhile: the UNSUBSCRIBE is on its way
+        try:
+            frame = Frame.from_announcement(payload, self._terminal)
+        except (ValueError, TypeError) as exc:
+            self.skipped(str(exc), (name, payload))
+            return
+        for sub in channel.members:
+            sub._offer(frame, now)
+        self.stats.offered += len(channel.members)
+
+    def skipped(self, why: str, detail: object) -> None:
+        # Someone PUBLISHed on a Lookout channel by hand, or an instance of another version
+        # did: one bad message must not end every stream of the process.
+        self.stats.malformed += 1
+        logger.warning("event hub skipped a malformed pub/sub message (%s): %.200r", why, detail)
+
+    def resynced(self) -> None:
         # The link is back after a gap: what was published meanwhile is only in the Streams.
         self.reconnects += 1
         logger.info("event hub reconnected; %d subscribers catch up", len(self._subs))

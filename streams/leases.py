@@ -17,36 +17,14 @@ import anyio.abc
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from .scripts import lua_script
+
 __all__ = ["StreamLease", "StreamLeases", "TooManyStreams"]
 
 logger = logging.getLogger(__name__)
 
-# KEYS[1]: the user's set. ARGV: ttl ms, limit, member. Answers {1, 0} or {0, retry ms}.
-_ACQUIRE_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  return {0, tonumber(oldest[2]) - now}
-end
-redis.call('ZADD', KEYS[1], now + ttl, ARGV[3])
-redis.call('PEXPIRE', KEYS[1], ttl * 2)
-return {1, 0}
-"""
-
-# KEYS: users' sets; ARGV[1]: ttl ms, then one member per key.
-_RENEW_LUA: Final = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ttl = tonumber(ARGV[1])
-for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, now + ttl, ARGV[i + 1])
-  redis.call('PEXPIRE', key, ttl * 2)
-end
-return #KEYS
-"""
+_ACQUIRE_LUA: Final = lua_script("lease_acquire.lua")
+_RENEW_LUA: Final = lua_script("lease_renew.lua")
 _RENEW_BATCH: Final = 1000
 
 
@@ -90,7 +68,7 @@ class StreamLeases:
         ttl_seconds: float = 30.0,
     ) -> None:
         if limit < 1:
-            raise ValueError("LOOKOUT_MAX_STREAMS_PER_USER must be at least 1")
+            raise ValueError(f"a limit of {limit} streams per user refuses every stream; give 1+")
         self._redis = redis
         self._prefix = prefix
         self.limit = limit

@@ -1,30 +1,24 @@
-"""The hub's link to Redis: one pub/sub connection kept in step with the hub's channel table.
+"""The hub's Redis backend: one pub/sub connection kept in step with the hub's channels.
 
-The link reconnects with exponential backoff and re-subscribes every channel in the table; it
-pipelines SUBSCRIBE, UNSUBSCRIBE and PING and matches their replies in order (Redis answers
-them in the order sent), which tells when a channel is confirmed and when the connection is
-ready; and it fans every announcement out to the local members of its channel. Which channels
-the table holds, and who their members are, is the hub's business (``hub``).
+The link reconnects with exponential backoff and re-subscribes every channel its listener
+wants; it pipelines SUBSCRIBE, UNSUBSCRIBE and PING and matches their replies in order (Redis
+answers them in the order sent), which tells when a channel is confirmed and when the
+connection is ready; and it hands every message to the listener. Which channels are wanted,
+and who listens on them, is the hub's business (``hub``); this is the wire.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import anyio
 import hiredis
 
-from .frames import Frame
+from .backend import BackendListener, ChannelHandle
 from .pubsub import PubSubConnection, PubSubError, RedisEndpoint, encode_command
-from .subscription import Subscription
 
-if TYPE_CHECKING:
-    from .hub import HubStats
-
-__all__ = ["Channel", "HubLink"]
+__all__ = ["RedisLink"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,45 +38,27 @@ _PONG = "pong"
 _READY = "ready"
 
 
-class Channel:
-    """A Redis channel local clients want: ``subs`` counts them, ``members`` is ``subs``
-    frozen for the fan-out, which then neither copies it nor trips over a change."""
+class RedisLink:
+    """A ``HubBackend`` on one Redis pub/sub connection.
 
-    __slots__ = ("confirmed", "members", "name", "subs")
-
-    def __init__(self, name: bytes) -> None:
-        self.name = name
-        self.subs: dict[Subscription, None] = {}
-        self.members: tuple[Subscription, ...] = ()
-        self.confirmed = anyio.Event()
-
-
-class HubLink:
-    """Keeps ``channels`` (the hub's table, shared, not copied) subscribed on one connection.
-
-    ``on_resync`` is called once the connection is ready again after a reconnect, when every
-    channel is subscribed anew: whatever was published in between is only in the Streams.
+    The listener's ``resynced`` is called once the connection is ready again after a
+    reconnect, when every channel is subscribed anew: whatever was published in between is
+    only in the Streams.
     """
 
     def __init__(
         self,
         endpoint: RedisEndpoint,
-        channels: dict[bytes, Channel],
-        stats: HubStats,
         *,
         name: str,
-        ping_seconds: float,
-        backoff: tuple[float, float],
-        on_resync: Callable[[], None],
+        ping_seconds: float = 5.0,
+        backoff: tuple[float, float] = (0.1, 5.0),
     ) -> None:
         self._endpoint = endpoint
-        self._channels = channels
-        self._stats = stats
         self._name = name
         self._ping = ping_seconds
         self._backoff = backoff
-        self._on_resync = on_resync
-        self._acks: deque[Channel | str] = deque()
+        self._acks: deque[ChannelHandle | str] = deque()
         self._outbox: list[bytes] = []
         self._outbox_ready = anyio.Event()
         self._conn: PubSubConnection | None = None
@@ -104,7 +80,7 @@ class HubLink:
     async def wait_connected(self) -> None:
         await self._connected.wait()
 
-    def subscribe(self, channel: Channel) -> None:
+    def subscribe(self, channel: ChannelHandle) -> None:
         # Without a connection the next one subscribes the whole table anyway.
         if self._conn is not None:
             self._queue_command(encode_command("SUBSCRIBE", channel.name), [channel])
@@ -117,12 +93,10 @@ class HubLink:
         self._queue_command(encode_command("PING"), [_PONG])
 
     def close(self) -> None:
-        """Stop reconnecting; release everyone waiting for a channel to be confirmed."""
+        """Stop reconnecting."""
         self._closed = True
-        for channel in self._channels.values():
-            channel.confirmed.set()  # nobody waits for a subscription that will not come
 
-    async def run(self) -> None:
+    async def run(self, listener: BackendListener) -> None:
         """Connect, serve, and reconnect with backoff, until ``close()``."""
         delay = self._backoff[0]
         while not self._closed:
@@ -134,30 +108,30 @@ class HubLink:
                 delay = self._backoff[0]
                 async with conn:
                     resync, self._served = self._served, True
-                    await self._serve(conn, resync=resync)
+                    await self._serve(conn, listener, resync=resync)
                 if self._closed:
                     return
                 logger.warning("event hub lost Redis; reconnecting in %.1fs", delay)
             await anyio.sleep(delay)
             delay = min(delay * 2, self._backoff[1])
 
-    async def _serve(self, conn: PubSubConnection, *, resync: bool) -> None:
+    async def _serve(
+        self, conn: PubSubConnection, listener: BackendListener, *, resync: bool
+    ) -> None:
         self._acks.clear()
         self._outbox.clear()
         self._conn = conn
-        names = list(self._channels)
-        for start in range(0, len(names), _SUBSCRIBE_BATCH):
-            batch = names[start : start + _SUBSCRIBE_BATCH]
-            self._queue_command(
-                encode_command("SUBSCRIBE", *batch), [self._channels[n] for n in batch]
-            )
+        channels = list(listener.channels())
+        for start in range(0, len(channels), _SUBSCRIBE_BATCH):
+            batch = channels[start : start + _SUBSCRIBE_BATCH]
+            self._queue_command(encode_command("SUBSCRIBE", *(c.name for c in batch)), batch)
         # The PING's answer comes after every re-subscription's: then nothing more is missed.
         self._queue_command(encode_command("PING"), [_READY if resync else _PONG])
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._write_loop, conn, tg.cancel_scope)
                 try:
-                    await self._read_loop(conn)
+                    await self._read_loop(conn, listener)
                 except _CONNECTION_ERRORS as exc:
                     logger.info("event hub connection ended: %r", exc)
                 finally:
@@ -167,7 +141,7 @@ class HubLink:
             if self._connected.is_set():
                 self._connected = anyio.Event()
 
-    def _queue_command(self, command: bytes, acks: list[Channel | str]) -> None:
+    def _queue_command(self, command: bytes, acks: list[ChannelHandle] | list[str]) -> None:
         self._outbox.append(command)
         self._acks.extend(acks)
         self._outbox_ready.set()
@@ -183,8 +157,8 @@ class HubLink:
             logger.info("event hub could not write to Redis: %r", exc)
             scope.cancel()
 
-    async def _read_loop(self, conn: PubSubConnection) -> None:
-        channels = self._channels
+    async def _read_loop(self, conn: PubSubConnection, listener: BackendListener) -> None:
+        deliver = listener.deliver
         silence = max(self._ping * 3, 1.0)
         while True:
             with anyio.fail_after(silence):
@@ -192,35 +166,21 @@ class HubLink:
             now = anyio.current_time()
             for reply in replies:
                 if type(reply) is list and reply and reply[0] == b"message":
-                    if len(reply) != 3:
-                        self._skip(reply, "a message of an unknown shape")
-                        continue
-                    channel = channels.get(reply[1])
-                    if channel is not None and channel.members:
-                        try:
-                            frame = Frame.from_announcement(reply[2])
-                        except (ValueError, TypeError) as exc:
-                            self._skip(reply, str(exc))
-                            continue
-                        for sub in channel.members:
-                            sub._offer(frame, now)
-                        self._stats.offered += len(channel.members)
+                    if len(reply) == 3 and type(reply[1]) is bytes and type(reply[2]) is bytes:
+                        deliver(reply[1], reply[2], now)
+                    else:
+                        # Someone PUBLISHed by hand, or a server of another kind answers.
+                        listener.skipped("a message of an unknown shape", reply[1:])
                 else:
-                    self._acknowledge(reply)
+                    self._acknowledge(reply, listener)
 
-    def _skip(self, reply: list[object], why: str) -> None:
-        # Someone PUBLISHed on a Lookout channel by hand, or an instance of another version
-        # did: one bad message must not end every stream of the process.
-        self._stats.malformed += 1
-        logger.warning("event hub skipped a malformed pub/sub message (%s): %.200r", why, reply[1:])
-
-    def _acknowledge(self, reply: object) -> None:
+    def _acknowledge(self, reply: object, listener: BackendListener) -> None:
         if not self._acks:
             raise PubSubError(f"unexpected reply on the hub's connection: {reply!r}")
         expected = self._acks.popleft()
-        if isinstance(expected, Channel):
-            expected.confirmed.set()
+        if not isinstance(expected, str):
+            listener.confirmed(expected)
         elif expected in (_READY, _PONG) and not self._connected.is_set():
             self._connected.set()
             if expected == _READY:
-                self._on_resync()
+                listener.resynced()

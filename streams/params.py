@@ -6,13 +6,12 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Scope
 
 __all__ = [
-    "TERMINAL_STATUSES",
     "AccessCheck",
     "LeaseSource",
     "Releasable",
@@ -21,9 +20,6 @@ __all__ = [
     "StreamRefused",
     "last_event_id",
 ]
-
-# Snapshot statuses after which an operation publishes nothing more.
-TERMINAL_STATUSES: Final = frozenset({"completed", "failed", "cancelled"})
 
 
 class SnapshotProvider(Protocol):
@@ -69,6 +65,9 @@ class StreamOptions:
     # client whose access was withdrawn is gone within twice recheck plus a tick (21 s) either way.
     recheck_seconds: float = 10.0
     recheck_grace_seconds: float = 15.0
+    # The snapshot ``status`` values after which a subject publishes nothing more, in the
+    # caller's vocabulary: a stream that ends on its terminal event ends at such a snapshot too.
+    final_statuses: frozenset[str] = frozenset()
 
 
 def last_event_id(scope: Scope) -> str | None:

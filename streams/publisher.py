@@ -2,59 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Final
 
 from redis.asyncio import Redis
 
-from .events import TERMINAL_EVENT_TYPES, Event
+from .events import Event
+from .scripts import lua_script
 from .topics import channel_name, ends_with_terminal, stream_key
 
 __all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher"]
 
 DEFAULT_MAXLEN: Final = 1000
 DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
-_TERMINAL_ARG: Final = " ".join(sorted(TERMINAL_EVENT_TYPES))
 
-# KEYS: the Streams of every event's topics, in order. ARGV: trim operator, maxlen, ttl, the
-# terminal event types (space-separated), then for each event its type, its JSON, its number of
-# topics n, their n channels and n flags ('1': the topic ends at a terminal event). The
-# announcement is "<stream id>\n<type>\n<json>" so that the hub can frame it without a read or
-# a JSON parse. A script runs atomically: no reader sees an entry before its TTL is set, and an
-# announcement cannot be lost between XADD and PUBLISH. An event for a topic that has ended
-# (its newest entry is terminal) is dropped from all its topics, in the same atomic step: a
-# late `operation.started` (an instance woken from SIGSTOP after another finished its work, an
-# announcement retried through a Redis outage) can never follow the end of its operation.
-_PUBLISH_LUA: Final = """
-local op, maxlen, ttl = ARGV[1], ARGV[2], ARGV[3]
-local terminal = {}
-for t in string.gmatch(ARGV[4], '%S+') do terminal[t] = true end
-local a, k, ids = 5, 1, {}
-while a <= #ARGV do
-  local etype, data, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
-  a = a + 3
-  local ended = false
-  for i = 0, n - 1 do
-    if ARGV[a + n + i] == '1' then
-      local last = redis.call('XREVRANGE', KEYS[k + i], '+', '-', 'COUNT', 1)
-      if last[1] and terminal[last[1][2][2]] then ended = last[1][1] end
-    end
-  end
-  for i = 0, n - 1 do
-    if ended then
-      ids[k] = ended
-    else
-      local id = redis.call('XADD', KEYS[k], 'MAXLEN', op, maxlen, '*', 't', etype, 'd', data)
-      redis.call('EXPIRE', KEYS[k], ttl)
-      redis.call('PUBLISH', ARGV[a + i], id .. '\\n' .. etype .. '\\n' .. data)
-      ids[k] = id
-    end
-    k = k + 1
-  end
-  a = a + 2 * n
-end
-return ids
-"""
+_PUBLISH_LUA: Final = lua_script("publish.lua")
 
 
 class EventPublisher:
@@ -63,7 +25,8 @@ class EventPublisher:
     ``maxlen`` caps each topic's Stream; with ``exact_trim=False`` (the default) Redis trims
     approximately (``MAXLEN ~``), which is much cheaper and keeps at least ``maxlen`` entries.
     ``ttl_seconds`` is renewed on every publish, so a topic's history expires that long after
-    its last event.
+    its last event. An event of one of ``terminal_types`` ends a topic that ends (see
+    ``topics.ends_with_terminal``): nothing published to it afterwards is kept.
     """
 
     def __init__(
@@ -74,6 +37,7 @@ class EventPublisher:
         maxlen: int = DEFAULT_MAXLEN,
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
         exact_trim: bool = False,
+        terminal_types: Collection[str] = frozenset(),
     ) -> None:
         if maxlen < 1:
             raise ValueError("EventPublisher maxlen must be at least 1")
@@ -84,11 +48,10 @@ class EventPublisher:
         self._maxlen = maxlen
         self._ttl = ttl_seconds
         self._trim_op = "=" if exact_trim else "~"
+        if any(not t or " " in t for t in terminal_types):
+            raise ValueError("terminal event types are non-empty and have no space")
+        self._terminal_arg = " ".join(sorted(terminal_types))
         self._script = redis.register_script(_PUBLISH_LUA)
-
-    @property
-    def prefix(self) -> str:
-        return self._prefix
 
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
         """Publish ``event`` to every topic; answers each topic's Stream id (its SSE ``id``)."""
@@ -105,7 +68,7 @@ class EventPublisher:
         topic's terminal event)."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, _TERMINAL_ARG]
+        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, self._terminal_arg]
         for event, topics in planned:
             if not topics:
                 continue

@@ -90,7 +90,7 @@ class PubSubConnection:
                     auth = ["AUTH", endpoint.password]
                     if endpoint.username:
                         auth.insert(1, endpoint.username)
-                    await conn._expect_ok(auth, "check the password in REDIS_URL")
+                    await conn._expect_ok(auth, "check the password in the Redis URL")
                 if name:
                     # Named so that operators (and tests) can find the hub in CLIENT LIST.
                     await conn._expect_ok(["CLIENT", "SETNAME", name], "the name has a space?")

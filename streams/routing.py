@@ -5,8 +5,8 @@ ServerErrorMiddleware, ExceptionMiddleware and the route's own exception wrapper
 coroutines per event per client) and each keeps its frames alive for the whole stream. For a
 stream that is most of the cost: measured with 2,000 clients at 50,000 deliveries/s, 19 KB and
 p99 118 ms per connection behind Starlette's stack against 15 KB and 43 ms ahead of it (see
-bench/streams_fanout.py, ``routed-broadcast-2000`` against ``broadcast-2000``). The app also
-serves its busiest short request here, Stripe's webhook, for the same reason.
+bench/streams_fanout.py, ``routed-broadcast-2000`` against ``broadcast-2000``). A caller may
+route a busy short request here too, for the same reason.
 """
 
 from __future__ import annotations

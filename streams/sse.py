@@ -30,9 +30,8 @@ from .frames import (
     retry_frame,
 )
 from .history import Catchup
-from .hub import EventHub, HubClosed
+from .hub import EventHub, HubClosed, Signal, Subscription
 from .params import (  # the caller's side, also importable from here as it always was
-    TERMINAL_STATUSES,
     AccessCheck,
     LeaseSource,
     Releasable,
@@ -41,11 +40,9 @@ from .params import (  # the caller's side, also importable from here as it alwa
     StreamRefused,
     last_event_id,
 )
-from .subscription import Signal, Subscription
 from .topics import operation_topic, user_topic
 
 __all__ = [
-    "TERMINAL_STATUSES",
     "AccessCheck",
     "EventStreamResponse",
     "LeaseSource",
@@ -312,7 +309,9 @@ class EventStreamResponse(Response):
         await self._write(stream_id + b"event: stream.reset\ndata: " + event.encode() + b"\n\n")
         # Resume after what the snapshot covers; without a Stream, from its start once it exists.
         self._last = last
-        if self._end_on_terminal and (last_terminal or snapshot.get("status") in TERMINAL_STATUSES):
+        if self._end_on_terminal and (
+            last_terminal or snapshot.get("status") in self._options.final_statuses
+        ):
             raise _Ended
 
     async def _write_frames(self, frames: list[Frame]) -> None:

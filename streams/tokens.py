@@ -22,11 +22,11 @@ _MAX_TTL: Final = 24 * 3600
 
 
 class InvalidStreamToken(Exception):
-    """A ``?token=`` that this server did not issue; get a new one from POST /v1/stream-tokens."""
+    """A token that these keys did not issue (or not whole); the client needs a new one."""
 
 
 class ExpiredStreamToken(InvalidStreamToken):
-    """A stream token past its expiry; get a new one from POST /v1/stream-tokens."""
+    """A stream token past its expiry; the client needs a new one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +52,7 @@ class StreamTokens:
     def __init__(self, secret_key: str | bytes, *, clock: Callable[[], float] = time.time) -> None:
         key = secret_key.encode() if isinstance(secret_key, str) else secret_key
         if len(key) < 16:
-            raise ValueError("LOOKOUT_SECRET_KEY must be at least 16 characters long")
+            raise ValueError("a stream token secret key must be at least 16 bytes long")
         self._key = key
         self._clock = clock
 
@@ -83,25 +83,25 @@ class StreamTokens:
     def grant(self, token: str) -> StreamGrant:
         """The user id and credential the token was issued with; raises as ``verify``."""
         if not token.isascii():  # every token issued here is base64url
-            raise InvalidStreamToken("malformed stream token; get a new one from /v1/stream-tokens")
+            raise InvalidStreamToken("malformed stream token")
         version, _, rest = token.partition(".")
         payload, _, mac = rest.partition(".")
         if version != _VERSION or not payload or not mac:
-            raise InvalidStreamToken("malformed stream token; get a new one from /v1/stream-tokens")
+            raise InvalidStreamToken("malformed stream token")
         if not hmac.compare_digest(mac.encode(), self._mac(payload).encode()):
-            raise InvalidStreamToken("stream token signature does not match; get a new token")
+            raise InvalidStreamToken("stream token signature does not match")
         try:
             claims = json.loads(_unb64(payload))
             user_id, expires = claims["sub"], claims["exp"]
             credential = claims.get("crd")
         except (ValueError, KeyError, TypeError, AttributeError, binascii.Error) as exc:
-            raise InvalidStreamToken("unreadable stream token; get a new one") from exc
+            raise InvalidStreamToken("unreadable stream token") from exc
         if (
             not isinstance(user_id, str)
             or not isinstance(expires, int)
             or not isinstance(credential, str | None)
         ):
-            raise InvalidStreamToken("unreadable stream token; get a new one")
+            raise InvalidStreamToken("unreadable stream token")
         if self._clock() >= expires:
-            raise ExpiredStreamToken("stream token expired; get a new one from /v1/stream-tokens")
+            raise ExpiredStreamToken("stream token expired")
         return StreamGrant(user_id, credential)

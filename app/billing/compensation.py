@@ -188,6 +188,9 @@ ACTIONS: Mapping[str, StripeAction] = MappingProxyType(
 class BillingHooks:
     """`provisioning.SubscriptionHooks`, as billing implements it."""
 
+    # Provisioning appends it to the customer's message: `provisioning_failed` cancels.
+    provision_failed_note = "Your subscription has been cancelled."
+
     def __init__(
         self,
         pool: asyncpg.Pool,

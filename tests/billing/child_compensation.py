@@ -18,6 +18,7 @@ from app.billing.compensation import BillingHooks
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import RefundInfo
 from app.billing.stripe_provider import StripePaymentProvider
+from provisioning import TERMINAL_EVENT_TYPES
 from streams import EventPublisher
 
 
@@ -40,7 +41,7 @@ class DiesAfterRefund(StripePaymentProvider):
 async def main(argv: list[str]) -> None:
     database_url, redis_url, api_base, api_key, subscription_id = argv
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
-    publisher = EventPublisher(Redis.from_url(redis_url))
+    publisher = EventPublisher(Redis.from_url(redis_url), terminal_types=TERMINAL_EVENT_TYPES)
     provider = DiesAfterRefund(api_key, environment="test", api_base=api_base)
     hooks = BillingHooks(pool, provider, publisher, Lifecycle(pool, publisher))
     await hooks.cancel_due(subscription_id=subscription_id)

@@ -14,7 +14,14 @@ import anyio
 import asyncpg
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend, OperationRunner, ResourceSpec, RetryPolicy, Step
+from provisioning import (
+    TERMINAL_EVENT_TYPES,
+    GraphBackend,
+    OperationRunner,
+    ResourceSpec,
+    RetryPolicy,
+    Step,
+)
 from provisioning.backend import OperationKind, StepContext
 from streams import EventPublisher
 from tests.provisioning.support import RecordingHooks
@@ -48,7 +55,9 @@ async def main(argv: list[str]) -> None:
     held = anyio.Event()
     runner = OperationRunner(
         pool,
-        EventPublisher(Redis.from_url(redis_url), prefix=prefix),
+        EventPublisher(
+            Redis.from_url(redis_url), prefix=prefix, terminal_types=TERMINAL_EVENT_TYPES
+        ),
         RecordingHooks(),
         [HoldingGraphBackend(admin_dsn, name_prefix=name_prefix, held=held)],
         instance_id="child",

@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend
+from provisioning import TERMINAL_EVENT_TYPES, GraphBackend
 from streams import EventPublisher
 from tests.provisioning.support import RecordingHooks, Serving, drop_server_objects, running
 
@@ -35,7 +35,7 @@ def hooks() -> RecordingHooks:
 
 @pytest.fixture
 def publisher(redis: Redis, redis_prefix: str) -> EventPublisher:
-    return EventPublisher(redis, prefix=redis_prefix)
+    return EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_EVENT_TYPES)
 
 
 @pytest.fixture

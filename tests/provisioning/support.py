@@ -39,6 +39,7 @@ class RecordingHooks:
 
     # How many calls of provisioning_succeeded fail first, as an app whose database is down.
     succeeded_failures: int = 0
+    provision_failed_note: str = "Your order is void."
 
     async def provisioning_succeeded(self, operation: OperationRecord) -> None:
         if self.succeeded_failures > 0:

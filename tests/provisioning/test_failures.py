@@ -15,8 +15,8 @@ from provisioning import (
     OperationNotFound,
     ResourceSpec,
     StepContext,
-    get_resource,
 )
+from provisioning.resources import get_resource
 from streams import EventPublisher
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (

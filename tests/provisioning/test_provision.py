@@ -9,7 +9,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend, ResourceSpec, get_operation, get_resource
+from provisioning import GraphBackend, ResourceSpec, get_operation
+from provisioning.resources import get_resource
 from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,

@@ -9,7 +9,8 @@ import hmac
 import asyncpg
 import pytest
 
-from provisioning import ProvisioningError, ResourceSpec, RetryPolicy, is_transient
+from provisioning import ProvisioningError, ResourceSpec, RetryPolicy
+from provisioning.errors import is_transient
 from provisioning.pgadmin import (
     credentials_dsn,
     quote_ident,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from streams import EventPublisher
 from streams.hub import EventHub
 from streams.sse import EventStreamResponse, StreamOptions, last_event_id
 from streams.topics import operation_topic
+from tests.streams.vocabulary import FINAL_STATUSES, TERMINAL_TYPES
 
 
 class Snapshots:
@@ -33,6 +35,8 @@ class Snapshots:
 
 
 def make_app(hub: EventHub, snapshots: Snapshots, options: StreamOptions) -> Starlette:
+    options = replace(options, final_statuses=FINAL_STATUSES)
+
     async def operation_events(request: Request) -> Response:
         op_id = request.path_params["op_id"]
         position = last_event_id(request.scope)
@@ -74,14 +78,16 @@ def stream_options() -> StreamOptions:
 @pytest.fixture
 async def hub(redis: Redis, redis_prefix: str) -> AsyncIterator[EventHub]:
     name = f"hub-{secrets.token_hex(4)}"
-    async with EventHub(redis, prefix=redis_prefix, tick_seconds=0.05, name=name) as hub:
+    async with EventHub(
+        redis, prefix=redis_prefix, tick_seconds=0.05, name=name, terminal_types=TERMINAL_TYPES
+    ) as hub:
         await hub.wait_connected()
         yield hub
 
 
 @pytest.fixture
 def publisher(redis: Redis, redis_prefix: str) -> EventPublisher:
-    return EventPublisher(redis, prefix=redis_prefix)
+    return EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
 
 
 @pytest.fixture

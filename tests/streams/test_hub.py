@@ -10,9 +10,9 @@ from redis.asyncio import Redis
 
 from streams import Event, EventPublisher, channel_name, operation_topic
 from streams.frames import Frame
-from streams.hub import EventHub, HubClosed
-from streams.subscription import Signal, Subscription
+from streams.hub import EventHub, HubClosed, Signal, Subscription
 from tests.streams.sse_client import wait_until
+from tests.streams.vocabulary import TERMINAL_TYPES
 
 pytestmark = pytest.mark.anyio
 
@@ -82,7 +82,7 @@ async def test_a_full_queue_cuts_off_only_the_slow_client(
 ) -> None:
     topic = operation_topic("op_slow")
     async with (
-        EventHub(redis, prefix=redis_prefix, queue_size=4) as hub,
+        EventHub(redis, prefix=redis_prefix, queue_size=4, terminal_types=TERMINAL_TYPES) as hub,
         hub.subscribe(topic) as slow,
         hub.subscribe(topic) as fast,
     ):
@@ -107,12 +107,16 @@ async def test_two_hubs_deliver_each_others_events(
     other = Redis.from_url(redis_url)
     try:
         async with (
-            EventHub(redis, prefix=redis_prefix, name="hub-a") as hub_a,
-            EventHub(other, prefix=redis_prefix, name="hub-b") as hub_b,
+            EventHub(
+                redis, prefix=redis_prefix, name="hub-a", terminal_types=TERMINAL_TYPES
+            ) as hub_a,
+            EventHub(
+                other, prefix=redis_prefix, name="hub-b", terminal_types=TERMINAL_TYPES
+            ) as hub_b,
         ):
             topic = operation_topic("op_two")
-            pub_a = EventPublisher(redis, prefix=redis_prefix)
-            pub_b = EventPublisher(other, prefix=redis_prefix)
+            pub_a = EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
+            pub_b = EventPublisher(other, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
             async with hub_a.subscribe(topic) as on_a, hub_b.subscribe(topic) as on_b:
                 await pub_a.publish(Event.create("operation.progress", n=1), [topic])
                 await pub_b.publish(Event.create("operation.progress", n=2), [topic])
@@ -127,7 +131,9 @@ async def test_reconnects_and_asks_subscribers_to_catch_up(
 ) -> None:
     name = f"hub-{secrets.token_hex(4)}"
     topic = operation_topic("op_drop")
-    async with EventHub(redis, prefix=redis_prefix, name=name, backoff_min=0.3) as hub:
+    async with EventHub(
+        redis, prefix=redis_prefix, name=name, backoff_min=0.3, terminal_types=TERMINAL_TYPES
+    ) as hub:
         await hub.wait_connected()
         async with hub.subscribe(topic) as sub:
             await publisher.publish(Event.create("operation.progress", n=1), [topic])

@@ -17,6 +17,7 @@ from streams.sse import EventStreamResponse, StreamOptions, StreamRefused
 from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamGrant, StreamTokens
 from tests.streams.conftest import Snapshots
 from tests.streams.sse_client import read_sse, wait_until
+from tests.streams.vocabulary import TERMINAL_TYPES
 from tests.support.live import live_server
 from tests.support.redis_server import redis_process
 
@@ -122,7 +123,9 @@ async def test_a_client_gone_while_redis_stalls_the_start_gives_its_place_back(
         stalling = server.client()
         try:
             async with (
-                EventHub(stalling, prefix=redis_prefix, tick_seconds=0.05) as hub,
+                EventHub(
+                    stalling, prefix=redis_prefix, tick_seconds=0.05, terminal_types=TERMINAL_TYPES
+                ) as hub,
                 anyio.create_task_group() as renewer,
             ):
                 await hub.wait_connected()

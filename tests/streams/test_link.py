@@ -11,10 +11,11 @@ import pytest
 from redis.asyncio import Redis
 
 from streams import Event, EventPublisher, Supervisor, channel_name, operation_topic
-from streams.hub import EventHub
-from streams.subscription import Signal
+from streams.hub import EventHub, Signal
+from streams.link import RedisLink
 from tests.streams.sse_client import wait_until
 from tests.streams.test_hub import frames, numbers
+from tests.streams.vocabulary import TERMINAL_TYPES
 
 pytestmark = pytest.mark.anyio
 
@@ -53,7 +54,12 @@ async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
 ) -> None:
     topic = operation_topic("op_crash")
     supervisor = Supervisor(backoff_min=0.05, backoff_max=0.1)
-    hub = EventHub(redis, prefix=redis_prefix, name=f"hub-{secrets.token_hex(4)}")
+    hub = EventHub(
+        redis,
+        prefix=redis_prefix,
+        name=f"hub-{secrets.token_hex(4)}",
+        terminal_types=TERMINAL_TYPES,
+    )
     with anyio.fail_after(30):
         async with anyio.create_task_group() as tg:
             await tg.start(supervisor.run_starting, "event-hub", hub.run)
@@ -65,9 +71,10 @@ async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
 
                 # A bug on the fan-out path, once: the next keep-alive PING's answer raises.
                 link = hub._link
+                assert isinstance(link, RedisLink)
                 acknowledge = link._acknowledge
 
-                def broken(reply: object) -> None:
+                def broken(reply: object, listener: object) -> None:
                     monkeypatch.setattr(link, "_acknowledge", acknowledge)
                     raise RuntimeError("a bug in the hub")
 
@@ -94,9 +101,11 @@ async def test_the_hub_outlives_the_clients_socket_timeout_while_idle(
     # idle for longer, must not be cut by it (it is a connection of its own, with pings).
     client = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=2)
     try:
-        publisher = EventPublisher(client, prefix=redis_prefix)
+        publisher = EventPublisher(client, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
         topic = operation_topic("op_idle")
-        async with EventHub(client, prefix=redis_prefix, tick_seconds=0.05) as hub:
+        async with EventHub(
+            client, prefix=redis_prefix, tick_seconds=0.05, terminal_types=TERMINAL_TYPES
+        ) as hub:
             await hub.wait_connected()
             async with hub.subscribe(topic) as sub:
                 await sub.ready()

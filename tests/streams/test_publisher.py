@@ -8,16 +8,9 @@ import anyio
 import pytest
 from redis.asyncio import Redis
 
-from streams import (
-    Event,
-    EventEncodingError,
-    EventPublisher,
-    channel_name,
-    iso_now,
-    operation_topic,
-    stream_key,
-    user_topic,
-)
+from streams import Event, EventPublisher, channel_name, operation_topic, stream_key, user_topic
+from streams.events import EventEncodingError, iso_now
+from tests.streams.vocabulary import TERMINAL_TYPES
 
 pytestmark = pytest.mark.anyio
 
@@ -54,7 +47,9 @@ def test_topics() -> None:
 async def test_publish_appends_to_each_stream_and_announces(
     redis: Redis, redis_prefix: str
 ) -> None:
-    publisher = EventPublisher(redis, prefix=redis_prefix, ttl_seconds=600)
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, ttl_seconds=600, terminal_types=TERMINAL_TYPES
+    )
     topics = [operation_topic("op_1"), user_topic("usr_1")]
     pubsub = redis.pubsub()
     await pubsub.subscribe(*(channel_name(redis_prefix, t) for t in topics))
@@ -92,7 +87,9 @@ async def test_publish_appends_to_each_stream_and_announces(
 
 
 async def test_streams_are_capped(redis: Redis, redis_prefix: str) -> None:
-    publisher = EventPublisher(redis, prefix=redis_prefix, maxlen=5, exact_trim=True)
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, maxlen=5, exact_trim=True, terminal_types=TERMINAL_TYPES
+    )
     topic = operation_topic("op_cap")
     for n in range(12):
         await publisher.publish(Event.create("operation.progress", n=n), [topic])
@@ -106,7 +103,7 @@ async def test_publish_many_publishes_each_event_in_order_as_publish_does(
 ) -> None:
     # With the script gone from Redis (a restart), the first call must load it again.
     await redis.script_flush()
-    publisher = EventPublisher(redis, prefix=redis_prefix)
+    publisher = EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
     started = [Event.create("operation.started", operation_id=f"op_{n}") for n in range(3)]
     pubsub = redis.pubsub()
     await pubsub.subscribe(channel_name(redis_prefix, operation_topic("op_2")))
@@ -150,7 +147,7 @@ async def test_nothing_follows_the_end_of_an_operation(redis: Redis, redis_prefi
     """Found by the chaos soak: an `operation.started` published late (an announcement retried
     through a Redis outage, an instance woken from SIGSTOP after another finished the work)
     landed after `operation.completed`, and the operation's stream no longer ended."""
-    publisher = EventPublisher(redis, prefix=redis_prefix)
+    publisher = EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
     op, user = operation_topic("op_ended"), user_topic("usr_ended")
     started = Event.create("operation.started", operation_id="op_ended")
     await publisher.publish(started, [op, user])

@@ -16,6 +16,7 @@ from streams.hub import EventHub
 from streams.sse import StreamOptions
 from tests.streams.conftest import Snapshots, make_app
 from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
+from tests.streams.vocabulary import TERMINAL_TYPES
 from tests.support.live import live_server
 from tests.support.redis_server import redis_process
 
@@ -28,7 +29,9 @@ async def test_a_slow_client_is_cut_off_and_a_fast_one_gets_everything(
     topic = operation_topic("op_slow")
     padding = "x" * 65536
     count = 150
-    async with EventHub(redis, prefix=redis_prefix, queue_size=8) as hub:
+    async with EventHub(
+        redis, prefix=redis_prefix, queue_size=8, terminal_types=TERMINAL_TYPES
+    ) as hub:
         await hub.wait_connected()
         app = make_app(hub, snapshots, StreamOptions(max_seconds=None))
         async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=30) as client:
@@ -78,13 +81,15 @@ async def test_a_redis_restart_mid_stream_loses_nothing_the_stream_kept(
         await server.wait_ready()
         client = server.client()
         try:
-            publisher = EventPublisher(client, prefix="t:")
+            publisher = EventPublisher(client, prefix="t:", terminal_types=TERMINAL_TYPES)
             topic = operation_topic("op_restart")
 
             async def publish(event: Event) -> str:
                 return await publish_when_up(publisher, event, topic)
 
-            async with EventHub(client, prefix="t:", backoff_min=0.5) as hub:
+            async with EventHub(
+                client, prefix="t:", backoff_min=0.5, terminal_types=TERMINAL_TYPES
+            ) as hub:
                 await hub.wait_connected()
                 options = StreamOptions(keepalive_seconds=1, max_seconds=None)
                 app = make_app(hub, snapshots, options)
@@ -152,10 +157,16 @@ async def test_after_a_redis_restart_user_streams_catch_up_without_a_reset(
         await server.wait_ready()
         client = server.client()
         try:
-            publisher = EventPublisher(client, prefix="t:")
+            publisher = EventPublisher(client, prefix="t:", terminal_types=TERMINAL_TYPES)
             fresh, known = user_topic("usr_fresh"), user_topic("usr_known")
             before = await publish_when_up(publisher, Event.create("subscription.updated"), known)
-            async with EventHub(client, prefix="t:", backoff_min=0.5, tick_seconds=0.05) as hub:
+            async with EventHub(
+                client,
+                prefix="t:",
+                backoff_min=0.5,
+                tick_seconds=0.05,
+                terminal_types=TERMINAL_TYPES,
+            ) as hub:
                 await hub.wait_connected()
                 options = StreamOptions(keepalive_seconds=1, max_seconds=None)
                 app = make_app(hub, snapshots, options)
@@ -201,12 +212,18 @@ async def test_events_redis_lost_after_acknowledging_them_are_a_gap_with_a_reset
         await server.wait_ready()
         client = server.client()
         try:
-            publisher = EventPublisher(client, prefix="t:")
+            publisher = EventPublisher(client, prefix="t:", terminal_types=TERMINAL_TYPES)
             topic = user_topic("usr_lossy")
             snapshots.by_topic[topic] = {"subscriptions": [{"id": "sub_1", "status": "active"}]}
             kept = await publish_when_up(publisher, Event.create("subscription.updated"), topic)
             await client.save()  # what survives the restart
-            async with EventHub(client, prefix="t:", backoff_min=0.5, tick_seconds=0.05) as hub:
+            async with EventHub(
+                client,
+                prefix="t:",
+                backoff_min=0.5,
+                tick_seconds=0.05,
+                terminal_types=TERMINAL_TYPES,
+            ) as hub:
                 await hub.wait_connected()
                 options = StreamOptions(keepalive_seconds=1, max_seconds=None)
                 app = make_app(hub, snapshots, options)

@@ -18,6 +18,7 @@ from streams.routing import DirectRoutes
 from streams.sse import EventStreamResponse, StreamOptions
 from tests.streams.conftest import Snapshots, make_app
 from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
+from tests.streams.vocabulary import TERMINAL_TYPES
 from tests.support.live import live_server
 
 pytestmark = pytest.mark.anyio
@@ -138,7 +139,13 @@ async def test_user_stream_is_live_and_replays_after_a_position(
 async def test_trimmed_history_answers_stream_reset_with_a_snapshot(
     app: Starlette, redis_prefix: str, publisher: EventPublisher, snapshots: Snapshots
 ) -> None:
-    small = EventPublisher(publisher._redis, prefix=redis_prefix, maxlen=5, exact_trim=True)
+    small = EventPublisher(
+        publisher._redis,
+        prefix=redis_prefix,
+        maxlen=5,
+        exact_trim=True,
+        terminal_types=TERMINAL_TYPES,
+    )
     topic = operation_topic("op_trim")
     ids = [(await small.publish(progress("op_trim", n), [topic]))[topic] for n in range(20)]
     snapshots.by_topic[topic] = {"id": "op_trim", "status": "running", "progress": 19}
