@@ -169,7 +169,7 @@ def create_app(
     if settings.database_url is None or settings.redis_url is None:
         raise ConfigError(
             "DATABASE_URL and REDIS_URL must be known before create_app; "
-            "start the embedded servers first (app.embedded)"
+            "start the embedded servers first (app.cli.embedded)"
         )
     database_url, redis_url = settings.database_url, settings.redis_url
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"

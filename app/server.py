@@ -48,7 +48,7 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         """uvicorn shuts down gracefully on SIGINT and SIGTERM; SIGHUP (the terminal was
         closed) must too. Once shut down, uvicorn raises the signal again for the caller's
-        handler (`app.cli` turns it into an exception that stops the embedded servers)."""
+        handler (`app.cli.main` turns it into an exception that stops the embedded servers)."""
         with super().capture_signals():
             if threading.current_thread() is not threading.main_thread():
                 yield

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from app.cli import build_parser
+from app.cli.main import build_parser
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:

@@ -134,7 +134,7 @@ async def test_the_embedded_servers_refuse_a_local_user_without_their_passwords(
     from redis.asyncio import Redis
     from redis.exceptions import AuthenticationError, ResponseError
 
-    from app.embedded import embedded_servers
+    from app.cli.embedded import embedded_servers
 
     with embedded_servers(servers_data_dir, database_url=None, redis_url=None) as servers:
         pg, valkey = httpx.URL(servers.database_url), httpx.URL(servers.redis_url)

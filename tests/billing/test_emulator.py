@@ -18,8 +18,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.billing.stripe_provider import StripeHTTPXClient
-from app.stripe_emulator import API_VERSION, create_emulator
-from app.stripe_emulator.forms import parse_pairs
+from app.demo.stripe_emulator import API_VERSION, create_emulator
+from app.demo.stripe_emulator.forms import parse_pairs
 from tests.support import free_port, live_server
 
 pytestmark = pytest.mark.anyio
@@ -430,7 +430,7 @@ async def test_injected_fault_and_sdk_retry(env: Env) -> None:
 
 def test_runs_standalone() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "app.stripe_emulator", "--help"],
+        [sys.executable, "-m", "app.demo.stripe_emulator", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -17,8 +17,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Mount, Route
 
-from app.stripe_emulator import create_emulator
-from app.stripe_emulator.persistence import StateFile, persist_after_changes
+from app.demo.stripe_emulator import create_emulator
+from app.demo.stripe_emulator.persistence import StateFile, persist_after_changes
 from tests.support import free_port, live_server
 
 pytestmark = pytest.mark.anyio

@@ -30,7 +30,7 @@ from app.billing.provider import PaymentProvider, PaymentProviderNotFound
 from app.billing.stripe_provider import StripePaymentProvider
 from app.billing.webhook_receiver import parse_event, store_events
 from app.db import Connection
-from app.stripe_emulator import create_emulator
+from app.demo.stripe_emulator import create_emulator
 from tests.support.live import free_port, live_server
 from tests.support.stack import wait_for
 from tests.support.stripe_events import make_event, stripe_object

@@ -26,7 +26,7 @@ from app.billing import (
 )
 from app.billing.plans import price_lookup_key, stripe_product_name
 from app.billing.provider import PaymentProvider
-from app.stripe_emulator import API_VERSION, create_emulator
+from app.demo.stripe_emulator import API_VERSION, create_emulator
 from tests.support import free_port, live_server
 
 pytestmark = pytest.mark.anyio

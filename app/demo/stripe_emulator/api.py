@@ -21,11 +21,11 @@ import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.stripe_emulator import objects
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.forms import as_list, parse_pairs
-from app.stripe_emulator.state import EmulatorState, Obj, RequestRecord, SavedResponse
-from app.stripe_emulator.webhooks import WebhookDispatcher
+from app.demo.stripe_emulator import objects
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.forms import as_list, parse_pairs
+from app.demo.stripe_emulator.state import EmulatorState, Obj, RequestRecord, SavedResponse
+from app.demo.stripe_emulator.webhooks import WebhookDispatcher
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any
 
-from app.stripe_emulator.state import EmulatorState
-from app.stripe_emulator.webhooks import WebhookDispatcher
+from app.demo.stripe_emulator.state import EmulatorState
+from app.demo.stripe_emulator.webhooks import WebhookDispatcher
 
 __all__ = ["TRANSIENT", "StateFile", "persist_after_changes"]
 

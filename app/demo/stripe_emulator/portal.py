@@ -19,13 +19,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from app.stripe_emulator import flows, objects
-from app.stripe_emulator.api import ApiContext
-from app.stripe_emulator.api_billing import _url
-from app.stripe_emulator.checkout_page import _money, _page
-from app.stripe_emulator.forms import as_str, reject_unknown, required_str
-from app.stripe_emulator.state import EmulatorState, Obj
-from app.stripe_emulator.webhooks import WebhookDispatcher
+from app.demo.stripe_emulator import flows, objects
+from app.demo.stripe_emulator.api import ApiContext
+from app.demo.stripe_emulator.api_billing import _url
+from app.demo.stripe_emulator.checkout_page import _money, _page
+from app.demo.stripe_emulator.forms import as_str, reject_unknown, required_str
+from app.demo.stripe_emulator.state import EmulatorState, Obj
+from app.demo.stripe_emulator.webhooks import WebhookDispatcher
 
 __all__ = ["create_portal_session", "portal_routes"]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import fnmatch
 
-from app.stripe_emulator import flows, objects
-from app.stripe_emulator.api import ApiContext
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.forms import (
+from app.demo.stripe_emulator import flows, objects
+from app.demo.stripe_emulator.api import ApiContext
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.forms import (
     as_bool,
     as_dict,
     as_int,
@@ -16,7 +16,7 @@ from app.stripe_emulator.forms import (
     as_str_dict,
     reject_unknown,
 )
-from app.stripe_emulator.state import Obj, paginate
+from app.demo.stripe_emulator.state import Obj, paginate
 
 _SESSION_PARAMS = (
     "mode", "line_items", "success_url", "cancel_url", "customer", "customer_email",

@@ -21,11 +21,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.stripe_emulator import flows
-from app.stripe_emulator.api import api_key_of
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.state import EmulatorState, Fault, Obj
-from app.stripe_emulator.webhooks import WebhookDispatcher
+from app.demo.stripe_emulator import flows
+from app.demo.stripe_emulator.api import api_key_of
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.state import EmulatorState, Fault, Obj
+from app.demo.stripe_emulator.webhooks import WebhookDispatcher
 
 Action = Callable[[flows.Emit, str, Obj], Obj]
 _OUTCOMES = ("paid", "failed", "action_required")

@@ -3,7 +3,7 @@
 Pure functions read an event's (type, data): `render_line` gives its one-line form,
 `exit_code_for` whether it ends an operation, `reset_snapshot` what a `stream.reset` says is
 current. The two views print events: `LineView` one plain line each (pipes, files, tests),
-`BarView` rich progress bars on a terminal. Reading the stream is `app.tail_stream`.
+`BarView` rich progress bars on a terminal. Reading the stream is `app.cli.tail.stream`.
 """
 
 from __future__ import annotations

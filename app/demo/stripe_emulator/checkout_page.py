@@ -11,10 +11,10 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from app.stripe_emulator import flows
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.state import EmulatorState, Obj
-from app.stripe_emulator.webhooks import WebhookDispatcher
+from app.demo.stripe_emulator import flows
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.state import EmulatorState, Obj
+from app.demo.stripe_emulator.webhooks import WebhookDispatcher
 
 _STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;background:#f6f8fa;margin:0;

@@ -12,16 +12,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.stripe_emulator import api_billing as billing
-from app.stripe_emulator import api_catalog as catalog
-from app.stripe_emulator import api_payments as payments
-from app.stripe_emulator import portal
-from app.stripe_emulator.api import Handler, api_endpoint
-from app.stripe_emulator.checkout_page import checkout_routes
-from app.stripe_emulator.control import RequireControlKey, control_routes
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.state import EmulatorState
-from app.stripe_emulator.webhooks import WebhookDispatcher
+from app.demo.stripe_emulator import api_billing as billing
+from app.demo.stripe_emulator import api_catalog as catalog
+from app.demo.stripe_emulator import api_payments as payments
+from app.demo.stripe_emulator import portal
+from app.demo.stripe_emulator.api import Handler, api_endpoint
+from app.demo.stripe_emulator.checkout_page import checkout_routes
+from app.demo.stripe_emulator.control import RequireControlKey, control_routes
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.state import EmulatorState
+from app.demo.stripe_emulator.webhooks import WebhookDispatcher
 
 __all__ = ["API_VERSION", "Emulator", "create_emulator"]
 

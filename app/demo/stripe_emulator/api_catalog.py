@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import re
 
-from app.stripe_emulator import objects
-from app.stripe_emulator.api import ApiContext
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.forms import (
+from app.demo.stripe_emulator import objects
+from app.demo.stripe_emulator.api import ApiContext
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.forms import (
     as_bool,
     as_dict,
     as_int,
@@ -17,7 +17,7 @@ from app.stripe_emulator.forms import (
     reject_unknown,
     required_str,
 )
-from app.stripe_emulator.state import Obj, paginate
+from app.demo.stripe_emulator.state import Obj, paginate
 
 _INTERVALS = ("day", "week", "month", "year")
 _CLAUSE = re.compile(r"\s*(metadata\['([^']+)'\]|[a-z_]+)\s*(:|~)\s*'([^']*)'\s*")

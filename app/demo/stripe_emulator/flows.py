@@ -11,9 +11,9 @@ import copy
 import secrets
 from typing import Protocol
 
-from app.stripe_emulator import objects
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.state import EmulatorState, Obj
+from app.demo.stripe_emulator import objects
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.state import EmulatorState, Obj
 
 _LIVE = ("active", "past_due", "unpaid", "paused", "incomplete", "trialing")
 

@@ -19,8 +19,8 @@ from typing import Any
 import httpx
 import stripe
 
-from app.stripe_emulator import objects
-from app.stripe_emulator.state import EmulatorState, Obj
+from app.demo.stripe_emulator import objects
+from app.demo.stripe_emulator.state import EmulatorState, Obj
 
 logger = logging.getLogger(__name__)
 

@@ -3,10 +3,10 @@ behind invoices, read-only except for refunds."""
 
 from __future__ import annotations
 
-from app.stripe_emulator import flows
-from app.stripe_emulator.api import ApiContext
-from app.stripe_emulator.forms import as_dict, as_int, as_str, as_str_dict, reject_unknown
-from app.stripe_emulator.state import Obj, paginate
+from app.demo.stripe_emulator import flows
+from app.demo.stripe_emulator.api import ApiContext
+from app.demo.stripe_emulator.forms import as_dict, as_int, as_str, as_str_dict, reject_unknown
+from app.demo.stripe_emulator.state import Obj, paginate
 
 _PAGING = ("limit", "starting_after", "ending_before")
 

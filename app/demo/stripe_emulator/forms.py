@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from app.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.errors import StripeError
 
 _SEGMENT = re.compile(r"\[([^\[\]]*)\]")
 _HASHES_WITH_FREE_KEYS = frozenset({"metadata"})

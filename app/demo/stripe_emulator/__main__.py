@@ -1,4 +1,4 @@
-"""`python -m app.stripe_emulator --port 12111`: the emulator on its own."""
+"""`python -m app.demo.stripe_emulator --port 12111`: the emulator on its own."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import logging
 
 import uvicorn
 
-from app.stripe_emulator.app import create_emulator
+from app.demo.stripe_emulator.app import create_emulator
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m app.stripe_emulator")
+    parser = argparse.ArgumentParser(prog="python -m app.demo.stripe_emulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=12111)
     parser.add_argument("--webhook-url", default=None, help="where events are POSTed")

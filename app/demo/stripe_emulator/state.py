@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.stripe_emulator.errors import StripeError
-from app.stripe_emulator.forms import as_int
+from app.demo.stripe_emulator.errors import StripeError
+from app.demo.stripe_emulator.forms import as_int
 
 Obj = dict[str, Any]
 

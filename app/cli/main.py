@@ -17,8 +17,8 @@ from typing import Any, Literal, TypeVar
 import asyncpg
 from redis.exceptions import RedisError
 
+from app.cli.embedded import EmbeddedServerError, embedded_servers
 from app.db import Connection, DatabaseUnavailable, create_pool, migrate
-from app.embedded import EmbeddedServerError, embedded_servers
 from app.settings import ConfigError, Settings
 from app.users import (
     ApiKey,
@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from app.demo import run_demo
+    from app.demo.runner import run_demo
 
     check_port_free(args.host, args.port, command="demo")
     with resolved_settings(demo=True) as settings:
@@ -241,7 +241,7 @@ def cmd_users_keys_revoke(args: argparse.Namespace) -> None:
 
 
 def cmd_tail(args: argparse.Namespace) -> None:
-    from app.tail import run_tail
+    from app.cli.tail.command import run_tail
 
     run_tail(args.operation_id, base_url=args.url, api_key=args.api_key)
 

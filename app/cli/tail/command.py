@@ -6,7 +6,7 @@ user's `/v1/events` until interrupted. A dropped connection is resumed with `Las
 On a terminal: rich progress bars; otherwise one plain line per event on stdout.
 
 This module is the command: its options, its exit status and its last words. Reading the
-stream is `app.tail_stream`; what events mean and how they look is `app.tail_render`.
+stream is `app.cli.tail.stream`; what events mean and how they look is `app.cli.tail.render`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ import httpx
 from rich.console import Console
 from rich.markup import escape
 
-from app.settings import ConfigError
-from app.tail_render import BarView, LineView, exit_code_for, render_line, reset_snapshot
-from app.tail_stream import (
+from app.cli.tail.render import BarView, LineView, exit_code_for, render_line, reset_snapshot
+from app.cli.tail.stream import (
     TIMEOUT,
     SSEMessage,
     SSEParser,
@@ -31,9 +30,10 @@ from app.tail_stream import (
     follow,
     reconnect_delay,
 )
+from app.settings import ConfigError
 
 # The parsing, following and rendering names are re-exported: they were defined here first,
-# and callers and tests import them from `app.tail`.
+# and callers and tests import them from `app.cli.tail.command`.
 __all__ = [
     "MissingAPIKey",
     "SSEMessage",

@@ -60,9 +60,9 @@ def run_demo(settings: Settings, *, host: str, port: int, verbose: bool = False)
     SDK calls it through STRIPE_API_BASE and it calls the webhook like Stripe would. Its state
     is saved in the data dir after every change, so a restart keeps what Lookout remembers."""
     from app.application import create_app
+    from app.demo.stripe_emulator import create_emulator
+    from app.demo.stripe_emulator.persistence import StateFile, persist_after_changes
     from app.server import run_server
-    from app.stripe_emulator import create_emulator
-    from app.stripe_emulator.persistence import StateFile, persist_after_changes
 
     base = f"http://{_url_host(host)}:{port}"
     settings = replace(

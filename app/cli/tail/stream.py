@@ -3,7 +3,7 @@
 The wire side of the command: the `text/event-stream` parser, and `follow`, which yields
 each event's (type, data) and resumes a dropped connection with `Last-Event-ID`, backing
 off as the server's `retry:` and `Retry-After` ask. What the events mean and how they are
-shown is `app.tail_render`; the command itself is `app.tail`.
+shown is `app.cli.tail.render`; the command itself is `app.cli.tail.command`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.stripe_emulator.app import API_VERSION, Emulator, create_emulator
-from app.stripe_emulator.webhooks import sign
+from app.demo.stripe_emulator.app import API_VERSION, Emulator, create_emulator
+from app.demo.stripe_emulator.webhooks import sign
 
 __all__ = ["API_VERSION", "Emulator", "create_emulator", "sign"]
