@@ -32,26 +32,26 @@ from app.billing.inbox import WebhookInbox
 from app.billing.intake import WebhookIntake
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
-from app.billing.plan_routes import plan_routes
 from app.billing.provider import PaymentProvider
 from app.billing.reconciler import Reconciler
-from app.billing.routes import billing_routes, stripe_webhook
 from app.billing.stripe_provider import StripePaymentProvider
 from app.db import create_pool, migrate
-from app.errors import exception_handlers
-from app.headers import SecurityHeaders
-from app.health import healthz, metrics_endpoint, readyz
-from app.hosts import HostGuard
-from app.key_routes import key_routes
-from app.metrics import CountingPublisher, Metrics
-from app.openapi import openapi_document
-from app.operation_routes import operation_routes
-from app.ratelimit import RateLimitMiddleware, RateLimits
-from app.services import Services
 from app.settings import ConfigError, Settings
-from app.stream_routes import answering_errors, direct_stream_routes, stream_routes
-from app.usage_routes import usage_routes
 from app.users import KeyStatus
+from app.web.errors import exception_handlers
+from app.web.headers import SecurityHeaders
+from app.web.health import healthz, metrics_endpoint, readyz
+from app.web.hosts import HostGuard
+from app.web.metrics import CountingPublisher, Metrics
+from app.web.openapi import openapi_document
+from app.web.ratelimit import RateLimitMiddleware, RateLimits
+from app.web.routes.billing import billing_routes, stripe_webhook
+from app.web.routes.graphs import usage_routes
+from app.web.routes.keys import key_routes
+from app.web.routes.operations import operation_routes
+from app.web.routes.plans import plan_routes
+from app.web.routes.streams import answering_errors, direct_stream_routes, stream_routes
+from app.web.services import Services
 from provisioning import (
     GraphBackend,
     OperationRunner,
@@ -113,7 +113,7 @@ def redis_client(url: str) -> Redis:
 
 
 class LookoutApp(Starlette):
-    """Serves its event streams ahead of its own middleware (see app.stream_routes).
+    """Serves its event streams ahead of its own middleware (see app.web.routes.streams).
 
     ``allowed_hosts``: the Host check comes first of all, ahead of the direct routes too."""
 

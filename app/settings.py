@@ -69,7 +69,7 @@ class Settings:
     demo: bool = False
     # How long an operation waits out an unreachable provisioning server before it fails.
     provisioner_retry_seconds: int = 900
-    # Connection limits of `lookout serve` (app.http_limits, docs/OPERATIONS.md).
+    # Connection limits of `lookout serve` (app.web.http_limits, docs/OPERATIONS.md).
     header_timeout_seconds: int = 10
     body_timeout_seconds: int = 30
     keep_alive_seconds: int = 5

@@ -24,9 +24,9 @@ from app.billing.subscriptions import (
     set_subscription_fields,
 )
 from app.db import Connection
-from app.errors import APIError
 from app.ids import new_id
 from app.users import User
+from app.web.errors import APIError
 
 __all__ = ["RESOURCE_NAME", "CheckoutService"]
 

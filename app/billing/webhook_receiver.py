@@ -15,7 +15,7 @@ import stripe
 from starlette.requests import Request
 
 from app.db import Connection
-from app.errors import APIError
+from app.web.errors import APIError
 
 __all__ = [
     "MAX_WEBHOOK_BYTES",

@@ -31,9 +31,9 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from app import create_app
-from app.openapi import openapi_document
-from app.ratelimit import LIMITS, RateLimits
 from app.settings import Settings
+from app.web.openapi import openapi_document
+from app.web.ratelimit import LIMITS, RateLimits
 from tests.api.routes import documented_operations, mounted_operations, shape
 from tests.support import database_dsn
 from tests.support.stack import running_stack

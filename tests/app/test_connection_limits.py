@@ -17,8 +17,8 @@ import httpx
 import pytest
 from httpx_sse import aconnect_sse
 
-from app.ratelimit import LIMITS
 from app.settings import Settings
+from app.web.ratelimit import LIMITS
 from streams import Event, user_topic
 from tests.support.process import process_stripe, serve_process
 from tests.support.stack import Stack, running_stack, wait_for

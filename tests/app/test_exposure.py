@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from app.demo.stripe_emulator.checkout_page import _STYLE
-from app.headers import CONTENT_SECURITY_POLICY
-from app.hosts import host_name
 from app.settings import ConfigError, Settings
+from app.web.headers import CONTENT_SECURITY_POLICY
+from app.web.hosts import host_name
 from tests.support.redis_server import redis_process
 from tests.support.stack import Stack, running_stack, wait_for
 

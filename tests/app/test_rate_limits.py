@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from app.ratelimit import LIMITS
 from app.settings import Settings
+from app.web.ratelimit import LIMITS
 from tests.support.stack import running_stack
 from tests.support.stripe_events import deliver, make_event, stripe_object
 

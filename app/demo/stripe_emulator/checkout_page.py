@@ -32,7 +32,7 @@ border-radius:4px;padding:2px 6px;font-size:.75rem;font-weight:600}
 
 # The page's one inline style, allowed by its hash; no script at all. No form-action: the pay
 # form's answer redirects to the merchant's success URL, on another origin. Lookout keeps a
-# policy a route sets itself (app.headers), so this holds where the demo mounts the emulator.
+# policy a route sets itself (app.web.headers), so this holds where the demo mounts the emulator.
 _POLICY = (
     "default-src 'none'; "
     f"style-src 'sha256-{base64.b64encode(hashlib.sha256(_STYLE.encode()).digest()).decode()}'; "

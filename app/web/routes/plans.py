@@ -10,17 +10,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate
 from app.billing.checkout import HOLDING
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, Plan, UnknownPlan, get_plan, plan_limit_refusal
 from app.billing.provider import PaymentProviderError, SubscriptionAlreadyCanceled
-from app.billing.routes import owned_subscription
 from app.billing.subscriptions import SubscriptionRecord
 from app.billing.updates import subscription_json
-from app.errors import APIError
-from app.requests import read_json, require_string
-from app.services import Services, services
+from app.web.auth import authenticate
+from app.web.errors import APIError
+from app.web.owned import owned_subscription
+from app.web.requests import read_json, require_string
+from app.web.services import Services, services
 from provisioning import ResourceNotFound
 
 __all__ = ["plan_routes"]
@@ -33,7 +33,7 @@ _NOUNS = {"graph": "graph", "repository": "repository login"}
 async def subscription_credentials(request: Request) -> Response:
     """A graph's or a repository subscription's login, with a new password, shown once."""
     user = await authenticate(request)
-    record = await owned_subscription(request, user, request.path_params["subscription_id"])
+    record = await owned_subscription(request, user.id, request.path_params["subscription_id"])
     noun = _NOUNS.get(record.resource_type, record.resource_type)
     if record.status != "active":
         raise APIError(
@@ -56,7 +56,7 @@ async def change_plan(request: Request) -> Response:
     subscription and its resource follow (a `resize` operation, the answer's `operation_id`)."""
     user = await authenticate(request)
     found = services(request)
-    record = await owned_subscription(request, user, request.path_params["subscription_id"])
+    record = await owned_subscription(request, user.id, request.path_params["subscription_id"])
     body = await read_json(request)
     name = require_string(body, "plan", hint=f"Choose one of: {', '.join(PLANS)}.")
     try:

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import APIError
+from app.web.errors import APIError
 
 __all__ = ["LIMITS", "RateLimitMiddleware", "RateLimits", "category_for"]
 

@@ -20,11 +20,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
-from app.auth import authenticate_key, bearer_key, client_ip, count_request
 from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
-from app.errors import APIError, client_gone, error_response
-from app.services import services
+from app.web.auth import authenticate_key, bearer_key, client_ip, count_request
+from app.web.errors import APIError, client_gone, error_response
+from app.web.owned import owned_operation
+from app.web.services import services
 from provisioning import get_operation
 from streams import (
     AccessCheck,
@@ -169,10 +170,7 @@ async def operation_events(request: Request) -> Response:
     user_id = listener.user_id
     found = services(request)
     op_id = request.path_params["operation_id"]
-    async with found.pool.acquire() as conn:
-        operation = await get_operation(conn, op_id)
-    if operation is None or operation.user_id != user_id:
-        raise APIError(404, "not_found", f"There is no operation {op_id} of yours.")
+    operation = await owned_operation(request, user_id, op_id)
     position = last_event_id(request.scope)
     topic = operation_topic(op_id)
     if await found.hub.history.is_fully_delivered(topic, position):

@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate, client_ip
 from app.billing.checkout import RESOURCE_NAME
 from app.billing.customers import stripe_customer_id
 from app.billing.intake import EventNotStorable, EventNotStored
@@ -24,9 +23,6 @@ from app.billing.provider import (
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
     SubscriptionRecord,
-    get_subscription,
-    get_subscription_by_resource,
-    get_subscription_by_session,
     list_subscriptions,
 )
 from app.billing.updates import subscription_json
@@ -36,12 +32,13 @@ from app.billing.webhook_receiver import (
     read_capped_body,
     verify_signature,
 )
-from app.errors import APIError
-from app.requests import read_json, require_string
-from app.services import services
-from app.users import User
+from app.web.auth import authenticate, client_ip
+from app.web.errors import APIError
+from app.web.owned import owned_checkout, owned_graph, owned_subscription
+from app.web.requests import read_json, require_string
+from app.web.services import services
 
-__all__ = ["billing_routes", "owned_subscription", "stripe_webhook"]
+__all__ = ["billing_routes", "stripe_webhook"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +86,7 @@ def events_url(request: Request, record: SubscriptionRecord) -> str:
 async def checkout_status(request: Request) -> Response:
     user = await authenticate(request)
     session_id = request.path_params["session_id"]
-    async with services(request).pool.acquire() as conn:
-        record = await get_subscription_by_session(conn, session_id)
-    if record is None or record.user_id != user.id:
-        # Not repeated back: the return page shows this message, and the id comes from its URL.
-        raise APIError(404, "not_found", "There is no such checkout of yours.")
+    record = await owned_checkout(request, user.id, session_id)
     record = await services(request).checkout.confirm(record)
     return JSONResponse(
         {
@@ -105,16 +98,6 @@ async def checkout_status(request: Request) -> Response:
     )
 
 
-async def owned_subscription(
-    request: Request, user: User, subscription_id: str
-) -> SubscriptionRecord:
-    async with services(request).pool.acquire() as conn:
-        record = await get_subscription(conn, subscription_id)
-    if record is None or record.user_id != user.id:
-        raise APIError(404, "not_found", f"There is no subscription {subscription_id} of yours.")
-    return record
-
-
 async def subscriptions(request: Request) -> Response:
     user = await authenticate(request)
     async with services(request).pool.acquire() as conn:
@@ -124,14 +107,14 @@ async def subscriptions(request: Request) -> Response:
 
 async def subscription(request: Request) -> Response:
     user = await authenticate(request)
-    record = await owned_subscription(request, user, request.path_params["subscription_id"])
+    record = await owned_subscription(request, user.id, request.path_params["subscription_id"])
     return JSONResponse(subscription_json(record))
 
 
 async def _set_cancel_at_period_end(request: Request, cancel: bool) -> Response:
     user = await authenticate(request)
     found = services(request)
-    record = await owned_subscription(request, user, request.path_params["subscription_id"])
+    record = await owned_subscription(request, user.id, request.path_params["subscription_id"])
     if record.cancel_at_period_end == cancel:
         return JSONResponse(subscription_json(record))
     if record.stripe_subscription_id is None or record.status not in (
@@ -204,10 +187,7 @@ async def reactivate(request: Request) -> Response:
 async def graph_subscription(request: Request) -> Response:
     user = await authenticate(request)
     graph_id = request.path_params["graph_id"]
-    async with services(request).pool.acquire() as conn:
-        record = await get_subscription_by_resource(conn, graph_id)
-    if record is None or record.user_id != user.id or record.resource_type != "graph":
-        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
+    record = await owned_graph(request, user.id, graph_id)
     return JSONResponse(subscription_json(record))
 
 

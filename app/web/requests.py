@@ -8,7 +8,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from app.errors import APIError
+from app.web.errors import APIError
 
 __all__ = ["read_json", "require_string"]
 

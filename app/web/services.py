@@ -16,10 +16,10 @@ from app.billing.intake import WebhookIntake
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
-from app.metrics import Metrics
-from app.ratelimit import RateLimits
 from app.settings import Settings
 from app.users import KeyStatus
+from app.web.metrics import Metrics
+from app.web.ratelimit import RateLimits
 from provisioning import OperationRunner
 from streams import EventHub, EventPublisher, StreamLeases, StreamTokens, Supervisor
 

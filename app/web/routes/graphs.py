@@ -6,10 +6,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate
 from app.billing.plans import get_plan
-from app.operation_routes import owned_graph
-from app.services import services
+from app.web.auth import authenticate
+from app.web.owned import owned_graph
+from app.web.services import services
 from streams import isoformat_z
 
 __all__ = ["usage_routes"]
@@ -21,7 +21,7 @@ async def graph_usage(request: Request) -> Response:
     measured-only allowances."""
     user = await authenticate(request)
     graph_id = request.path_params["graph_id"]
-    record = await owned_graph(request, user, graph_id)
+    record = await owned_graph(request, user.id, graph_id)
     found = services(request)
     plan = get_plan(record.plan)
     sizes = await found.metrics.storage.read()

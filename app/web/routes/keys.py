@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate
-from app.errors import APIError
-from app.services import services
 from app.users import api_key_json, list_api_keys, new_api_key, revoke_api_key
+from app.web.auth import authenticate
+from app.web.errors import APIError
+from app.web.services import services
 
 __all__ = ["key_routes"]
 

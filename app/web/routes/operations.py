@@ -6,52 +6,31 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from app.auth import authenticate
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
-    SubscriptionRecord,
-    get_subscription_by_resource,
 )
-from app.errors import APIError
-from app.services import services
-from app.users import User
+from app.web.auth import authenticate
+from app.web.errors import APIError
+from app.web.owned import owned_graph, owned_operation
+from app.web.services import services
 from provisioning import (
     OperationNotCancellable,
     OperationNotFound,
-    OperationRecord,
     ResourceNotFound,
-    get_operation,
 )
 
-__all__ = ["operation_routes", "owned_graph", "owned_operation"]
-
-
-async def owned_operation(request: Request, user: User, operation_id: str) -> OperationRecord:
-    async with services(request).pool.acquire() as conn:
-        operation = await get_operation(conn, operation_id)
-    if operation is None or operation.user_id != user.id:
-        raise APIError(404, "not_found", f"There is no operation {operation_id} of yours.")
-    return operation
-
-
-async def owned_graph(request: Request, user: User, graph_id: str) -> SubscriptionRecord:
-    """The subscription of the user's graph ``graph_id``; 404 for anyone else's or none."""
-    async with services(request).pool.acquire() as conn:
-        record = await get_subscription_by_resource(conn, graph_id)
-    if record is None or record.user_id != user.id or record.resource_type != "graph":
-        raise APIError(404, "not_found", f"There is no graph {graph_id} of yours.")
-    return record
+__all__ = ["operation_routes"]
 
 
 async def operation(request: Request) -> Response:
     user = await authenticate(request)
-    found = await owned_operation(request, user, request.path_params["operation_id"])
+    found = await owned_operation(request, user.id, request.path_params["operation_id"])
     return JSONResponse(found.snapshot())
 
 
 async def cancel_operation(request: Request) -> Response:
     user = await authenticate(request)
-    found = await owned_operation(request, user, request.path_params["operation_id"])
+    found = await owned_operation(request, user.id, request.path_params["operation_id"])
     try:
         after = await services(request).runner.cancel(found.id)
     except OperationNotCancellable as exc:
@@ -64,7 +43,7 @@ async def cancel_operation(request: Request) -> Response:
 async def graph_credentials(request: Request) -> Response:
     user = await authenticate(request)
     graph_id = request.path_params["graph_id"]
-    record = await owned_graph(request, user, graph_id)
+    record = await owned_graph(request, user.id, graph_id)
     if record.status not in ACTIVE_RESOURCE_STATUSES:
         raise APIError(
             409,

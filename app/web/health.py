@@ -19,9 +19,9 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from app.errors import error_response
-from app.metrics import CONTENT_TYPE, LiveFigures
-from app.services import Services, services
+from app.web.errors import error_response
+from app.web.metrics import CONTENT_TYPE, LiveFigures
+from app.web.services import Services, services
 
 __all__ = ["healthz", "metrics_endpoint", "readyz"]
 

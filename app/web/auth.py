@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from starlette.requests import Request
 
-from app.errors import APIError
-from app.ratelimit import category_for
-from app.services import services
 from app.users import KeyHolder, User, holder_of_api_key, looks_like_api_key
+from app.web.errors import APIError
+from app.web.ratelimit import category_for
+from app.web.services import services
 
 __all__ = ["authenticate", "authenticate_key", "bearer_key", "client_ip", "count_request"]
 
