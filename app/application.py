@@ -27,14 +27,14 @@ from starlette.types import Receive, Scope, Send
 from app.billing.access import AccessSweep
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
-from app.billing.handlers import StripeEventHandlers
-from app.billing.inbox import WebhookInbox
-from app.billing.intake import WebhookIntake
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
 from app.billing.reconciler import Reconciler
-from app.billing.stripe_provider import StripePaymentProvider
+from app.billing.stripe.provider import StripePaymentProvider
+from app.billing.webhooks.handlers import StripeEventHandlers
+from app.billing.webhooks.inbox import WebhookInbox
+from app.billing.webhooks.intake import WebhookIntake
 from app.db import create_pool, migrate
 from app.settings import ConfigError, Settings
 from app.users import KeyStatus

@@ -9,6 +9,7 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.customers import ensure_stripe_customer
+from app.billing.errors import CheckoutUnavailable, PlanLimitReached, ResourceNameTaken
 from app.billing.lifecycle import Lifecycle
 from app.billing.plans import Plan, plan_limit_refusal
 from app.billing.provider import (
@@ -26,7 +27,6 @@ from app.billing.subscriptions import (
 from app.db import Connection
 from app.ids import new_id
 from app.users import User
-from app.web.errors import APIError
 
 __all__ = ["RESOURCE_NAME", "CheckoutService"]
 
@@ -69,14 +69,12 @@ class CheckoutService:
             # After the abandoning: an earlier checkout of this name may turn out to be paid.
             named = await list_subscriptions(conn, user.id, resource_name=resource_name)
             if any(s.status in HOLDING for s in named):
-                raise APIError(
-                    409,
-                    "resource_name_taken",
+                raise ResourceNameTaken(
                     f"You already have a resource named {resource_name!r}; choose another name.",
                 )
             refusal = plan_limit_refusal(plan, await self._held(conn, user, plan, resource_name))
             if refusal is not None:
-                raise APIError(409, "plan_limit_reached", refusal)
+                raise PlanLimitReached(refusal)
             record = await insert_subscription(
                 conn,
                 subscription_id=new_id("sub"),
@@ -101,11 +99,8 @@ class CheckoutService:
             async with self._pool.acquire() as conn:
                 await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
             logger.warning("creating a Checkout Session failed: %s", exc)
-            raise APIError(
-                503,
-                "payment_provider_unavailable",
-                "Stripe could not start the checkout just now; nothing was charged. Try again.",
-                headers={"Retry-After": "5"},
+            raise CheckoutUnavailable(
+                "Stripe could not start the checkout just now; nothing was charged. Try again."
             ) from exc
         async with self._pool.acquire() as conn:
             record = await set_subscription_fields(

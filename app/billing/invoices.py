@@ -13,10 +13,10 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.billing.inbox import InboxEvent
 from app.billing.provider import InvoiceInfo, PaymentProvider, PaymentProviderNotFound
-from app.billing.stripe_objects import invoice_info, object_id
+from app.billing.stripe.objects import invoice_info, object_id
 from app.billing.subscriptions import SubscriptionRecord, list_subscriptions
+from app.billing.webhooks.inbox import InboxEvent
 from streams import Event, EventPublisher, isoformat_z, user_topic
 
 __all__ = ["INVOICE_CACHE_SECONDS", "Invoices", "invoice_json"]

@@ -247,7 +247,7 @@ def cmd_tail(args: argparse.Namespace) -> None:
 
 
 def cmd_webhooks_replay(args: argparse.Namespace) -> None:
-    from app.billing.replay import UnknownEvent, replay
+    from app.billing.webhooks.replay import UnknownEvent, replay
 
     with resolved_settings(demo=True) as settings:
         try:
@@ -260,7 +260,7 @@ def cmd_webhooks_replay(args: argparse.Namespace) -> None:
 
 
 def cmd_webhooks_list(args: argparse.Namespace) -> None:
-    from app.billing.replay import describe, list_webhooks
+    from app.billing.webhooks.replay import describe, list_webhooks
 
     if args.limit < 1:
         raise StartupError(f"--limit must be at least 1, got {args.limit}")

@@ -10,7 +10,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-__all__ = ["APIError", "client_gone", "error_response", "exception_handlers"]
+from app.billing.errors import BillingRefusal, CheckoutUnavailable, WebhookRejected
+
+__all__ = [
+    "APIError",
+    "client_gone",
+    "error_response",
+    "exception_handlers",
+    "refusal_response",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +66,24 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc.status, exc.code, exc.message, exc.headers)
 
 
+def refusal_response(exc: BillingRefusal) -> JSONResponse:
+    """Billing's refusals keep their code and message; which status each gets is decided here."""
+    headers: dict[str, str] = {}
+    if isinstance(exc, WebhookRejected):
+        status = 400
+    elif isinstance(exc, CheckoutUnavailable):
+        status = 503
+        headers["Retry-After"] = str(exc.retry_after_seconds)
+    else:
+        status = 409  # the request conflicts with what the user already holds
+    return error_response(status, exc.code, exc.message, headers)
+
+
+async def _billing_refusal(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, BillingRefusal)
+    return refusal_response(exc)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     headers = dict(exc.headers or {})
@@ -101,6 +127,7 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 exception_handlers = {
     APIError: _api_error,
+    BillingRefusal: _billing_refusal,
     HTTPException: _http_error,
     ClientDisconnect: _client_gone,
     Exception: _unexpected,

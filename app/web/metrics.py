@@ -26,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 
-from app.billing.inbox import InboxCounts, inbox_counts
+from app.billing.webhooks.inbox import InboxCounts, inbox_counts
 from app.db import Connection
 from provisioning import ProvisionerBackend, StorageMeter
 from streams import Event, EventPublisher

@@ -10,9 +10,10 @@ from starlette.requests import Request
 
 from app.web.errors import APIError
 
-__all__ = ["read_json", "require_string"]
+__all__ = ["MAX_WEBHOOK_BYTES", "read_capped_body", "read_json", "require_string"]
 
 MAX_JSON_BYTES = 64 * 1024
+MAX_WEBHOOK_BYTES = 1024 * 1024
 
 
 async def read_json(request: Request, *, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
@@ -59,3 +60,19 @@ def require_string(
     if not isinstance(value, str) or (pattern is not None and not pattern.fullmatch(value)):
         raise APIError(400, f"invalid_{name}", f"The {words} is not valid. {hint}".strip())
     return value
+
+
+async def read_capped_body(request: Request, limit: int = MAX_WEBHOOK_BYTES) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, "payload_too_large", f"A webhook body may be at most {limit} bytes.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(
+                413, "payload_too_large", f"A webhook body may be at most {limit} bytes."
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)

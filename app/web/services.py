@@ -11,11 +11,11 @@ from starlette.requests import HTTPConnection
 
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
-from app.billing.inbox import WebhookInbox
-from app.billing.intake import WebhookIntake
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import PaymentProvider
+from app.billing.webhooks.inbox import WebhookInbox
+from app.billing.webhooks.intake import WebhookIntake
 from app.settings import Settings
 from app.users import KeyStatus
 from app.web.metrics import Metrics

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from app.billing.compensation import BillingHooks
 from app.billing.lifecycle import Lifecycle
 from app.billing.provider import RefundInfo
-from app.billing.stripe_provider import StripePaymentProvider
+from app.billing.stripe.provider import StripePaymentProvider
 from streams import EventPublisher
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import anyio
 import asyncpg
 
-from app.billing.inbox import Batch, InboxEvent, WebhookInbox
+from app.billing.webhooks.inbox import Batch, InboxEvent, WebhookInbox
 from app.db import Connection
 
 

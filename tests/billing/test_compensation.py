@@ -12,7 +12,7 @@ import pytest
 
 from app.billing.compensation import BillingHooks
 from app.billing.lifecycle import Lifecycle
-from app.billing.stripe_provider import StripePaymentProvider
+from app.billing.stripe.provider import StripePaymentProvider
 from app.billing.subscriptions import queue_stripe_cancellation
 from app.db import create_pool
 from app.settings import Settings

@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.billing.stripe_provider import StripeHTTPXClient
+from app.billing.stripe.provider import StripeHTTPXClient
 from app.demo.stripe_emulator import API_VERSION, create_emulator
 from app.demo.stripe_emulator.forms import parse_pairs
 from tests.support import free_port, live_server

@@ -17,7 +17,9 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from app.billing.inbox import (
+from app.billing.provider import PaymentProvider, PaymentProviderNotFound
+from app.billing.stripe.provider import StripePaymentProvider
+from app.billing.webhooks.inbox import (
     MAX_PERMANENT_ERRORS,
     Batch,
     InboxCounts,
@@ -26,9 +28,7 @@ from app.billing.inbox import (
     inbox_counts,
     list_events,
 )
-from app.billing.provider import PaymentProvider, PaymentProviderNotFound
-from app.billing.stripe_provider import StripePaymentProvider
-from app.billing.webhook_receiver import parse_event, store_events
+from app.billing.webhooks.receiver import parse_event, store_events
 from app.db import Connection
 from app.demo.stripe_emulator import create_emulator
 from tests.support.live import free_port, live_server

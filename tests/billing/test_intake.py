@@ -10,9 +10,9 @@ import anyio
 import asyncpg
 import pytest
 
-from app.billing.inbox import Batch, InboxEvent, WebhookInbox
-from app.billing.intake import EventNotStored, IntakeFull, IntakeNotRunning, WebhookIntake
-from app.billing.webhook_receiver import VerifiedEvent, parse_event
+from app.billing.webhooks.inbox import Batch, InboxEvent, WebhookInbox
+from app.billing.webhooks.intake import EventNotStored, IntakeFull, IntakeNotRunning, WebhookIntake
+from app.billing.webhooks.receiver import VerifiedEvent, parse_event
 from app.db import Connection
 from tests.support.stack import wait_for
 from tests.support.stripe_events import make_event, stripe_object

@@ -6,8 +6,9 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app.billing import PaymentProviderError, StripePaymentProvider, get_plan
-from app.billing.plans import plan_by_lookup_key, price_lookup_key
+from app.billing.plans import get_plan, plan_by_lookup_key, price_lookup_key
+from app.billing.provider import PaymentProviderError
+from app.billing.stripe.provider import StripePaymentProvider
 from tests.billing.test_stripe_provider import (  # the fixtures, for this module too
     API_KEY,
     Stripe,

@@ -13,19 +13,15 @@ import httpx
 import pytest
 from stripe._api_version import _ApiVersion
 
-from app.billing import (
-    PLANS,
-    STRIPE_API_VERSION,
+from app.billing.plans import PLANS, UnknownPlan, get_plan, price_lookup_key, stripe_product_name
+from app.billing.provider import (
+    PaymentProvider,
     PaymentProviderError,
     PaymentProviderNotFound,
     PaymentProviderUnavailable,
-    StripePaymentProvider,
     SubscriptionAlreadyCanceled,
-    UnknownPlan,
-    get_plan,
 )
-from app.billing.plans import price_lookup_key, stripe_product_name
-from app.billing.provider import PaymentProvider
+from app.billing.stripe.provider import STRIPE_API_VERSION, StripePaymentProvider
 from app.demo.stripe_emulator import API_VERSION, create_emulator
 from tests.support import free_port, live_server
 

@@ -8,7 +8,7 @@ import anyio
 import asyncpg
 import pytest
 
-from app.billing.webhook_receiver import VerifiedEvent, parse_event, store_events
+from app.billing.webhooks.receiver import VerifiedEvent, parse_event, store_events
 from tests.support.stripe_events import make_event, stripe_object
 
 pytestmark = pytest.mark.anyio

@@ -11,7 +11,7 @@ from starlette.routing import Route
 
 from app.billing.checkout import RESOURCE_NAME
 from app.billing.customers import stripe_customer_id
-from app.billing.intake import EventNotStorable, EventNotStored
+from app.billing.errors import WebhookRejected
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, UnknownPlan, get_plan
 from app.billing.provider import (
@@ -26,16 +26,12 @@ from app.billing.subscriptions import (
     list_subscriptions,
 )
 from app.billing.updates import subscription_json
-from app.billing.webhook_receiver import (
-    check_signature_header,
-    parse_event,
-    read_capped_body,
-    verify_signature,
-)
+from app.billing.webhooks.intake import EventNotStorable, EventNotStored
+from app.billing.webhooks.receiver import check_signature_header, parse_event, verify_signature
 from app.web.auth import authenticate, client_ip
 from app.web.errors import APIError
 from app.web.owned import owned_checkout, owned_graph, owned_subscription
-from app.web.requests import read_json, require_string
+from app.web.requests import read_capped_body, read_json, require_string
 from app.web.services import services
 
 __all__ = ["billing_routes", "stripe_webhook"]
@@ -198,12 +194,11 @@ async def stripe_webhook(request: Request) -> Response:
         check_signature_header(header)
         body = await read_capped_body(request)
         text = verify_signature(body, header, found.settings.stripe_webhook_secrets)
-    except APIError as refused:
-        if refused.status == 400:
-            # Failed verifications are limited per address (a 429 once over), a valid delivery
-            # never: only refusals ask the limiter, and one from an address known to be over
-            # is refused before its body is read.
-            await found.rate_limits.check("unverified_webhooks", client_ip(request))
+    except WebhookRejected:
+        # Failed verifications are limited per address (a 429 once over), a valid delivery
+        # never: only refusals ask the limiter, and one from an address known to be over
+        # is refused before its body is read.
+        await found.rate_limits.check("unverified_webhooks", client_ip(request))
         raise
     event = parse_event(text)
     try:

@@ -20,10 +20,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp
 
+from app.billing.errors import BillingRefusal
 from app.billing.subscriptions import list_subscriptions
 from app.billing.updates import subscription_json
 from app.web.auth import authenticate_key, bearer_key, client_ip, count_request
-from app.web.errors import APIError, client_gone, error_response
+from app.web.errors import APIError, client_gone, error_response, refusal_response
 from app.web.owned import owned_operation
 from app.web.services import services
 from provisioning import get_operation
@@ -80,6 +81,8 @@ def answering_errors(
             return await handler(request)
         except APIError as exc:
             return error_response(exc.status, exc.code, exc.message, exc.headers)
+        except BillingRefusal as exc:
+            return refusal_response(exc)
         except ClientDisconnect:
             return client_gone(request)
         except outage as exc:

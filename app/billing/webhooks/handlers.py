@@ -18,11 +18,10 @@ import asyncpg
 
 from app.audit import record_audit, record_event_audit
 from app.billing.fulfilment import PaymentConfirmation
-from app.billing.inbox import Batch, InboxEvent
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle, StripeState
 from app.billing.provider import PaymentProvider, PaymentProviderNotFound
-from app.billing.stripe_objects import (
+from app.billing.stripe.objects import (
     invoice_subscription_details,
     invoice_subscription_id,
     lookout_id,
@@ -36,6 +35,7 @@ from app.billing.subscriptions import (
     get_subscription_by_session,
     get_subscription_by_stripe_id,
 )
+from app.billing.webhooks.inbox import Batch, InboxEvent
 from app.db import Connection
 
 __all__ = ["StripeEventHandlers"]

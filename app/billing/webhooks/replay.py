@@ -8,7 +8,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Literal
 
-from app.billing.inbox import StoredEvent, list_events, requeue_events
+from app.billing.webhooks.inbox import StoredEvent, list_events, requeue_events
 from app.db import create_pool
 from app.settings import Settings
 

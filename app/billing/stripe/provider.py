@@ -1,7 +1,7 @@
 """`PaymentProvider` on Stripe's official SDK (async methods, retries on, API version pinned).
 
 This module makes the calls (prices, checkout sessions, subscriptions) and decides what an
-answer means for Lookout; `app.billing.stripe_translation` turns the SDK's objects and errors
+answer means for Lookout; `app.billing.stripe.translation` turns the SDK's objects and errors
 into the provider's own types.
 """
 
@@ -31,8 +31,8 @@ from app.billing.provider import (
     SubscriptionAlreadyCanceled,
     SubscriptionInfo,
 )
-from app.billing.stripe_objects import invoice_info
-from app.billing.stripe_translation import (
+from app.billing.stripe.objects import invoice_info
+from app.billing.stripe.translation import (
     expandable_id,
     refund_info,
     refused,

@@ -1,5 +1,6 @@
-"""`POST /v1/webhooks/stripe`: verify, store in the inbox, acknowledge. Nothing more on the
-request path, so that the answer comes in milliseconds and a crash after it loses nothing."""
+"""What `POST /v1/webhooks/stripe` checks before it stores an event in the inbox and
+acknowledges it (app.web.routes.billing). Nothing more on the request path, so that the answer
+comes in milliseconds and a crash after it loses nothing."""
 
 from __future__ import annotations
 
@@ -12,25 +13,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 import stripe
-from starlette.requests import Request
 
+from app.billing.errors import InvalidSignature, MissingSignature, NotAStripeEvent
 from app.db import Connection
-from app.web.errors import APIError
 
 __all__ = [
-    "MAX_WEBHOOK_BYTES",
     "SIGNATURE_TOLERANCE_SECONDS",
     "VerifiedEvent",
     "check_signature_header",
     "parse_event",
-    "read_capped_body",
     "store_events",
     "verify_signature",
 ]
 
 logger = logging.getLogger(__name__)
 
-MAX_WEBHOOK_BYTES = 1024 * 1024
 SIGNATURE_TOLERANCE_SECONDS = 300
 
 
@@ -45,30 +42,14 @@ class VerifiedEvent:
     received_at: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
-async def read_capped_body(request: Request, limit: int = MAX_WEBHOOK_BYTES) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, "payload_too_large", f"A webhook body may be at most {limit} bytes.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(
-                413, "payload_too_large", f"A webhook body may be at most {limit} bytes."
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def check_signature_header(header: str | None, *, now: float | None = None) -> None:
     """What can be refused without the body or an HMAC: no header, one that is not Stripe's
     form (`t=<seconds>,v1=<signature>`), or one older than the tolerance (the SDK checks the
     age only after computing the HMAC)."""
     if not header:
-        raise APIError(400, "missing_signature", "The Stripe-Signature header is missing.")
+        raise MissingSignature("The Stripe-Signature header is missing.")
     if not header.isascii():
-        raise APIError(400, "invalid_signature", "The Stripe-Signature header is not ASCII.")
+        raise InvalidSignature("The Stripe-Signature header is not ASCII.")
     timestamp: int | None = None
     signed = False
     for item in header.split(","):
@@ -78,15 +59,11 @@ def check_signature_header(header: str | None, *, now: float | None = None) -> N
         elif name == "v1" and value:
             signed = True
     if timestamp is None or not signed:
-        raise APIError(
-            400,
-            "invalid_signature",
+        raise InvalidSignature(
             "The Stripe-Signature header needs a timestamp (t=) and a v1 signature.",
         )
     if timestamp < (time.time() if now is None else now) - SIGNATURE_TOLERANCE_SECONDS:
-        raise APIError(
-            400,
-            "invalid_signature",
+        raise InvalidSignature(
             f"This Stripe-Signature is older than {SIGNATURE_TOLERANCE_SECONDS} s.",
         )
 
@@ -94,15 +71,15 @@ def check_signature_header(header: str | None, *, now: float | None = None) -> N
 def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...]) -> str:
     """Answers the body as text once one of the secrets (rotation) verifies its signature."""
     if not header:
-        raise APIError(400, "missing_signature", "The Stripe-Signature header is missing.")
+        raise MissingSignature("The Stripe-Signature header is missing.")
     if not header.isascii():
         # Stripe's header is ASCII; the SDK's `hmac.compare_digest` raises TypeError on
         # anything else (any byte over 0x7f reaches us as a latin-1 character).
-        raise APIError(400, "invalid_signature", "The Stripe-Signature header is not ASCII.")
+        raise InvalidSignature("The Stripe-Signature header is not ASCII.")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise APIError(400, "invalid_payload", "The webhook body is not UTF-8 text.") from None
+        raise NotAStripeEvent("The webhook body is not UTF-8 text.") from None
     for secret in secrets:
         try:
             stripe.WebhookSignature.verify_header(
@@ -111,9 +88,7 @@ def verify_signature(body: bytes, header: str | None, secrets: tuple[str, ...]) 
         except stripe.SignatureVerificationError:
             continue
         return text
-    raise APIError(
-        400,
-        "invalid_signature",
+    raise InvalidSignature(
         "No configured webhook secret verifies this Stripe-Signature, or it is older than"
         f" {SIGNATURE_TOLERANCE_SECONDS} s; check STRIPE_WEBHOOK_SECRET.",
     )
@@ -124,26 +99,26 @@ def parse_event(text: str) -> VerifiedEvent:
     try:
         payload = json.loads(text)
     except ValueError:
-        raise APIError(400, "invalid_payload", "The webhook body is not JSON.") from None
+        raise NotAStripeEvent("The webhook body is not JSON.") from None
     except RecursionError:
         # Signed, yet thousands of levels deep: no Stripe event is.
-        raise APIError(400, "invalid_payload", "The webhook body is nested too deeply.") from None
+        raise NotAStripeEvent("The webhook body is nested too deeply.") from None
     if not isinstance(payload, dict) or payload.get("object") != "event":
-        raise APIError(400, "invalid_payload", "The webhook body is not a Stripe event object.")
+        raise NotAStripeEvent("The webhook body is not a Stripe event object.")
     event_id, event_type, created = payload.get("id"), payload.get("type"), payload.get("created")
     data = payload.get("data")
     if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 255:
-        raise APIError(400, "invalid_payload", "The event has no valid 'id' (evt_…).")
+        raise NotAStripeEvent("The event has no valid 'id' (evt_…).")
     if not isinstance(event_type, str) or not event_type or len(event_type) > 255:
-        raise APIError(400, "invalid_payload", "The event has no valid 'type'.")
+        raise NotAStripeEvent("The event has no valid 'type'.")
     if not isinstance(created, int) or isinstance(created, bool) or created < 0:
-        raise APIError(400, "invalid_payload", "The event has no valid 'created' timestamp.")
+        raise NotAStripeEvent("The event has no valid 'created' timestamp.")
     if not isinstance(data, dict) or not isinstance(data.get("object"), dict):
-        raise APIError(400, "invalid_payload", "The event has no 'data.object'.")
+        raise NotAStripeEvent("The event has no 'data.object'.")
     try:
         moment = datetime.fromtimestamp(created, UTC)
     except (OverflowError, ValueError, OSError):
-        raise APIError(400, "invalid_payload", "The event's 'created' is out of range.") from None
+        raise NotAStripeEvent("The event's 'created' is out of range.") from None
     return VerifiedEvent(id=event_id, type=event_type, created=moment, payload=payload, text=text)
 
 

@@ -25,8 +25,8 @@ import anyio.lowlevel
 import asyncpg
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from app.billing.inbox import BATCH, Batch, InboxEvent, WebhookInbox
-from app.billing.webhook_receiver import VerifiedEvent, store_events
+from app.billing.webhooks.inbox import BATCH, Batch, InboxEvent, WebhookInbox
+from app.billing.webhooks.receiver import VerifiedEvent, store_events
 
 __all__ = [
     "MAX_UNANNOUNCED",
