@@ -24,7 +24,7 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from app.billing.access import AccessSweep
+from app.billing.access_sweep import AccessSweep
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
 from app.billing.invoices import Invoices
@@ -34,7 +34,7 @@ from app.billing.reconciler import Reconciler
 from app.billing.stripe.provider import StripePaymentProvider
 from app.billing.webhooks.handlers import StripeEventHandlers
 from app.billing.webhooks.inbox import WebhookInbox
-from app.billing.webhooks.intake import WebhookIntake
+from app.billing.webhooks.intake import Unsettled, WebhookIntake
 from app.db import create_pool, migrate
 from app.settings import ConfigError, Settings
 from app.users import KeyStatus
@@ -194,15 +194,11 @@ def create_app(
             leases = StreamLeases(
                 redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
             )
-            lifecycle = Lifecycle(
-                pool, publisher, past_due_grace=timedelta(days=settings.past_due_grace_days)
-            )
-            hooks = BillingHooks(pool, payments, publisher, lifecycle)
-            invoices = Invoices(pool, payments, redis, publisher, prefix=settings.redis_prefix)
-            inbox = WebhookInbox(
-                pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
-            )
-            intake = WebhookIntake(pool, inbox)
+            # Built bottom up, each part handed what it needs: the runner reports to billing's
+            # hooks and gives way to the webhooks not yet settled; the lifecycle starts
+            # operations on the runner; the webhook handlers follow the lifecycle.
+            hooks = BillingHooks(pool, payments, publisher)
+            unsettled = Unsettled()
             chosen = backends if backends is not None else default_backends(settings)
             metrics.storage.measure(chosen)
             runner = OperationRunner(
@@ -213,9 +209,19 @@ def create_app(
                 instance_id=instance_id,
                 max_concurrent=PROVISIONING_CONCURRENCY,
                 retry=RetryPolicy(outage_window=settings.provisioner_retry_seconds),
-                give_way_to=intake,
+                give_way_to=unsettled,
             )
-            lifecycle.runner = runner
+            lifecycle = Lifecycle(
+                pool,
+                publisher,
+                runner,
+                past_due_grace=timedelta(days=settings.past_due_grace_days),
+            )
+            invoices = Invoices(pool, payments, redis, publisher, prefix=settings.redis_prefix)
+            inbox = WebhookInbox(
+                pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
+            )
+            intake = WebhookIntake(pool, inbox, unsettled=unsettled)
             shutting_down = anyio.Event()
             supervisor = Supervisor()
             async with anyio.create_task_group() as task_group:

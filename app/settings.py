@@ -163,10 +163,6 @@ class Settings:
         return replace(self, database_url=database_url, redis_url=redis_url)
 
     @property
-    def is_production(self) -> bool:
-        return self.environment == "production"
-
-    @property
     def allowed_hosts(self) -> tuple[str, ...]:
         """The Host names the server answers to (lower case, no port)."""
         if self.allowed_hosts_given:

@@ -19,6 +19,7 @@ from app.billing.provider import (
 )
 from app.billing.subscriptions import (
     SubscriptionRecord,
+    delete_unpaid_subscription,
     get_subscription,
     insert_subscription,
     list_subscriptions,
@@ -97,7 +98,7 @@ class CheckoutService:
             )
         except PaymentProviderError as exc:
             async with self._pool.acquire() as conn:
-                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+                await delete_unpaid_subscription(conn, record.id)
             logger.warning("creating a Checkout Session failed: %s", exc)
             raise CheckoutUnavailable(
                 "Stripe could not start the checkout just now; nothing was charged. Try again."

@@ -15,7 +15,8 @@ from typing import Any
 import asyncpg
 import pytest
 
-from app.billing.access import AccessSweep, suspension_required
+from app.billing.access import suspension_required
+from app.billing.access_sweep import AccessSweep
 from app.billing.plans import get_plan
 from app.settings import ConfigError, Settings
 from tests.app.test_provisioning_flow import read_stream

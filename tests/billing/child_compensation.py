@@ -15,7 +15,6 @@ import asyncpg
 from redis.asyncio import Redis
 
 from app.billing.compensation import BillingHooks
-from app.billing.lifecycle import Lifecycle
 from app.billing.provider import RefundInfo
 from app.billing.stripe.provider import StripePaymentProvider
 from streams import EventPublisher
@@ -42,7 +41,7 @@ async def main(argv: list[str]) -> None:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     publisher = EventPublisher(Redis.from_url(redis_url))
     provider = DiesAfterRefund(api_key, environment="test", api_base=api_base)
-    hooks = BillingHooks(pool, provider, publisher, Lifecycle(pool, publisher))
+    hooks = BillingHooks(pool, provider, publisher)
     await hooks.cancel_due(subscription_id=subscription_id)
 
 

@@ -11,7 +11,6 @@ import anyio
 import pytest
 
 from app.billing.compensation import BillingHooks
-from app.billing.lifecycle import Lifecycle
 from app.billing.stripe.provider import StripePaymentProvider
 from app.billing.subscriptions import queue_stripe_cancellation
 from app.db import create_pool
@@ -35,7 +34,7 @@ async def other_instance(stack: Stack) -> AsyncIterator[BillingHooks]:
     )
     try:
         publisher = stack.app.state.services.publisher
-        yield BillingHooks(pool, provider, publisher, Lifecycle(pool, publisher))
+        yield BillingHooks(pool, provider, publisher)
     finally:
         await provider.aclose()
         await pool.close()

@@ -22,6 +22,7 @@ from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle, StripeState
 from app.billing.provider import PaymentProvider, PaymentProviderNotFound
 from app.billing.stripe.objects import (
+    invoice_info,
     invoice_subscription_details,
     invoice_subscription_id,
     lookout_id,
@@ -34,6 +35,7 @@ from app.billing.subscriptions import (
     get_subscription,
     get_subscription_by_session,
     get_subscription_by_stripe_id,
+    mark_payment_method,
 )
 from app.billing.webhooks.inbox import Batch, InboxEvent
 from app.db import Connection
@@ -97,7 +99,9 @@ class StripeEventHandlers:
             if handler is not None:
                 await handler(event, record)
             if invoice and self._invoices is not None:
-                await self._invoices.changed(event, record)
+                await self._invoices.changed(
+                    record, object_id(event.object), invoice_info(event.object)
+                )
         # Audited once it has been applied, and once however often it is retried: an event
         # retried while Stripe was down used to leave a row per attempt.
         async with self._pool.acquire() as conn:
@@ -224,11 +228,7 @@ class StripeEventHandlers:
     async def _setup_intent_succeeded(self, event: InboxEvent) -> None:
         customer = object_id(event.object.get("customer"))
         async with self._pool.acquire() as conn:
-            updated = await conn.fetch(
-                "UPDATE subscriptions SET has_payment_method = true, updated_at = now()"
-                " WHERE stripe_customer_id = $1 RETURNING id, user_id",
-                customer,
-            )
+            updated = await mark_payment_method(conn, customer)
             await record_audit(
                 conn,
                 "stripe.setup_intent.succeeded",

@@ -35,6 +35,7 @@ __all__ = [
     "EventNotStored",
     "IntakeFull",
     "IntakeNotRunning",
+    "Unsettled",
     "WebhookIntake",
 ]
 
@@ -94,12 +95,48 @@ class _Waiting:
     error: Exception | None = None
 
 
+class Unsettled:
+    """The events stored but whose group is not yet written and announced: what provisioning
+    steps give way to (`provisioning.Foreground`). Apart from the intake, so that the runner
+    can be handed it before the intake (whose handlers need the runner) exists."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def arrived(self) -> None:
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self._count += 1
+
+    def settle(self, events: int) -> None:
+        self._count -= events
+        if self._count == 0:
+            self._idle.set()
+
+    def clear(self) -> None:
+        self._count = 0
+        self._idle.set()
+
+    async def quiet(self) -> None:
+        """Returns once every event stored is written and announced."""
+        while True:
+            idle = self._idle
+            await idle.wait()
+            # Requests already received store their events before this answers.
+            await anyio.lowlevel.checkpoint()
+            if self._idle is idle:
+                return
+
+
 class WebhookIntake:
     def __init__(
         self,
         pool: asyncpg.Pool,
         inbox: WebhookInbox,
         *,
+        unsettled: Unsettled | None = None,
         max_waiting: int = MAX_WAITING,
         max_unannounced: int = MAX_UNANNOUNCED,
     ) -> None:
@@ -114,11 +151,7 @@ class WebhookIntake:
         self._queue: list[_Waiting] = []
         self._arrived = anyio.Event()
         self._running = False
-        # Events stored but whose group is not yet written and announced; `_idle` is set
-        # while there are none: what the provisioning runner waits for.
-        self._unsettled = 0
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._unsettled = Unsettled() if unsettled is None else unsettled
 
     @property
     def running(self) -> bool:
@@ -135,9 +168,7 @@ class WebhookIntake:
                 f"{len(self._queue)} webhook events wait to be written; refusing more for now"
             )
         waiting = _Waiting(event)
-        if self._idle.is_set():
-            self._idle = anyio.Event()
-        self._unsettled += 1
+        self._unsettled.arrived()
         self._queue.append(waiting)
         self._arrived.set()
         await waiting.done.wait()
@@ -152,13 +183,7 @@ class WebhookIntake:
     async def quiet(self) -> None:
         """Returns once every event stored is written and announced: provisioning steps give
         way to a burst of webhooks (`provisioning.Foreground`)."""
-        while True:
-            idle = self._idle
-            await idle.wait()
-            # Requests already received store their events before this answers.
-            await anyio.lowlevel.checkpoint()
-            if self._idle is idle:
-                return
+        await self._unsettled.quiet()
 
     async def run(self) -> None:
         """Writes the queued events, group after group, until cancelled. Each group is
@@ -185,7 +210,7 @@ class WebhookIntake:
                             # Its requests answer 503 and Stripe delivers them again. One line,
                             # not a traceback per group, while the database is down.
                             logger.warning("webhook group of %d not stored: %r", len(group), exc)
-                            self._settle(len(group))
+                            self._unsettled.settle(len(group))
                             continue
                         # Waits for room when Redis is slow: the waiting events pile up, and
                         # past `max_waiting` new ones are refused, rather than memory growing.
@@ -199,8 +224,7 @@ class WebhookIntake:
             # What was queued, being written or left to announce is settled with the task: a
             # committed group not announced has its operations resumed by the runner's sweep
             # once their leases lapse.
-            self._unsettled = 0
-            self._idle.set()
+            self._unsettled.clear()
 
     async def _warm_up(self) -> None:
         """Runs the group transaction's statements, on no rows, on each connection the pool
@@ -232,12 +256,7 @@ class WebhookIntake:
             finally:
                 if announcement.left_for_the_worker:
                     self._inbox.wake()
-                self._settle(announcement.events)
-
-    def _settle(self, events: int) -> None:
-        self._unsettled -= events
-        if self._unsettled == 0:
-            self._idle.set()
+                self._unsettled.settle(announcement.events)
 
     async def _write(self, group: Sequence[_Waiting]) -> _Announcement:
         try:

@@ -23,6 +23,7 @@ from app.billing.provider import (
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
     SubscriptionRecord,
+    count_billing_change,
     list_subscriptions,
 )
 from app.billing.updates import subscription_json
@@ -123,11 +124,7 @@ async def _set_cancel_at_period_end(request: Request, cancel: bool) -> Response:
             + ("cancelled." if cancel else "reactivated."),
         )
     async with found.pool.acquire() as conn:
-        changes = await conn.fetchval(
-            "UPDATE subscriptions SET billing_changes = billing_changes + 1 WHERE id = $1"
-            " RETURNING billing_changes",
-            record.id,
-        )
+        changes = await count_billing_change(conn, record.id)
     action = "cancel" if cancel else "reactivate"
     asked_at = datetime.now(UTC)
     try:

@@ -14,7 +14,7 @@ from app.billing.checkout import HOLDING
 from app.billing.lifecycle import StripeState
 from app.billing.plans import PLANS, Plan, UnknownPlan, get_plan, plan_limit_refusal
 from app.billing.provider import PaymentProviderError, SubscriptionAlreadyCanceled
-from app.billing.subscriptions import SubscriptionRecord
+from app.billing.subscriptions import SubscriptionRecord, count_billing_change
 from app.billing.updates import subscription_json
 from app.web.auth import authenticate
 from app.web.errors import APIError
@@ -83,11 +83,7 @@ async def change_plan(request: Request) -> Response:
     await _refuse_what_does_not_fit(found, record, current, plan)
     upgrade = plan.price.amount >= current.price.amount
     async with found.pool.acquire() as conn:
-        changes = await conn.fetchval(
-            "UPDATE subscriptions SET billing_changes = billing_changes + 1 WHERE id = $1"
-            " RETURNING billing_changes",
-            record.id,
-        )
+        changes = await count_billing_change(conn, record.id)
     asked_at = datetime.now(UTC)
     try:
         info = await found.provider.change_price(
