@@ -217,3 +217,19 @@ def test_no_circle_between_the_top_level_packages() -> None:
 def test_no_module_imports_in_a_circle_within(package: str) -> None:
     inside = {m: {i for i in imports if _within(i, package)} for m, imports in GRAPH.items()}
     assert [c for c in _components(inside) if _within(c[0], package)] == []
+
+
+def test_no_test_imports_from_a_conftest() -> None:
+    """Fixtures reach tests through pytest; shared helpers live in support modules."""
+    offences = []
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            offences += [f"{path.relative_to(ROOT)}: {n}" for n in names if "conftest" in n]
+    assert offences == []

@@ -117,7 +117,7 @@ def _serve_in_thread(
             )
             async with running_stack(settings) as stack:
                 # Thousands of requests a minute, many of them anonymous on purpose: at the
-                # real limits most answers would be 429s (tests/app/test_rate_limits.py).
+                # real limits most answers would be 429s (tests/app/web/test_rate_limits.py).
                 services = stack.app.state.services
                 services.rate_limits = RateLimits(
                     services.redis,

@@ -10,11 +10,11 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import GraphBackend, ResourceSpec, get_operation, get_resource
-from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
+    new_subject,
     operation_events,
     server_objects,
     user_events,

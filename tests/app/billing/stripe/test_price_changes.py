@@ -9,7 +9,7 @@ import pytest
 from app.billing.plans import get_plan, plan_by_lookup_key, price_lookup_key
 from app.billing.provider import PaymentProviderError
 from app.billing.stripe.provider import StripePaymentProvider
-from tests.billing.test_stripe_provider import (  # the fixtures, for this module too
+from tests.app.billing.stripe.test_provider import (  # the fixtures, for this module too
     API_KEY,
     Stripe,
     _paid,

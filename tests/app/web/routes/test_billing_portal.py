@@ -15,7 +15,7 @@ import pytest
 from httpx_sse import aconnect_sse
 
 from app.settings import Settings
-from tests.app.test_lifecycle import wait_processed
+from tests.app.billing.test_lifecycle import wait_processed
 from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio

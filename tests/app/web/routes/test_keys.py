@@ -17,10 +17,10 @@ import pytest
 from app import create_app
 from app.settings import Settings
 from app.users import KeyStatus, create_user, new_api_key, revoke_api_key
+from tests.app.test_foundation import run_cli
 from tests.streams.sse_client import SSEItem, read_sse
 from tests.support.live import free_port, live_server
 from tests.support.stack import Stack, running_stack
-from tests.test_foundation import run_cli
 
 pytestmark = pytest.mark.anyio
 

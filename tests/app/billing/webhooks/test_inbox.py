@@ -37,7 +37,7 @@ from tests.support.stripe_events import make_event, stripe_object
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[4]
 
 
 class FetchesFromStripe:

@@ -22,7 +22,7 @@ from tests.support.stack import running_stack, wait_for
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(90)]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[4]
 
 
 class Output:
