@@ -6,6 +6,7 @@ functions too), so that it holds for code that never runs in a test."""
 from __future__ import annotations
 
 import ast
+import tomllib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -233,3 +234,26 @@ def test_no_test_imports_from_a_conftest() -> None:
             )
             offences += [f"{path.relative_to(ROOT)}: {n}" for n in names if "conftest" in n]
     assert offences == []
+
+
+def test_the_faces_of_app_import_nothing() -> None:
+    """Python runs a package's `__init__` before any module in it: an import there is an import
+    of every module below, which the arrows above would not see."""
+    faces = [m for m, path in MODULES.items() if _within(m, "app") and path.name == "__init__.py"]
+    outside = {
+        face: {
+            i for i in GRAPH[face] if _within(i, "app") and (face == "app" or not _within(i, face))
+        }
+        for face in faces
+    }
+    assert {face: found for face, found in outside.items() if found} == {}
+
+
+def test_the_wheel_lists_every_package() -> None:
+    """pyproject.toml lists the wheel's packages (the dashboard is mapped in as app.static): a
+    package left out installs nowhere but in a checkout."""
+    listed = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    )
+    found = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert found - listed == set()

@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
     positive_data_acceptance,
 )
 
-from app import create_app
+from app.application import create_app
 from app.settings import Settings
 from app.web.openapi import openapi_document
 from app.web.ratelimit import LIMITS, RateLimits

@@ -9,7 +9,7 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from app import create_app
+from app.application import create_app
 from app.settings import Settings
 from app.web.openapi import EVENT_TYPES, openapi_document
 from tests.api.routes import NOT_YET_MOUNTED, documented_operations, mounted_operations

@@ -12,7 +12,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app import create_app
+from app.application import create_app
 from app.db import migrate
 from app.settings import Settings
 from app.users import create_api_key, create_user, user_for_api_key

@@ -16,8 +16,7 @@ import anyio
 import pytest
 from starlette.routing import Mount
 
-from app import create_app
-from app.application import default_backends
+from app.application import create_app, default_backends
 from app.demo.runner import EMULATOR_MOUNT
 from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings

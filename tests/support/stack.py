@@ -13,8 +13,7 @@ import asyncpg
 import httpx
 from starlette.applications import Starlette
 
-from app import create_app
-from app.application import default_backends
+from app.application import create_app, default_backends
 from app.billing.provider import PaymentProvider
 from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings

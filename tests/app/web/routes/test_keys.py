@@ -14,7 +14,7 @@ import asyncpg
 import httpx
 import pytest
 
-from app import create_app
+from app.application import create_app
 from app.settings import Settings
 from app.users import KeyStatus, create_user, new_api_key, revoke_api_key
 from tests.app.test_foundation import run_cli
