@@ -46,7 +46,7 @@ from app.web.metrics import CountingPublisher, Metrics
 from app.web.openapi import openapi_document
 from app.web.ratelimit import RateLimitMiddleware, RateLimits
 from app.web.routes.billing import billing_routes, stripe_webhook
-from app.web.routes.graphs import usage_routes
+from app.web.routes.graphs import graph_routes
 from app.web.routes.keys import key_routes
 from app.web.routes.operations import operation_routes
 from app.web.routes.plans import plan_routes
@@ -292,7 +292,7 @@ def create_app(
         *plan_routes,
         *operation_routes,
         *stream_routes,
-        *usage_routes,
+        *graph_routes,
         *key_routes,
         *extra_routes,
     ]

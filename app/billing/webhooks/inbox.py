@@ -126,7 +126,7 @@ UPDATE webhook_events SET
 """
 
 _TRANSIENT: tuple[type[BaseException], ...] = (
-    PaymentProviderUnavailable,  # Stripe: network, 5xx, 429, 409 (see stripe_translation)
+    PaymentProviderUnavailable,  # Stripe: network, 5xx, 429, 409 (billing.stripe.translation)
     OSError,  # sockets: ConnectionError, TimeoutError (asyncio's too)
     asyncpg.InterfaceError,  # a connection closed under us, a pool closing
     asyncpg.PostgresConnectionError,  # class 08

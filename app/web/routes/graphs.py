@@ -1,4 +1,5 @@
-"""`GET /v1/graphs/{graph_id}/usage`: how much of its plan a graph uses, as measured."""
+"""The graph routes: `POST /v1/graphs/{graph_id}/credentials` (a new password, shown once) and
+`GET /v1/graphs/{graph_id}/usage` (how much of its plan a graph uses, as measured)."""
 
 from __future__ import annotations
 
@@ -7,12 +8,34 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.billing.plans import get_plan
+from app.billing.subscriptions import ACTIVE_RESOURCE_STATUSES
 from app.web.auth import authenticate
+from app.web.errors import APIError
 from app.web.owned import owned_graph
 from app.web.services import services
+from provisioning import ResourceNotFound
 from streams import isoformat_z
 
-__all__ = ["usage_routes"]
+__all__ = ["graph_routes"]
+
+
+async def graph_credentials(request: Request) -> Response:
+    user = await authenticate(request)
+    graph_id = request.path_params["graph_id"]
+    record = await owned_graph(request, user.id, graph_id)
+    if record.status not in ACTIVE_RESOURCE_STATUSES:
+        raise APIError(
+            409,
+            "graph_not_ready",
+            f"The graph is {record.status.replace('_', ' ')}; credentials exist once it is active.",
+        )
+    try:
+        credentials = await services(request).runner.rotate_credentials(graph_id)
+    except ResourceNotFound:
+        raise APIError(
+            409, "graph_not_ready", "The graph's database is not ready; try again shortly."
+        ) from None
+    return JSONResponse(credentials.as_json(), headers={"Cache-Control": "no-store"})
 
 
 async def graph_usage(request: Request) -> Response:
@@ -37,4 +60,7 @@ async def graph_usage(request: Request) -> Response:
     )
 
 
-usage_routes = [Route("/v1/graphs/{graph_id}/usage", graph_usage, methods=["GET"])]
+graph_routes = [
+    Route("/v1/graphs/{graph_id}/credentials", graph_credentials, methods=["POST"]),
+    Route("/v1/graphs/{graph_id}/usage", graph_usage, methods=["GET"]),
+]
