@@ -1,8 +1,4 @@
-"""Lookout: HTTP API, billing and the command line, on top of `streams` and `provisioning`."""
+"""Lookout: HTTP API, billing and the command line, on top of `streams` and `provisioning`.
 
-from __future__ import annotations
-
-from app.application import create_app
-from app.settings import ConfigError, Settings
-
-__all__ = ["ConfigError", "Settings", "create_app"]
+No face: importing any module of app/ runs this file first, so a face here would load the whole
+application under every module of the layers below it (`app.application.create_app`)."""

@@ -24,34 +24,34 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from app.billing.access import AccessSweep
+from app.billing.access_sweep import AccessSweep
 from app.billing.checkout import CheckoutService
 from app.billing.compensation import BillingHooks
-from app.billing.handlers import StripeEventHandlers
-from app.billing.inbox import WebhookInbox
-from app.billing.intake import WebhookIntake
 from app.billing.invoices import Invoices
 from app.billing.lifecycle import Lifecycle
-from app.billing.plan_routes import plan_routes
 from app.billing.provider import PaymentProvider
 from app.billing.reconciler import Reconciler
-from app.billing.routes import billing_routes, stripe_webhook
-from app.billing.stripe_provider import StripePaymentProvider
+from app.billing.stripe.provider import StripePaymentProvider
+from app.billing.webhooks.handlers import StripeEventHandlers
+from app.billing.webhooks.inbox import WebhookInbox
+from app.billing.webhooks.intake import Unsettled, WebhookIntake
 from app.db import create_pool, migrate
-from app.errors import exception_handlers
-from app.headers import SecurityHeaders
-from app.health import healthz, metrics_endpoint, readyz
-from app.hosts import HostGuard
-from app.key_routes import key_routes
-from app.metrics import CountingPublisher, Metrics
-from app.openapi import openapi_document
-from app.operation_routes import operation_routes
-from app.ratelimit import RateLimitMiddleware, RateLimits
-from app.services import Services
 from app.settings import ConfigError, Settings
-from app.stream_routes import answering_errors, direct_stream_routes, stream_routes
-from app.usage_routes import usage_routes
 from app.users import KeyStatus
+from app.web.errors import exception_handlers
+from app.web.headers import SecurityHeaders
+from app.web.health import healthz, metrics_endpoint, readyz
+from app.web.hosts import HostGuard
+from app.web.metrics import CountingPublisher, Metrics
+from app.web.openapi import openapi_document
+from app.web.ratelimit import RateLimitMiddleware, RateLimits
+from app.web.routes.billing import billing_routes, stripe_webhook
+from app.web.routes.graphs import graph_routes
+from app.web.routes.keys import key_routes
+from app.web.routes.operations import operation_routes
+from app.web.routes.plans import plan_routes
+from app.web.routes.streams import answering_errors, direct_stream_routes, stream_routes
+from app.web.services import Services
 from provisioning import (
     TERMINAL_EVENT_TYPES,
     GraphBackend,
@@ -114,7 +114,7 @@ def redis_client(url: str) -> Redis:
 
 
 class LookoutApp(Starlette):
-    """Serves its event streams ahead of its own middleware (see app.stream_routes).
+    """Serves its event streams ahead of its own middleware (see app.web.routes.streams).
 
     ``allowed_hosts``: the Host check comes first of all, ahead of the direct routes too."""
 
@@ -170,7 +170,7 @@ def create_app(
     if settings.database_url is None or settings.redis_url is None:
         raise ConfigError(
             "DATABASE_URL and REDIS_URL must be known before create_app; "
-            "start the embedded servers first (app.embedded)"
+            "start the embedded servers first (app.cli.embedded)"
         )
     database_url, redis_url = settings.database_url, settings.redis_url
     instance_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
@@ -198,15 +198,11 @@ def create_app(
             leases = StreamLeases(
                 redis, prefix=settings.redis_prefix, limit=settings.max_streams_per_user
             )
-            lifecycle = Lifecycle(
-                pool, publisher, past_due_grace=timedelta(days=settings.past_due_grace_days)
-            )
-            hooks = BillingHooks(pool, payments, publisher, lifecycle)
-            invoices = Invoices(pool, payments, redis, publisher, prefix=settings.redis_prefix)
-            inbox = WebhookInbox(
-                pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
-            )
-            intake = WebhookIntake(pool, inbox)
+            # Built bottom up, each part handed what it needs: the runner reports to billing's
+            # hooks and gives way to the webhooks not yet settled; the lifecycle starts
+            # operations on the runner; the webhook handlers follow the lifecycle.
+            hooks = BillingHooks(pool, payments, publisher)
+            unsettled = Unsettled()
             chosen = backends if backends is not None else default_backends(settings)
             metrics.storage.measure(chosen)
             runner = OperationRunner(
@@ -217,9 +213,19 @@ def create_app(
                 instance_id=instance_id,
                 max_concurrent=PROVISIONING_CONCURRENCY,
                 retry=RetryPolicy(outage_window=settings.provisioner_retry_seconds),
-                give_way_to=intake,
+                give_way_to=unsettled,
             )
-            lifecycle.runner = runner
+            lifecycle = Lifecycle(
+                pool,
+                publisher,
+                runner,
+                past_due_grace=timedelta(days=settings.past_due_grace_days),
+            )
+            invoices = Invoices(pool, payments, redis, publisher, prefix=settings.redis_prefix)
+            inbox = WebhookInbox(
+                pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
+            )
+            intake = WebhookIntake(pool, inbox, unsettled=unsettled)
             shutting_down = anyio.Event()
             supervisor = Supervisor()
             async with anyio.create_task_group() as task_group:
@@ -290,7 +296,7 @@ def create_app(
         *plan_routes,
         *operation_routes,
         *stream_routes,
-        *usage_routes,
+        *graph_routes,
         *key_routes,
         *extra_routes,
     ]

@@ -16,8 +16,8 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp
 
 from app.application import create_app
-from app.http_limits import ConnectionLimits, limited_protocol
 from app.settings import Settings
+from app.web.http_limits import ConnectionLimits, limited_protocol
 
 __all__ = ["run_server", "server_config"]
 
@@ -48,7 +48,7 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Iterator[None]:
         """uvicorn shuts down gracefully on SIGINT and SIGTERM; SIGHUP (the terminal was
         closed) must too. Once shut down, uvicorn raises the signal again for the caller's
-        handler (`app.cli` turns it into an exception that stops the embedded servers)."""
+        handler (`app.cli.main` turns it into an exception that stops the embedded servers)."""
         with super().capture_signals():
             if threading.current_thread() is not threading.main_thread():
                 yield
@@ -75,7 +75,7 @@ def server_config(
         host=host,
         port=port,
         loop="uvloop",
-        # httptools, with the limits uvicorn lacks (app.http_limits).
+        # httptools, with the limits uvicorn lacks (app.web.http_limits).
         http=limited_protocol(ConnectionLimits.from_settings(settings)),
         ws="none",
         lifespan="on",

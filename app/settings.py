@@ -69,7 +69,7 @@ class Settings:
     demo: bool = False
     # How long an operation waits out an unreachable provisioning server before it fails.
     provisioner_retry_seconds: int = 900
-    # Connection limits of `lookout serve` (app.http_limits, docs/OPERATIONS.md).
+    # Connection limits of `lookout serve` (app.web.http_limits, docs/OPERATIONS.md).
     header_timeout_seconds: int = 10
     body_timeout_seconds: int = 30
     keep_alive_seconds: int = 5
@@ -161,10 +161,6 @@ class Settings:
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
         """The same settings once the embedded servers (if any) have given their URLs."""
         return replace(self, database_url=database_url, redis_url=redis_url)
-
-    @property
-    def is_production(self) -> bool:
-        return self.environment == "production"
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]:

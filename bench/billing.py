@@ -33,9 +33,9 @@ import httpx
 from redis.asyncio import Redis
 
 from app.application import PROVISIONING_CONCURRENCY
-from app.embedded import embedded_servers
+from app.cli.embedded import embedded_servers
+from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
 from bench.raw_http import RawConnection, build_post
 from streams import operation_topic, stream_key

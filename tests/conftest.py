@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from app.cli.embedded import embedded_servers
 from app.db import migrate
-from app.embedded import embedded_servers
 from app.settings import Settings
 from tests.support import database_dsn
 from tests.support.demo import server_data_dir

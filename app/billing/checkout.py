@@ -9,6 +9,14 @@ import asyncpg
 
 from app.audit import record_audit
 from app.billing.customers import ensure_stripe_customer, stripe_customer_id
+from app.billing.errors import (
+    CardDeclined,
+    CheckoutUnavailable,
+    NoPaymentMethod,
+    PaymentInProgress,
+    PlanLimitReached,
+    ResourceNameTaken,
+)
 from app.billing.lifecycle import Lifecycle
 from app.billing.plans import Plan, plan_limit_refusal
 from app.billing.provider import (
@@ -22,13 +30,13 @@ from app.billing.provider import (
 )
 from app.billing.subscriptions import (
     SubscriptionRecord,
+    delete_unpaid_subscription,
     get_subscription,
     insert_subscription,
     list_subscriptions,
     set_subscription_fields,
 )
 from app.db import Connection
-from app.errors import APIError
 from app.ids import new_id
 from app.users import User
 
@@ -71,9 +79,7 @@ class CheckoutService:
             await conn.execute("SELECT FROM users WHERE id = $1 FOR NO KEY UPDATE", user.id)
             named = await list_subscriptions(conn, user.id, resource_name=resource_name)
             if any(_charging_saved_card(s) for s in named):
-                raise APIError(
-                    409,
-                    "payment_in_progress",
+                raise PaymentInProgress(
                     f"A payment with your saved card for {resource_name!r} is under way. "
                     "Subscribe with the saved card again to finish it, or choose another name.",
                 )
@@ -82,14 +88,12 @@ class CheckoutService:
             # After the abandoning: an earlier checkout of this name may turn out to be paid.
             named = await list_subscriptions(conn, user.id, resource_name=resource_name)
             if any(s.status in HOLDING for s in named):
-                raise APIError(
-                    409,
-                    "resource_name_taken",
+                raise ResourceNameTaken(
                     f"You already have a resource named {resource_name!r}; choose another name.",
                 )
             refusal = plan_limit_refusal(plan, await self._held(conn, user, plan, resource_name))
             if refusal is not None:
-                raise APIError(409, "plan_limit_reached", refusal)
+                raise PlanLimitReached(refusal)
             record = await insert_subscription(
                 conn,
                 subscription_id=new_id("sub"),
@@ -122,13 +126,10 @@ class CheckoutService:
             )
         except PaymentProviderError as exc:
             async with self._pool.acquire() as conn:
-                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+                await delete_unpaid_subscription(conn, record.id)
             logger.warning("creating a Checkout Session failed: %s", exc)
-            raise APIError(
-                503,
-                "payment_provider_unavailable",
-                "Stripe could not start the checkout just now; nothing was charged. Try again.",
-                headers={"Retry-After": "5"},
+            raise CheckoutUnavailable(
+                "Stripe could not start the checkout just now; nothing was charged. Try again."
             ) from exc
         async with self._pool.acquire() as conn:
             record = await set_subscription_fields(
@@ -252,11 +253,9 @@ class CheckoutService:
             raise _stripe_unavailable("charge your saved card") from exc
         except (PaymentDeclined, PaymentMethodRequired, PaymentProviderError) as exc:
             async with self._pool.acquire() as conn:  # nothing was created in Stripe
-                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+                await delete_unpaid_subscription(conn, record.id)
             if isinstance(exc, PaymentDeclined):
-                raise APIError(
-                    402,
-                    "card_declined",
+                raise CardDeclined(
                     "Your saved card was declined and nothing was charged. Subscribe with "
                     "another card through Checkout (POST /v1/checkout).",
                 ) from exc
@@ -287,7 +286,7 @@ class CheckoutService:
             )
         except PaymentProviderError as exc:
             async with self._pool.acquire() as conn:
-                await conn.execute("DELETE FROM subscriptions WHERE id = $1", record.id)
+                await delete_unpaid_subscription(conn, record.id)
             raise _stripe_unavailable("start the checkout") from exc
         async with self._pool.acquire() as conn:
             record = await set_subscription_fields(
@@ -306,19 +305,14 @@ def _charging_saved_card(record: SubscriptionRecord) -> bool:
     )
 
 
-def _payment_method_required() -> APIError:
-    return APIError(
-        402,
-        "payment_method_required",
+def _payment_method_required() -> NoPaymentMethod:
+    return NoPaymentMethod(
         "You have no saved card to charge. Subscribe through Checkout (POST /v1/checkout), "
         "which can save one.",
     )
 
 
-def _stripe_unavailable(doing: str) -> APIError:
-    return APIError(
-        503,
-        "payment_provider_unavailable",
-        f"Stripe did not answer when we tried to {doing}. Try again in a moment.",
-        headers={"Retry-After": "5"},
+def _stripe_unavailable(doing: str) -> CheckoutUnavailable:
+    return CheckoutUnavailable(
+        f"Stripe did not answer when we tried to {doing}. Try again in a moment."
     )

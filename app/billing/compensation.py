@@ -23,13 +23,13 @@ import anyio
 import asyncpg
 
 from app.audit import record_audit
-from app.billing.lifecycle import Lifecycle
 from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     PaymentProvider,
     PaymentProviderError,
     RefundInfo,
 )
+from app.billing.status import set_status
 from app.billing.subscriptions import (
     SubscriptionRecord,
     get_subscription,
@@ -196,15 +196,15 @@ class BillingHooks:
         pool: asyncpg.Pool,
         provider: PaymentProvider,
         publisher: EventPublisher,
-        lifecycle: Lifecycle,
     ) -> None:
         self._pool = pool
         self._provider = provider
         self._publisher = publisher
-        self._lifecycle = lifecycle
 
     async def provisioning_succeeded(self, operation: OperationRecord) -> None:
-        await self._lifecycle.set_status(
+        await set_status(
+            self._pool,
+            self._publisher,
             operation.subject_id,
             "active",
             only_from=frozenset({"provisioning"}),

@@ -13,9 +13,7 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.billing.inbox import InboxEvent
 from app.billing.provider import InvoiceInfo, PaymentProvider, PaymentProviderNotFound
-from app.billing.stripe_objects import invoice_info, object_id
 from app.billing.subscriptions import SubscriptionRecord, list_subscriptions
 from streams import Event, EventPublisher, isoformat_z, user_topic
 
@@ -100,16 +98,18 @@ class Invoices:
             logger.warning("the invoice cache cannot be written", exc_info=True)
         return listed
 
-    async def changed(self, event: InboxEvent, record: SubscriptionRecord) -> None:
+    async def changed(
+        self, record: SubscriptionRecord, invoice_id: str | None, as_sent: InvoiceInfo
+    ) -> None:
         """An `invoice.*` event about `record`: the invoice as Stripe has it now (events come
-        late and out of order), on the user's stream, and the user's cached list dropped."""
-        invoice_id = object_id(event.object)
+        late and out of order; `as_sent`, the event's copy, if Stripe no longer has it), on the
+        user's stream, and the user's cached list dropped."""
         if invoice_id is None:
             return
         try:
             info = await self._provider.retrieve_invoice(invoice_id)
         except PaymentProviderNotFound:
-            info = invoice_info(event.object)
+            info = as_sent
         try:
             await self._redis.delete(self._cache_key(record.user_id))
         except (RedisError, OSError):

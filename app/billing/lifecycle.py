@@ -20,6 +20,7 @@ from app.billing.access import DEFAULT_GRACE, converge_access
 from app.billing.fulfilment import Fulfilment, PaymentConfirmation, fulfil_many, resource_spec
 from app.billing.plans import PLANS, plan_by_lookup_key
 from app.billing.provider import RefundInfo, SubscriptionInfo
+from app.billing.status import set_status
 from app.billing.subscriptions import (
     ACTIVE_RESOURCE_STATUSES,
     TERMINAL_STATUSES,
@@ -105,12 +106,13 @@ class Lifecycle:
         self,
         pool: asyncpg.Pool,
         publisher: EventPublisher,
+        runner: OperationRunner,
         *,
         past_due_grace: timedelta = DEFAULT_GRACE,
     ) -> None:
         self._pool = pool
         self._publisher = publisher
-        self.runner: OperationRunner | None = None  # attached once the runner exists
+        self.runner = runner
         # How long `past_due` keeps its resource (LOOKOUT_PAST_DUE_GRACE_DAYS).
         self.past_due_grace = past_due_grace
 
@@ -154,22 +156,17 @@ class Lifecycle:
     ) -> Fulfilment:
         """`fulfil` for a burst of payments, in the caller's transaction (see `fulfilment`);
         `announce` starts them once it has committed."""
-        return await fulfil_many(conn, self._runner(), confirmations)
+        return await fulfil_many(conn, self.runner, confirmations)
 
     async def announce(self, fulfilment: Fulfilment) -> None:
         """After `fulfil_many` committed: every `operation.started` and `subscription.updated`
         in one round trip to Redis, and the operations running."""
-        await self._runner().launch(
+        await self.runner.launch(
             fulfilment.operations, along=subscription_updates(fulfilment.changes)
         )
 
-    def _runner(self) -> OperationRunner:
-        if self.runner is None:
-            raise RuntimeError("the provisioning runner is not attached to the lifecycle")
-        return self.runner
-
     async def _start_provisioning(self, record: SubscriptionRecord) -> SubscriptionRecord:
-        operation = await self._runner().start(
+        operation = await self.runner.start(
             "provision",
             record.id,
             record.user_id,
@@ -185,20 +182,9 @@ class Lifecycle:
         self, subscription_id: str, status: str, *, only_from: frozenset[str], reason: str
     ) -> SubscriptionRecord | None:
         """Moves to `status` when the subscription is in one of `only_from`."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            before = await get_subscription(conn, subscription_id, for_update=True)
-            if before is None or before.status not in only_from:
-                return before
-            after = await set_subscription_fields(conn, subscription_id, status=status)
-            await record_audit(
-                conn,
-                f"subscription.{status}",
-                user_id=after.user_id,
-                subject_id=after.id,
-                detail={"from": before.status, "reason": reason},
-            )
-        await publish_subscription(self._publisher, after, before)
-        return after
+        return await set_status(
+            self._pool, self._publisher, subscription_id, status, only_from=only_from, reason=reason
+        )
 
     async def apply_stripe_state(
         self, subscription_id: str, state: StripeState, *, source: str
@@ -243,7 +229,7 @@ class Lifecycle:
         await publish_subscription(self._publisher, after, before)
         changes = [op for op in (resize, access) if op is not None]
         if changes:
-            await self._runner().launch(changes)
+            await self.runner.launch(changes)
         if before.status == "pending_payment" and state.status in ("active", "trialing"):
             # Stripe says it is paid even though the checkout event has not been seen.
             return await self.fulfil(
@@ -294,8 +280,6 @@ class Lifecycle:
     ) -> tuple[SubscriptionRecord, OperationRecord | None]:
         """In the caller's transaction (row locked): the suspend or resume the status now
         requires, made the subscription's operation; launched by the caller after commit."""
-        if self.runner is None:
-            return record, None
         op = await converge_access(
             conn,
             self.runner,
@@ -319,7 +303,7 @@ class Lifecycle:
             after, op = await self._converge_access(conn, before, reason=reason, grace=grace)
         await publish_subscription(self._publisher, after, before)
         if op is not None:
-            await self._runner().launch([op])
+            await self.runner.launch([op])
         return op
 
     async def _follow_plan(
@@ -346,7 +330,7 @@ class Lifecycle:
         after = await set_subscription_fields(conn, record.id, plan=plan.name)
         resource = await resource_for_subject(conn, record.id)
         op: OperationRecord | None = None
-        if self.runner is not None and resource is not None and resource.status in _PRESENT:
+        if resource is not None and resource.status in _PRESENT:
             op = await self.runner.create_change(
                 conn,
                 "resize",
@@ -372,8 +356,6 @@ class Lifecycle:
 
     async def schedule_deprovisioning(self, record: SubscriptionRecord) -> None:
         try:
-            await self._runner().start(
-                "deprovision", record.id, record.user_id, resource_spec(record)
-            )
+            await self.runner.start("deprovision", record.id, record.user_id, resource_spec(record))
         except NothingToDeprovision:
             logger.info("subscription %s ended before anything was provisioned", record.id)

@@ -36,7 +36,6 @@ from provisioning import (
     BackendNotConfigured,
     NothingToDeprovision,
     OperationRecord,
-    OperationRunner,
     ResourceRecord,
     get_operation_for_subject,
     resource_for_subject,
@@ -191,7 +190,7 @@ class Reconciler:
             if required == "absent" and live:
                 # `again`: a deprovision that completed before a late provision brought the
                 # resource back is followed by a new one.
-                op = await self._runner().start(
+                op = await self._lifecycle.runner.start(
                     "deprovision", record.id, record.user_id, resource_spec(record), again=True
                 )
                 await self._audit(conn, record, required, resource, "deprovision", op.id)
@@ -265,12 +264,6 @@ class Reconciler:
             subject_id=record.id,
             detail={"resource_id": record.resource_id, "resource_status": found},
         )
-
-    def _runner(self) -> OperationRunner:
-        runner = self._lifecycle.runner
-        if runner is None:
-            raise RuntimeError("the provisioning runner is not attached to the lifecycle")
-        return runner
 
 
 def _under_way(op: OperationRecord | None) -> bool:

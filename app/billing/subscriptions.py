@@ -16,6 +16,8 @@ __all__ = [
     "TERMINAL_STATUSES",
     "Payment",
     "SubscriptionRecord",
+    "count_billing_change",
+    "delete_unpaid_subscription",
     "get_subscription",
     "get_subscription_by_resource",
     "get_subscription_by_session",
@@ -24,6 +26,7 @@ __all__ = [
     "list_subscriptions",
     "lock_for_payment",
     "mark_paid",
+    "mark_payment_method",
     "queue_compensation",
     "queue_failed_provisioning_compensations",
     "queue_stripe_cancellation",
@@ -288,3 +291,29 @@ async def track_past_due(conn: Connection, subscription_id: str) -> datetime | N
         subscription_id,
     )
     return since
+
+
+async def count_billing_change(conn: Connection, subscription_id: str) -> int:
+    """Counts a change asked of Stripe (cancel, reactivate, a plan change) before it is sent:
+    the answer orders it against the state Stripe reports later."""
+    changes: int = await conn.fetchval(
+        "UPDATE subscriptions SET billing_changes = billing_changes + 1 WHERE id = $1"
+        " RETURNING billing_changes",
+        subscription_id,
+    )
+    return changes
+
+
+async def delete_unpaid_subscription(conn: Connection, subscription_id: str) -> None:
+    """Forgets a subscription whose Checkout Session could not be created: nothing was paid."""
+    await conn.execute("DELETE FROM subscriptions WHERE id = $1", subscription_id)
+
+
+async def mark_payment_method(conn: Connection, customer_id: str | None) -> list[asyncpg.Record]:
+    """Every subscription of the Stripe customer now has a payment method on file; answers
+    their `id` and `user_id`."""
+    return await conn.fetch(
+        "UPDATE subscriptions SET has_payment_method = true, updated_at = now()"
+        " WHERE stripe_customer_id = $1 RETURNING id, user_id",
+        customer_id,
+    )

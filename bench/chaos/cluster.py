@@ -53,7 +53,7 @@ def postgres_admin_url() -> Iterator[str]:
     if url:
         yield url
         return
-    from app.embedded import embedded_servers
+    from app.cli.embedded import embedded_servers
 
     data_dir = Path(os.environ.get("LOOKOUT_DATA_DIR", "").strip() or "./.lookout").absolute()
     # A REDIS_URL is handed in only so that no embedded Redis starts: the soak runs its own.
@@ -62,7 +62,7 @@ def postgres_admin_url() -> Iterator[str]:
 
 
 def _redis_binary() -> str:
-    from app.embedded import redis_server_executable
+    from app.cli.embedded import redis_server_executable
 
     return redis_server_executable()
 
@@ -136,7 +136,7 @@ def start_emulator(port: int, api_key: str, secret: str, log: Path) -> subproces
     with log.open("ab") as out:
         process = subprocess.Popen(
             [
-                sys.executable, "-m", "app.stripe_emulator", "--port", str(port),
+                sys.executable, "-m", "app.demo.stripe_emulator", "--port", str(port),
                 "--api-key", api_key, "--webhook-secret", secret,
             ],
             env=lookout_environment(),

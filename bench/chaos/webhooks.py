@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from app.stripe_emulator.webhooks import sign
+from app.demo.stripe_emulator.webhooks import sign
 
 __all__ = ["Delivery", "WebhookSender"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from app import create_app
+from app.application import create_app
 from app.settings import Settings
 from tests.support import live_server
 

@@ -30,10 +30,10 @@ from schemathesis.specs.openapi.checks import (
     positive_data_acceptance,
 )
 
-from app import create_app
-from app.openapi import openapi_document
-from app.ratelimit import LIMITS, RateLimits
+from app.application import create_app
 from app.settings import Settings
+from app.web.openapi import openapi_document
+from app.web.ratelimit import LIMITS, RateLimits
 from tests.api.routes import documented_operations, mounted_operations, shape
 from tests.support import database_dsn
 from tests.support.stack import running_stack
@@ -122,7 +122,7 @@ def _serve_in_thread(
             )
             async with running_stack(settings) as stack:
                 # Thousands of requests a minute, many of them anonymous on purpose: at the
-                # real limits most answers would be 429s (tests/app/test_rate_limits.py).
+                # real limits most answers would be 429s (tests/app/web/test_rate_limits.py).
                 services = stack.app.state.services
                 services.rate_limits = RateLimits(
                     services.redis,

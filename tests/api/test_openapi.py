@@ -9,9 +9,9 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from app import create_app
-from app.openapi import EVENT_TYPES, openapi_document
+from app.application import create_app
 from app.settings import Settings
+from app.web.openapi import EVENT_TYPES, openapi_document
 from tests.api.routes import NOT_YET_MOUNTED, documented_operations, mounted_operations
 from tests.support import live_server
 
@@ -43,7 +43,7 @@ async def test_every_mounted_route_is_documented_and_every_documented_one_is_mou
 ) -> None:
     mounted = mounted_operations(create_app(settings))
     documented = documented_operations(openapi_document(settings.public_url))
-    assert mounted - documented == set(), "mounted but not in app/openapi.py"
+    assert mounted - documented == set(), "mounted but not in app/web/openapi.py"
     assert documented - mounted - NOT_YET_MOUNTED == set(), "documented but not mounted"
     assert mounted & NOT_YET_MOUNTED == set(), "mounted now: remove it from NOT_YET_MOUNTED"
 

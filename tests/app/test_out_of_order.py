@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from app.settings import Settings
-from tests.app.test_lifecycle import wait_processed
+from tests.app.billing.test_lifecycle import wait_processed
 from tests.support.stack import Stack, running_stack
 from tests.support.stripe_events import deliver
 

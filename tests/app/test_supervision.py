@@ -14,8 +14,8 @@ import pytest
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.services import Services
 from app.settings import Settings
+from app.web.services import Services
 from streams import Event, channel_name, user_topic
 from tests.support.bugs import crash_once, crash_once_sync
 from tests.support.redis_server import redis_process

@@ -16,11 +16,10 @@ import anyio
 import pytest
 from starlette.routing import Mount
 
-from app import create_app
-from app.application import default_backends
-from app.demo import EMULATOR_MOUNT
+from app.application import create_app, default_backends
+from app.demo.runner import EMULATOR_MOUNT
+from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
 from tests.browser.support import by_testid, sign_in
 from tests.support.live import free_port, live_server

@@ -52,7 +52,3 @@ async def user_id(db_pool: asyncpg.Pool) -> str:
         "INSERT INTO users (id, email) VALUES ($1, $2)", user, f"{user}@example.test"
     )
     return user
-
-
-def new_subject() -> str:
-    return f"sub_{secrets.token_hex(12)}"

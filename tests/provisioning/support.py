@@ -207,3 +207,7 @@ async def with_admin(admin_dsn: str, fn: Callable[[asyncpg.Connection], Awaitabl
         return await fn(conn)
     finally:
         await conn.close()
+
+
+def new_subject() -> str:
+    return f"sub_{secrets.token_hex(12)}"

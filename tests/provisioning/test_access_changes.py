@@ -21,8 +21,7 @@ from provisioning import (
     ResourceSpec,
     SharedRepositoryBackend,
 )
-from tests.provisioning.conftest import new_subject
-from tests.provisioning.support import Serving, operation_events, wait_for
+from tests.provisioning.support import Serving, new_subject, operation_events, wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -24,8 +24,7 @@ from provisioning import (
     SharedRepositoryBackend,
     StepContext,
 )
-from tests.provisioning.conftest import new_subject
-from tests.provisioning.support import Serving, server_objects, wait_for, with_admin
+from tests.provisioning.support import Serving, new_subject, server_objects, wait_for, with_admin
 
 pytestmark = pytest.mark.anyio
 

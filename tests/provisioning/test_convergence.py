@@ -26,12 +26,12 @@ from provisioning import (
 )
 from provisioning.backend import OperationKind
 from provisioning.leases import INSTANCE_LOCK_CLASS
-from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
     WrappedBackend,
+    new_subject,
     operation_events,
     server_objects,
     wait_for,

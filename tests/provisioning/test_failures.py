@@ -18,12 +18,12 @@ from provisioning import (
 )
 from provisioning.resources import get_resource
 from streams import EventPublisher
-from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     FAST_RETRY,
     HoldingBackend,
     RecordingHooks,
     Serving,
+    new_subject,
     operation_events,
     running,
     server_objects,

@@ -12,7 +12,7 @@ import pytest
 from provisioning import ProvisionRequest, ResourceSpec
 from provisioning.bulk import create_provisions
 from provisioning.lease_keeper import LeaseKeeper
-from tests.provisioning.conftest import new_subject
+from tests.provisioning.support import new_subject
 
 pytestmark = pytest.mark.anyio
 

@@ -11,11 +11,11 @@ from redis.asyncio import Redis
 
 from provisioning import GraphBackend, ResourceSpec, get_operation
 from provisioning.resources import get_resource
-from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
+    new_subject,
     operation_events,
     server_objects,
     user_events,

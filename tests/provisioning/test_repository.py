@@ -7,9 +7,9 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import ResourceSpec, SharedRepositoryBackend
-from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     Serving,
+    new_subject,
     operation_events,
     server_objects,
     wait_for,

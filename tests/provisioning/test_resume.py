@@ -16,11 +16,11 @@ from provisioning import GraphBackend, ResourceSpec
 from provisioning.backend import StepContext
 from provisioning.limits import check_limits_step
 from provisioning.operations import complete_step, create_operation, mark_started
-from tests.provisioning.conftest import new_subject
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
+    new_subject,
     operation_events,
     server_objects,
     wait_for,

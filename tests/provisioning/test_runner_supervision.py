@@ -12,8 +12,7 @@ import pytest
 
 from provisioning import GraphBackend, OperationRunner, ResourceSpec
 from streams import EventPublisher, Supervisor
-from tests.provisioning.conftest import new_subject
-from tests.provisioning.support import FAST_RETRY, RecordingHooks, wait_for
+from tests.provisioning.support import FAST_RETRY, RecordingHooks, new_subject, wait_for
 from tests.streams.sse_client import wait_until
 from tests.support.bugs import crash_once
 

@@ -15,8 +15,8 @@ from streams.hub import EventHub
 from streams.leases import StreamLease, StreamLeases, TooManyStreams
 from streams.sse import EventStreamResponse, StreamOptions, StreamRefused
 from streams.tokens import ExpiredStreamToken, InvalidStreamToken, StreamGrant, StreamTokens
-from tests.streams.conftest import Snapshots
 from tests.streams.sse_client import read_sse, wait_until
+from tests.streams.support import Snapshots
 from tests.streams.vocabulary import TERMINAL_TYPES
 from tests.support.live import live_server
 from tests.support.redis_server import redis_process

@@ -14,8 +14,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from streams import Event, EventPublisher, operation_topic, stream_key, user_topic
 from streams.hub import EventHub
 from streams.sse import StreamOptions
-from tests.streams.conftest import Snapshots, make_app
 from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
+from tests.streams.support import Snapshots, make_app
 from tests.streams.vocabulary import TERMINAL_TYPES
 from tests.support.live import live_server
 from tests.support.redis_server import redis_process

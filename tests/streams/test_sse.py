@@ -16,8 +16,8 @@ from streams import Event, EventPublisher, operation_topic, stream_key, user_top
 from streams.hub import EventHub
 from streams.routing import DirectRoutes
 from streams.sse import EventStreamResponse, StreamOptions
-from tests.streams.conftest import Snapshots, make_app
 from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
+from tests.streams.support import Snapshots, make_app
 from tests.streams.vocabulary import TERMINAL_TYPES
 from tests.support.live import live_server
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, replace
 import anyio
 import httpx
 
+from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from tests.support.live import free_port, live_server
 from tests.support.webhook_order import webhook_order
 

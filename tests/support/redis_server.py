@@ -20,7 +20,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from app.embedded import EmbeddedServerError, redis_server_executable
+from app.cli.embedded import EmbeddedServerError, redis_server_executable
 from tests.support.live import free_port
 
 __all__ = ["RedisProcess", "redis_process"]

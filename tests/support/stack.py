@@ -13,11 +13,10 @@ import asyncpg
 import httpx
 from starlette.applications import Starlette
 
-from app import create_app
-from app.application import default_backends
+from app.application import create_app, default_backends
 from app.billing.provider import PaymentProvider
+from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
-from app.stripe_emulator import create_emulator
 from app.users import create_api_key, create_user
 from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
 from tests.support.live import free_port, live_server

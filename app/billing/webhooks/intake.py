@@ -1,0 +1,334 @@
+"""Storing verified webhooks in the inbox, in groups: the events that arrive together are
+written by one INSERT and one commit (a group commit), and the payments among them are
+fulfilled in that same transaction.
+
+A burst of 100 confirmations used to be 100 commits on the request path, then a worker's
+claim, then the fulfilment: each a queue of its own. Now a request waits for the group its
+event joined, which is written as soon as the previous one is done; its payment is then
+already committed as a provisioning operation, announced right after.
+
+A request is answered 2xx only once its event's write has committed: a write that fails, or
+that is cancelled (shutdown, a crash of the writer), answers `EventNotStored` and the route
+answers 503, so that Stripe delivers the event again. Both buffers are bounded: past them a
+webhook is refused at once (503 with `Retry-After`), never queued without end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.lowlevel
+import asyncpg
+from anyio.streams.memory import MemoryObjectReceiveStream
+
+from app.billing.webhooks.inbox import BATCH, Batch, InboxEvent, WebhookInbox
+from app.billing.webhooks.receiver import VerifiedEvent, store_events
+
+__all__ = [
+    "MAX_UNANNOUNCED",
+    "MAX_WAITING",
+    "EventNotStorable",
+    "EventNotStored",
+    "IntakeFull",
+    "IntakeNotRunning",
+    "Unsettled",
+    "WebhookIntake",
+]
+
+logger = logging.getLogger(__name__)
+
+_UNSTORABLE = (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError)
+
+# Events received and not yet written. A group of 100 commits in a few ms, so 2000 waiting
+# means the database has stalled for a while: answering 503 at once (Stripe retries) beats
+# holding 2000 more requests and their bodies (up to 1 MiB each) in memory.
+MAX_WAITING = 2000
+# Committed groups whose announcement (Redis) is still to run. Past it the writer waits for
+# room: nothing committed is dropped, the waiting events pile up to MAX_WAITING, then 503.
+MAX_UNANNOUNCED = 64
+
+
+class EventNotStorable(Exception):
+    """PostgreSQL cannot store this event's text (a NUL character, say)."""
+
+
+class EventNotStored(Exception):
+    """The event's write did not commit (the database failed, or the intake stopped during the
+    write): nothing is acknowledged; answer 503 so that Stripe delivers it again."""
+
+    retry_after = 5
+
+
+class IntakeNotRunning(EventNotStored):
+    """The intake's task is not running: start `WebhookIntake.run` in the app's task group."""
+
+
+class IntakeFull(EventNotStored):
+    """More events wait to be written than the intake holds (`max_waiting`): the database is
+    slower than the webhooks arrive. Answer 503; Stripe delivers the event again."""
+
+    retry_after = 10
+
+
+@dataclass(frozen=True, slots=True)
+class _Announcement:
+    """What is left to do for a committed group: run its batch's `after_commit`, wake the
+    inbox worker for the events the batch left, and count its events settled."""
+
+    batch: Batch
+    left_for_the_worker: bool
+    events: int
+
+
+@dataclass(eq=False)
+class _Waiting:
+    event: VerifiedEvent
+    done: anyio.Event = field(default_factory=anyio.Event)
+    new: bool = False
+    # Set only once the write holding the event has committed: whatever else wakes the
+    # request (an error, a cancelled write, the intake stopping) means "not stored".
+    stored: bool = False
+    error: Exception | None = None
+
+
+class Unsettled:
+    """The events stored but whose group is not yet written and announced: what provisioning
+    steps give way to (`provisioning.Foreground`). Apart from the intake, so that the runner
+    can be handed it before the intake (whose handlers need the runner) exists."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def arrived(self) -> None:
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self._count += 1
+
+    def settle(self, events: int) -> None:
+        self._count -= events
+        if self._count == 0:
+            self._idle.set()
+
+    def clear(self) -> None:
+        self._count = 0
+        self._idle.set()
+
+    async def quiet(self) -> None:
+        """Returns once every event stored is written and announced."""
+        while True:
+            idle = self._idle
+            await idle.wait()
+            # Requests already received store their events before this answers.
+            await anyio.lowlevel.checkpoint()
+            if self._idle is idle:
+                return
+
+
+class WebhookIntake:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        inbox: WebhookInbox,
+        *,
+        unsettled: Unsettled | None = None,
+        max_waiting: int = MAX_WAITING,
+        max_unannounced: int = MAX_UNANNOUNCED,
+    ) -> None:
+        """Events go into `inbox`'s table; its handler's batch runs in the group's transaction,
+        and the inbox worker is woken for what is left."""
+        if max_waiting < 1 or max_unannounced < 1:
+            raise ValueError("WebhookIntake bounds must be at least 1")
+        self._pool = pool
+        self._inbox = inbox
+        self._max_waiting = max_waiting
+        self._max_unannounced = max_unannounced
+        self._queue: list[_Waiting] = []
+        self._arrived = anyio.Event()
+        self._running = False
+        self._unsettled = Unsettled() if unsettled is None else unsettled
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    async def store(self, event: VerifiedEvent) -> bool:
+        """Answers, once the event is committed, whether it is new (not a redelivery).
+
+        Raises `EventNotStored` (or `EventNotStorable`) when it was not committed."""
+        if not self._running:
+            raise IntakeNotRunning("the webhook intake is not running")
+        if len(self._queue) >= self._max_waiting:
+            raise IntakeFull(
+                f"{len(self._queue)} webhook events wait to be written; refusing more for now"
+            )
+        waiting = _Waiting(event)
+        self._unsettled.arrived()
+        self._queue.append(waiting)
+        self._arrived.set()
+        await waiting.done.wait()
+        if isinstance(waiting.error, EventNotStorable | EventNotStored):
+            raise waiting.error
+        if not waiting.stored:
+            raise EventNotStored(
+                f"webhook {event.id} was not stored ({waiting.error or 'its write was cancelled'})"
+            ) from waiting.error
+        return waiting.new
+
+    async def quiet(self) -> None:
+        """Returns once every event stored is written and announced: provisioning steps give
+        way to a burst of webhooks (`provisioning.Foreground`)."""
+        await self._unsettled.quiet()
+
+    async def run(self) -> None:
+        """Writes the queued events, group after group, until cancelled. Each group is
+        announced (`Batch.after_commit`) by a second task, in order, while the next one is
+        written: a write need not wait for Redis, nor a slow Redis hold up the webhooks."""
+        self._running = True
+        announce, announcements = anyio.create_memory_object_stream[_Announcement](
+            self._max_unannounced
+        )
+        try:
+            async with announce, announcements, anyio.create_task_group() as tg:
+                await self._warm_up()
+                tg.start_soon(self._announce_in_order, announcements)
+                while True:
+                    await self._arrived.wait()
+                    # Requests already received run up to here first: they join this group.
+                    await anyio.lowlevel.checkpoint()
+                    self._arrived = anyio.Event()
+                    while self._queue:
+                        group, self._queue = self._queue[:BATCH], self._queue[BATCH:]
+                        try:
+                            announcement = await self._write(group)
+                        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                            # Its requests answer 503 and Stripe delivers them again. One line,
+                            # not a traceback per group, while the database is down.
+                            logger.warning("webhook group of %d not stored: %r", len(group), exc)
+                            self._unsettled.settle(len(group))
+                            continue
+                        # Waits for room when Redis is slow: the waiting events pile up, and
+                        # past `max_waiting` new ones are refused, rather than memory growing.
+                        await announce.send(announcement)
+        finally:
+            self._running = False
+            for waiting in self._queue:
+                waiting.error = IntakeNotRunning("the webhook intake stopped before its write")
+                waiting.done.set()
+            self._queue = []
+            # What was queued, being written or left to announce is settled with the task: a
+            # committed group not announced has its operations resumed by the runner's sweep
+            # once their leases lapse.
+            self._unsettled.clear()
+
+    async def _warm_up(self) -> None:
+        """Runs the group transaction's statements, on no rows, on each connection the pool
+        keeps open. A connection's first statements cost a plan each, and its server process
+        a load of catalog caches (10 ms here): the first group of the first burst would pay
+        that while the rest of the burst waits behind it."""
+        try:
+            async with contextlib.AsyncExitStack() as held:
+                for _ in range(self._pool.get_min_size()):
+                    conn = await held.enter_async_context(self._pool.acquire())
+                    async with conn.transaction():
+                        await store_events(conn, [])
+                        await self._inbox.handle_together(conn, [])
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            logger.warning("webhook intake not warmed up (%s); its first group will be slower", exc)
+
+    async def _announce_in_order(
+        self, announcements: MemoryObjectReceiveStream[_Announcement]
+    ) -> None:
+        async for announcement in announcements:
+            try:
+                if announcement.batch.after_commit is not None:
+                    await announcement.batch.after_commit()
+            except Exception:
+                # Committed and acknowledged; the operations it could not start are leased
+                # and the runner's sweep resumes them once their leases lapse. The next
+                # groups must still be announced.
+                logger.exception("announcing a webhook group failed; its operations resume later")
+            finally:
+                if announcement.left_for_the_worker:
+                    self._inbox.wake()
+                self._unsettled.settle(announcement.events)
+
+    async def _write(self, group: Sequence[_Waiting]) -> _Announcement:
+        try:
+            try:
+                new, batch = await self._write_together(group, handle=True)
+            except _UNSTORABLE:
+                new, batch = await self._write_one_by_one(group), Batch()
+            except Exception:
+                # The request boundary of a whole group: store them, fulfil them later.
+                logger.exception("webhook group of %d not handled together", len(group))
+                new, batch = await self._write_together(group, handle=False)
+        except Exception as exc:
+            for waiting in group:
+                waiting.error = waiting.error or exc
+            raise
+        finally:
+            # Also when cancelled mid-write: those whose commit was not seen are not `stored`
+            # and answer 503.
+            for waiting in group:
+                waiting.done.set()
+        return _Announcement(batch, bool(new - batch.handled), len(group))
+
+    async def _write_together(
+        self, group: Sequence[_Waiting], *, handle: bool
+    ) -> tuple[set[str], Batch]:
+        """Answers the ids that were new, and what the batch handler did with them."""
+        verified = _first_of_each(group)
+        events = [_inbox_event(e) for e in verified]
+        batch = Batch()
+        if not (handle and self._inbox.any_batchable(events)):
+            # Nothing to fulfil here: one statement, its own transaction.
+            async with self._pool.acquire() as conn:
+                new = await store_events(conn, verified)
+        else:
+            async with self._pool.acquire() as conn, conn.transaction():
+                new = await store_events(conn, verified)
+                batch = await self._inbox.handle_together(conn, [e for e in events if e.id in new])
+        _answer(group, new)
+        return new, batch
+
+    async def _write_one_by_one(self, group: Sequence[_Waiting]) -> set[str]:
+        """One event of the group cannot be stored: store the others, refuse that one."""
+        new: set[str] = set()
+        for event in _first_of_each(group):
+            try:
+                async with self._pool.acquire() as conn:
+                    new |= await store_events(conn, [event])
+            except _UNSTORABLE:
+                for waiting in group:
+                    if waiting.event.id == event.id:
+                        waiting.error = EventNotStorable(event.id)
+        _answer(group, new)
+        return new
+
+
+def _first_of_each(group: Sequence[_Waiting]) -> list[VerifiedEvent]:
+    events: dict[str, VerifiedEvent] = {}
+    for waiting in group:
+        events.setdefault(waiting.event.id, waiting.event)
+    return list(events.values())
+
+
+def _answer(group: Sequence[_Waiting], new: set[str]) -> None:
+    # Only the first delivery of an id in the group counts as new.
+    answered: set[str] = set()
+    for waiting in group:
+        waiting.new = waiting.event.id in new and waiting.event.id not in answered
+        answered.add(waiting.event.id)
+        waiting.stored = waiting.error is None
+
+
+def _inbox_event(event: VerifiedEvent) -> InboxEvent:
+    return InboxEvent(
+        id=event.id, type=event.type, created=event.created, payload=event.payload, attempts=1
+    )
