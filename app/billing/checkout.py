@@ -117,13 +117,7 @@ class CheckoutService:
             # Every purchase of a user names the user's one Customer, so that the Customer
             # Portal shows all of them (Checkout would otherwise make a Customer each time).
             customer_id = await ensure_stripe_customer(self._pool, self._provider, user)
-            session = await self._provider.create_checkout_session(
-                plan=plan,
-                lookout_subscription_id=record.id,
-                success_url=f"{self._public_url}/checkout/return?session_id={{CHECKOUT_SESSION_ID}}",
-                cancel_url=f"{self._public_url}/?checkout=cancelled",
-                customer_id=customer_id,
-            )
+            session = await self._checkout_session(record, plan, customer_id)
         except PaymentProviderError as exc:
             async with self._pool.acquire() as conn:
                 await delete_unpaid_subscription(conn, record.id)
@@ -273,17 +267,24 @@ class CheckoutService:
             )
         return record, None
 
+    async def _checkout_session(
+        self, record: SubscriptionRecord, plan: Plan, customer_id: str
+    ) -> CheckoutSessionInfo:
+        """A Checkout Session for `record`, as the user's Customer, returning to the dashboard.
+        Raises `PaymentProviderError`."""
+        return await self._provider.create_checkout_session(
+            plan=plan,
+            lookout_subscription_id=record.id,
+            success_url=f"{self._public_url}/checkout/return?session_id={{CHECKOUT_SESSION_ID}}",
+            cancel_url=f"{self._public_url}/?checkout=cancelled",
+            customer_id=customer_id,
+        )
+
     async def _authenticate_in_checkout(
         self, record: SubscriptionRecord, plan: Plan, customer_id: str
     ) -> tuple[SubscriptionRecord, CheckoutSessionInfo | None]:
         try:
-            session = await self._provider.create_checkout_session(
-                plan=plan,
-                lookout_subscription_id=record.id,
-                success_url=f"{self._public_url}/checkout/return?session_id={{CHECKOUT_SESSION_ID}}",
-                cancel_url=f"{self._public_url}/?checkout=cancelled",
-                customer_id=customer_id,
-            )
+            session = await self._checkout_session(record, plan, customer_id)
         except PaymentProviderError as exc:
             async with self._pool.acquire() as conn:
                 await delete_unpaid_subscription(conn, record.id)
