@@ -59,10 +59,11 @@ async def test_manage_billing_cancel_in_the_portal_and_the_invoices(
         await screenshot(page, "billing-portal.png", full_page=True)
 
         # The dashboard says so, live: the webhook reached Lookout, and Lookout the page.
-        cancel_at = (await stack.subscription(sub_id))["cancel_at"]
-        assert cancel_at is not None
+        # Webhooks arrive late and out of order in the tests: wait for the notice first.
         notice = watcher.locator(by_testid(f"cancel-at-period-end-{sub_id}"))
         await notice.wait_for()
+        cancel_at = (await stack.subscription(sub_id))["cancel_at"]
+        assert cancel_at is not None
         assert await notice.inner_text() == f"Cancels on {shown_date(cancel_at)}."
         await watcher.locator(by_testid(f"reactivate-{sub_id}")).wait_for()
         await screenshot(watcher, "dashboard-billing.png", full_page=True)
