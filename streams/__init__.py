@@ -5,6 +5,7 @@ The face holds what the layers above call; everything else is imported from its 
 
 from __future__ import annotations
 
+from .cluster import ClusterClient, RedisClient
 from .events import Event, isoformat_z
 from .hub import EventHub
 from .leases import StreamLease, StreamLeases, TooManyStreams
@@ -24,6 +25,7 @@ from .topics import channel_name, operation_topic, stream_key, user_topic
 
 __all__ = [
     "AccessCheck",
+    "ClusterClient",
     "DirectRoutes",
     "Event",
     "EventHub",
@@ -32,6 +34,7 @@ __all__ = [
     "InvalidStreamToken",
     "LeaseSource",
     "ReconnectLater",
+    "RedisClient",
     "StreamHandler",
     "StreamLease",
     "StreamLeases",

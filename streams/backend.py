@@ -1,7 +1,8 @@
 """The interface between the hub and whatever carries its channels (encode/broadcaster's
 ``_backends/base.py``): the hub asks a ``HubBackend`` to keep channels subscribed, and the
-backend reports back to a ``BackendListener`` (the hub) what arrived. ``link.RedisLink`` is the
-one implementation; tests or another transport may bring their own.
+backend reports back to a ``BackendListener`` (the hub) what arrived. ``link.RedisLink`` (one
+Redis) and ``cluster.ClusterLink`` (a Redis Cluster, sharded pub/sub) implement it; tests or
+another transport may bring their own.
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ class BackendListener(Protocol):
         """A message arrived that is not one, and was skipped."""
         ...
 
-    def resynced(self) -> None:
-        """Ready again after a gap: what was published meanwhile was not delivered."""
+    def resynced(self, channels: Collection[ChannelHandle]) -> None:
+        """``channels`` are subscribed again after a gap (a reconnect; on a cluster, a slot
+        that moved): what was published on them meanwhile was not delivered."""
         ...
 
 

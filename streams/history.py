@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import anyio
-from redis.asyncio import Redis
 
+from .cluster import RedisClient
 from .frames import Frame, StreamPosition, format_stream_id, parse_stream_id
 from .scripts import lua_script
 from .topics import stream_key
@@ -90,7 +90,7 @@ class StreamHistory:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         prefix: str = "lookout:",
         concurrency: int = 32,

@@ -1,10 +1,12 @@
-"""The per-process hub: one Redis pub/sub connection, fanned out to every local client.
+"""The per-process hub: one Redis pub/sub connection (one per primary of a Redis Cluster),
+fanned out to every local client.
 
 Here, together because they share one state (encode/broadcaster's ``_base.py``): the channel
 table (a channel is wanted while one local client is on it), each client's bounded mailbox
 (``Subscription``), the fan-out of what arrives, the ticker behind keep-alives, duration limits
 and pings, and starting and stopping. Keeping the channels subscribed on Redis, across
-reconnects, is the backend's (``backend.HubBackend``, by default ``link.RedisLink``).
+reconnects, is the backend's (``backend.HubBackend``: by default ``link.RedisLink``, or
+``cluster.ClusterLink`` for a cluster client).
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from types import TracebackType
 
 import anyio
 import anyio.abc
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from .backend import ChannelHandle, HubBackend
+from .cluster import ClusterLink, RedisClient
 from .frames import Frame
 from .history import StreamHistory
 from .link import RedisLink
@@ -218,6 +221,11 @@ class Channel:
         self.confirmed = anyio.Event()
 
 
+def _members(channel: ChannelHandle) -> tuple[Subscription, ...]:
+    assert isinstance(channel, Channel)
+    return channel.members
+
+
 @dataclass(slots=True)
 class HubStats:
     """Running totals for metrics: plain integers, bumped on the fan-out path."""
@@ -241,7 +249,7 @@ class EventHub:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         prefix: str = "lookout:",
         endpoint: RedisEndpoint | None = None,
@@ -273,12 +281,20 @@ class EventHub:
         self._tg: anyio.abc.TaskGroup | None = None
         self.reconnects = 0
         self.stats = HubStats()
-        self._link: HubBackend = backend or RedisLink(
-            endpoint or RedisEndpoint.from_client(redis),
-            name=name,
-            ping_seconds=ping_seconds,
-            backoff=(backoff_min, backoff_max),
-        )
+        self._link: HubBackend
+        if backend is not None:
+            self._link = backend
+        elif isinstance(redis, RedisCluster):
+            self._link = ClusterLink(
+                redis, name=name, ping_seconds=ping_seconds, backoff=(backoff_min, backoff_max)
+            )
+        else:
+            self._link = RedisLink(
+                endpoint or RedisEndpoint.from_client(redis),
+                name=name,
+                ping_seconds=ping_seconds,
+                backoff=(backoff_min, backoff_max),
+            )
 
     @property
     def connected(self) -> bool:
@@ -423,11 +439,12 @@ class EventHub:
         self.stats.malformed += 1
         logger.warning("event hub skipped a malformed pub/sub message (%s): %.200r", why, detail)
 
-    def resynced(self) -> None:
+    def resynced(self, channels: Collection[ChannelHandle]) -> None:
         # The link is back after a gap: what was published meanwhile is only in the Streams.
         self.reconnects += 1
-        logger.info("event hub reconnected; %d subscribers catch up", len(self._subs))
-        for sub in list(self._subs):
+        subs = [sub for channel in channels for sub in _members(channel)]
+        logger.info("event hub resubscribed; %d subscribers catch up", len(subs))
+        for sub in subs:
             sub._request_resync()
 
     async def _tick_loop(self) -> None:

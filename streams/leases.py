@@ -14,9 +14,10 @@ from typing import Final
 
 import anyio
 import anyio.abc
-from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from .cluster import RedisClient, is_cluster
 from .scripts import lua_script
 
 __all__ = ["StreamLease", "StreamLeases", "TooManyStreams"]
@@ -61,7 +62,7 @@ class StreamLeases:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         prefix: str = "lookout:",
         limit: int = 10,
@@ -110,13 +111,20 @@ class StreamLeases:
 
     async def renew(self) -> None:
         """Push every held lease's expiry ``ttl_seconds`` ahead."""
-        held = list(self._held)
-        for start in range(0, len(held), _RENEW_BATCH):
-            batch = held[start : start + _RENEW_BATCH]
-            await self._renew(
-                keys=[lease.key for lease in batch],
-                args=[self._ttl_ms, *(lease.member for lease in batch)],
-            )
+        groups = [list(self._held)]
+        if is_cluster(self._redis):
+            # A script's keys must share a slot there: one batch per slot of the users' sets.
+            by_slot: dict[int, list[StreamLease]] = {}
+            for lease in self._held:
+                by_slot.setdefault(key_slot(lease.key.encode()), []).append(lease)
+            groups = list(by_slot.values())
+        for held in groups:
+            for start in range(0, len(held), _RENEW_BATCH):
+                batch = held[start : start + _RENEW_BATCH]
+                await self._renew(
+                    keys=[lease.key for lease in batch],
+                    args=[self._ttl_ms, *(lease.member for lease in batch)],
+                )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

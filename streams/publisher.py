@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
-from redis.asyncio import Redis
-
+from .cluster import RedisClient, is_cluster, publish_by_slot
 from .events import Event
 from .scripts import lua_script
 from .topics import channel_name, ends_with_terminal, stream_key
@@ -31,7 +30,7 @@ class EventPublisher:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: RedisClient,
         *,
         prefix: str = "lookout:",
         maxlen: int = DEFAULT_MAXLEN,
@@ -52,6 +51,15 @@ class EventPublisher:
             raise ValueError("terminal event types are non-empty and have no space")
         self._terminal_arg = " ".join(sorted(terminal_types))
         self._script = redis.register_script(_PUBLISH_LUA)
+        # --- Redis Cluster (streams.cluster): one script call per slot, SPUBLISH ---
+        self._cluster = is_cluster(redis)
+        if self._cluster and ("{" in prefix or "}" in prefix):
+            raise ValueError(
+                f"a Redis key prefix with braces ({prefix!r}) takes the hash tag of every key "
+                "on a Redis Cluster; choose one without"
+            )
+        # SPUBLISH is delivered by the channel's own shard; PUBLISH would go to every node.
+        self._announce = "SPUBLISH" if self._cluster else "PUBLISH"
 
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
         """Publish ``event`` to every topic; answers each topic's Stream id (its SSE ``id``)."""
@@ -67,8 +75,22 @@ class EventPublisher:
         An event for a topic that has already ended is dropped (answered with the ids of that
         topic's terminal event)."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
+        if self._cluster:  # a script call may touch one slot there
+            replies = await publish_by_slot(self._call, planned)
+            return [{topic: _text(raw) for topic, raw in ids.items()} for ids in replies]
+        ids = iter(await self._call(planned))
+        return [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
+
+    async def _call(self, planned: Sequence[tuple[Event, list[str]]]) -> list[Any]:
+        """One run of the script: its raw reply, one per (event, topic) in order."""
         keys: list[str] = []
-        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, self._terminal_arg]
+        args: list[bytes | str | int] = [
+            self._trim_op,
+            self._maxlen,
+            self._ttl,
+            self._terminal_arg,
+            self._announce,
+        ]
         for event, topics in planned:
             if not topics:
                 continue
@@ -76,9 +98,13 @@ class EventPublisher:
             args += [event.type, event.encode(), len(topics)]
             args += [channel_name(self._prefix, topic) for topic in topics]
             args += ["1" if ends_with_terminal(topic) else "0" for topic in topics]
-        ids = iter(await self._script(keys=keys, args=args) if keys else [])
-        return [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
+        if not keys:
+            return []
+        reply: list[Any] = await self._script(keys=keys, args=args)
+        return reply
 
 
 def _text(raw: object) -> str:
+    if isinstance(raw, list):  # a dropped event: {its topic's terminal id} (publish.lua)
+        raw = raw[0]
     return raw.decode() if isinstance(raw, bytes) else str(raw)

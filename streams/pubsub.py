@@ -15,6 +15,7 @@ import anyio
 import anyio.abc
 import hiredis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import SSLConnection, UnixDomainSocketConnection
 
 __all__ = ["PubSubConnection", "PubSubError", "RedisEndpoint", "encode_command"]
@@ -55,6 +56,26 @@ class RedisEndpoint:
             tls=issubclass(pool.connection_class, SSLConnection),
             connect_timeout=float(timeout),
         )
+
+    @classmethod
+    def of_node(cls, node: ClusterNode) -> RedisEndpoint:
+        """The endpoint of one node of a redis.asyncio cluster client, with the client's auth
+        and TLS."""
+        kwargs = node.connection_kwargs
+        timeout = kwargs.get("socket_connect_timeout") or 5.0
+        return cls(
+            host=str(node.host),
+            port=int(node.port),
+            username=kwargs.get("username"),
+            password=kwargs.get("password"),
+            tls=issubclass(node.connection_class, SSLConnection),
+            connect_timeout=float(timeout),
+        )
+
+    @property
+    def address(self) -> str:
+        """For log lines: where this endpoint is."""
+        return self.path or f"{self.host}:{self.port}"
 
 
 def encode_command(*parts: str | bytes) -> bytes:
@@ -110,14 +131,14 @@ class PubSubConnection:
         await self._stream.send(data)
 
     async def receive(self) -> list[Any]:
-        """At least one reply; raises anyio.EndOfStream when Redis closes the connection."""
+        """At least one reply; raises anyio.EndOfStream when Redis closes the connection. An
+        error reply is a ``hiredis.ReplyError`` among them: in a cluster, a ``MOVED`` answers
+        one command only, and the connection goes on."""
         reader = self._reader
         replies: list[Any] = []
         while not replies:
             reader.feed(await self._stream.receive(_READ_SIZE))
             while (reply := reader.gets()) is not False:
-                if isinstance(reply, hiredis.ReplyError):
-                    raise PubSubError(f"Redis answered the hub's pub/sub connection: {reply}")
                 replies.append(reply)
         return replies
 

@@ -1,8 +1,23 @@
-"""Topic names and the Redis names derived from them."""
+"""Topic names and the Redis names derived from them.
+
+Every Redis name of a topic carries the topic as its hash tag (``{op:op_1}``), so that on a
+Redis Cluster the topic's Stream and its pub/sub channel live in one slot: the publish script
+touches one slot per topic, and the shard that keeps a topic's history is the one that
+announces it. On a single Redis the braces are only characters.
+"""
 
 from __future__ import annotations
 
-__all__ = ["channel_name", "ends_with_terminal", "operation_topic", "stream_key", "user_topic"]
+from redis.crc import key_slot
+
+__all__ = [
+    "channel_name",
+    "ends_with_terminal",
+    "operation_topic",
+    "stream_key",
+    "topic_slot",
+    "user_topic",
+]
 
 
 def operation_topic(op_id: str) -> str:
@@ -23,9 +38,15 @@ def user_topic(user_id: str) -> str:
 
 def stream_key(prefix: str, topic: str) -> str:
     """The Redis Stream that keeps a topic's history."""
-    return f"{prefix}events:{topic}"
+    return f"{prefix}events:{{{topic}}}"
 
 
 def channel_name(prefix: str, topic: str) -> str:
     """The pub/sub channel that announces a topic's new events."""
-    return f"{prefix}{topic}"
+    return f"{prefix}{{{topic}}}"
+
+
+def topic_slot(topic: str) -> int:
+    """The Redis Cluster slot of every name of ``topic`` (a prefix has no braces, so the hash
+    tag is the topic's own)."""
+    return key_slot(f"{{{topic}}}".encode())

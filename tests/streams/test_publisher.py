@@ -7,9 +7,11 @@ from typing import Any
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from streams import Event, EventPublisher, channel_name, operation_topic, stream_key, user_topic
 from streams.events import EventEncodingError, iso_now
+from streams.topics import topic_slot
 from tests.streams.vocabulary import TERMINAL_TYPES
 
 pytestmark = pytest.mark.anyio
@@ -40,8 +42,11 @@ def test_create_refuses_a_second_type_and_unencodable_data() -> None:
 def test_topics() -> None:
     assert operation_topic("op_1") == "op:op_1"
     assert user_topic("usr_1") == "user:usr_1"
-    assert stream_key("p:", "op:x") == "p:events:op:x"
-    assert channel_name("p:", "op:x") == "p:op:x"
+    # The topic is the hash tag of its Stream and channel: one slot on a Redis Cluster.
+    assert stream_key("p:", "op:x") == "p:events:{op:x}"
+    assert channel_name("p:", "op:x") == "p:{op:x}"
+    assert key_slot(stream_key("p:", "op:x").encode()) == topic_slot("op:x")
+    assert key_slot(channel_name("p:", "op:x").encode()) == topic_slot("op:x")
 
 
 async def test_publish_appends_to_each_stream_and_announces(

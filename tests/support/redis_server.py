@@ -11,7 +11,7 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -43,10 +43,14 @@ class RedisProcess:
     to a lagging replica does); ``none`` keeps nothing across a restart.
     """
 
-    def __init__(self, data: Path, *, persistence: Persistence = "aof") -> None:
+    def __init__(
+        self, data: Path, *, persistence: Persistence = "aof", extra: Sequence[str] = ()
+    ) -> None:
         self.port = free_port()
         self.data = data
         self.persistence = persistence
+        # More server options (a cluster node's, tests.support.redis_cluster).
+        self.extra = tuple(extra)
         self._binary = _binary()
         self._process: subprocess.Popen[bytes] | None = None
         self._paused = False
@@ -54,6 +58,10 @@ class RedisProcess:
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None
 
     def client(self) -> Redis:
         return Redis(host="127.0.0.1", port=self.port)
@@ -68,6 +76,7 @@ class RedisProcess:
             args += ["--appendonly", "no"]
         if self.persistence == "none":
             (self.data / "dump.rdb").unlink(missing_ok=True)
+        args += self.extra
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill(self) -> None:
