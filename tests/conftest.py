@@ -18,6 +18,7 @@ from app.db import migrate
 from app.settings import Settings
 from tests.support import database_dsn
 from tests.support.demo import server_data_dir
+from tests.support.redis_cluster import LocalCluster, local_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +47,14 @@ def pg_admin_dsn(_servers: tuple[str, str]) -> str:
 @pytest.fixture(scope="session")
 def redis_url(_servers: tuple[str, str]) -> str:
     return _servers[1]
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local Redis Cluster of three primaries, started once for the tests that ask for it
+    (the streams tests' "cluster" parameter); a test flushes it (``FLUSHDB`` on each primary)."""
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+
+from tests.support.redis_cluster import LocalCluster, local_cluster
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +22,12 @@ def anyio_backend() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+        yield cluster
 
 
 @pytest.fixture

@@ -5,12 +5,12 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from streams import RedisClient
 from streams.hub import EventHub
 from streams.leases import StreamLease, StreamLeases, TooManyStreams
 from streams.sse import EventStreamResponse, StreamOptions, StreamRefused
@@ -24,7 +24,9 @@ from tests.support.redis_server import redis_process
 pytestmark = pytest.mark.anyio
 
 
-async def test_the_limit_refuses_one_more_across_instances(redis: Redis, redis_prefix: str) -> None:
+async def test_the_limit_refuses_one_more_across_instances(
+    redis: RedisClient, redis_prefix: str
+) -> None:
     one = StreamLeases(redis, prefix=redis_prefix, limit=3)
     two = StreamLeases(redis, prefix=redis_prefix, limit=3)  # another instance
     held = [await one.acquire("usr_a"), await two.acquire("usr_a"), await one.acquire("usr_a")]
@@ -44,7 +46,7 @@ async def test_the_limit_refuses_one_more_across_instances(redis: Redis, redis_p
 
 
 async def test_leases_of_a_dead_process_lapse_and_held_ones_are_renewed(
-    redis: Redis, redis_prefix: str
+    redis: RedisClient, redis_prefix: str
 ) -> None:
     dead = StreamLeases(redis, prefix=redis_prefix, limit=1, ttl_seconds=1)
     alive = StreamLeases(redis, prefix=redis_prefix, limit=1, ttl_seconds=1)
@@ -67,7 +69,7 @@ async def test_leases_of_a_dead_process_lapse_and_held_ones_are_renewed(
 
 
 async def test_an_open_stream_holds_its_lease_until_it_ends(
-    hub: EventHub, redis: Redis, redis_prefix: str, snapshots: Snapshots
+    hub: EventHub, redis: RedisClient, redis_prefix: str, snapshots: Snapshots
 ) -> None:
     leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
 
@@ -103,7 +105,7 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
 
 
 async def test_a_client_gone_while_redis_stalls_the_start_gives_its_place_back(
-    redis: Redis, redis_prefix: str, snapshots: Snapshots, tmp_path: Path
+    redis: RedisClient, redis_prefix: str, snapshots: Snapshots, tmp_path: Path
 ) -> None:
     """The hub's Redis stops answering (SIGSTOP) while a stream starts, after its lease was
     taken: the client that gives up must not keep its place for as long as Redis stalls."""
@@ -199,3 +201,17 @@ def test_a_token_names_the_credential_it_was_issued_on() -> None:
     other, _ = tokens.issue("usr_1", ttl=300, credential="key_2")
     with pytest.raises(InvalidStreamToken):
         tokens.grant(f"{version}.{other.split('.')[1]}.{mac}")
+
+
+async def test_one_renewal_keeps_every_users_leases(redis: RedisClient, redis_prefix: str) -> None:
+    # Users' sets are in many slots of a cluster, where one script may touch one slot only.
+    leases = StreamLeases(redis, prefix=redis_prefix, limit=2, ttl_seconds=1)
+    users = [f"usr_{n}" for n in range(12)]
+    held = [await leases.acquire(user) for user in users]
+    for _ in range(4):  # 2 s: twice the ttl, only renewals keep them
+        await anyio.sleep(0.5)
+        await leases.renew()
+    assert [await leases.count(user) for user in users] == [1] * len(users)
+    for lease in held:
+        await lease.release()
+    assert [await leases.count(user) for user in users] == [0] * len(users)

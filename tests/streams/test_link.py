@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 import secrets
+from collections.abc import Callable
 
 import anyio
 import pytest
-from redis.asyncio import Redis
 
-from streams import Event, EventPublisher, Supervisor, channel_name, operation_topic
+from streams import Event, EventPublisher, RedisClient, Supervisor, channel_name, operation_topic
 from streams.hub import EventHub, Signal
-from streams.link import RedisLink
+from tests.streams.either_redis import hub_links, publish_by_hand
 from tests.streams.sse_client import wait_until
 from tests.streams.test_hub import frames, numbers
 from tests.streams.vocabulary import TERMINAL_TYPES
@@ -32,7 +32,7 @@ GARBAGE = [
 
 
 async def test_a_malformed_publish_is_skipped_and_the_next_event_arrives(
-    hub: EventHub, publisher: EventPublisher, redis: Redis, redis_prefix: str
+    hub: EventHub, publisher: EventPublisher, redis: RedisClient, redis_prefix: str
 ) -> None:
     topic = operation_topic("op_garbage")
     async with hub.subscribe(topic) as sub:
@@ -41,7 +41,7 @@ async def test_a_malformed_publish_is_skipped_and_the_next_event_arrives(
         assert numbers(await frames(sub, 1)) == [1]
         for garbage in GARBAGE:
             # An operator's PUBLISH by hand on a Lookout channel.
-            assert await redis.publish(channel_name(redis_prefix, topic), garbage) == 1
+            assert await publish_by_hand(redis, channel_name(redis_prefix, topic), garbage) == 1
         await publisher.publish(Event.create("operation.progress", n=2), [topic])
         assert numbers(await frames(sub, 1)) == [2]
         assert hub.stats.malformed == len(GARBAGE)
@@ -50,7 +50,10 @@ async def test_a_malformed_publish_is_skipped_and_the_next_event_arrives(
 
 
 async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
-    redis: Redis, redis_prefix: str, publisher: EventPublisher, monkeypatch: pytest.MonkeyPatch
+    redis: RedisClient,
+    redis_prefix: str,
+    publisher: EventPublisher,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     topic = operation_topic("op_crash")
     supervisor = Supervisor(backoff_min=0.05, backoff_max=0.1)
@@ -70,8 +73,7 @@ async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
                 [first] = await frames(sub, 1)
 
                 # A bug on the fan-out path, once: the next keep-alive PING's answer raises.
-                link = hub._link
-                assert isinstance(link, RedisLink)
+                [link] = hub_links(hub)  # on a cluster: the one primary's
                 acknowledge = link._acknowledge
 
                 def broken(reply: object, listener: object) -> None:
@@ -95,23 +97,20 @@ async def test_a_crashed_hub_restarts_under_its_supervisor_and_resyncs(
 
 
 async def test_the_hub_outlives_the_clients_socket_timeout_while_idle(
-    redis_url: str, redis_prefix: str
+    new_redis: Callable[..., RedisClient], redis_prefix: str
 ) -> None:
     # The service's client times reads out after a few seconds; the hub's pub/sub connection,
     # idle for longer, must not be cut by it (it is a connection of its own, with pings).
-    client = Redis.from_url(redis_url, socket_timeout=0.5, socket_connect_timeout=2)
-    try:
-        publisher = EventPublisher(client, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
-        topic = operation_topic("op_idle")
-        async with EventHub(
-            client, prefix=redis_prefix, tick_seconds=0.05, terminal_types=TERMINAL_TYPES
-        ) as hub:
-            await hub.wait_connected()
-            async with hub.subscribe(topic) as sub:
-                await sub.ready()
-                await anyio.sleep(2)
-                await publisher.publish(Event.create("operation.progress", n=1), [topic])
-                assert numbers(await frames(sub, 1)) == [1]
-                assert hub.reconnects == 0
-    finally:
-        await client.aclose()
+    client = new_redis(socket_timeout=0.5, socket_connect_timeout=2)
+    publisher = EventPublisher(client, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
+    topic = operation_topic("op_idle")
+    async with EventHub(
+        client, prefix=redis_prefix, tick_seconds=0.05, terminal_types=TERMINAL_TYPES
+    ) as hub:
+        await hub.wait_connected()
+        async with hub.subscribe(topic) as sub:
+            await sub.ready()
+            await anyio.sleep(2)
+            await publisher.publish(Event.create("operation.progress", n=1), [topic])
+            assert numbers(await frames(sub, 1)) == [1]
+            assert hub.reconnects == 0

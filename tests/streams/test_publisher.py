@@ -6,12 +6,20 @@ from typing import Any
 
 import anyio
 import pytest
-from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from streams import Event, EventPublisher, channel_name, operation_topic, stream_key, user_topic
+from streams import (
+    Event,
+    EventPublisher,
+    RedisClient,
+    channel_name,
+    operation_topic,
+    stream_key,
+    user_topic,
+)
 from streams.events import EventEncodingError, iso_now
 from streams.topics import topic_slot
+from tests.streams.either_redis import listen
 from tests.streams.vocabulary import TERMINAL_TYPES
 
 pytestmark = pytest.mark.anyio
@@ -50,30 +58,17 @@ def test_topics() -> None:
 
 
 async def test_publish_appends_to_each_stream_and_announces(
-    redis: Redis, redis_prefix: str
+    redis: RedisClient, redis_prefix: str
 ) -> None:
     publisher = EventPublisher(
         redis, prefix=redis_prefix, ttl_seconds=600, terminal_types=TERMINAL_TYPES
     )
     topics = [operation_topic("op_1"), user_topic("usr_1")]
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(*(channel_name(redis_prefix, t) for t in topics))
-    try:
-        for _ in topics:
-            confirmation: Any = await pubsub.get_message(timeout=5)
-            assert confirmation["type"] == "subscribe"
+    async with listen(redis, *(channel_name(redis_prefix, t) for t in topics)) as listener:
         event = Event.create("operation.started", operation_id="op_1")
         ids = await publisher.publish(event, [*topics, topics[0]])
         assert list(ids) == topics  # duplicates collapse
-
-        announced: dict[str, bytes] = {}
-        with anyio.fail_after(5):
-            while len(announced) < 2:
-                message: Any = await pubsub.get_message(timeout=5)
-                if message and message["type"] == "message":
-                    announced[message["channel"].decode()] = message["data"]
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
+        announced = {channel.decode(): data for channel, data in await listener.take(2)}
 
     for topic in topics:
         key = stream_key(redis_prefix, topic)
@@ -91,7 +86,7 @@ async def test_publish_appends_to_each_stream_and_announces(
         )
 
 
-async def test_streams_are_capped(redis: Redis, redis_prefix: str) -> None:
+async def test_streams_are_capped(redis: RedisClient, redis_prefix: str) -> None:
     publisher = EventPublisher(
         redis, prefix=redis_prefix, maxlen=5, exact_trim=True, terminal_types=TERMINAL_TYPES
     )
@@ -104,24 +99,22 @@ async def test_streams_are_capped(redis: Redis, redis_prefix: str) -> None:
 
 
 async def test_publish_many_publishes_each_event_in_order_as_publish_does(
-    redis: Redis, redis_prefix: str
+    redis: RedisClient, redis_prefix: str
 ) -> None:
     # With the script gone from Redis (a restart), the first call must load it again.
     await redis.script_flush()
     publisher = EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
     started = [Event.create("operation.started", operation_id=f"op_{n}") for n in range(3)]
-    pubsub = redis.pubsub()
-    await pubsub.subscribe(channel_name(redis_prefix, operation_topic("op_2")))
-    confirmation: Any = await pubsub.get_message(timeout=5)
-    assert confirmation["type"] == "subscribe"
-    answers = await publisher.publish_many(
-        [
-            (started[0], [operation_topic("op_0"), user_topic("usr_a")]),
-            (Event.create("ignored"), []),
-            (started[1], [operation_topic("op_1"), user_topic("usr_a")]),
-            (started[2], [operation_topic("op_2")]),
-        ]
-    )
+    async with listen(redis, channel_name(redis_prefix, operation_topic("op_2"))) as listener:
+        answers = await publisher.publish_many(
+            [
+                (started[0], [operation_topic("op_0"), user_topic("usr_a")]),
+                (Event.create("ignored"), []),
+                (started[1], [operation_topic("op_1"), user_topic("usr_a")]),
+                (started[2], [operation_topic("op_2")]),
+            ]
+        )
+        [(_, announced)] = await listener.take(1)
     assert [sorted(a) for a in answers] == [
         sorted([operation_topic("op_0"), user_topic("usr_a")]),
         [],
@@ -137,18 +130,13 @@ async def test_publish_many_publishes_each_event_in_order_as_publish_does(
     only: Any = await redis.xrange(stream_key(redis_prefix, operation_topic("op_2")))
     [(only_id, _)] = only
     assert only_id.decode() == answers[3][operation_topic("op_2")]
-    try:
-        with anyio.fail_after(5):
-            message: Any = None
-            while message is None or message["type"] != "message":
-                message = await pubsub.get_message(timeout=5)
-    finally:
-        await pubsub.aclose()  # type: ignore[no-untyped-call]
     # The hub frames this announcement without reading the Stream: it must be exact.
-    assert message["data"] == b"\n".join([only_id, b"operation.started", started[2].encode()])
+    assert announced == b"\n".join([only_id, b"operation.started", started[2].encode()])
 
 
-async def test_nothing_follows_the_end_of_an_operation(redis: Redis, redis_prefix: str) -> None:
+async def test_nothing_follows_the_end_of_an_operation(
+    redis: RedisClient, redis_prefix: str
+) -> None:
     """Found by the chaos soak: an `operation.started` published late (an announcement retried
     through a Redis outage, an instance woken from SIGSTOP after another finished the work)
     landed after `operation.completed`, and the operation's stream no longer ended."""
@@ -158,8 +146,9 @@ async def test_nothing_follows_the_end_of_an_operation(redis: Redis, redis_prefi
     await publisher.publish(started, [op, user])
     done = await publisher.publish(Event.create("operation.completed"), [op, user])
 
-    async with redis.pubsub() as pubsub:
-        await pubsub.subscribe(channel_name(redis_prefix, op), channel_name(redis_prefix, user))
+    async with listen(redis, channel_name(redis_prefix, op), channel_name(redis_prefix, user)) as (
+        listener
+    ):
         late = await publisher.publish_many(
             [
                 (started, [op, user]),
@@ -168,12 +157,9 @@ async def test_nothing_follows_the_end_of_an_operation(redis: Redis, redis_prefi
                 (Event.create("subscription.updated", subscription_id="sub_1"), [user]),
             ]
         )
-        announced: list[bytes] = []
-        with anyio.fail_after(5):
-            while len(announced) < 3:  # two subscribe confirmations, then one announcement
-                message = await pubsub.get_message(timeout=1)
-                if message is not None:
-                    announced.append(message["data"])
+        [(_, announced)] = await listener.take(1)  # one announcement only
+        await anyio.sleep(0.2)
+        assert await listener.take(0) == []
 
     assert late[0] == {op: done[op], user: done[op]} and late[1] == {op: done[op]}
     op_entries: Any = await redis.xrange(stream_key(redis_prefix, op))
@@ -182,4 +168,4 @@ async def test_nothing_follows_the_end_of_an_operation(redis: Redis, redis_prefi
     user_entries: Any = await redis.xrange(stream_key(redis_prefix, user))
     user_types = [e[1][b"t"] for e in user_entries]
     assert user_types == [b"operation.started", b"operation.completed", b"subscription.updated"]
-    assert announced[-1].split(b"\n")[1] == b"subscription.updated"
+    assert announced.split(b"\n")[1] == b"subscription.updated"

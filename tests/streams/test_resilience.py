@@ -8,10 +8,9 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from streams import Event, EventPublisher, operation_topic, stream_key, user_topic
+from streams import Event, EventPublisher, RedisClient, operation_topic, stream_key, user_topic
 from streams.hub import EventHub
 from streams.sse import StreamOptions
 from tests.streams.sse_client import SSEItem, collect, read_sse, wait_until
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_slow_client_is_cut_off_and_a_fast_one_gets_everything(
-    redis: Redis, redis_prefix: str, publisher: EventPublisher, snapshots: Snapshots
+    redis: RedisClient, redis_prefix: str, publisher: EventPublisher, snapshots: Snapshots
 ) -> None:
     topic = operation_topic("op_slow")
     padding = "x" * 65536

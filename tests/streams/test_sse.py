@@ -6,13 +6,12 @@ from collections.abc import AsyncIterator
 import anyio
 import httpx
 import pytest
-from redis.asyncio import Redis
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from streams import Event, EventPublisher, operation_topic, stream_key, user_topic
+from streams import Event, EventPublisher, RedisClient, operation_topic, stream_key, user_topic
 from streams.hub import EventHub
 from streams.routing import DirectRoutes
 from streams.sse import EventStreamResponse, StreamOptions
@@ -247,7 +246,7 @@ async def test_a_stream_without_a_position_asked_for_no_history_and_gets_no_rese
     hub: EventHub,
     snapshots: Snapshots,
     publisher: EventPublisher,
-    redis: Redis,
+    redis: RedisClient,
     redis_prefix: str,
 ) -> None:
     # A new user (no Stream yet), and one whose Stream has expired after a history.
