@@ -201,6 +201,9 @@ class _Shard:
             logger.info("event hub: %s dropped a channel (its slot moved)", self.node)
             self.owner.unsettle([name])
 
+    def lost(self) -> None:
+        self.owner.look_again()
+
 
 class ClusterLink:
     """A ``HubBackend`` on a Redis Cluster: sharded pub/sub, one connection per primary that
@@ -329,6 +332,10 @@ class ClusterLink:
                 shard.names.discard(name)
                 shard.moved.discard(name)
             self._unsettled.add(name)
+        self.look_again()
+
+    def look_again(self) -> None:
+        """Refresh the slot map now (a node is gone: its slots may have a new primary)."""
         self._wake.set()
 
     def resync_soon(self, channel: ChannelHandle) -> None:

@@ -56,6 +56,10 @@ class ShardEvents(Protocol):
         """The node ended a subscription of its own accord (its slot migrated away)."""
         ...
 
+    def lost(self) -> None:
+        """The node cannot be reached (it may be failing over): the link keeps trying it."""
+        ...
+
 
 @dataclass(slots=True)
 class _Sent:
@@ -152,6 +156,8 @@ class RedisLink:
                     exc,
                     delay,
                 )
+                if self._shard is not None:
+                    self._shard.lost()
             else:
                 delay = self._backoff[0]
                 async with conn:
@@ -164,6 +170,8 @@ class RedisLink:
                     self._endpoint.address,
                     delay,
                 )
+                if self._shard is not None:
+                    self._shard.lost()
             await anyio.sleep(delay)
             delay = min(delay * 2, self._backoff[1])
 

@@ -53,7 +53,8 @@ def redis_url(_servers: tuple[str, str]) -> str:
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """A local Redis Cluster of three primaries, started once for the tests that ask for it
     (the streams tests' "cluster" parameter); a test flushes it (``FLUSHDB`` on each primary)."""
-    with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+    # Nothing kept on disk: no test of this one restarts a node (those make their own).
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster"), persistence="none") as cluster:
         yield cluster
 
 

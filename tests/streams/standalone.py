@@ -26,7 +26,8 @@ def redis_url() -> str:
 
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with local_cluster(tmp_path_factory.mktemp("redis-cluster")) as cluster:
+    # Nothing kept on disk: no test of this one restarts a node (those make their own).
+    with local_cluster(tmp_path_factory.mktemp("redis-cluster"), persistence="none") as cluster:
         yield cluster
 
 

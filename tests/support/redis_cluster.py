@@ -20,7 +20,8 @@ import redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
-from tests.support.redis_server import RedisProcess
+from tests.support.live import free_port
+from tests.support.redis_server import Persistence, RedisProcess
 
 __all__ = ["LocalCluster", "local_cluster"]
 
@@ -31,8 +32,17 @@ NODE_TIMEOUT_MS = 1000
 class LocalCluster:
     """``primaries`` primaries, each with ``replicas`` replicas, under ``data``."""
 
-    def __init__(self, data: Path, *, primaries: int = 3, replicas: int = 0) -> None:
+    def __init__(
+        self,
+        data: Path,
+        *,
+        primaries: int = 3,
+        replicas: int = 0,
+        persistence: Persistence = "aof",
+    ) -> None:
         self.data = data
+        self.persistence: Persistence = persistence
+        self.bus_ports: dict[int, int] = {}
         self.primaries: list[RedisProcess] = []
         self.replicas: dict[int, list[RedisProcess]] = {}
         for index in range(primaries):
@@ -40,14 +50,21 @@ class LocalCluster:
             self.replicas[index] = [self._node(f"p{index}r{n}") for n in range(replicas)]
 
     def _node(self, name: str) -> RedisProcess:
+        data = self.data / name
+        bus = free_port()
         extra = [
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
+            # Of its own: the default (port + 10000) may be past 65535 or taken.
+            "--cluster-port", str(bus),
             "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             # A replica may take over however long it was cut off: the tests kill on purpose.
             "--cluster-replica-validity-factor", "0",
+            "--logfile", str(data / "server.log"),
         ]  # fmt: skip
-        return RedisProcess(self.data / name, extra=extra)
+        node = RedisProcess(data, persistence=self.persistence, extra=extra)
+        self.bus_ports[node.port] = bus
+        return node
 
     @property
     def nodes(self) -> list[RedisProcess]:
@@ -75,7 +92,8 @@ class LocalCluster:
                 last = REDIS_CLUSTER_HASH_SLOTS - 1
             _ask(node, "CLUSTER ADDSLOTSRANGE", first, last)
         for node in self.nodes[1:]:
-            _ask(self.primaries[0], "CLUSTER MEET", "127.0.0.1", node.port)
+            meet = ("CLUSTER MEET", "127.0.0.1", node.port, self.bus_ports[node.port])
+            _ask(self.primaries[0], *meet)
         total = len(self.nodes)
         for node in self.nodes:
             _wait(lambda node=node: _known_nodes(node) == total, deadline)
@@ -94,7 +112,9 @@ class LocalCluster:
 
     def primary_of(self, key: str | bytes) -> RedisProcess:
         """The node that serves ``key``'s slot now."""
-        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        return self.primary_of_slot(key_slot(key.encode() if isinstance(key, str) else key))
+
+    def primary_of_slot(self, slot: int) -> RedisProcess:
         for node in self.nodes:
             if not node.running:
                 continue
@@ -104,10 +124,25 @@ class LocalCluster:
                     return next(n for n in self.nodes if n.port == port)
         raise LookupError(f"no running node serves slot {slot}")
 
-    def flush(self) -> None:
-        for node in self.primaries + [r for rs in self.replicas.values() for r in rs]:
-            if node.running and _ask(node, "ROLE")[0] == b"master":
-                _ask(node, "FLUSHDB")
+    def node_id(self, node: RedisProcess) -> str:
+        return str(_ask(node, "CLUSTER MYID").decode())
+
+    def migrate_slot(self, slot: int, to: RedisProcess) -> None:
+        """Moves ``slot`` with its keys to the primary ``to``, as ``redis-cli --cluster
+        reshard`` does: IMPORTING, MIGRATING, MIGRATE the keys, then every node is told."""
+        source = self.primary_of_slot(slot)
+        _ask(to, "CLUSTER SETSLOT", slot, "IMPORTING", self.node_id(source))
+        _ask(source, "CLUSTER SETSLOT", slot, "MIGRATING", self.node_id(to))
+        while keys := _ask(source, "CLUSTER GETKEYSINSLOT", slot, 100):
+            _ask(source, "MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+        for node in self.primaries:
+            if node.running:
+                _ask(node, "CLUSTER SETSLOT", slot, "NODE", self.node_id(to))
+
+    def wait_replicated(self, primary: RedisProcess) -> None:
+        """Until every replica of ``primary`` has all it wrote (before a failover)."""
+        replicas = sum(len(rs) for i, rs in self.replicas.items() if self.primaries[i] is primary)
+        assert int(_ask(primary, "WAIT", replicas, 5000)) == replicas
 
     def stop(self) -> None:
         for node in self.nodes:
@@ -142,14 +177,18 @@ def _wait(check: object, deadline: float) -> None:
         except (redis.RedisError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise TimeoutError("the local Redis Cluster did not come up; see its nodes' logs")
+            raise TimeoutError(
+                "the local Redis Cluster did not come up; see its nodes' server.log files"
+            )
         time.sleep(0.05)
 
 
 @contextlib.contextmanager
-def local_cluster(data: Path, *, primaries: int = 3, replicas: int = 0) -> Iterator[LocalCluster]:
+def local_cluster(
+    data: Path, *, primaries: int = 3, replicas: int = 0, persistence: Persistence = "aof"
+) -> Iterator[LocalCluster]:
     """A started ``LocalCluster``, every node killed at the end."""
-    cluster = LocalCluster(data, primaries=primaries, replicas=replicas)
+    cluster = LocalCluster(data, primaries=primaries, replicas=replicas, persistence=persistence)
     try:
         cluster.start()
         yield cluster

@@ -23,7 +23,7 @@ from redis.exceptions import RedisError
 from app.cli.embedded import EmbeddedServerError, redis_server_executable
 from tests.support.live import free_port
 
-__all__ = ["RedisProcess", "redis_process"]
+__all__ = ["Persistence", "RedisProcess", "redis_process"]
 
 Persistence = Literal["aof", "rdb", "none"]
 
