@@ -61,8 +61,10 @@ from provisioning import (
     SharedRepositoryBackend,
 )
 from streams import (
+    ClusterClient,
     DirectRoutes,
     EventHub,
+    RedisClient,
     StreamHandler,
     StreamLeases,
     StreamTokens,
@@ -95,12 +97,22 @@ REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
 PROVISIONING_CONCURRENCY = 4
 
 
-def redis_client(url: str) -> Redis:
+def redis_client(url: str, *, cluster: bool = False) -> RedisClient:
     # Past its limit the default pool raises instead of waiting for a free connection; the
     # socket timeouts keep a dead (or paused) Redis from hanging a request or a loop forever:
     # redis-py's default is no read timeout at all. Nothing on this client blocks on purpose
     # (no BLPOP, no XREAD BLOCK, no pub/sub): the hub reads pub/sub on a connection of its own
     # (streams.pubsub) with its own deadline, and takes only the connect timeout from here.
+    if cluster:
+        # Any node of the cluster: the client learns the others and the slot map from it. Its
+        # pools are per node and raise when full (redis-py has no blocking one for clusters).
+        return ClusterClient.from_url(
+            url,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,
+            socket_timeout=REDIS_SOCKET_TIMEOUT_SECONDS,
+            health_check_interval=30,
+        )
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=REDIS_MAX_CONNECTIONS,
@@ -178,7 +190,7 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         pool = await create_pool(database_url)
-        redis = redis_client(redis_url)
+        redis = redis_client(redis_url, cluster=settings.redis_cluster)
         payments = provider or StripePaymentProvider(
             settings.stripe_api_key,
             environment=settings.environment,

@@ -36,6 +36,38 @@ def _url(env: Mapping[str, str], name: str, schemes: tuple[str, ...]) -> str | N
     return value
 
 
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no"):
+        return False
+    if raw in ("1", "true", "yes"):
+        return True
+    raise ConfigError(f"{name} must be 1 or 0, got {raw!r}")
+
+
+def _check_cluster(redis_url: str | None, prefix: str) -> None:
+    """What a Redis Cluster cannot take: no embedded server (a single node), no unix socket or
+    database number, and no brace in the prefix (it would take the hash tag of every key)."""
+    if redis_url is None:
+        raise ConfigError(
+            "LOOKOUT_REDIS_CLUSTER=1 needs REDIS_URL naming a node of the cluster, e.g. "
+            "redis://10.0.0.5:6379 (the embedded server is a single node)"
+        )
+    parts = urlsplit(redis_url)
+    if parts.scheme == "unix":
+        raise ConfigError("REDIS_URL must be redis:// or rediss:// with LOOKOUT_REDIS_CLUSTER=1")
+    if parts.path.strip("/") not in ("", "0"):
+        raise ConfigError(
+            f"REDIS_URL names database {parts.path.strip('/')!r}; a Redis Cluster has "
+            "database 0 only: drop it from the URL (or set LOOKOUT_REDIS_CLUSTER=0)"
+        )
+    if "{" in prefix or "}" in prefix:
+        raise ConfigError(
+            "LOOKOUT_REDIS_PREFIX must have no braces with LOOKOUT_REDIS_CLUSTER=1: each "
+            "topic's name in braces is the hash tag that keeps its keys in one slot"
+        )
+
+
 def _int(env: Mapping[str, str], name: str, default: int, minimum: int) -> int:
     raw = env.get(name, "").strip()
     if not raw:
@@ -85,6 +117,9 @@ class Settings:
     access_recheck_seconds: float = 10.0
     # How long `past_due` keeps its resource before it is suspended (issue 13).
     past_due_grace_days: int = 7
+    # REDIS_URL names a node of a Redis (or Valkey) Cluster: keys hash-tagged per topic, sharded
+    # pub/sub (streams.cluster).
+    redis_cluster: bool = False
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -128,9 +163,14 @@ class Settings:
                     "STRIPE_WEBHOOK_SECRET is required outside demo mode: set your whsec_… secret"
                 )
         environment = env.get("LOOKOUT_ENVIRONMENT", "").strip() or "development"
+        redis_url = _url(env, "REDIS_URL", ("redis", "rediss", "unix"))
+        redis_prefix = env.get("LOOKOUT_REDIS_PREFIX", "lookout:")
+        redis_cluster = _flag(env, "LOOKOUT_REDIS_CLUSTER")
+        if redis_cluster:
+            _check_cluster(redis_url, redis_prefix)
         return cls(
             database_url=_url(env, "DATABASE_URL", ("postgresql", "postgres")),
-            redis_url=_url(env, "REDIS_URL", ("redis", "rediss", "unix")),
+            redis_url=redis_url,
             data_dir=data_dir,
             secret_key=secret_key,
             public_url=public_url.rstrip("/"),
@@ -143,7 +183,7 @@ class Settings:
                 env, "PROVISIONER_DATABASE_URL", ("postgresql", "postgres")
             ),
             environment=environment,
-            redis_prefix=env.get("LOOKOUT_REDIS_PREFIX", "lookout:"),
+            redis_prefix=redis_prefix,
             max_streams_per_user=_int(env, "LOOKOUT_MAX_STREAMS_PER_USER", 10, 1),
             max_stream_seconds=_int(env, "LOOKOUT_MAX_STREAM_SECONDS", 3600, MIN_STREAM_SECONDS),
             metrics_token=_metrics_token(env),
@@ -156,6 +196,7 @@ class Settings:
             trusted_proxies=_trusted_proxies(env),
             allowed_hosts_given=_allowed_hosts(env),
             past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
+            redis_cluster=redis_cluster,
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:

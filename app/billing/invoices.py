@@ -10,12 +10,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.billing.provider import InvoiceInfo, PaymentProvider, PaymentProviderNotFound
 from app.billing.subscriptions import SubscriptionRecord, list_subscriptions
-from streams import Event, EventPublisher, isoformat_z, user_topic
+from streams import Event, EventPublisher, RedisClient, isoformat_z, user_topic
 
 __all__ = ["INVOICE_CACHE_SECONDS", "Invoices", "invoice_json"]
 
@@ -49,7 +48,7 @@ class Invoices:
         self,
         pool: asyncpg.Pool,
         provider: PaymentProvider,
-        redis: Redis,
+        redis: RedisClient,
         publisher: EventPublisher,
         *,
         prefix: str,

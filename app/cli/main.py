@@ -101,13 +101,17 @@ async def preflight(settings: Settings) -> None:
             await migrate(conn)
     finally:
         await pool.close()
-    redis = redis_client(settings.redis_url)
+    redis = redis_client(settings.redis_url, cluster=settings.redis_cluster)
     try:
         await redis.ping()
+        cluster_node = bool((await redis.info("cluster")).get("cluster_enabled"))
     except (OSError, RedisError) as exc:
         raise StartupError(f"REDIS_URL: Redis does not answer ({exc})") from exc
     finally:
         await redis.aclose()
+    if cluster_node and not settings.redis_cluster:
+        # Scripts over several topics would be refused (CROSSSLOT), pub/sub broadcast.
+        raise StartupError("REDIS_URL names a node of a Redis Cluster: set LOOKOUT_REDIS_CLUSTER=1")
 
 
 def _serve(settings: Settings, host: str, port: int) -> None:

@@ -24,7 +24,6 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from redis.asyncio import Redis
 
 from app.billing.webhooks.inbox import InboxCounts, inbox_counts
 from app.db import Connection
@@ -34,7 +33,7 @@ from provisioning import (
     operation_counts,
     operation_durations,
 )
-from streams import Event, EventPublisher
+from streams import Event, EventPublisher, RedisClient
 
 __all__ = [
     "CONTENT_TYPE",
@@ -299,7 +298,7 @@ class CountingPublisher(EventPublisher):
     """The publisher, counting what it publishes by event type."""
 
     def __init__(
-        self, redis: Redis, *, prefix: str, counter: Counter, terminal_types: frozenset[str]
+        self, redis: RedisClient, *, prefix: str, counter: Counter, terminal_types: frozenset[str]
     ) -> None:
         super().__init__(redis, prefix=prefix, terminal_types=terminal_types)
         self._counter = counter

@@ -18,17 +18,19 @@ import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from limits import RateLimitItem, parse
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
+from limits.aio.storage.redis.redispy import RedispyBridge
 from limits.aio.strategies import MovingWindowRateLimiter
-from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.web.errors import APIError
+from streams import RedisClient
 
 __all__ = ["LIMITS", "RateLimitMiddleware", "RateLimits", "category_for"]
 
@@ -89,15 +91,42 @@ class Allowance:
         }
 
 
-class RateLimits:
-    def __init__(self, redis: Redis, *, prefix: str, limits: Mapping[str, str] = LIMITS) -> None:
-        # The app's own connection pool: one pool per process, closed by the lifespan.
-        self._storage = RedisStorage(
-            "async+redis://",
-            implementation="redispy",
-            key_prefix=prefix + "ratelimit",
-            connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+class _SharedClusterStorage(RedisClusterStorage):
+    """`limits`' Redis Cluster storage on the app's own cluster client: `limits` would make a
+    client of its own from a URL, which nothing would close. Its redis-py bridge reads the
+    client through `storage` and `connection_getter` (as its basic mode does with a pool)."""
+
+    def __init__(self, cluster: RedisCluster, *, key_prefix: str) -> None:
+        self._cluster = cluster
+        super().__init__(
+            "async+redis+cluster://127.0.0.1:6379", implementation="redispy", key_prefix=key_prefix
         )
+
+    def configure_bridge(self) -> None:
+        bridge = self.bridge
+        assert isinstance(bridge, RedispyBridge), "implementation='redispy'"
+        # The very class limits makes in cluster mode, which its client Protocol misses.
+        client: Any = self._cluster
+        bridge.storage = client
+        bridge.connection_getter = lambda _readonly: client
+
+
+class RateLimits:
+    def __init__(
+        self, redis: RedisClient, *, prefix: str, limits: Mapping[str, str] = LIMITS
+    ) -> None:
+        # The app's own connection pool (or cluster client): closed by the lifespan. Every
+        # window is one key, so a cluster takes each to its node.
+        key_prefix = prefix + "ratelimit"
+        if isinstance(redis, RedisCluster):
+            self._storage: RedisStorage = _SharedClusterStorage(redis, key_prefix=key_prefix)
+        else:
+            self._storage = RedisStorage(
+                "async+redis://",
+                implementation="redispy",
+                key_prefix=key_prefix,
+                connection_pool=redis.connection_pool,  # type: ignore[arg-type]
+            )
         self._limiter = MovingWindowRateLimiter(self._storage)
         self._items: dict[str, RateLimitItem] = {name: parse(rule) for name, rule in limits.items()}
         # (category, identity) -> when its window frees a slot (epoch seconds).

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import anyio
 import asyncpg
-from redis.asyncio import Redis
 from starlette.requests import HTTPConnection
 
 from app.billing.checkout import CheckoutService
@@ -21,7 +20,14 @@ from app.users import KeyStatus
 from app.web.metrics import Metrics
 from app.web.ratelimit import RateLimits
 from provisioning import OperationRunner
-from streams import EventHub, EventPublisher, StreamLeases, StreamTokens, Supervisor
+from streams import (
+    EventHub,
+    EventPublisher,
+    RedisClient,
+    StreamLeases,
+    StreamTokens,
+    Supervisor,
+)
 
 __all__ = ["Services", "services"]
 
@@ -30,7 +36,7 @@ __all__ = ["Services", "services"]
 class Services:
     settings: Settings
     pool: asyncpg.Pool
-    redis: Redis
+    redis: RedisClient
     # Set when the process begins to stop: open streams say goodbye and close.
     shutting_down: anyio.Event
     publisher: EventPublisher

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import anyio
 import pytest
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from app.application import REDIS_SOCKET_TIMEOUT_SECONDS, redis_client
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.anyio
 async def test_a_paused_redis_is_an_error_not_a_hang(tmp_path: Path) -> None:
     with redis_process(tmp_path / "redis") as server:
         client = redis_client(server.url)
+        assert isinstance(client, Redis)
         # Explicit: older redis-py (5.x) had no read timeout by default and waited forever.
         assert client.connection_pool.connection_kwargs["socket_timeout"] == 5.0
         try:

@@ -25,6 +25,7 @@ def test_defaults_follow_the_contract() -> None:
     assert settings.max_streams_per_user == 10
     assert settings.max_stream_seconds == 3600
     assert settings.trusted_proxies == ()
+    assert settings.redis_cluster is False
 
 
 def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
@@ -51,12 +52,29 @@ def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
         ({"LOOKOUT_TRUSTED_PROXIES": "proxy.internal"}, "LOOKOUT_TRUSTED_PROXIES"),
         ({"LOOKOUT_TRUSTED_PROXIES": "*"}, "LOOKOUT_TRUSTED_PROXIES"),
         ({"LOOKOUT_TRUSTED_PROXIES": "10.0.0.1/8"}, "LOOKOUT_TRUSTED_PROXIES"),
+        ({"LOOKOUT_REDIS_CLUSTER": "on"}, "LOOKOUT_REDIS_CLUSTER"),
+        # A cluster is no embedded server, has database 0 only, and takes hash tags in braces.
+        ({"LOOKOUT_REDIS_CLUSTER": "1"}, "REDIS_URL"),
+        ({"LOOKOUT_REDIS_CLUSTER": "1", "REDIS_URL": "redis://h:6379/2"}, "REDIS_URL"),
+        ({"LOOKOUT_REDIS_CLUSTER": "1", "REDIS_URL": "unix:///tmp/r.sock"}, "REDIS_URL"),
+        (
+            {"LOOKOUT_REDIS_CLUSTER": "1", "REDIS_URL": "redis://h", "LOOKOUT_REDIS_PREFIX": "{a}"},
+            "LOOKOUT_REDIS_PREFIX",
+        ),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable) as caught:
         Settings.from_env({**BASE, **env})
     assert "\n" not in str(caught.value)
+
+
+def test_a_redis_cluster_is_named_by_any_node() -> None:
+    settings = Settings.from_env(
+        {**BASE, "LOOKOUT_REDIS_CLUSTER": "1", "REDIS_URL": "rediss://:pw@10.0.0.5:6379/0"}
+    )
+    assert settings.redis_cluster is True
+    assert Settings.from_env({**BASE, "LOOKOUT_REDIS_CLUSTER": "0"}).redis_cluster is False
 
 
 def test_demo_mode_generates_and_keeps_its_secret(tmp_path: Path) -> None:
