@@ -77,14 +77,14 @@ class ClusterClient(RedisCluster):
         try:
             return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
         except RedisClusterException as exc:
-            raise ClusterUnavailable(f"Redis Cluster: {exc}") from exc
+            raise ClusterUnavailable(str(exc)) from exc
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         try:
             return await super().execute_command(*args, **kwargs)
         except RedisClusterException as exc:
             if "not covered" in str(exc) or "cannot be connected" in str(exc):
-                raise ClusterUnavailable(f"Redis Cluster: {exc}") from exc
+                raise ClusterUnavailable(str(exc)) from exc
             raise
 
 
@@ -98,10 +98,27 @@ async def publish_by_slot(
     terminal id, as the script answers it) and answered so for all its topics. Then the other
     topics of the events that were kept, one call per slot. Each topic gets its events in
     order; unlike one call on a single Redis, the topics of one event are written in two steps,
-    not atomically: a reader of a user's topic may see an event a moment after its operation's.
+    not atomically: a reader of a user's topic may see an event a moment after its operation's,
+    and a call that fails (a node down) leaves the others' writes in place, so that a retry of
+    the whole batch writes those twice.
     """
     raw: list[dict[str, Any]] = [{} for _ in planned]
     dropped: dict[int, Any] = {}
+    failed: list[Exception] = []
+
+    async def run(group: list[tuple[int, Event, list[str]]]) -> None:
+        try:
+            replies = iter(await call([(event, topics) for _, event, topics in group]))
+        except Exception as exc:  # the other calls finish: what they wrote is known
+            failed.append(exc)
+            return
+        for index, _, topics in group:
+            for topic in topics:
+                reply = next(replies)
+                if isinstance(reply, list):
+                    dropped[index] = reply
+                raw[index][topic] = reply
+
     for ending in (True, False):
         groups: dict[int, list[tuple[int, Event, list[str]]]] = {}
         for index, (event, topics) in enumerate(planned):
@@ -115,19 +132,13 @@ async def publish_by_slot(
                     group[-1][2].append(topic)
                 else:
                     group.append((index, event, [topic]))
-
-        async def run(group: list[tuple[int, Event, list[str]]]) -> None:
-            replies = iter(await call([(event, topics) for _, event, topics in group]))
-            for index, _, topics in group:
-                for topic in topics:
-                    reply = next(replies)
-                    if isinstance(reply, list):
-                        dropped[index] = reply
-                    raw[index][topic] = reply
-
         async with anyio.create_task_group() as tg:
             for group in groups.values():
                 tg.start_soon(run, group)
+        if failed:
+            # As one call on a single Redis raises it (a RedisError the caller handles), not
+            # in a group. The slots that took their call keep it: a retry writes them again.
+            raise failed[0]
     for index, ended in dropped.items():
         raw[index] = {topic: ended for topic in planned[index][1]}
     return [{topic: raw[i][topic] for topic in topics} for i, (_, topics) in enumerate(planned)]

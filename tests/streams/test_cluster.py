@@ -17,7 +17,15 @@ import httpx
 import pytest
 from redis.exceptions import RedisError
 
-from streams import Event, EventPublisher, RedisClient, channel_name, operation_topic, stream_key
+from streams import (
+    Event,
+    EventPublisher,
+    RedisClient,
+    channel_name,
+    operation_topic,
+    stream_key,
+    user_topic,
+)
 from streams.hub import EventHub
 from streams.sse import StreamOptions
 from streams.topics import topic_slot
@@ -27,7 +35,7 @@ from tests.streams.support import Snapshots, make_app
 from tests.streams.test_hub import frames, numbers
 from tests.streams.test_resilience import next_event
 from tests.streams.vocabulary import TERMINAL_TYPES
-from tests.support.live import live_server
+from tests.support.live import free_port, live_server
 from tests.support.redis_cluster import LocalCluster, local_cluster
 
 pytestmark = pytest.mark.anyio
@@ -62,6 +70,30 @@ async def test_one_connection_per_primary_whatever_the_topics(
             assert [numbers(await frames(sub, 1)) for sub in subs] == [[n] for n in range(30)]
         channel = channel_name(redis_prefix, topics[0])
         await wait_until(lambda: _no_subscriber(client, channel))
+    finally:
+        await client.aclose()
+
+
+async def test_an_unreachable_cluster_is_a_redis_error_and_streams_say_come_back(
+    snapshots: Snapshots,
+) -> None:
+    # No node answers: every call fails as a single Redis that is down does (a RedisError that
+    # callers handle), not with redis-py's RedisClusterException or inside an exception group.
+    client = connect(f"redis://127.0.0.1:{free_port()}", "cluster", socket_connect_timeout=1)
+    try:
+        publisher = EventPublisher(client, prefix=PREFIX, terminal_types=TERMINAL_TYPES)
+        op, user = operation_topic("op_nowhere"), user_topic("usr_nowhere")
+        with pytest.raises(RedisError):
+            await publisher.publish(Event.create("operation.started"), [op, user])
+        async with EventHub(client, prefix=PREFIX, terminal_types=TERMINAL_TYPES) as hub:
+            assert not hub.connected
+            app = make_app(hub, snapshots, StreamOptions(max_seconds=None))
+            async with live_server(app) as base, httpx.AsyncClient(base_url=base) as http:
+                answer = await http.get("/users/usr_nowhere/events")  # reads where to start
+                # An EventSource reconnects after a 200 that ends; an error it gives up on.
+                assert answer.status_code == 200
+                assert answer.text.startswith("retry:")
+                assert "reconnect later" in answer.text
     finally:
         await client.aclose()
 
