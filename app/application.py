@@ -104,8 +104,8 @@ def redis_client(url: str, *, cluster: bool = False) -> RedisClient:
     # (no BLPOP, no XREAD BLOCK, no pub/sub): the hub reads pub/sub on a connection of its own
     # (streams.pubsub) with its own deadline, and takes only the connect timeout from here.
     if cluster:
-        # Any node of the cluster: the client learns the others and the slot map from it. Its
-        # pools are per node and raise when full (redis-py has no blocking one for clusters).
+        # Any node of the cluster: the client learns the others and the slot map from it, and
+        # waits past its limit as the blocking pool does (streams.ClusterClient).
         return ClusterClient.from_url(
             url,
             max_connections=REDIS_MAX_CONNECTIONS,

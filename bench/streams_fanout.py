@@ -2,10 +2,15 @@
 
     python bench/streams_fanout.py                       # the default scenarios, ~10 s each
     python bench/streams_fanout.py --scenarios hold-19000 --seconds 5
+    python bench/streams_fanout.py --cluster --redis-url redis://10.0.0.5:6379   # a cluster
 
 For each scenario it prints connections, server RSS per connection, deliveries/s, publish ->
-receive latency (p50/p99/max) and server CPU (% of one core). Loopback only; the Redis of
-REDIS_URL (default redis://127.0.0.1:6379/0), under a throwaway key prefix.
+receive latency (p50/p99/max) and server CPU (% of one core), then the CPU of each Redis node
+(primaries of a cluster) while publishing, from INFO cpu. Loopback only; the Redis of REDIS_URL
+(default redis://127.0.0.1:6379/0), under a throwaway key prefix. ``--cluster``: REDIS_URL
+names a node of a Redis Cluster (hub designs only; by default the broadcast and per-topic
+scenarios): the hub subscribes sharded, one connection per primary, and each primary
+announces its own slots' events.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from typing import IO, Any
 import psutil
 import uvloop
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 
 from provisioning import TERMINAL_EVENT_TYPES
-from streams import Event, EventPublisher
+from streams import ClusterClient, Event, EventPublisher, RedisClient
 
 ROOT = Path(__file__).resolve().parent.parent
 HERE = Path(__file__).resolve().parent
@@ -67,6 +73,7 @@ DEFAULT = (
     "broadcast-200,broadcast-2000,per-topic-10000,routed-broadcast-2000,"
     "sse-starlette-broadcast-2000,baseline-broadcast-2000"
 )
+CLUSTER_DEFAULT = "broadcast-2000,per-topic-10000"
 
 
 def free_port() -> int:
@@ -122,8 +129,25 @@ async def publish_for(
     return sent
 
 
+async def redis_cpu(redis: RedisClient) -> dict[str, float]:
+    """CPU seconds each Redis node (each primary of a cluster) has used, from INFO cpu."""
+    if isinstance(redis, RedisCluster):
+        found = await redis.info("cpu", target_nodes=RedisCluster.PRIMARIES)
+    else:
+        found = {"redis": await redis.info("cpu")}
+    return {
+        node: float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        for node, info in found.items()
+    }
+
+
 def run_scenario(
-    scenario: Scenario, seconds: float, redis_url: str, per_process: int = 5000
+    scenario: Scenario,
+    seconds: float,
+    redis_url: str,
+    per_process: int = 5000,
+    *,
+    cluster: bool = False,
 ) -> dict[str, Any]:
     prefix = f"bench-{secrets.token_hex(3)}:"
     port = free_port()
@@ -138,6 +162,7 @@ def run_scenario(
             redis_url,
             "--prefix",
             prefix,
+            *(["--cluster"] if cluster else []),
         ]
     )
     clients: list[subprocess.Popen[str]] = []
@@ -180,11 +205,18 @@ def run_scenario(
         cpu_before, wall_before = proc.cpu_times(), time.monotonic()
         topics = [f"b{i}" for i in range(scenario.topics)]
 
+        redis_cpu_pct: dict[str, float] = {}
+
         async def publish() -> int:
-            pool = BlockingConnectionPool.from_url(redis_url, max_connections=32)
-            redis = Redis(connection_pool=pool)
+            redis: RedisClient
+            if cluster:
+                redis = ClusterClient.from_url(redis_url, max_connections=32)
+            else:
+                pool = BlockingConnectionPool.from_url(redis_url, max_connections=32)
+                redis = Redis(connection_pool=pool)
             try:
-                return await publish_for(
+                before, started = await redis_cpu(redis), time.monotonic()
+                sent = await publish_for(
                     EventPublisher(
                         redis, prefix=prefix, maxlen=100, terminal_types=TERMINAL_EVENT_TYPES
                     ),
@@ -192,6 +224,10 @@ def run_scenario(
                     scenario.events_per_second,
                     seconds,
                 )
+                after, wall = await redis_cpu(redis), time.monotonic() - started
+                for node, used in after.items():
+                    redis_cpu_pct[node] = 100 * (used - before.get(node, used)) / wall
+                return sent
             finally:
                 keys = [k async for k in redis.scan_iter(match=f"{prefix}*", count=1000)]
                 for start in range(0, len(keys), 1000):
@@ -235,6 +271,7 @@ def run_scenario(
             "server_sys_pct": 100
             * (cpu_after.system - cpu_before.system)
             / (wall_after - wall_before),
+            "redis_cpu_pct": redis_cpu_pct,
         }
     finally:
         for client in clients:
@@ -264,15 +301,29 @@ def main() -> None:
     parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     )
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"--redis-url names a Redis Cluster node (default scenarios: {CLUSTER_DEFAULT})",
+    )
     args = parser.parse_args()
+    scenarios = args.scenarios
+    if args.cluster and scenarios == DEFAULT:
+        scenarios = CLUSTER_DEFAULT
     header = (
         f"{'scenario':30} {'conns':>6} {'KB/conn':>8} {'deliv/s':>9} {'got/expected':>17} "
         f"{'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'CPU %':>6} {'(sys)':>6}"
     )
     print(header, flush=True)
     results = []
-    for name in args.scenarios.split(","):
-        r = run_scenario(SCENARIOS[name.strip()], args.seconds, args.redis_url, args.per_process)
+    for name in scenarios.split(","):
+        r = run_scenario(
+            SCENARIOS[name.strip()],
+            args.seconds,
+            args.redis_url,
+            args.per_process,
+            cluster=args.cluster,
+        )
         results.append(r)
         print(
             f"{r['scenario']:30} {r['connections']:>6} {r['rss_per_conn_kb']:>8.1f} "
@@ -281,6 +332,8 @@ def main() -> None:
             f"{r['server_cpu_pct']:>6.0f} {r['server_sys_pct']:>6.0f}",
             flush=True,
         )
+        nodes = ", ".join(f"{n} {pct:.0f}" for n, pct in sorted(r["redis_cpu_pct"].items()))
+        print(f"{'':30} Redis CPU % while publishing: {nodes}", flush=True)
     print(json.dumps(results))
 
 

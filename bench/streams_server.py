@@ -29,7 +29,14 @@ from starlette.routing import Route
 from starlette.types import ASGIApp
 
 from provisioning import TERMINAL_EVENT_TYPES
-from streams import EventHub, EventStreamResponse, StreamOptions, channel_name
+from streams import (
+    ClusterClient,
+    EventHub,
+    EventStreamResponse,
+    RedisClient,
+    StreamOptions,
+    channel_name,
+)
 from streams.hub import Signal
 from streams.routing import DirectRoutes
 
@@ -40,11 +47,18 @@ async def no_snapshot(topic: str) -> Mapping[str, Any]:
     return {}
 
 
-def build(design: str, redis_url: str, prefix: str) -> ASGIApp:
+def build(design: str, redis_url: str, prefix: str, *, cluster: bool = False) -> ASGIApp:
     pool_class = ConnectionPool if design == "per-connection" else BlockingConnectionPool
     # Per-connection needs one Redis connection per client; the hub needs a few for history.
     max_connections = 25_000 if design == "per-connection" else 64
-    redis = Redis(connection_pool=pool_class.from_url(redis_url, max_connections=max_connections))
+    redis: RedisClient
+    if cluster:  # the hub subscribes sharded, one connection per primary
+        if design == "per-connection":
+            raise SystemExit("--cluster serves the hub designs only")
+        redis = ClusterClient.from_url(redis_url, max_connections=max_connections)
+    else:
+        pool = pool_class.from_url(redis_url, max_connections=max_connections)
+        redis = Redis(connection_pool=pool)
     hub = EventHub(redis, prefix=prefix, terminal_types=TERMINAL_EVENT_TYPES)
 
     async def hub_stream(request: Request) -> Response:
@@ -70,6 +84,7 @@ def build(design: str, redis_url: str, prefix: str) -> ASGIApp:
         channel = channel_name(prefix, request.path_params["topic"])
 
         async def messages() -> AsyncIterator[ServerSentEvent]:
+            assert isinstance(redis, Redis)
             pubsub = redis.pubsub()
             await pubsub.subscribe(channel)
             try:
@@ -118,10 +133,11 @@ def main() -> None:
     )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--prefix", default="bench:")
+    parser.add_argument("--cluster", action="store_true", help="--redis-url names a cluster node")
     args = parser.parse_args()
     gc.set_threshold(50_000, 20, 20)
     config = uvicorn.Config(
-        build(args.design, args.redis_url, args.prefix),
+        build(args.design, args.redis_url, args.prefix, cluster=args.cluster),
         host="127.0.0.1",
         port=args.port,
         loop="uvloop",

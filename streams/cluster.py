@@ -65,9 +65,22 @@ class ClusterUnavailable(RedisConnectionError):
 
 
 class ClusterClient(RedisCluster):
-    """The redis.asyncio cluster client, whose failures to find the cluster are Redis errors:
-    redis-py raises ``RedisClusterException``, which is not one, where a single Redis that is
-    down raises ``ConnectionError``; every ``except RedisError`` in Lookout then holds."""
+    """The redis.asyncio cluster client, made to behave as Lookout's single-Redis client does:
+
+    - Its failures to find the cluster are Redis errors: redis-py raises
+      ``RedisClusterException``, which is not one, where a single Redis that is down raises
+      ``ConnectionError``; every ``except RedisError`` in Lookout then holds.
+    - Past ``max_connections`` a command waits (up to ``pool_timeout``) for one to finish, as
+      with a ``BlockingConnectionPool``: redis-py's cluster pools raise at once when full (a
+      burst of streams reconnecting would be refused). Commands in flight never exceed
+      ``max_connections``, so neither do any node's connections.
+    """
+
+    def __init__(self, *args: Any, pool_timeout: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._most = int(kwargs.get("max_connections", 100))  # redis-py's default
+        self._in_flight = anyio.Semaphore(self._most)
+        self._pool_timeout = pool_timeout
 
     async def initialize(
         self,
@@ -80,12 +93,23 @@ class ClusterClient(RedisCluster):
             raise ClusterUnavailable(str(exc)) from exc
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        waited = True
+        with anyio.move_on_after(self._pool_timeout):
+            await self._in_flight.acquire()
+            waited = False
+        if waited:
+            raise RedisConnectionError(
+                f"no Redis connection free within {self._pool_timeout:g} s "
+                f"({self._most} commands in flight)"
+            )
         try:
             return await super().execute_command(*args, **kwargs)
         except RedisClusterException as exc:
             if "not covered" in str(exc) or "cannot be connected" in str(exc):
                 raise ClusterUnavailable(str(exc)) from exc
             raise
+        finally:
+            self._in_flight.release()
 
 
 async def publish_by_slot(

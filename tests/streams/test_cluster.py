@@ -98,6 +98,26 @@ async def test_an_unreachable_cluster_is_a_redis_error_and_streams_say_come_back
         await client.aclose()
 
 
+async def test_past_its_connections_the_cluster_client_waits_instead_of_refusing(
+    redis_cluster: LocalCluster, redis_prefix: str
+) -> None:
+    # redis-py's cluster pools raise MaxConnectionsError when full; a burst (streams
+    # reconnecting at once, say) must wait for a connection, as on a single Redis.
+    client = connect(redis_cluster.url, "cluster", max_connections=2)
+    try:
+        key = f"{redis_prefix}burst"
+
+        async def count() -> None:
+            await client.incr(key)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(count)
+        assert await client.get(key) == b"50"
+    finally:
+        await client.aclose()
+
+
 async def _no_subscriber(client: RedisClient, channel: str) -> bool:
     return await numsub(client, channel) == 0
 
