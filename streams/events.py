@@ -37,6 +37,11 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+# Built once: json.dumps with any non-default option builds a new encoder on every call, which
+# was most of an event's encoding time (6 of 8 us), paid by every publish.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_jsonable)
+
+
 def iso_now() -> str:
     """The current time as ISO 8601 UTC with ``Z``."""
     return isoformat_z(datetime.now(UTC))
@@ -65,9 +70,7 @@ class Event:
     def encode(self) -> bytes:
         """The data as one line of compact JSON (JSON escapes every newline)."""
         try:
-            text = json.dumps(
-                dict(self.data), separators=(",", ":"), ensure_ascii=False, default=_jsonable
-            )
+            text = _ENCODER.encode(dict(self.data))
         except (TypeError, ValueError) as exc:
             raise EventEncodingError(
                 f"event {self.type!r} has data that is not JSON ({exc}); "
