@@ -146,20 +146,8 @@ class EventPublisher:
                 batch = self._take()
                 if not batch:
                     continue  # every caller taken had been cancelled
-                keys: list[str] = []
-                args: list[bytes | str | int] = [
-                    self._trim_op,
-                    self._maxlen,
-                    self._ttl,
-                    self._terminal_arg,
-                ]
-                for request in batch:
-                    keys += request.keys
-                    args += request.args
-                self.stats.calls += 1
-                self.stats.entries += len(keys)
                 try:
-                    raw = await self._script(keys=keys, args=args)
+                    raw = await self._send(batch)
                 except Exception as exc:  # the callers' error: each of them raises it
                     for request in batch:
                         if not request.future.done():
@@ -179,6 +167,18 @@ class EventPublisher:
             for request in (*batch, *self._queue):
                 request.future.cancel()
             self._queue.clear()
+
+    async def _send(self, batch: list[_Request]) -> list[Any]:
+        """One script call carrying ``batch`` in order; answers their Stream ids, in order."""
+        keys: list[str] = []
+        args: list[bytes | str | int] = [self._trim_op, self._maxlen, self._ttl, self._terminal_arg]
+        for request in batch:
+            keys += request.keys
+            args += request.args
+        self.stats.calls += 1
+        self.stats.entries += len(keys)
+        raw: list[Any] = await self._script(keys=keys, args=args)
+        return raw
 
     def _take(self) -> list[_Request]:
         """The next batch: queued calls, oldest first, up to ``batch_entries`` (at least one)."""
