@@ -15,13 +15,14 @@ import httpx
 from redis.asyncio import Redis
 
 from bench.chaos.cluster import Instance
+from bench.chaos.schedule import FaultRecord
 from bench.chaos.sse import SseClient, stream_position
 from bench.chaos.traffic import Customer
 from bench.chaos.webhooks import Delivery
 from provisioning import GraphBackend, SharedRepositoryBackend
 from streams.topics import operation_topic, stream_key
 
-__all__ = ["Invariant", "World", "check_all"]
+__all__ = ["Invariant", "World", "check_all", "faults_injected"]
 
 _NO_ROUTE = "no route reveals its credentials"
 _TERMINAL = frozenset({"operation.completed", "operation.failed", "operation.cancelled"})
@@ -58,6 +59,20 @@ class World:
     instances: Sequence[Instance]
     caught_up: dict[int, bool]  # id(events client) -> reached the Stream's last entry
     unexpected_exits: Sequence[str]
+
+
+def faults_injected(kinds: Iterable[str], records: Sequence[FaultRecord]) -> Invariant:
+    """A soak proves only what it did: every kind it was asked for happened, in full."""
+    inv = Invariant("faults injected: every kind asked for, each in full")
+    for kind in kinds:
+        inv.checked += 1
+        mine = [r for r in records if r.kind == kind]
+        if not mine:
+            inv.fail(f"{kind}: never injected (its target was busy until the end)")
+        for r in mine:
+            if "not fully injected" in r.detail:
+                inv.fail(f"{kind} [{r.target}]: {r.detail.strip()}")
+    return inv
 
 
 async def _stripe_list(http: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:

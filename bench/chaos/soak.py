@@ -33,7 +33,7 @@ from bench.chaos.cluster import (
     wait_ready,
     with_database,
 )
-from bench.chaos.invariants import Invariant, World, check_all
+from bench.chaos.invariants import Invariant, World, check_all, faults_injected
 from bench.chaos.proxy import FaultProxy, LoadBalancer, fault_proxy, url_through
 from bench.chaos.report import print_report
 from bench.chaos.schedule import KINDS, Faults, HealthWatch
@@ -308,7 +308,10 @@ async def _run(
             caught_up=caught_up,
             unexpected_exits=watch.unexpected_exits,
         )
-        results: list[Invariant] = await check_all(world)
+        results: list[Invariant] = [
+            faults_injected(options.kinds, faults.records),
+            *await check_all(world),
+        ]
         resumed, stuck = await _resumption_after_kills(redis, prefix, faults)
         timings["checks"] = time.monotonic() - check_start
         timings["whole run"] = time.monotonic() - started
