@@ -14,8 +14,11 @@ import pytest
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
+from app.billing.access_sweep import AccessSweep
+from app.billing.reconciler import Reconciler
 from app.settings import Settings
 from app.web.services import Services
+from provisioning.leases import InstanceLock
 from streams import Event, channel_name, user_topic
 from tests.support.bugs import crash_once, crash_once_sync
 from tests.support.redis_server import redis_process
@@ -82,6 +85,11 @@ async def still_works(stack: Stack, name: str) -> None:
 async def test_each_loop_crashing_once_is_restarted_and_the_service_still_works(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Loops that sweep at once when they start, then every 30 s or more, and the instance lock
+    # that holds its connection for as long as it can: each crashes in its first round.
+    crash_once(monkeypatch, Reconciler, "reconcile_once")
+    crash_once(monkeypatch, AccessSweep, "sweep_once")
+    crash_once(monkeypatch, InstanceLock, "_hold")
     async with running_stack(settings) as stack:
         found = services(stack)
         runner: Any = found.runner
@@ -115,6 +123,9 @@ async def test_each_loop_crashing_once_is_restarted_and_the_service_still_works(
             "operation-sweep",
             "operation-lease-keeper",
             "event-hub",
+            "subscription-reconciler",
+            "access-sweep",
+            "instance-lock",
         }
         # The renewer and the Stripe sweep run every 10 s, the others more often.
         await wait_for(
