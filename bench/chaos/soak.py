@@ -77,10 +77,14 @@ async def _settle(
     loop = asyncio.get_running_loop()
     start = loop.time()
     while loop.time() - start < within:
-        # Only the server being away is waited out: a query error (a table renamed under the
-        # soak) once made every settle last its whole bound.
+        # Only the server being away or full is waited out (the machine's server is shared:
+        # others' tests once took its last connection): a query error (a table renamed under
+        # the soak) once made every settle last its whole bound.
         with contextlib.suppress(
-            OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
         ):
             conn = await asyncpg.connect(database_url)
             try:
