@@ -273,6 +273,7 @@ def create_app(
 
                 def begin_shutdown() -> None:
                     shutting_down.set()
+                    supervisor.stop()  # the hub returns once closed: finished, not crashed
                     hub.close()
 
                 app.state.begin_shutdown = begin_shutdown
