@@ -38,7 +38,15 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that another attempt after a pause may not meet again."""
-    return isinstance(exc, _TRANSIENT)
+    if isinstance(exc, _TRANSIENT):
+        return True
+    # A connection dropped inside `async with conn.transaction()`: leaving the block raises
+    # asyncpg's InterfaceError ("the underlying connection is closed") over the real cause.
+    # Other InterfaceErrors (an operation already in progress...) are bugs, not outages.
+    return isinstance(exc, asyncpg.InterfaceError) and (
+        "connection is closed" in str(exc)
+        or (exc.__context__ is not None and isinstance(exc.__context__, _TRANSIENT))
+    )
 
 
 class ProvisioningError(Exception):

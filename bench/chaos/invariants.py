@@ -60,6 +60,7 @@ class World:
     instances: Sequence[Instance]
     caught_up: dict[int, bool]  # id(events client) -> reached the Stream's last entry
     unexpected_exits: Sequence[str]
+    server_errors: Sequence[str]  # the customers' requests answered 5xx other than 503
 
 
 def faults_injected(kinds: Iterable[str], records: Sequence[FaultRecord]) -> Invariant:
@@ -421,6 +422,21 @@ async def instances_ready(world: World) -> Invariant:
     return inv
 
 
+def no_server_errors(world: World) -> Invariant:
+    """Under any fault a request is served, refused with a 4xx, or told to come back (503 with
+    Retry-After): a 500 is a bug, and a webhook answered 500 is one Stripe may give up on."""
+    inv = Invariant("no request or webhook answered a 5xx other than 503")
+    for error in world.server_errors:
+        inv.checked += 1
+        inv.fail(error)
+    for delivery in world.deliveries:
+        for status in delivery.attempts:
+            inv.checked += 1
+            if isinstance(status, int) and status >= 500 and status != 503:
+                inv.fail(f"webhook {delivery.event_id} ({delivery.type}) answered {status}")
+    return inv
+
+
 async def check_all(world: World) -> list[Invariant]:
     db = await asyncpg.connect(world.database_url)
     admin = await asyncpg.connect(world.admin_url)
@@ -438,7 +454,7 @@ async def check_all(world: World) -> list[Invariant]:
                 operations_end(world, db),
                 instances_ready(world),
             ]
-            results = []
+            results = [no_server_errors(world)]
             for check in checks:
                 try:
                     results.append(await check)

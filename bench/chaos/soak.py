@@ -311,6 +311,7 @@ async def _run(
             instances=instances,
             caught_up=caught_up,
             unexpected_exits=watch.unexpected_exits,
+            server_errors=traffic.server_errors,
         )
         results: list[Invariant] = [
             faults_injected(options.kinds, faults.records),
