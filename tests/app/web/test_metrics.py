@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -69,3 +71,42 @@ async def test_metrics_count_webhooks_pending_retrying_and_failed(settings: Sett
         assert samples[("lookout_webhooks_retrying", (("error", "transient"),))] == 1
         assert samples[("lookout_webhooks_retrying", (("error", "permanent"),))] == 0
         assert samples[("lookout_webhooks_failed", ())] == 1
+
+
+def histogram_count(text: str, name: str) -> float:
+    counts = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for s in family.samples
+        if s.name == f"{name}_count"
+    ]
+    assert len(counts) == 1, f"{name} is not in /metrics"
+    return counts[0]
+
+
+async def test_server_side_latency_histograms_follow_a_purchase(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        started = await stack.checkout("graph-standard", "timed")
+        await stack.pay(started["checkout_session_id"])
+        await stack.wait_for_status(started["subscription_id"], "active")
+        await stack.settled()
+        answer = await stack.anonymous.get("/metrics")
+        health = (await stack.anonymous.get("/healthz")).json()
+        async with stack.app.state.services.pool.acquire() as conn:
+            stored = await conn.fetchval("SELECT count(*) FROM webhook_events")
+    text = answer.text
+    # Every webhook stored was acknowledged, and timed (one delivery of each, in the tests).
+    assert histogram_count(text, "lookout_webhook_ack_seconds") >= stored > 0
+    # The one payment: from its webhook's receipt to its operation.started.
+    assert histogram_count(text, "lookout_webhook_received_to_operation_started_seconds") == 1
+    assert histogram_count(text, "lookout_event_loop_lag_seconds") > 0
+    assert 'lookout_webhook_ack_seconds_bucket{le="0.025"}' in text
+    info = [
+        s.labels
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "lookout_process_info"
+    ]
+    assert info == [{"pid": str(os.getpid()), "worker": "0"}]
+    assert health == {"status": "ok", "pid": os.getpid(), "worker": 0}
