@@ -264,8 +264,8 @@ class Metrics:
         )
         self.received_to_started = Histogram(
             "lookout_webhook_received_to_operation_started_seconds",
-            "Payments confirmed by a webhook: from its receipt (the inbox row's received_at) to"
-            " the publication of its operation.started, on this process",
+            "Payments confirmed by their checkout event as it is stored: from its receipt (the"
+            " inbox row's received_at) to their operation.started published, on this process",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
