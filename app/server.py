@@ -214,7 +214,8 @@ def _worker_main(
     parent: int,
     prepare: Callable[[], None],
 ) -> None:
-    """A worker process (spawned: a fresh interpreter, nothing inherited but the socket)."""
+    """A worker process (spawned: a fresh interpreter that inherits only the socket and the
+    pipe on which it says it serves)."""
     prepare()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
 
@@ -337,6 +338,7 @@ class _Workers:
                 logger.warning("worker %d did not stop in time: killed", worker.index)
                 worker.process.kill()
                 worker.process.join()
+        for worker in self._workers.values():
             worker.ready.close()
         self._workers.clear()
 
