@@ -36,6 +36,7 @@ from app.billing.webhooks.handlers import StripeEventHandlers
 from app.billing.webhooks.inbox import WebhookInbox
 from app.billing.webhooks.intake import Unsettled, WebhookIntake
 from app.db import create_pool, migrate
+from app.loop_lag import LoopLagMonitor
 from app.settings import ConfigError, Settings
 from app.users import KeyStatus
 from app.web.errors import exception_handlers
@@ -45,7 +46,7 @@ from app.web.hosts import HostGuard
 from app.web.metrics import CountingPublisher, Metrics
 from app.web.openapi import openapi_document
 from app.web.ratelimit import RateLimitMiddleware, RateLimits
-from app.web.routes.billing import billing_routes, stripe_webhook
+from app.web.routes.billing import acknowledgement_timed, billing_routes, stripe_webhook
 from app.web.routes.graphs import graph_routes
 from app.web.routes.keys import key_routes
 from app.web.routes.operations import operation_routes
@@ -187,7 +188,7 @@ def create_app(
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
-            metrics = Metrics()
+            metrics = Metrics(worker=settings.worker)
             publisher = CountingPublisher(
                 redis,
                 prefix=settings.redis_prefix,
@@ -225,7 +226,12 @@ def create_app(
             inbox = WebhookInbox(
                 pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
             )
-            intake = WebhookIntake(pool, inbox, unsettled=unsettled)
+            intake = WebhookIntake(
+                pool,
+                inbox,
+                unsettled=unsettled,
+                observe_started=metrics.received_to_started.observe,
+            )
             shutting_down = anyio.Event()
             supervisor = Supervisor()
             async with anyio.create_task_group() as task_group:
@@ -246,6 +252,9 @@ def create_app(
                 )
                 access_sweep = AccessSweep(pool, lifecycle)
                 task_group.start_soon(supervisor.run, "access-sweep", access_sweep.run)
+                # --- issue 15: the event loop's lag, and the stack of any stall (app.loop_lag) ---
+                lag = LoopLagMonitor(metrics.loop_lag.observe)
+                task_group.start_soon(supervisor.run, "event-loop-lag", lag.run)
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,
@@ -307,7 +316,8 @@ def create_app(
         direct_routes=[
             *direct_stream_routes,
             # Stripe's burst of webhooks: the middleware stack was a quarter of each one's CPU.
-            ("POST /v1/webhooks/stripe", answering_errors(stripe_webhook)),
+            # Timed into lookout_webhook_ack_seconds (issue 15).
+            ("POST /v1/webhooks/stripe", acknowledgement_timed(answering_errors(stripe_webhook))),
         ],
         # --- browser safety (issue 17): Host check here, security headers in the stack ---
         allowed_hosts=settings.allowed_hosts,

@@ -11,10 +11,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["ConfigError", "Settings", "log_level_from_env"]
 
 STRIPE_DEFAULT_API_BASE = "https://api.stripe.com"
 MIN_STREAM_SECONDS = 300
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
@@ -85,6 +86,12 @@ class Settings:
     access_recheck_seconds: float = 10.0
     # How long `past_due` keeps its resource before it is suspended (issue 13).
     past_due_grace_days: int = 7
+    # LOOKOUT_LOG_LEVEL: the level of Lookout's own loggers (app, streams, provisioning), not
+    # the libraries'; None leaves them at the root's (app.cli.main.configure_logging).
+    log_level: str | None = None
+    # Which worker of `lookout serve --workers N` this process is (0 to N-1; 0 when it serves
+    # alone): /healthz and /metrics name it. Not an environment setting: the server sets it.
+    worker: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -156,6 +163,7 @@ class Settings:
             trusted_proxies=_trusted_proxies(env),
             allowed_hosts_given=_allowed_hosts(env),
             past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
+            log_level=log_level_from_env(env),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
@@ -185,6 +193,20 @@ def _allowed_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
                 f"port (e.g. lookout.example.com,127.0.0.1), got {host!r}"
             )
     return hosts
+
+
+def log_level_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """LOOKOUT_LOG_LEVEL, lower case, or None when unset. Also read on its own, before the rest
+    of the settings: logging is configured before a command reads them."""
+    env = os.environ if env is None else env
+    level = env.get("LOOKOUT_LOG_LEVEL", "").strip().lower()
+    if not level:
+        return None
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"LOOKOUT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    return level
 
 
 def _metrics_token(env: Mapping[str, str]) -> str | None:

@@ -1,6 +1,7 @@
 """Webhook acknowledgement latency, and from payment confirmation to provisioning, measured.
 
-    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100] [--profile FILE]
+    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100] [--workers 1]
+                            [--profile FILE]
 
 Lookout runs as `lookout serve` in its own process (on DATABASE_URL / REDIS_URL, or embedded
 servers), the Stripe emulator and this load client in this one. The client sends signed
@@ -9,7 +10,12 @@ graph provisioning), the rest are other events Lookout stores and audits. 100 pr
 started together: `--rate 1000 --seconds 0.1`. It prints: acknowledgement latency; from the
 confirmation's arrival (its inbox row's `received_at`) and from its acknowledgement to
 `operation.started` on the stream (the Stream id's clock); from its arrival to
-`operation.completed`; `operation.started` → terminal event; operations per second.
+`operation.completed`; `operation.started` → terminal event; operations per second. Beside
+them, what the server saw over the run (`bench.server_metrics`: its histograms of
+acknowledgement, received → `operation.started` published, and event-loop lag, scraped from
+/metrics before and after): a tail on the client's side only was spent outside the server's
+routes (waiting to be read, or in the load client). `--workers N` serves with
+`lookout serve --workers N`.
 `--profile FILE` records the server with py-spy (installed separately) for 15 s from the
 first webhook, as collapsed stacks.
 """
@@ -38,6 +44,7 @@ from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
 from app.users import create_api_key, create_user
 from bench.raw_http import RawConnection, build_post
+from bench.server_metrics import report, scrape
 from streams import operation_topic, stream_key
 from tests.support import database_dsn, free_port, live_server
 from tests.support.process import serve_process
@@ -103,7 +110,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
     db = await asyncpg.connect(settings.database_url)
     async with (
         live_server(emulator, port=emulator_port),
-        serve_process(settings, port=port) as server,
+        serve_process(settings, port=port, workers=args.workers) as server,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
         httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
     ):
@@ -132,6 +139,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         ]
         requests = [_signed_request(url, item["event"], secret) for item in plan]
         profiler = _start_profiler(args.profile, server.process.pid)
+        server_before = await scrape(url, workers=args.workers)
         begin = time.perf_counter()
 
         async def send(index: int, item: dict[str, Any]) -> None:
@@ -164,6 +172,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             if pending == 0 and started >= len(ack_at):
                 break
             await asyncio.sleep(0.5)
+        server_after = await scrape(url, workers=args.workers)
         if profiler is not None:
             profiler.wait()
             print(f"profile of the server during the burst: {args.profile}")
@@ -212,6 +221,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         print(line("ack -> operation.started on the stream", to_started))
         print(line("received -> operation.completed", to_completed))
         print(line("operation.started -> terminal event", durations))
+        for text in report(server_before, server_after):
+            print(text)
         statuses = {
             s: sum(1 for r in rows if r["status"] == s) for s in {r["status"] for r in rows}
         }
@@ -245,6 +256,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--provisionings", type=int, default=100)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="lookout serve --workers N (default: 1)"
+    )
     parser.add_argument(
         "--profile", metavar="FILE", help="record the server with py-spy (collapsed stacks)"
     )

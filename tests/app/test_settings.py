@@ -51,6 +51,7 @@ def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
         ({"LOOKOUT_TRUSTED_PROXIES": "proxy.internal"}, "LOOKOUT_TRUSTED_PROXIES"),
         ({"LOOKOUT_TRUSTED_PROXIES": "*"}, "LOOKOUT_TRUSTED_PROXIES"),
         ({"LOOKOUT_TRUSTED_PROXIES": "10.0.0.1/8"}, "LOOKOUT_TRUSTED_PROXIES"),
+        ({"LOOKOUT_LOG_LEVEL": "verbose"}, "LOOKOUT_LOG_LEVEL"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
@@ -109,3 +110,8 @@ def test_connection_limits_have_defaults_and_can_be_set() -> None:
 def test_trusted_proxies_are_addresses_or_networks() -> None:
     env = {**BASE, "LOOKOUT_TRUSTED_PROXIES": " 10.0.0.2, 10.1.0.0/16,::1 "}
     assert Settings.from_env(env).trusted_proxies == ("10.0.0.2", "10.1.0.0/16", "::1")
+
+
+def test_the_log_level_of_lookout_s_loggers_is_left_alone_unless_set() -> None:
+    assert Settings.from_env(BASE).log_level is None
+    assert Settings.from_env({**BASE, "LOOKOUT_LOG_LEVEL": " DEBUG "}).log_level == "debug"

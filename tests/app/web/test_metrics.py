@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
 from tests.support.stack import running_stack
+from tests.support.stripe_events import deliver, make_event, stripe_object
 
 pytestmark = pytest.mark.anyio
 
@@ -69,3 +72,54 @@ async def test_metrics_count_webhooks_pending_retrying_and_failed(settings: Sett
         assert samples[("lookout_webhooks_retrying", (("error", "transient"),))] == 1
         assert samples[("lookout_webhooks_retrying", (("error", "permanent"),))] == 0
         assert samples[("lookout_webhooks_failed", ())] == 1
+
+
+ACK = "lookout_webhook_ack_seconds"
+
+
+def histogram_count(text: str, name: str) -> float:
+    counts = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for s in family.samples
+        if s.name == f"{name}_count"
+    ]
+    assert len(counts) == 1, f"{name} is not in /metrics"
+    return counts[0]
+
+
+async def test_server_side_latency_histograms_follow_a_purchase(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        # A refusal is no acknowledgement: not timed. (Nothing else is delivered yet.)
+        before = histogram_count((await stack.anonymous.get("/metrics")).text, ACK)
+        event = make_event("invoice.created", stripe_object("invoice"))
+        refused = await deliver(stack.anonymous, event, "whsec_not_ours")
+        assert refused.status_code == 400
+        assert histogram_count((await stack.anonymous.get("/metrics")).text, ACK) == before
+        started = await stack.checkout("graph-standard", "timed")
+        # The checkout's own event confirms the payment as it is stored (timed); sent alone, so
+        # that no invoice or subscription event has the inbox worker fulfil it first (not timed).
+        events = await stack.paid_events(started["checkout_session_id"])
+        secret = stack.settings.stripe_webhook_secrets[0]
+        for event_type in ("checkout.session.completed", "invoice.created"):
+            answer = await deliver(stack.anonymous, events[event_type], secret)
+            assert answer.status_code == 200, answer.text
+        await stack.wait_for_status(started["subscription_id"], "active")
+        answer = await stack.anonymous.get("/metrics")
+        health = (await stack.anonymous.get("/healthz")).json()
+    text = answer.text
+    # The two sent here, and whatever the emulator delivered since (subscription updates).
+    assert histogram_count(text, ACK) >= 2
+    # The one payment: from its webhook's receipt to its operation.started.
+    assert histogram_count(text, "lookout_webhook_received_to_operation_started_seconds") == 1
+    assert histogram_count(text, "lookout_event_loop_lag_seconds") > 0
+    assert 'lookout_webhook_ack_seconds_bucket{le="0.025"}' in text
+    info = [
+        s.labels
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "lookout_process_info"
+    ]
+    assert info == [{"pid": str(os.getpid()), "worker": "0"}]
+    assert health == {"status": "ok", "pid": os.getpid(), "worker": 0}
