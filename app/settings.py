@@ -85,6 +85,10 @@ class Settings:
     access_recheck_seconds: float = 10.0
     # How long `past_due` keeps its resource before it is suspended (issue 13).
     past_due_grace_days: int = 7
+    # Graph databases kept made ahead of demand per provisioning server (issue 15). 4: a
+    # handful of payments at once (the runner's concurrency) each get one at once, for about
+    # 4 x 8 MB of disk; a server expecting bursts sets the largest burst it expects.
+    warm_pool_size: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -156,6 +160,7 @@ class Settings:
             trusted_proxies=_trusted_proxies(env),
             allowed_hosts_given=_allowed_hosts(env),
             past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
+            warm_pool_size=_int(env, "LOOKOUT_WARM_POOL_SIZE", 4, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
