@@ -45,7 +45,7 @@ from .leases import INSTANCE_LOCK_CLASS, instance_gone
 from .operations import Connection
 from .pgadmin import admin_connection, quote_ident
 
-__all__ = ["WARM_POOL_LOCK_CLASS", "WarmPool", "server_key", "warm_pool_counts"]
+__all__ = ["WARM_POOL_LOCK_CLASS", "WarmPool", "server_key", "template_name", "warm_pool_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,11 @@ RETURNING w.id
 """
 
 
+def template_name(name_prefix: str) -> str:
+    """The graph template's database name on a server, for a backend's name prefix."""
+    return f"{name_prefix}graph_template_{TEMPLATE_DIGEST}"
+
+
 def server_key(admin_dsn: str) -> str:
     """The provisioning server as pool rows name it: ``host:port`` of its admin DSN (no user,
     no password), a socket directory for a Unix socket."""
@@ -164,7 +169,7 @@ class WarmPool:
         self._interval = interval
         self._stale_after = stale_after
         self._claimed_kept = claimed_kept
-        self._template = f"{backend.name_prefix}graph_template_{TEMPLATE_DIGEST}"
+        self._template = template_name(backend.name_prefix)
         self._template_ready = False
         self._wanted = anyio.Event()
 
