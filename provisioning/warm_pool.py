@@ -443,16 +443,10 @@ class WarmPool:
     async def _drop(self, spares: Sequence[str]) -> int:
         """Drops what is left of these spares on the server, then their rows."""
         b = self._backend
-        async with self._admin("warm-pool-sweep") as conn:
-            left = {
-                r["name"]
-                for r in await conn.fetch(
-                    "SELECT datname AS name FROM pg_database WHERE datname = ANY($1::text[])"
-                    " UNION SELECT rolname FROM pg_roles WHERE rolname = ANY($2::text[])",
-                    [b.database_name(s) for s in spares],
-                    [name for s in spares for name in (b.role_name(s), b.owner_name(s))],
-                )
-            }
+        left = await self._on_server(
+            [b.database_name(s) for s in spares],
+            [name for s in spares for name in (b.role_name(s), b.owner_name(s))],
+        )
         dropped = []
         for spare in spares:
             names = {b.database_name(spare), b.role_name(spare), b.owner_name(spare)}
@@ -476,14 +470,7 @@ class WarmPool:
     async def _forget_lost(self, ready: Sequence[str]) -> int:
         """Rows of ready databases that someone dropped on the server: the pool makes others."""
         b = self._backend
-        async with self._admin("warm-pool-sweep") as conn:
-            present = {
-                r["datname"]
-                for r in await conn.fetch(
-                    "SELECT datname FROM pg_database WHERE datname = ANY($1::text[])",
-                    [b.database_name(s) for s in ready],
-                )
-            }
+        present = await self._on_server([b.database_name(s) for s in ready])
         lost = [s for s in ready if b.database_name(s) not in present]
         if not lost:
             return 0
@@ -497,6 +484,17 @@ class WarmPool:
             )
         logger.warning("%d warm databases of %s were gone from the server", len(lost), self._server)
         return await self._drop([r["id"] for r in forgotten]) if forgotten else 0
+
+    async def _on_server(self, databases: Sequence[str], roles: Sequence[str] = ()) -> set[str]:
+        """Which of these databases and roles exist on the server."""
+        async with self._admin("warm-pool-sweep") as conn:
+            rows = await conn.fetch(
+                "SELECT datname AS name FROM pg_database WHERE datname = ANY($1::text[])"
+                " UNION SELECT rolname FROM pg_roles WHERE rolname = ANY($2::text[])",
+                list(databases),
+                list(roles),
+            )
+        return {r["name"] for r in rows}
 
     def _admin(
         self, tag: str, *, database: str | None = None

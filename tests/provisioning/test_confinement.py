@@ -25,7 +25,14 @@ from provisioning import (
     StepContext,
     WarmPool,
 )
-from tests.provisioning.support import Serving, new_subject, server_objects, wait_for, with_admin
+from tests.provisioning.support import (
+    Serving,
+    createrole_admin,
+    new_subject,
+    server_objects,
+    wait_for,
+    with_admin,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -319,14 +326,8 @@ async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confine
     name_prefix: str,
 ) -> None:
     """`PROVISIONER_DATABASE_URL` may name a CREATEDB CREATEROLE role rather than a superuser."""
+    admin_dsn = await createrole_admin(pg_admin_dsn, name_prefix)
     admin = f"{name_prefix}admin"
-    await with_admin(
-        pg_admin_dsn,
-        lambda c: c.execute(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE PASSWORD 'pw'"),
-    )
-    parts = urlsplit(pg_admin_dsn)  # a host and port, or a socket in ?host=
-    server = parts.netloc.rpartition("@")[2]
-    admin_dsn = parts._replace(netloc=f"{admin}:pw@{server}").geturl()
     backend = GraphBackend(admin_dsn, name_prefix=name_prefix)
     subject = new_subject()
     async with serving([backend]) as runner:

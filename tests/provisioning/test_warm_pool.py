@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator
-from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -17,7 +16,14 @@ import pytest
 from provisioning import GraphBackend, ResourceSpec, WarmPool
 from provisioning.pgadmin import quote_ident
 from provisioning.warm_pool import WARM_POOL_LOCK_CLASS, server_key
-from tests.provisioning.support import Serving, new_subject, server_objects, wait_for, with_admin
+from tests.provisioning.support import (
+    Serving,
+    createrole_admin,
+    new_subject,
+    server_objects,
+    wait_for,
+    with_admin,
+)
 from tests.provisioning.test_confinement import assert_confined
 from tests.support.stack import wait_for as poll
 
@@ -44,6 +50,15 @@ async def oids(admin_dsn: str, names: list[str]) -> dict[str, int]:
         ),
     )
     return {r["datname"]: r["oid"] for r in rows}
+
+
+async def filled(
+    warm: WarmPool, backend: GraphBackend, db_pool: asyncpg.Pool, admin_dsn: str
+) -> dict[str, int]:
+    """Fills the pool; answers the oid of each database in it, by its id."""
+    await warm.fill()
+    names = {backend.database_name(s): s for s in await spares(db_pool)}
+    return {names[name]: oid for name, oid in (await oids(admin_dsn, list(names))).items()}
 
 
 async def spares(db_pool: asyncpg.Pool, state: str = "ready") -> list[str]:
@@ -109,19 +124,14 @@ async def test_a_provision_takes_a_pooled_database_and_its_customer_is_confined(
     user_id: str,
     pg_admin_dsn: str,
 ) -> None:
-    await warm.fill()
-    made = await spares(db_pool)
-    before = await oids(pg_admin_dsn, [graph_backend.database_name(s) for s in made])
+    before = await filled(warm, graph_backend, db_pool, pg_admin_dsn)
 
     (graph,) = await provision(db_pool, serving, graph_backend, user_id, 1)
 
-    (taken,) = await db_pool.fetch("SELECT id FROM warm_pool WHERE claimed_by = $1", graph)
+    taken = await db_pool.fetchval("SELECT id FROM warm_pool WHERE claimed_by = $1", graph)
     after = await oids(pg_admin_dsn, [graph_backend.database_name(graph)])
     # Renamed, not created: the graph's database is the pooled one.
-    assert (
-        after[graph_backend.database_name(graph)]
-        == before[graph_backend.database_name(taken["id"])]
-    )
+    assert after[graph_backend.database_name(graph)] == before[taken]
     assert await warm.level() == 1
     async with serving([graph_backend]) as runner:
         credentials = await runner.rotate_credentials(graph)
@@ -158,9 +168,7 @@ async def test_concurrent_provisions_never_get_the_same_database(
     user_id: str,
     pg_admin_dsn: str,
 ) -> None:
-    await warm.fill()
-    made = await spares(db_pool)
-    before = await oids(pg_admin_dsn, [graph_backend.database_name(s) for s in made])
+    before = await filled(warm, graph_backend, db_pool, pg_admin_dsn)
     # Twice as many takes as there are databases, all at once.
     graphs = [f"gr_{secrets.token_hex(12)}" for _ in range(4)]
     taken: dict[str, bool] = {}
@@ -181,14 +189,7 @@ async def test_concurrent_provisions_never_get_the_same_database(
         await graph_backend.teardown(graph)
 
     # And through the runner: four provisions at once, two pooled databases, all complete.
-    await warm.fill()
-    pooled = set(
-        (
-            await oids(
-                pg_admin_dsn, [graph_backend.database_name(s) for s in await spares(db_pool)]
-            )
-        ).values()
-    )
+    pooled = set((await filled(warm, graph_backend, db_pool, pg_admin_dsn)).values())
     provisioned = await provision(db_pool, serving, graph_backend, user_id, 4)
     got = await oids(pg_admin_dsn, [graph_backend.database_name(g) for g in provisioned])
     assert len(set(got.values())) == 4
@@ -311,14 +312,9 @@ async def test_an_admin_that_is_not_a_superuser_fills_and_gives_out_pooled_graph
     user_id: str,
     name_prefix: str,
 ) -> None:
-    admin = f"{name_prefix}admin"
-    await with_admin(
-        pg_admin_dsn,
-        lambda c: c.execute(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE PASSWORD 'pw'"),
+    backend = GraphBackend(
+        await createrole_admin(pg_admin_dsn, name_prefix), name_prefix=name_prefix
     )
-    parts = urlsplit(pg_admin_dsn)
-    admin_dsn = parts._replace(netloc=f"{admin}:pw@{parts.netloc.rpartition('@')[2]}").geturl()
-    backend = GraphBackend(admin_dsn, name_prefix=name_prefix)
     warm = WarmPool(db_pool, backend, size=1, instance_id="test-createrole")
     backend.use_warm_pool(warm)
     assert await warm.fill() == 1
