@@ -60,6 +60,7 @@ from provisioning import (
     ProvisionerBackend,
     RetryPolicy,
     SharedRepositoryBackend,
+    WarmPool,
 )
 from streams import (
     DirectRoutes,
@@ -216,6 +217,21 @@ def create_app(
                 retry=RetryPolicy(outage_window=settings.provisioner_retry_seconds),
                 give_way_to=unsettled,
             )
+            # Graph databases made ahead of demand, one pool per graph backend's server; its
+            # refill gives way to the webhooks and to the operations running here.
+            warm_pools: list[WarmPool] = []
+            for backend in chosen:
+                if isinstance(backend, GraphBackend):
+                    warm = WarmPool(
+                        pool,
+                        backend,
+                        size=settings.warm_pool_size,
+                        instance_id=instance_id,
+                        give_way_to=(unsettled, runner),
+                    )
+                    backend.use_warm_pool(warm)
+                    warm_pools.append(warm)
+            metrics.watch_warm_pools({w.server: w.size for w in warm_pools})
             lifecycle = Lifecycle(
                 pool,
                 publisher,
@@ -243,6 +259,8 @@ def create_app(
                     "operation-runner",
                     functools.partial(runner.run, supervisor=supervisor),
                 )
+                for warm in warm_pools:
+                    task_group.start_soon(supervisor.run, f"warm-pool {warm.server}", warm.run)
                 task_group.start_soon(supervisor.run, "stream-lease-renewer", leases.run)
                 task_group.start_soon(supervisor.run, "webhook-inbox", inbox.run)
                 task_group.start_soon(supervisor.run, "webhook-intake", intake.run)

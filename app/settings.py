@@ -92,6 +92,10 @@ class Settings:
     # Which worker of `lookout serve --workers N` this process is (0 to N-1; 0 when it serves
     # alone): /healthz and /metrics name it. Not an environment setting: the server sets it.
     worker: int = 0
+    # Graph databases kept made ahead of demand per provisioning server (issue 15). 4: a
+    # handful of payments at once (the runner's concurrency) each get one at once, for about
+    # 4 x 8 MB of disk; a server expecting bursts sets the largest burst it expects.
+    warm_pool_size: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -164,6 +168,7 @@ class Settings:
             allowed_hosts_given=_allowed_hosts(env),
             past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
             log_level=log_level_from_env(env),
+            warm_pool_size=_int(env, "LOOKOUT_WARM_POOL_SIZE", 4, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:

@@ -30,6 +30,7 @@ from .repository import SharedRepositoryBackend
 from .resources import ResourceRecord, resource_for_subject
 from .retry import RetryPolicy
 from .runner import OperationRunner
+from .warm_pool import WarmPool, warm_pool_counts
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
@@ -56,9 +57,11 @@ __all__ = [
     "StepContext",
     "StorageMeter",
     "SubscriptionHooks",
+    "WarmPool",
     "get_operation",
     "get_operation_for_subject",
     "operation_counts",
     "operation_durations",
     "resource_for_subject",
+    "warm_pool_counts",
 ]

@@ -129,6 +129,9 @@ def settings(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Pat
             "STRIPE_API_BASE": "http://127.0.0.1:9",
             "LOOKOUT_REDIS_PREFIX": redis_prefix,
             "LOOKOUT_ENVIRONMENT": "test",
+            # No databases made ahead of demand on the shared server unless a test asks for
+            # them (tests/provisioning/test_warm_pool.py): they would outlive the test.
+            "LOOKOUT_WARM_POOL_SIZE": "0",
         }
     )
 

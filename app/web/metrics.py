@@ -40,6 +40,7 @@ from provisioning import (
     StorageMeter,
     operation_counts,
     operation_durations,
+    warm_pool_counts,
 )
 from streams import Event, EventPublisher
 
@@ -87,12 +88,16 @@ class StoredFigures:
     webhooks: InboxCounts = field(default_factory=InboxCounts)
     operations: Mapping[tuple[str, str], int] = field(default_factory=dict)
     durations: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    # Warm pool databases by (server, state): `ready` is the pool's level.
+    warm_pool: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 class _StateCollector(Collector):
     def __init__(self) -> None:
         self.live = LiveFigures()
         self.stored = StoredFigures()
+        # The size each provisioning server's warm pool is kept at, by server.
+        self.warm_pool_sizes: Mapping[str, int] = {}
 
     def collect(self) -> Iterator[Metric]:
         s, live = self.stored, self.live
@@ -117,6 +122,7 @@ class _StateCollector(Collector):
             ["kind", "quantile"],
             s.durations,
         )
+        yield from _warm_pool_gauges(s.warm_pool, self.warm_pool_sizes)
         yield GaugeMetricFamily(
             "lookout_open_streams", "SSE streams open on this instance", value=live.open_streams
         )
@@ -178,6 +184,29 @@ def _webhook_gauges(counts: InboxCounts) -> Iterator[Metric]:
         "Stripe events given up on (alert on > 0; `lookout webhooks list --failing`, then"
         " `lookout webhooks replay --failed`)",
         value=counts.failed,
+    )
+
+
+def _warm_pool_gauges(
+    counts: Mapping[tuple[str, str], int], sizes: Mapping[str, int]
+) -> Iterator[Metric]:
+    servers = {server for server, _ in counts} | set(sizes)
+    yield _labelled_gauge(
+        "lookout_warm_pool_databases",
+        "Graph databases of the warm pool by provisioning server and state (ready: the pool's"
+        " level, taken by the next provisions; creating: being made)",
+        ["server", "state"],
+        {
+            (server, state): counts.get((server, state), 0)
+            for server in servers
+            for state in ("ready", "creating")
+        },
+    )
+    yield _labelled_gauge(
+        "lookout_warm_pool_size",
+        "The level each provisioning server's warm pool is refilled to (LOOKOUT_WARM_POOL_SIZE)",
+        ["server"],
+        sizes,
     )
 
 
@@ -308,6 +337,10 @@ class Metrics:
                 return
             self._read_at = anyio.current_time()
 
+    def watch_warm_pools(self, sizes: Mapping[str, int]) -> None:
+        """The servers that keep a warm pool and its size: their level is reported, 0 too."""
+        self._state.warm_pool_sizes = dict(sizes)
+
     def _fresh(self) -> bool:
         return self._read_at is not None and anyio.current_time() - self._read_at < self._state_ttl
 
@@ -330,6 +363,7 @@ async def _read_stored(conn: Connection) -> StoredFigures:
             (kind, str(q)): seconds
             for (kind, q), seconds in (await operation_durations(conn, (0.5, 0.99))).items()
         },
+        warm_pool=await warm_pool_counts(conn),
     )
 
 

@@ -83,6 +83,15 @@ def test_the_provisioner_retry_window_is_15_minutes_unless_set() -> None:
         Settings.from_env({**BASE, "LOOKOUT_PROVISIONER_RETRY_SECONDS": "-1"})
 
 
+def test_the_warm_pool_keeps_4_databases_unless_set() -> None:
+    assert Settings.from_env(BASE).warm_pool_size == 4
+    assert Settings.from_env({**BASE, "LOOKOUT_WARM_POOL_SIZE": "0"}).warm_pool_size == 0
+    assert Settings.from_env({**BASE, "LOOKOUT_WARM_POOL_SIZE": "100"}).warm_pool_size == 100
+    for bad in ("-1", "many"):
+        with pytest.raises(ConfigError, match="LOOKOUT_WARM_POOL_SIZE"):
+            Settings.from_env({**BASE, "LOOKOUT_WARM_POOL_SIZE": bad})
+
+
 def test_connection_limits_have_defaults_and_can_be_set() -> None:
     defaults = Settings.from_env(BASE)
     assert (

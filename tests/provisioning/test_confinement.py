@@ -23,8 +23,16 @@ from provisioning import (
     ResourceSpec,
     SharedRepositoryBackend,
     StepContext,
+    WarmPool,
 )
-from tests.provisioning.support import Serving, new_subject, server_objects, wait_for, with_admin
+from tests.provisioning.support import (
+    Serving,
+    createrole_admin,
+    new_subject,
+    server_objects,
+    wait_for,
+    with_admin,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -80,18 +88,27 @@ async def provision(
         return [await runner.rotate_credentials(op.resource_id) for op in ops]
 
 
-@pytest.fixture
+@pytest.fixture(params=["created", "from the warm pool"])
 async def graphs(
+    request: pytest.FixtureRequest,
     db_pool: asyncpg.Pool,
     serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> list[Credentials]:
     """Two customers' graphs, after Lookout's own start-up on its database (`migrate`, as
-    `lookout serve` runs it); the first one's login is the customer trying its luck."""
+    `lookout serve` runs it); the first one's login is the customer trying its luck. Each
+    test runs on graphs created by their provisions, and on graphs taken from a warm pool."""
     async with db_pool.acquire() as conn:
         await migrate(conn)
-    return await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
+    if request.param == "created":
+        return await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
+    warm = WarmPool(db_pool, graph_backend, size=2, instance_id="test-confinement")
+    assert await warm.fill() == 2
+    graph_backend.use_warm_pool(warm)
+    made = await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
+    assert await warm.level() == 0
+    return made
 
 
 async def test_a_graph_login_cannot_lift_its_connection_limit(
@@ -309,14 +326,8 @@ async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confine
     name_prefix: str,
 ) -> None:
     """`PROVISIONER_DATABASE_URL` may name a CREATEDB CREATEROLE role rather than a superuser."""
+    admin_dsn = await createrole_admin(pg_admin_dsn, name_prefix)
     admin = f"{name_prefix}admin"
-    await with_admin(
-        pg_admin_dsn,
-        lambda c: c.execute(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE PASSWORD 'pw'"),
-    )
-    parts = urlsplit(pg_admin_dsn)  # a host and port, or a socket in ?host=
-    server = parts.netloc.rpartition("@")[2]
-    admin_dsn = parts._replace(netloc=f"{admin}:pw@{server}").geturl()
     backend = GraphBackend(admin_dsn, name_prefix=name_prefix)
     subject = new_subject()
     async with serving([backend]) as runner:

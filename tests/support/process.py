@@ -58,6 +58,7 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
         LOOKOUT_KEEP_ALIVE_SECONDS=str(settings.keep_alive_seconds),
         LOOKOUT_MAX_CONNECTIONS=str(settings.max_connections),
         LOOKOUT_TRUSTED_PROXIES=",".join(settings.trusted_proxies),
+        LOOKOUT_WARM_POOL_SIZE=str(settings.warm_pool_size),
     )
     if settings.provisioner_database_url:
         env["PROVISIONER_DATABASE_URL"] = settings.provisioner_database_url

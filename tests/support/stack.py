@@ -118,11 +118,16 @@ async def wait_for(
 
 
 async def drop_resources(settings: Settings, backends: Sequence[ProvisionerBackend]) -> None:
-    """Removes every graph and role the test's subscriptions made on the shared server."""
+    """Removes every graph and role the test's subscriptions and warm pool made on the shared
+    server."""
     assert settings.database_url is not None
     conn = await asyncpg.connect(settings.database_url)
     try:
         rows = await conn.fetch("SELECT resource_id, resource_type FROM subscriptions")
+        # The warm pool's databases are graphs' in all but name.
+        rows += await conn.fetch(
+            "SELECT id AS resource_id, 'graph' AS resource_type FROM warm_pool"
+        )
     finally:
         await conn.close()
     by_type = {b.resource_type: b for b in backends}

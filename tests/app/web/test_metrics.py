@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
-from tests.support.stack import running_stack
+from provisioning import GraphBackend
+from provisioning.warm_pool import server_key
+from tests.provisioning.support import drop_server_objects
+from tests.support.stack import running_stack, wait_for
 from tests.support.stripe_events import deliver, make_event, stripe_object
 
 pytestmark = pytest.mark.anyio
@@ -123,3 +129,45 @@ async def test_server_side_latency_histograms_follow_a_purchase(settings: Settin
     ]
     assert info == [{"pid": str(os.getpid()), "worker": "0"}]
     assert health == {"status": "ok", "pid": os.getpid(), "worker": 0}
+
+
+async def test_metrics_show_the_warm_pool_a_purchase_took_from(
+    settings: Settings, pg_admin_dsn: str
+) -> None:
+    prefix = f"lkt{secrets.token_hex(4)}_"
+    backend = GraphBackend(pg_admin_dsn, name_prefix=prefix)
+    try:
+        async with running_stack(replace(settings, warm_pool_size=2), backends=[backend]) as stack:
+            pool = stack.app.state.services.pool
+
+            async def level() -> int:
+                ready: int = await pool.fetchval(
+                    "SELECT count(*) FROM warm_pool WHERE state = 'ready'"
+                )
+                return ready
+
+            await wait_for(lambda: _at(level, 2), what="the warm pool to fill")
+            started = await stack.checkout("graph-standard", "pooled")
+            await stack.pay(started["checkout_session_id"])
+            found = await stack.wait_for_status(started["subscription_id"], "active")
+            claimed = await pool.fetchval(
+                "SELECT count(*) FROM warm_pool WHERE claimed_by = $1", found["resource_id"]
+            )
+            assert claimed == 1
+            await wait_for(lambda: _at(level, 2), what="the warm pool to be refilled")
+            answer = await stack.anonymous.get("/metrics")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text)
+            for s in family.samples
+        }
+        server = ("server", server_key(pg_admin_dsn))
+        assert samples[("lookout_warm_pool_databases", (server, ("state", "ready")))] == 2
+        assert samples[("lookout_warm_pool_databases", (server, ("state", "creating")))] == 0
+        assert samples[("lookout_warm_pool_size", (server,))] == 2
+    finally:
+        await drop_server_objects(pg_admin_dsn, prefix)
+
+
+async def _at(read: Callable[[], Awaitable[int]], value: int) -> bool:
+    return await read() == value
