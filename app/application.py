@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -56,6 +57,7 @@ from provisioning import (
     TERMINAL_EVENT_TYPES,
     GraphBackend,
     OperationRunner,
+    PlacedGraphBackend,
     ProvisionerBackend,
     RetryPolicy,
     SharedRepositoryBackend,
@@ -134,10 +136,13 @@ class LookoutApp(Starlette):
         await self._direct(scope, receive, send)
 
 
-def default_backends(settings: Settings) -> list[ProvisionerBackend]:
-    admin_dsn = settings.provisioner_database_url or settings.database_url
-    assert admin_dsn is not None
-    return [GraphBackend(admin_dsn), SharedRepositoryBackend(admin_dsn)]
+def default_backends(settings: Settings, pool: asyncpg.Pool) -> list[ProvisionerBackend]:
+    """Graphs placed over every provisioning server (``pool``: Lookout's database, where each
+    graph's server is recorded); the shared repository lives on the first server."""
+    servers = settings.provisioning_servers
+    assert servers, "DATABASE_URL must be known before the backends are built"
+    graphs = PlacedGraphBackend(pool, [(server, GraphBackend(server.dsn)) for server in servers])
+    return [graphs, SharedRepositoryBackend(servers[0].dsn)]
 
 
 async def dashboard(request: Request) -> Response:
@@ -203,8 +208,9 @@ def create_app(
             # operations on the runner; the webhook handlers follow the lifecycle.
             hooks = BillingHooks(pool, payments, publisher)
             unsettled = Unsettled()
-            chosen = backends if backends is not None else default_backends(settings)
+            chosen = backends if backends is not None else default_backends(settings, pool)
             metrics.storage.measure(chosen)
+            metrics.watch_servers(chosen)
             runner = OperationRunner(
                 pool,
                 publisher,
@@ -246,6 +252,11 @@ def create_app(
                 )
                 access_sweep = AccessSweep(pool, lifecycle)
                 task_group.start_soon(supervisor.run, "access-sweep", access_sweep.run)
+                for backend in chosen:
+                    if isinstance(backend, PlacedGraphBackend):
+                        task_group.start_soon(
+                            supervisor.run, "provisioning-server-probe", backend.watch
+                        )
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,

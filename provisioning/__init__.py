@@ -26,10 +26,12 @@ from .operations import (
     operation_counts,
     operation_durations,
 )
+from .placement import PlacedGraphBackend
 from .repository import SharedRepositoryBackend
 from .resources import ResourceRecord, resource_for_subject
 from .retry import RetryPolicy
 from .runner import OperationRunner
+from .servers import ServerState
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
@@ -44,6 +46,7 @@ __all__ = [
     "OperationNotFound",
     "OperationRecord",
     "OperationRunner",
+    "PlacedGraphBackend",
     "ProvisionRequest",
     "ProvisionerBackend",
     "ProvisioningError",
@@ -51,6 +54,7 @@ __all__ = [
     "ResourceRecord",
     "ResourceSpec",
     "RetryPolicy",
+    "ServerState",
     "SharedRepositoryBackend",
     "Step",
     "StepContext",

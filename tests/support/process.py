@@ -59,8 +59,8 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
         LOOKOUT_MAX_CONNECTIONS=str(settings.max_connections),
         LOOKOUT_TRUSTED_PROXIES=",".join(settings.trusted_proxies),
     )
-    if settings.provisioner_database_url:
-        env["PROVISIONER_DATABASE_URL"] = settings.provisioner_database_url
+    if settings.provisioner_database_urls:
+        env["PROVISIONER_DATABASE_URL"] = ",".join(settings.provisioner_database_urls)
     return env
 
 
