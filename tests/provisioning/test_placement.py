@@ -6,7 +6,7 @@ deprovision) goes to the graph's own server."""
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import anyio
@@ -24,7 +24,6 @@ from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
-    drop_server_objects,
     new_subject,
     operation_events,
     running,
@@ -53,13 +52,6 @@ def placed_over(
         [(s, GraphBackend(s.dsn, name_prefix=name_prefix, connect_timeout=2)) for s in servers],
         probe_timeout=2,
     )
-
-
-@pytest.fixture
-async def second_prefix(name_prefix: str, second_pg_dsn: str) -> AsyncIterator[str]:
-    """``name_prefix``, whose objects are dropped from the second server too."""
-    yield name_prefix
-    await drop_server_objects(second_pg_dsn, name_prefix)
 
 
 async def recorded(pool: asyncpg.Pool, resource_ids: Sequence[str]) -> list[str]:
