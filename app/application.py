@@ -211,6 +211,9 @@ def create_app(
             chosen = backends if backends is not None else default_backends(settings, pool)
             metrics.storage.measure(chosen)
             metrics.watch_servers(chosen)
+            for backend in chosen:
+                if isinstance(backend, PlacedGraphBackend):
+                    await backend.name_older_graphs()
             runner = OperationRunner(
                 pool,
                 publisher,
@@ -252,11 +255,7 @@ def create_app(
                 )
                 access_sweep = AccessSweep(pool, lifecycle)
                 task_group.start_soon(supervisor.run, "access-sweep", access_sweep.run)
-                for backend in chosen:
-                    if isinstance(backend, PlacedGraphBackend):
-                        task_group.start_soon(
-                            supervisor.run, "provisioning-server-probe", backend.watch
-                        )
+
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,

@@ -16,8 +16,10 @@ most room, and everything later done to it goes to the server it was placed on.
   resource's recorded server. A resource never pinned has nothing anywhere: its teardown does
   nothing (a cancelled or failed provision is rolled back even while every server is down).
 - **Health**: ``ServerHealth``, this process's view, fed by every connection a step or a probe
-  makes; ``watch`` probes every server every few seconds, so ``/metrics`` shows it and a
-  server that comes back takes graphs again.
+  makes. A server that failed is passed over for ``down_seconds``; then the next placement
+  that prefers it probes it again. Nothing probes in the background: a server is contacted
+  only for work (and a stopped instance that wakes up touches no server before its lease
+  says it may).
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from collections.abc import Awaitable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Final, TypeVar, cast
 
-import anyio
 import asyncpg
 
 from .backend import (
@@ -87,7 +88,6 @@ class PlacedGraphBackend:
         *,
         health: ServerHealth | None = None,
         probe_timeout: float = 3.0,
-        probe_interval: float = 5.0,
         acquire_timeout: float = 5.0,
     ) -> None:
         if not servers:
@@ -99,7 +99,6 @@ class PlacedGraphBackend:
         self._backends: dict[str, ProvisionerBackend] = {s.name: b for s, b in servers}
         self.health = health or ServerHealth()
         self._probe_timeout = probe_timeout
-        self._probe_interval = probe_interval
         self._acquire_timeout = acquire_timeout
         self._placed: dict[str, str] = {}
         self._sizes: dict[str, dict[str, int]] = {}
@@ -296,42 +295,14 @@ class PlacedGraphBackend:
             raise
         self.health.mark_up(server.name)
 
-    async def probe_all(self) -> dict[str, bool]:
-        """Probes every server at once; answers which answered."""
-        answered: dict[str, bool] = {}
-
-        async def one(server: ProvisioningServer) -> None:
-            try:
-                await self._probe(server)
-            except Exception as exc:
-                if server.name not in answered:
-                    logger.warning("provisioning server %s is down (%s)", server, exc)
-                answered[server.name] = False
-            else:
-                answered[server.name] = True
-
-        async with anyio.create_task_group() as tg:
-            for server in self._servers:
-                tg.start_soon(one, server)
-        return answered
-
-    async def watch(self) -> None:
-        """Names the graphs made before servers were named (once), then probes every server
-        every ``probe_interval`` seconds, for as long as it runs."""
-        named = False
-        while True:
-            if not named:
-                try:
-                    async with self._acquire() as conn:
-                        count = await name_legacy_graphs(conn, self.first.name)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    logger.warning("older graphs not named yet (%s)", type(exc).__name__)
-                else:
-                    named = True
-                    if count:
-                        logger.info("%d older graph(s) recorded on %s", count, self.first)
-            await self.probe_all()
-            await anyio.sleep(self._probe_interval)
+    async def name_older_graphs(self) -> int:
+        """Records the first server on the graphs made before servers were named (once at
+        start), so that reordering the list later does not move them; answers how many."""
+        async with self._acquire() as conn:
+            count = await name_legacy_graphs(conn, self.first.name)
+        if count:
+            logger.info("%d older graph(s) recorded on %s", count, self.first)
+        return count
 
     async def states(self, conn: Connection) -> list[ServerState]:
         """Every server as this process sees it (``/metrics``)."""

@@ -187,7 +187,8 @@ def _server_gauges(servers: Sequence[ServerState]) -> Iterator[Metric]:
     )
     up = GaugeMetricFamily(
         "lookout_provisioning_server_up",
-        "1 while this instance's last connection to the provisioning server succeeded",
+        "0 while this instance passes the provisioning server over (a connection to it failed"
+        " within the last 10 s), 1 otherwise",
         labels=["server"],
     )
     drained = GaugeMetricFamily(
