@@ -232,7 +232,8 @@ class PlacedGraphBackend:
                 )
                 continue
             async with self._acquire() as conn:
-                pinned = await pin_server(conn, resource_id, chosen.name) or self.first.name
+                # None: no such row (a graph driven by hand, outside the runner).
+                pinned = await pin_server(conn, resource_id, chosen.name) or chosen.name
             self._remember(resource_id, pinned)
             logger.info("graph %s placed on %s", resource_id, pinned)
             return pinned

@@ -17,6 +17,7 @@ from redis.asyncio import Redis
 from bench.chaos.proxy import fault_proxy, url_through
 from provisioning import GraphBackend, PlacedGraphBackend, ResourceSpec, RetryPolicy
 from provisioning.placement import PLACEMENT_LOCK_ID
+from provisioning.reaper import OrphanReaper
 from provisioning.resources import get_resource
 from provisioning.servers import ProvisioningServer, set_drained
 from streams import EventPublisher
@@ -362,3 +363,29 @@ async def test_placements_wait_for_each_other_across_instances(
     finally:
         await pool.close()
     assert sorted(servers) == sorted([first.name, first.name, second.name, second.name])
+
+
+async def test_an_orphan_is_removed_from_its_own_server(
+    db_pool: asyncpg.Pool,
+    serving: Serving,
+    hooks: RecordingHooks,
+    user_id: str,
+    second_prefix: str,
+    pg_admin_dsn: str,
+    second_pg_dsn: str,
+) -> None:
+    first, second = server(pg_admin_dsn, weight=1), server(second_pg_dsn, weight=5)
+    placed = placed_over(db_pool, [first, second], second_prefix)
+    async with serving([placed]) as runner:
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        assert (await wait_for(db_pool, op.id)).status == "completed"
+    assert await recorded(db_pool, [op.resource_id]) == [second.name]
+    # As a removal that gave up while its server was away.
+    await db_pool.execute(
+        "UPDATE resources SET status = 'orphaned', updated_at = now() - interval '1 hour'"
+        " WHERE id = $1",
+        op.resource_id,
+    )
+    reaper = OrphanReaper(db_pool, hooks, {"graph": placed}, interval=60)
+    assert await reaper.reap_once() == 1
+    assert await server_objects(second_pg_dsn, second_prefix) == ([], [])
