@@ -104,14 +104,10 @@ class PlacedGraphBackend:
         self._sizes: dict[str, dict[str, int]] = {}
 
     @property
-    def servers(self) -> tuple[ProvisioningServer, ...]:
-        return self._servers
-
-    @property
     def first(self) -> ProvisioningServer:
         return self._servers[0]
 
-    def backend_on(self, name: str) -> ProvisionerBackend:
+    def _backend_on(self, name: str) -> ProvisionerBackend:
         try:
             return self._backends[name]
         except KeyError:
@@ -139,7 +135,7 @@ class PlacedGraphBackend:
             server = await self.place(ctx.resource_id)
         else:
             server, _ = await self._where(ctx.resource_id)
-        steps = self.backend_on(server).steps(kind)
+        steps = self._backend_on(server).steps(kind)
         step = next(s for s in steps if s.name == name)
         await self._on(server, step.run(ctx))
 
@@ -148,16 +144,16 @@ class PlacedGraphBackend:
         if not placed:
             # Never pinned: nothing of it was created on any server.
             return
-        await self._on(server, self.backend_on(server).teardown(resource_id))
+        await self._on(server, self._backend_on(server).teardown(resource_id))
 
     async def rotate_credentials(self, resource_id: str) -> Credentials:
         """The password is set on the graph's own server; the DSN names that server."""
         server, _ = await self._where(resource_id)
-        return await self._on(server, self.backend_on(server).rotate_credentials(resource_id))
+        return await self._on(server, self._backend_on(server).rotate_credentials(resource_id))
 
     async def open_connections(self, resource_id: str) -> int:
         server, _ = await self._where(resource_id)
-        backend = self.backend_on(server)
+        backend = self._backend_on(server)
         if not isinstance(backend, ConnectionMeter):
             raise TypeError(f"the backend of {server} cannot count sessions")
         return await self._on(server, backend.open_connections(resource_id))
@@ -165,7 +161,7 @@ class PlacedGraphBackend:
     async def confine(self, graph_id: str, limits: Mapping[str, int]) -> None:
         """``GraphBackend.confine`` on the graph's server."""
         server, _ = await self._where(graph_id)
-        backend = self.backend_on(server)
+        backend = self._backend_on(server)
         if not isinstance(backend, GraphBackend):
             raise TypeError(f"the backend of {server} is not a GraphBackend")
         await self._on(server, backend.confine(graph_id, limits))
