@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -57,6 +58,7 @@ from provisioning import (
     TERMINAL_EVENT_TYPES,
     GraphBackend,
     OperationRunner,
+    PlacedGraphBackend,
     ProvisionerBackend,
     RetryPolicy,
     SharedRepositoryBackend,
@@ -136,10 +138,13 @@ class LookoutApp(Starlette):
         await self._direct(scope, receive, send)
 
 
-def default_backends(settings: Settings) -> list[ProvisionerBackend]:
-    admin_dsn = settings.provisioner_database_url or settings.database_url
-    assert admin_dsn is not None
-    return [GraphBackend(admin_dsn), SharedRepositoryBackend(admin_dsn)]
+def default_backends(settings: Settings, pool: asyncpg.Pool) -> list[ProvisionerBackend]:
+    """Graphs placed over every provisioning server (``pool``: Lookout's database, where each
+    graph's server is recorded); the shared repository lives on the first server."""
+    servers = settings.provisioning_servers
+    assert servers, "DATABASE_URL must be known before the backends are built"
+    graphs = PlacedGraphBackend(pool, [(server, GraphBackend(server.dsn)) for server in servers])
+    return [graphs, SharedRepositoryBackend(servers[0].dsn)]
 
 
 async def dashboard(request: Request) -> Response:
@@ -205,8 +210,12 @@ def create_app(
             # operations on the runner; the webhook handlers follow the lifecycle.
             hooks = BillingHooks(pool, payments, publisher)
             unsettled = Unsettled()
-            chosen = backends if backends is not None else default_backends(settings)
+            chosen = backends if backends is not None else default_backends(settings, pool)
             metrics.storage.measure(chosen)
+            metrics.watch_servers(chosen)
+            for backend in chosen:
+                if isinstance(backend, PlacedGraphBackend):
+                    await backend.name_older_graphs()
             runner = OperationRunner(
                 pool,
                 publisher,
@@ -220,17 +229,25 @@ def create_app(
             # Graph databases made ahead of demand, one pool per graph backend's server; its
             # refill gives way to the webhooks and to the operations running here.
             warm_pools: list[WarmPool] = []
-            for backend in chosen:
-                if isinstance(backend, GraphBackend):
-                    warm = WarmPool(
-                        pool,
-                        backend,
-                        size=settings.warm_pool_size,
-                        instance_id=instance_id,
-                        give_way_to=(unsettled, runner),
-                    )
-                    backend.use_warm_pool(warm)
-                    warm_pools.append(warm)
+            for graphs in (
+                inner
+                for backend in chosen
+                for inner in (
+                    backend.server_backends
+                    if isinstance(backend, PlacedGraphBackend)
+                    else (backend,)
+                )
+                if isinstance(inner, GraphBackend)
+            ):
+                warm = WarmPool(
+                    pool,
+                    graphs,
+                    size=settings.warm_pool_size,
+                    instance_id=instance_id,
+                    give_way_to=(unsettled, runner),
+                )
+                graphs.use_warm_pool(warm)
+                warm_pools.append(warm)
             metrics.watch_warm_pools({w.server: w.size for w in warm_pools})
             lifecycle = Lifecycle(
                 pool,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from provisioning.servers import ProvisioningServer, parse_servers, split_server_dsns
+
 __all__ = ["ConfigError", "Settings", "log_level_from_env"]
 
 STRIPE_DEFAULT_API_BASE = "https://api.stripe.com"
@@ -60,7 +62,9 @@ class Settings:
     stripe_api_key: str
     stripe_webhook_secrets: tuple[str, ...]
     stripe_api_base: str
-    provisioner_database_url: str | None
+    # PROVISIONER_DATABASE_URL's DSNs as given (their ?lookout_* parameters included); empty:
+    # the server of DATABASE_URL. `provisioning_servers` reads them.
+    provisioner_database_urls: tuple[str, ...]
     environment: str
     redis_prefix: str
     max_streams_per_user: int
@@ -150,9 +154,7 @@ class Settings:
             stripe_api_base=(
                 _url(env, "STRIPE_API_BASE", ("http", "https")) or STRIPE_DEFAULT_API_BASE
             ).rstrip("/"),
-            provisioner_database_url=_url(
-                env, "PROVISIONER_DATABASE_URL", ("postgresql", "postgres")
-            ),
+            provisioner_database_urls=_provisioner_dsns(env),
             environment=environment,
             redis_prefix=env.get("LOOKOUT_REDIS_PREFIX", "lookout:"),
             max_streams_per_user=_int(env, "LOOKOUT_MAX_STREAMS_PER_USER", 10, 1),
@@ -174,6 +176,13 @@ class Settings:
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
         """The same settings once the embedded servers (if any) have given their URLs."""
         return replace(self, database_url=database_url, redis_url=redis_url)
+
+    @property
+    def provisioning_servers(self) -> tuple[ProvisioningServer, ...]:
+        """The servers that receive customer databases, in the order given; the server of
+        DATABASE_URL when PROVISIONER_DATABASE_URL is unset (none before it is known)."""
+        dsns = self.provisioner_database_urls or ((self.database_url,) if self.database_url else ())
+        return parse_servers(dsns)
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]:
@@ -212,6 +221,18 @@ def log_level_from_env(env: Mapping[str, str] | None = None) -> str | None:
             f"LOOKOUT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
         )
     return level
+
+
+def _provisioner_dsns(env: Mapping[str, str]) -> tuple[str, ...]:
+    name = "PROVISIONER_DATABASE_URL"
+    dsns = tuple(split_server_dsns(env.get(name, "")))
+    try:
+        parse_servers(dsns)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name} must be one or more postgresql:// DSNs, comma-separated: {exc}"
+        ) from None
+    return dsns
 
 
 def _metrics_token(env: Mapping[str, str]) -> str | None:

@@ -26,10 +26,12 @@ from .operations import (
     operation_counts,
     operation_durations,
 )
+from .placement import PlacedGraphBackend
 from .repository import SharedRepositoryBackend
 from .resources import ResourceRecord, resource_for_subject
 from .retry import RetryPolicy
 from .runner import OperationRunner
+from .servers import ServerState
 from .warm_pool import WarmPool, warm_pool_counts
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
@@ -45,6 +47,7 @@ __all__ = [
     "OperationNotFound",
     "OperationRecord",
     "OperationRunner",
+    "PlacedGraphBackend",
     "ProvisionRequest",
     "ProvisionerBackend",
     "ProvisioningError",
@@ -52,6 +55,7 @@ __all__ = [
     "ResourceRecord",
     "ResourceSpec",
     "RetryPolicy",
+    "ServerState",
     "SharedRepositoryBackend",
     "Step",
     "StepContext",

@@ -293,6 +293,16 @@ def cmd_webhooks_list(args: argparse.Namespace) -> None:
     print(f"{len(events)} event(s){more}", file=sys.stderr)
 
 
+def cmd_servers(args: argparse.Namespace) -> None:
+    from app.cli.servers import UnknownServer, run
+
+    with resolved_settings(demo=True) as settings:
+        try:
+            run(settings, args.servers_command, getattr(args, "name", None))
+        except UnknownServer as exc:
+            raise StartupError(str(exc)) from None
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("lookout")
@@ -473,6 +483,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many; without a filter, the newest",
     )
     list_parser.set_defaults(handler=cmd_webhooks_list)
+
+    servers = _command(
+        commands,
+        "servers",
+        "The PostgreSQL servers that receive customer databases (PROVISIONER_DATABASE_URL): "
+        "list them, drain one, undrain it.",
+    ).add_subparsers(dest="servers_command", required=True, metavar="SERVERS_COMMAND")
+    _command(
+        servers,
+        "list",
+        "One line per server: name, state (up, down, drained), graphs, weight; then the graphs "
+        "of a drained server, one line each.",
+    ).set_defaults(handler=cmd_servers)
+    for name, what in (
+        (
+            "drain",
+            "New graphs go to the other servers from now on, on every instance; the "
+            "server's graphs stay and work.",
+        ),
+        ("undrain", "The server takes new graphs again."),
+    ):
+        command = _command(servers, name, what)
+        command.add_argument("name", help="the server's name, as `lookout servers list` shows it")
+        command.set_defaults(handler=cmd_servers)
     return parser
 
 

@@ -36,7 +36,9 @@ from redis.asyncio import Redis
 from app.billing.webhooks.inbox import InboxCounts, inbox_counts
 from app.db import Connection
 from provisioning import (
+    PlacedGraphBackend,
     ProvisionerBackend,
+    ServerState,
     StorageMeter,
     operation_counts,
     operation_durations,
@@ -90,6 +92,7 @@ class StoredFigures:
     durations: Mapping[tuple[str, str], float] = field(default_factory=dict)
     # Warm pool databases by (server, state): `ready` is the pool's level.
     warm_pool: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    servers: Sequence[ServerState] = ()
 
 
 class _StateCollector(Collector):
@@ -123,6 +126,7 @@ class _StateCollector(Collector):
             s.durations,
         )
         yield from _warm_pool_gauges(s.warm_pool, self.warm_pool_sizes)
+        yield from _server_gauges(s.servers)
         yield GaugeMetricFamily(
             "lookout_open_streams", "SSE streams open on this instance", value=live.open_streams
         )
@@ -208,6 +212,38 @@ def _warm_pool_gauges(
         ["server"],
         sizes,
     )
+
+
+def _server_gauges(servers: Sequence[ServerState]) -> Iterator[Metric]:
+    graphs = GaugeMetricFamily(
+        "lookout_provisioning_server_graphs",
+        "Graphs on each provisioning server, those being placed included",
+        labels=["server"],
+    )
+    weight = GaugeMetricFamily(
+        "lookout_provisioning_server_weight",
+        "The graphs each provisioning server is meant to hold (?lookout_weight=)",
+        labels=["server"],
+    )
+    up = GaugeMetricFamily(
+        "lookout_provisioning_server_up",
+        "0 while this instance passes the provisioning server over (a connection to it failed"
+        " within the last 10 s), 1 otherwise",
+        labels=["server"],
+    )
+    drained = GaugeMetricFamily(
+        "lookout_provisioning_server_drained",
+        "1 for a drained provisioning server (no new graphs: `lookout servers drain`)",
+        labels=["server"],
+    )
+    for state in servers:
+        graphs.add_metric([state.name], state.graphs)
+        drained.add_metric([state.name], 1 if state.drained else 0)
+        if state.weight is not None:
+            weight.add_metric([state.name], state.weight)
+        if state.up is not None:
+            up.add_metric([state.name], 1 if state.up else 0)
+    yield from (graphs, weight, up, drained)
 
 
 def _counter(name: str, documentation: str, value: int) -> Metric:
@@ -314,9 +350,14 @@ class Metrics:
         self.registry.register(self._state)
         self.storage = StorageSizes()
         self.registry.register(_StorageCollector(self.storage))
+        self._placed: list[PlacedGraphBackend] = []
         self._state_ttl = state_ttl
         self._read_at: float | None = None
         self._reading = anyio.Lock()
+
+    def watch_servers(self, backends: Iterable[ProvisionerBackend]) -> None:
+        """Reports the provisioning servers of the backends that place graphs over several."""
+        self._placed = [b for b in backends if isinstance(b, PlacedGraphBackend)]
 
     async def refresh(self, pool: asyncpg.Pool, *, live: LiveFigures) -> None:
         """Takes ``live``; reads the stored figures again if they are older than the TTL."""
@@ -330,7 +371,10 @@ class Metrics:
             try:
                 with anyio.fail_after(STATE_READ_TIMEOUT_SECONDS):
                     async with pool.acquire() as conn:
-                        self._state.stored = await _read_stored(conn)
+                        stored = await _read_stored(conn)
+                        for placed in self._placed:
+                            stored.servers = [*stored.servers, *await placed.states(conn)]
+                        self._state.stored = stored
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
                 # The last figures stand; the next scrape tries again.
                 logger.warning("metrics not read from PostgreSQL (%s)", type(exc).__name__)

@@ -41,7 +41,7 @@ async def test_a_15_s_provisioner_outage_delays_the_provision_and_cancels_nothin
         await proxy.refuse()
         outage_began = time.monotonic()
         through_proxy = replace(
-            settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+            settings, provisioner_database_urls=(url_through(pg_admin_dsn, proxy.port),)
         )
         async with running_stack(through_proxy) as stack:
             started = await stack.checkout("graph-standard", "patient")
@@ -93,7 +93,7 @@ async def test_provisions_started_during_an_outage_all_complete_once_the_server_
     async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         await proxy.refuse()
         through_proxy = replace(
-            settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+            settings, provisioner_database_urls=(url_through(pg_admin_dsn, proxy.port),)
         )
         async with running_stack(through_proxy) as stack:
             subscriptions = []

@@ -17,13 +17,13 @@ import httpx
 import psutil
 import pytest
 
-from app.application import default_backends
 from app.server import WorkerStartupFailed, run_workers
 from app.settings import Settings
 from app.users import create_api_key, create_user
+from provisioning import GraphBackend
 from tests.support.live import free_port
 from tests.support.process import ServeProcess, process_stripe, serve_process
-from tests.support.stack import drop_resources, wait_for
+from tests.support.stack import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -55,6 +55,21 @@ async def stop_within_10_s(server: ServeProcess, workers: set[int]) -> None:
     assert took < 10
     # The parent reaped them: none is left, not even as a zombie.
     assert [pid for pid in workers if psutil.pid_exists(pid)] == []
+
+
+async def drop_graphs(settings: Settings) -> None:
+    """The graphs the served processes made (they have stopped): dropped on the test server."""
+    assert settings.database_url is not None
+    conn = await asyncpg.connect(settings.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT resource_id FROM subscriptions WHERE resource_type = 'graph'"
+        )
+    finally:
+        await conn.close()
+    graphs = GraphBackend(settings.provisioning_servers[0].dsn)
+    for row in rows:
+        await graphs.teardown(row["resource_id"])
 
 
 @pytest.mark.timeout(180)
@@ -91,7 +106,7 @@ async def test_two_workers_serve_one_port_and_a_purchase_completes(settings: Set
                 await wait_for(active, within=60, what="the subscription to be active")
             await stop_within_10_s(server, workers)
     finally:
-        await drop_resources(settings, default_backends(settings))
+        await drop_graphs(settings)
 
 
 @pytest.mark.timeout(180)

@@ -60,8 +60,8 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
         LOOKOUT_TRUSTED_PROXIES=",".join(settings.trusted_proxies),
         LOOKOUT_WARM_POOL_SIZE=str(settings.warm_pool_size),
     )
-    if settings.provisioner_database_url:
-        env["PROVISIONER_DATABASE_URL"] = settings.provisioner_database_url
+    if settings.provisioner_database_urls:
+        env["PROVISIONER_DATABASE_URL"] = ",".join(settings.provisioner_database_urls)
     return env
 
 

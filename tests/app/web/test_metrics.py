@@ -44,6 +44,13 @@ async def test_metrics_follow_a_purchase(settings: Settings) -> None:
         assert ("lookout_webhook_inbox_oldest_unprocessed_seconds", ()) in samples
         assert ("lookout_slow_clients_dropped_total", ()) in samples
         assert ("lookout_redis_reconnects_total", ()) in samples
+        # The one provisioning server (DATABASE_URL's): the graph is counted on it.
+        (server,) = settings.provisioning_servers
+        on_it = (("server", server.name),)
+        assert samples[("lookout_provisioning_server_graphs", on_it)] == 1
+        assert samples[("lookout_provisioning_server_weight", on_it)] == server.weight
+        assert samples[("lookout_provisioning_server_up", on_it)] == 1
+        assert samples[("lookout_provisioning_server_drained", on_it)] == 0
         assert (
             samples[
                 ("lookout_operation_duration_seconds", (("kind", "provision"), ("quantile", "0.5")))
