@@ -67,15 +67,20 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    settings: Settings, *, port: int | None = None, workers: int = 1
+    settings: Settings,
+    *,
+    port: int | None = None,
+    workers: int = 1,
+    public_url: str | None = None,
 ) -> AsyncIterator[ServeProcess]:
     """`lookout serve` on ``port``; one process unless ``workers`` says otherwise, so that
-    `ServeProcess.kill` kills the whole instance."""
+    `ServeProcess.kill` kills the whole instance. ``public_url``: its LOOKOUT_PUBLIC_URL, when
+    that is not its own address (a load balancer's)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
         [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
-        env=environment(settings, url),
+        env=environment(settings, public_url or url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
