@@ -23,8 +23,9 @@ from redis.asyncio import Redis
 
 from app.settings import Settings
 from app.users import create_api_key, create_user
-from bench.chaos.proxy import LoadBalancer
+from bench.chaos.proxy import LoadBalancer, fault_proxy, url_through
 from streams import Event, EventPublisher, stream_key, user_topic
+from tests.app.test_takeover import pay_for_a_graph, server_objects, two_instances_setup
 from tests.streams.sse_client import SSEItem, read_sse
 from tests.support.live import free_port
 from tests.support.process import ServeProcess, serve_process
@@ -176,3 +177,62 @@ async def test_a_client_whose_instance_is_killed_resumes_on_the_other_without_ga
     seen = follower.seen
     assert [item.id for item in seen] == kept
     assert [item.json["subscription_id"] for item in seen] == [f"sub_{n}" for n in range(1, 8)]
+
+
+def _pid(instance_id: str) -> int:
+    """The process of an instance id (`host-pid-random`, as app.application makes it)."""
+    return int(instance_id.rsplit("-", 2)[1])
+
+
+@pytest.mark.timeout(90)
+async def test_a_paid_graph_is_provisioned_by_the_other_instance_when_the_one_that_took_it_dies(
+    settings: Settings, pg_admin_dsn: str
+) -> None:
+    async with (
+        two_instances_setup(settings, pg_admin_dsn) as setup,
+        fault_proxy("provisioner-b", pg_admin_dsn) as second_proxy,
+    ):
+        # Each instance reaches the provisioning server through a proxy of its own, both
+        # holding every connection: whichever instance starts the provision (the balancer
+        # chooses where Stripe's webhooks land) holds it in create_database.
+        proxies = (setup.proxy, second_proxy)
+        for proxy in proxies:
+            proxy.stall()
+        first = replace(setup.first_settings, trusted_proxies=("127.0.0.1",))
+        second = replace(
+            setup.settings,
+            provisioner_database_urls=(url_through(pg_admin_dsn, second_proxy.port),),
+            trusted_proxies=("127.0.0.1",),
+        )
+        # The balancer listens where the emulator sends its webhooks.
+        async with behind_a_balancer(first, second, port=setup.port) as deployment:
+            proxy_of = dict(zip(deployment.instances, proxies, strict=True))
+            async with httpx.AsyncClient(base_url=deployment.url, headers=setup.auth) as http:
+                subscription_id = await pay_for_a_graph(setup, http)
+
+            async def held() -> asyncpg.Record | None:
+                op = await setup.operation(subscription_id)
+                if op is None or op["step"] != "create_database":
+                    return None
+                return op if proxy_of[_pid(op["lease_owner"])].connections > 0 else None
+
+            op = await wait_for(held, within=30, what="the provision to be held")
+            taker = _pid(op["lease_owner"])
+            [other] = set(deployment.instances) - {taker}
+            deployment.instances[taker].kill()
+            proxy_of[other].unstall()
+
+            async def finished() -> asyncpg.Record | None:
+                now = await setup.operation(subscription_id)
+                return now if now is not None and now["finalized_at"] is not None else None
+
+            done = await wait_for(finished, within=30, what="the provision to finish")
+            async with httpx.AsyncClient(base_url=deployment.url, headers=setup.auth) as http:
+                answer = await http.get(f"/v1/subscriptions/{subscription_id}")
+
+        assert _pid(done["lease_owner"]) == other
+        assert done["status"] == "completed" and done["attempts"] == 2
+        assert len(done["completed_steps"]) == len(set(done["completed_steps"]))
+        assert answer.json()["status"] == "active"
+        assert await server_objects(pg_admin_dsn, done["resource_id"]) == (1, 1)
+        assert deployment.balancer.connections >= 3  # the checkout, the webhooks, the last GET
