@@ -1,8 +1,8 @@
 """Instances anywhere: two real `lookout serve` processes on one PostgreSQL and one Redis,
 behind a round-robin TCP load balancer (bench.chaos.proxy.LoadBalancer), as a deployment runs
-them. A client whose instance dies resumes on the other by Last-Event-ID with no gap and no
-duplicate; a paid graph whose webhook one instance took is provisioned by the other when the
-first dies."""
+them. A client whose instance is killed, or drained by SIGTERM, resumes on the other by
+Last-Event-ID with no gap and no duplicate; a paid graph whose webhook one instance took is
+provisioned by the other when the first dies."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import contextlib
 import functools
 import random
 import secrets
+import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlsplit
 
 import anyio
@@ -79,7 +80,8 @@ async def one_connection(url: str, headers: dict[str, str]) -> AsyncIterator[htt
 class Follower:
     """A client following /v1/events: the events it saw, across its reconnections."""
 
-    seen: list[SSEItem]
+    seen: list[SSEItem] = field(default_factory=list)
+    comments: list[str] = field(default_factory=list)
 
     async def follow(
         self,
@@ -99,6 +101,8 @@ class Follower:
                     async for item in read_sse(answer):
                         if item.kind == "event":
                             self.seen.append(item)
+                        elif item.kind == "comment":
+                            self.comments.append(item.text)
         finally:
             ended.set()
 
@@ -124,9 +128,19 @@ async def history(redis: Redis, key: str) -> list[str]:
     return [i.decode() if isinstance(i, bytes) else str(i) for i, _ in entries]
 
 
+async def stop(instance: ServeProcess, how: str) -> None:
+    """SIGKILL (no shutdown code runs) or SIGTERM (the drain), which must end within 10 s."""
+    if how == "kill":
+        instance.kill()
+        return
+    instance.process.send_signal(signal.SIGTERM)
+    await anyio.to_thread.run_sync(functools.partial(instance.process.wait, timeout=10))
+
+
 @pytest.mark.timeout(60)
-async def test_a_client_whose_instance_is_killed_resumes_on_the_other_without_gap(
-    settings: Settings,
+@pytest.mark.parametrize("how", ["kill", "terminate"])
+async def test_a_client_whose_instance_stops_resumes_on_the_other_without_gap(
+    settings: Settings, how: str
 ) -> None:
     assert settings.database_url is not None and settings.redis_url is not None
     db = await asyncpg.connect(settings.database_url)
@@ -145,7 +159,7 @@ async def test_a_client_whose_instance_is_killed_resumes_on_the_other_without_ga
             event = Event.create("subscription.updated", subscription_id=f"sub_{n}")
             await publisher.publish(event, [topic])
 
-    follower = Follower([])
+    follower = Follower()
     try:
         async with (
             behind_a_balancer(proxied, proxied) as deployment,
@@ -156,11 +170,14 @@ async def test_a_client_whose_instance_is_killed_resumes_on_the_other_without_ga
                 ended = await follower.stream(tg, client)
                 await publish(1, 2, 3)
                 await wait_for(lambda: follower.has(3), within=10, what="events 1 to 3")
-                deployment.instances[lost].kill()
-                await publish(4, 5, 6)  # while the client has no instance
                 with anyio.fail_after(10):
+                    await stop(deployment.instances[lost], how)
                     await ended.wait()
+                await publish(4, 5, 6)  # while the client has no instance
             assert len(follower.seen) == 3
+            # A drained instance says why the stream ends; a killed one cannot.
+            goodbye = "server shutting down; reconnect to resume" in follower.comments
+            assert goodbye == (how == "terminate")
 
             # As EventSource does: again at the same address, with the last id it saw.
             async with one_connection(deployment.url, auth) as client:
