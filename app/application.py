@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -36,6 +37,7 @@ from app.billing.webhooks.handlers import StripeEventHandlers
 from app.billing.webhooks.inbox import WebhookInbox
 from app.billing.webhooks.intake import Unsettled, WebhookIntake
 from app.db import create_pool, migrate
+from app.loop_lag import LoopLagMonitor
 from app.settings import ConfigError, Settings
 from app.users import KeyStatus
 from app.web.errors import exception_handlers
@@ -45,7 +47,7 @@ from app.web.hosts import HostGuard
 from app.web.metrics import CountingPublisher, Metrics
 from app.web.openapi import openapi_document
 from app.web.ratelimit import RateLimitMiddleware, RateLimits
-from app.web.routes.billing import billing_routes, stripe_webhook
+from app.web.routes.billing import acknowledgement_timed, billing_routes, stripe_webhook
 from app.web.routes.graphs import graph_routes
 from app.web.routes.keys import key_routes
 from app.web.routes.operations import operation_routes
@@ -56,9 +58,11 @@ from provisioning import (
     TERMINAL_EVENT_TYPES,
     GraphBackend,
     OperationRunner,
+    PlacedGraphBackend,
     ProvisionerBackend,
     RetryPolicy,
     SharedRepositoryBackend,
+    WarmPool,
 )
 from streams import (
     ClusterClient,
@@ -146,10 +150,13 @@ class LookoutApp(Starlette):
         await self._direct(scope, receive, send)
 
 
-def default_backends(settings: Settings) -> list[ProvisionerBackend]:
-    admin_dsn = settings.provisioner_database_url or settings.database_url
-    assert admin_dsn is not None
-    return [GraphBackend(admin_dsn), SharedRepositoryBackend(admin_dsn)]
+def default_backends(settings: Settings, pool: asyncpg.Pool) -> list[ProvisionerBackend]:
+    """Graphs placed over every provisioning server (``pool``: Lookout's database, where each
+    graph's server is recorded); the shared repository lives on the first server."""
+    servers = settings.provisioning_servers
+    assert servers, "DATABASE_URL must be known before the backends are built"
+    graphs = PlacedGraphBackend(pool, [(server, GraphBackend(server.dsn)) for server in servers])
+    return [graphs, SharedRepositoryBackend(servers[0].dsn)]
 
 
 async def dashboard(request: Request) -> Response:
@@ -199,7 +206,7 @@ def create_app(
         try:
             async with pool.acquire() as conn:
                 await migrate(conn)
-            metrics = Metrics()
+            metrics = Metrics(worker=settings.worker)
             publisher = CountingPublisher(
                 redis,
                 prefix=settings.redis_prefix,
@@ -215,8 +222,12 @@ def create_app(
             # operations on the runner; the webhook handlers follow the lifecycle.
             hooks = BillingHooks(pool, payments, publisher)
             unsettled = Unsettled()
-            chosen = backends if backends is not None else default_backends(settings)
+            chosen = backends if backends is not None else default_backends(settings, pool)
             metrics.storage.measure(chosen)
+            metrics.watch_servers(chosen)
+            for backend in chosen:
+                if isinstance(backend, PlacedGraphBackend):
+                    await backend.name_older_graphs()
             runner = OperationRunner(
                 pool,
                 publisher,
@@ -227,6 +238,29 @@ def create_app(
                 retry=RetryPolicy(outage_window=settings.provisioner_retry_seconds),
                 give_way_to=unsettled,
             )
+            # Graph databases made ahead of demand, one pool per graph backend's server; its
+            # refill gives way to the webhooks and to the operations running here.
+            warm_pools: list[WarmPool] = []
+            for graphs in (
+                inner
+                for backend in chosen
+                for inner in (
+                    backend.server_backends
+                    if isinstance(backend, PlacedGraphBackend)
+                    else (backend,)
+                )
+                if isinstance(inner, GraphBackend)
+            ):
+                warm = WarmPool(
+                    pool,
+                    graphs,
+                    size=settings.warm_pool_size,
+                    instance_id=instance_id,
+                    give_way_to=(unsettled, runner),
+                )
+                graphs.use_warm_pool(warm)
+                warm_pools.append(warm)
+            metrics.watch_warm_pools({w.server: w.size for w in warm_pools})
             lifecycle = Lifecycle(
                 pool,
                 publisher,
@@ -237,7 +271,12 @@ def create_app(
             inbox = WebhookInbox(
                 pool, StripeEventHandlers(pool, payments, lifecycle, invoices=invoices)
             )
-            intake = WebhookIntake(pool, inbox, unsettled=unsettled)
+            intake = WebhookIntake(
+                pool,
+                inbox,
+                unsettled=unsettled,
+                observe_started=metrics.received_to_started.observe,
+            )
             shutting_down = anyio.Event()
             supervisor = Supervisor()
             async with anyio.create_task_group() as task_group:
@@ -249,6 +288,8 @@ def create_app(
                     "operation-runner",
                     functools.partial(runner.run, supervisor=supervisor),
                 )
+                for warm in warm_pools:
+                    task_group.start_soon(supervisor.run, f"warm-pool {warm.server}", warm.run)
                 task_group.start_soon(supervisor.run, "stream-lease-renewer", leases.run)
                 task_group.start_soon(supervisor.run, "webhook-inbox", inbox.run)
                 task_group.start_soon(supervisor.run, "webhook-intake", intake.run)
@@ -258,6 +299,9 @@ def create_app(
                 )
                 access_sweep = AccessSweep(pool, lifecycle)
                 task_group.start_soon(supervisor.run, "access-sweep", access_sweep.run)
+                # --- issue 15: the event loop's lag, and the stack of any stall (app.loop_lag) ---
+                lag = LoopLagMonitor(metrics.loop_lag.observe)
+                task_group.start_soon(supervisor.run, "event-loop-lag", lag.run)
                 app.state.services = Services(
                     settings=settings,
                     pool=pool,
@@ -285,6 +329,7 @@ def create_app(
 
                 def begin_shutdown() -> None:
                     shutting_down.set()
+                    supervisor.stop()  # the hub returns once closed: finished, not crashed
                     hub.close()
 
                 app.state.begin_shutdown = begin_shutdown
@@ -318,7 +363,8 @@ def create_app(
         direct_routes=[
             *direct_stream_routes,
             # Stripe's burst of webhooks: the middleware stack was a quarter of each one's CPU.
-            ("POST /v1/webhooks/stripe", answering_errors(stripe_webhook)),
+            # Timed into lookout_webhook_ack_seconds (issue 15).
+            ("POST /v1/webhooks/stripe", acknowledgement_timed(answering_errors(stripe_webhook))),
         ],
         # --- browser safety (issue 17): Host check here, security headers in the stack ---
         allowed_hosts=settings.allowed_hosts,

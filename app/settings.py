@@ -11,10 +11,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
-__all__ = ["ConfigError", "Settings"]
+from provisioning.servers import ProvisioningServer, parse_servers, split_server_dsns
+
+__all__ = ["ConfigError", "Settings", "log_level_from_env"]
 
 STRIPE_DEFAULT_API_BASE = "https://api.stripe.com"
 MIN_STREAM_SECONDS = 300
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
@@ -91,7 +94,9 @@ class Settings:
     stripe_api_key: str
     stripe_webhook_secrets: tuple[str, ...]
     stripe_api_base: str
-    provisioner_database_url: str | None
+    # PROVISIONER_DATABASE_URL's DSNs as given (their ?lookout_* parameters included); empty:
+    # the server of DATABASE_URL. `provisioning_servers` reads them.
+    provisioner_database_urls: tuple[str, ...]
     environment: str
     redis_prefix: str
     max_streams_per_user: int
@@ -120,6 +125,16 @@ class Settings:
     # REDIS_URL names a node of a Redis (or Valkey) Cluster: keys hash-tagged per topic, sharded
     # pub/sub (streams.cluster).
     redis_cluster: bool = False
+    # LOOKOUT_LOG_LEVEL: the level of Lookout's own loggers (app, streams, provisioning), not
+    # the libraries'; None leaves them at the root's (app.cli.main.configure_logging).
+    log_level: str | None = None
+    # Which worker of `lookout serve --workers N` this process is (0 to N-1; 0 when it serves
+    # alone): /healthz and /metrics name it. Not an environment setting: the server sets it.
+    worker: int = 0
+    # Graph databases kept made ahead of demand per provisioning server (issue 15). 4: a
+    # handful of payments at once (the runner's concurrency) each get one at once, for about
+    # 4 x 8 MB of disk; a server expecting bursts sets the largest burst it expects.
+    warm_pool_size: int = 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, demo: bool = False) -> Settings:
@@ -179,9 +194,7 @@ class Settings:
             stripe_api_base=(
                 _url(env, "STRIPE_API_BASE", ("http", "https")) or STRIPE_DEFAULT_API_BASE
             ).rstrip("/"),
-            provisioner_database_url=_url(
-                env, "PROVISIONER_DATABASE_URL", ("postgresql", "postgres")
-            ),
+            provisioner_database_urls=_provisioner_dsns(env),
             environment=environment,
             redis_prefix=redis_prefix,
             max_streams_per_user=_int(env, "LOOKOUT_MAX_STREAMS_PER_USER", 10, 1),
@@ -197,11 +210,20 @@ class Settings:
             allowed_hosts_given=_allowed_hosts(env),
             past_due_grace_days=_int(env, "LOOKOUT_PAST_DUE_GRACE_DAYS", 7, 0),
             redis_cluster=redis_cluster,
+            log_level=log_level_from_env(env),
+            warm_pool_size=_int(env, "LOOKOUT_WARM_POOL_SIZE", 4, 0),
         )
 
     def with_servers(self, database_url: str, redis_url: str) -> Settings:
         """The same settings once the embedded servers (if any) have given their URLs."""
         return replace(self, database_url=database_url, redis_url=redis_url)
+
+    @property
+    def provisioning_servers(self) -> tuple[ProvisioningServer, ...]:
+        """The servers that receive customer databases, in the order given; the server of
+        DATABASE_URL when PROVISIONER_DATABASE_URL is unset (none before it is known)."""
+        dsns = self.provisioner_database_urls or ((self.database_url,) if self.database_url else ())
+        return parse_servers(dsns)
 
     @property
     def allowed_hosts(self) -> tuple[str, ...]:
@@ -226,6 +248,32 @@ def _allowed_hosts(env: Mapping[str, str]) -> tuple[str, ...]:
                 f"port (e.g. lookout.example.com,127.0.0.1), got {host!r}"
             )
     return hosts
+
+
+def log_level_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """LOOKOUT_LOG_LEVEL, lower case, or None when unset. Also read on its own, before the rest
+    of the settings: logging is configured before a command reads them."""
+    env = os.environ if env is None else env
+    level = env.get("LOOKOUT_LOG_LEVEL", "").strip().lower()
+    if not level:
+        return None
+    if level not in LOG_LEVELS:
+        raise ConfigError(
+            f"LOOKOUT_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}"
+        )
+    return level
+
+
+def _provisioner_dsns(env: Mapping[str, str]) -> tuple[str, ...]:
+    name = "PROVISIONER_DATABASE_URL"
+    dsns = tuple(split_server_dsns(env.get(name, "")))
+    try:
+        parse_servers(dsns)
+    except ValueError as exc:
+        raise ConfigError(
+            f"{name} must be one or more postgresql:// DSNs, comma-separated: {exc}"
+        ) from None
+    return dsns
 
 
 def _metrics_token(env: Mapping[str, str]) -> str | None:

@@ -1,6 +1,8 @@
 """Webhook acknowledgement latency, and from payment confirmation to provisioning, measured.
 
-    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100] [--profile FILE]
+    python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100] [--workers 1]
+                            [--warm-pool N]
+                            [--profile FILE]
 
 Lookout runs as `lookout serve` in its own process (on DATABASE_URL / REDIS_URL, or embedded
 servers), the Stripe emulator and this load client in this one. The client sends signed
@@ -9,7 +11,15 @@ graph provisioning), the rest are other events Lookout stores and audits. 100 pr
 started together: `--rate 1000 --seconds 0.1`. It prints: acknowledgement latency; from the
 confirmation's arrival (its inbox row's `received_at`) and from its acknowledgement to
 `operation.started` on the stream (the Stream id's clock); from its arrival to
-`operation.completed`; `operation.started` → terminal event; operations per second.
+`operation.completed`; `operation.started` → terminal event; operations per second. Beside
+them, what the server saw over the run (`bench.server_metrics`: its histograms of
+acknowledgement, received → `operation.started` published, and event-loop lag, scraped from
+/metrics before and after): a tail on the client's side only was spent outside the server's
+routes (waiting to be read, or in the load client). `--workers N` serves with
+`lookout serve --workers N`.
+`--warm-pool N` sets `LOOKOUT_WARM_POOL_SIZE` of the server (default: Lookout's own, 4); the
+burst starts once the pool is full, and the same figures are printed apart for the provisions
+that took a pooled database ("while the pool lasts") and for those that created theirs.
 `--profile FILE` records the server with py-spy (installed separately) for 15 s from the
 first webhook, as collapsed stacks.
 """
@@ -38,6 +48,9 @@ from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
 from app.users import create_api_key, create_user
 from bench.raw_http import RawConnection, build_post
+from bench.server_metrics import report, scrape
+from provisioning import GraphBackend
+from provisioning.warm_pool import template_name
 from streams import operation_topic, stream_key
 from tests.support import database_dsn, free_port, live_server
 from tests.support.process import serve_process
@@ -103,11 +116,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
     db = await asyncpg.connect(settings.database_url)
     async with (
         live_server(emulator, port=emulator_port),
-        serve_process(settings, port=port) as server,
+        serve_process(settings, port=port, workers=args.workers) as server,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
         httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
     ):
         payments = await prepare_payments(http, control, db, args.provisionings)
+        await wait_for_warm_pool(db, settings.warm_pool_size)
         total = int(args.rate * args.seconds)
         every = max(1, total // max(1, len(payments)))
         plan: list[dict[str, Any]] = []
@@ -132,6 +146,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         ]
         requests = [_signed_request(url, item["event"], secret) for item in plan]
         profiler = _start_profiler(args.profile, server.process.pid)
+        server_before = await scrape(url, workers=args.workers)
         begin = time.perf_counter()
 
         async def send(index: int, item: dict[str, Any]) -> None:
@@ -164,12 +179,17 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             if pending == 0 and started >= len(ack_at):
                 break
             await asyncio.sleep(0.5)
+        server_after = await scrape(url, workers=args.workers)
         if profiler is not None:
             profiler.wait()
             print(f"profile of the server during the burst: {args.profile}")
         rows = await db.fetch(
-            "SELECT id, subject_id, finished_at, created_at, status FROM operations"
+            "SELECT id, subject_id, resource_id, finished_at, created_at, status FROM operations"
         )
+        pooled = {
+            r["claimed_by"]
+            for r in await db.fetch("SELECT claimed_by FROM warm_pool WHERE state = 'claimed'")
+        }
         redis = Redis.from_url(settings.redis_url or "")
         received = {
             r["id"]: r["received_at"].timestamp()
@@ -180,6 +200,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         to_started: list[float] = []
         to_created: list[float] = []
         to_completed: list[float] = []
+        completed_by_source: dict[bool, list[float]] = {True: [], False: []}
         durations: list[float] = []
         for row in rows:
             acked = ack_at.get(row["subject_id"])
@@ -197,6 +218,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
                     from_received.append(started_ms - received_ms)
                     if row["status"] == "completed":
                         to_completed.append(_stream_ms(last[0][0]) - received_ms)
+                        completed_by_source[row["resource_id"] in pooled].append(to_completed[-1])
                 durations.append(float(_stream_ms(last[0][0]) - started_ms))
         await redis.aclose()
         finished = [r["finished_at"] for r in rows if r["finished_at"] is not None]
@@ -211,7 +233,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         print(line("received -> operation.started on the stream", from_received))
         print(line("ack -> operation.started on the stream", to_started))
         print(line("received -> operation.completed", to_completed))
+        print(line("  of those, from the warm pool", completed_by_source[True]))
+        print(line("  of those, databases created", completed_by_source[False]))
         print(line("operation.started -> terminal event", durations))
+        for text in report(server_before, server_after):
+            print(text)
         statuses = {
             s: sum(1 for r in rows if r["status"] == s) for s in {r["status"] for r in rows}
         }
@@ -219,7 +245,31 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             f"operations: {statuses}; {len(finished) / span:.1f} operations/s over {span:.1f} s"
             f" (concurrency limit: {PROVISIONING_CONCURRENCY} per instance)"
         )
+        took = [r for r in rows if r["resource_id"] in pooled and r["finished_at"] is not None]
+        if took:
+            pool_span = (
+                max(r["finished_at"] for r in took) - min(r["created_at"] for r in took)
+            ).total_seconds()
+            print(
+                f"while the warm pool lasted: {len(took)} of {len(rows)} provisions took a pooled"
+                f" database, {len(took) / pool_span:.1f} operations/s over {pool_span:.2f} s"
+                f" (pool size {settings.warm_pool_size})"
+            )
+        else:
+            print(f"no provision took a pooled database (pool size {settings.warm_pool_size})")
     await db.close()
+
+
+async def wait_for_warm_pool(db: asyncpg.Connection, size: int) -> None:
+    """The burst starts with a full pool: the server fills it from its start."""
+    began = time.monotonic()
+    ready = 0
+    while time.monotonic() - began < 300:
+        ready = await db.fetchval("SELECT count(*) FROM warm_pool WHERE state = 'ready'")
+        if ready >= size:
+            break
+        await asyncio.sleep(0.2)
+    print(f"warm pool: {ready} of {size} databases ready ({time.monotonic() - began:.1f} s wait)")
 
 
 def _signed_request(url: str, event: dict[str, Any], secret: str) -> bytes:
@@ -246,6 +296,15 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--provisionings", type=int, default=100)
     parser.add_argument(
+        "--workers", type=int, default=1, help="lookout serve --workers N (default: 1)"
+    )
+    parser.add_argument(
+        "--warm-pool",
+        type=int,
+        metavar="N",
+        help="graph databases the server keeps made ahead of demand (LOOKOUT_WARM_POOL_SIZE)",
+    )
+    parser.add_argument(
         "--profile", metavar="FILE", help="record the server with py-spy (collapsed stacks)"
     )
     args = parser.parse_args()
@@ -267,6 +326,7 @@ def main() -> None:
                 "STRIPE_WEBHOOK_SECRET": "whsec_bench",
                 "LOOKOUT_REDIS_PREFIX": f"bench-{secrets.token_hex(3)}:",
             }
+            | ({} if args.warm_pool is None else {"LOOKOUT_WARM_POOL_SIZE": str(args.warm_pool)})
         )
         try:
             anyio.run(run, args, settings)
@@ -283,17 +343,22 @@ async def _admin(admin_dsn: str, statement: str) -> None:
 
 
 async def _clean_up(admin_dsn: str, database: str) -> None:
-    """Drops the bench's database and every graph it provisioned."""
+    """Drops the bench's database, every graph it provisioned (roles included), what is left
+    of the server's warm pool and its template."""
     conn = await asyncpg.connect(database_dsn(admin_dsn, database))
     try:
         graphs = [
             r["resource_id"] for r in await conn.fetch("SELECT resource_id FROM subscriptions")
         ]
+        graphs += [r["id"] for r in await conn.fetch("SELECT id FROM warm_pool")]
     finally:
         await conn.close()
+    backend = GraphBackend(admin_dsn)
     for graph in graphs:
-        await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "lookout_{graph}" WITH (FORCE)')
-        await _admin(admin_dsn, f'DROP ROLE IF EXISTS "lookout_{graph}"')
+        await backend.teardown(graph)
+    await _admin(
+        admin_dsn, f'DROP DATABASE IF EXISTS "{template_name(backend.name_prefix)}" WITH (FORCE)'
+    )
     await _admin(admin_dsn, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
 
 

@@ -26,10 +26,13 @@ from .operations import (
     operation_counts,
     operation_durations,
 )
+from .placement import PlacedGraphBackend
 from .repository import SharedRepositoryBackend
 from .resources import ResourceRecord, resource_for_subject
 from .retry import RetryPolicy
 from .runner import OperationRunner
+from .servers import ServerState
+from .warm_pool import WarmPool, warm_pool_counts
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
@@ -44,6 +47,7 @@ __all__ = [
     "OperationNotFound",
     "OperationRecord",
     "OperationRunner",
+    "PlacedGraphBackend",
     "ProvisionRequest",
     "ProvisionerBackend",
     "ProvisioningError",
@@ -51,14 +55,17 @@ __all__ = [
     "ResourceRecord",
     "ResourceSpec",
     "RetryPolicy",
+    "ServerState",
     "SharedRepositoryBackend",
     "Step",
     "StepContext",
     "StorageMeter",
     "SubscriptionHooks",
+    "WarmPool",
     "get_operation",
     "get_operation_for_subject",
     "operation_counts",
     "operation_durations",
     "resource_for_subject",
+    "warm_pool_counts",
 ]

@@ -8,6 +8,7 @@ import redis.exceptions
 __all__ = [
     "BackendNotConfigured",
     "LeaseLost",
+    "NoServerAvailable",
     "NothingToDeprovision",
     "OperationNotCancellable",
     "OperationNotFound",
@@ -15,8 +16,21 @@ __all__ = [
     "ProvisioningError",
     "ResourceNotFound",
     "RunnerNotRunning",
+    "ServerNotConfigured",
     "is_transient",
 ]
+
+
+class NoServerAvailable(Exception):
+    """Every provisioning server is drained: a new graph has nowhere to go. Worth another try:
+    the operation waits, as for an outage, until an operator undrains or adds a server."""
+
+
+class ServerNotConfigured(LookupError):
+    """A resource lives on a provisioning server this process does not know. Worth another
+    try: during a rolling deployment that adds a server, an instance with the older list can
+    meet a graph placed there by a newer one. Give every instance the same list of servers."""
+
 
 # Worth another try: the server is down, restarting, full, or the network dropped the
 # connection. Everything else (a bug, a refused privilege, a bad plan) fails at once.
@@ -33,12 +47,22 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CrashShutdownError,
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
+    NoServerAvailable,
+    ServerNotConfigured,
 )
 
 
 def is_transient(exc: BaseException) -> bool:
     """True for errors that another attempt after a pause may not meet again."""
-    return isinstance(exc, _TRANSIENT)
+    if isinstance(exc, _TRANSIENT):
+        return True
+    # A connection dropped inside `async with conn.transaction()`: leaving the block raises
+    # asyncpg's InterfaceError ("the underlying connection is closed") over the real cause.
+    # Other InterfaceErrors (an operation already in progress...) are bugs, not outages.
+    return isinstance(exc, asyncpg.InterfaceError) and (
+        "connection is closed" in str(exc)
+        or (exc.__context__ is not None and isinstance(exc.__context__, _TRANSIENT))
+    )
 
 
 class ProvisioningError(Exception):

@@ -35,7 +35,7 @@ from .pgadmin import (
     validate_resource_id,
 )
 
-__all__ = ["GRAPH_SCHEMA", "GraphBackend", "StorageMeter"]
+__all__ = ["GRAPH_SCHEMA", "GraphBackend", "StorageMeter", "WarmSource"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +81,16 @@ class StorageMeter(Protocol):
         ...
 
 
+class WarmSource(Protocol):
+    """Graph databases made ahead of demand (``provisioning.warm_pool.WarmPool``)."""
+
+    async def take(self, graph_id: str, limit: int) -> bool:
+        """Gives ``graph_id`` a database made ahead of demand, renamed to the graph's with its
+        roles, grants, ``limit`` and schema: True when this call did it (nothing is left for
+        the next steps to do); False when none was given (the caller creates what is missing)."""
+        ...
+
+
 class GraphBackend:
     """Provisions graphs on the server of ``admin_dsn`` (a superuser or CREATEDB+CREATEROLE).
 
@@ -97,6 +107,24 @@ class GraphBackend:
         self._dsn = admin_dsn
         self._prefix = name_prefix
         self._timeout = connect_timeout
+        # --- warm pool (issue 15) ---
+        self._warm: WarmSource | None = None
+        # Graphs whose database this process took whole from the warm pool: their role,
+        # grant and schema steps have nothing left to do. Kept in memory only: an operation
+        # resumed elsewhere runs those steps in full (they are idempotent).
+        self._taken_whole: set[str] = set()
+
+    @property
+    def admin_dsn(self) -> str:
+        return self._dsn
+
+    @property
+    def name_prefix(self) -> str:
+        return self._prefix
+
+    def use_warm_pool(self, source: WarmSource | None) -> None:
+        """Provisions take a database made ahead of demand from ``source`` when it has one."""
+        self._warm = source
 
     def database_name(self, graph_id: str) -> str:
         return self._prefix + validate_resource_id(graph_id)
@@ -150,6 +178,9 @@ class GraphBackend:
     async def _create_database(self, ctx: StepContext) -> None:
         db = self.database_name(ctx.resource_id)
         limit = connection_limit(ctx.spec.limits, what="graph")
+        if self._warm is not None and await self._warm.take(ctx.resource_id, limit):
+            self._taken_whole.add(ctx.resource_id)
+            return
         async with self._connect(ctx.resource_id) as conn:
             if await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", db):
                 return
@@ -162,29 +193,38 @@ class GraphBackend:
                 logger.info("database of graph %s already existed", ctx.resource_id)
 
     async def _create_roles(self, ctx: StepContext) -> None:
-        owner, role = self.owner_name(ctx.resource_id), self.role_name(ctx.resource_id)
+        if ctx.resource_id in self._taken_whole:
+            return
         async with self._connect(ctx.resource_id) as conn:
-            await _create_role(conn, owner, "NOLOGIN")
-            if await _create_role(conn, role, "LOGIN"):
+            if await self.create_roles(conn, ctx.resource_id, login=True):
                 # Nobody learns this password: the customer gets one from rotate_credentials.
-                await set_password(conn, role, new_password())
-            if not await conn.fetchval(
-                "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
-            ):
-                # A CREATEROLE admin must be a member to hand the database to the owner and
-                # to create the tables as the customer's role (SET ROLE).
-                await conn.execute(
-                    f"GRANT {quote_ident(owner)}, {quote_ident(role)} TO CURRENT_USER"
-                )
+                await set_password(conn, self.role_name(ctx.resource_id), new_password())
+
+    async def create_roles(self, conn: asyncpg.Connection, graph_id: str, *, login: bool) -> bool:
+        """The graph's owner role and its login role (``NOLOGIN`` unless ``login``: a warm
+        pool's database gets LOGIN when a customer takes it), unless they exist; answers
+        whether the login role was created by this call."""
+        owner, role = self.owner_name(graph_id), self.role_name(graph_id)
+        await _create_role(conn, owner, "NOLOGIN")
+        created = await _create_role(conn, role, "LOGIN" if login else "NOLOGIN")
+        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
+            # A CREATEROLE admin must be a member to hand the database to the owner and
+            # to create the tables as the customer's role (SET ROLE).
+            await conn.execute(f"GRANT {quote_ident(owner)}, {quote_ident(role)} TO CURRENT_USER")
+        return created
 
     async def _grant_access(self, ctx: StepContext) -> None:
         """Redone whole on every attempt, so it also confines a graph made by older code
         (whose login role owned its database)."""
+        if ctx.resource_id in self._taken_whole:
+            return
         limit = connection_limit(ctx.spec.limits, what="graph")
         async with self._connect(ctx.resource_id) as conn:
-            await self._grant_database(conn, ctx.resource_id, limit)
+            await self.grant_database(conn, ctx.resource_id, limit)
 
-    async def _grant_database(self, conn: asyncpg.Connection, graph_id: str, limit: int) -> None:
+    async def grant_database(self, conn: asyncpg.Connection, graph_id: str, limit: int) -> None:
+        """The database to its owner role, CONNECT and TEMPORARY to the login only, and
+        ``limit`` on both (one transaction)."""
         db = quote_ident(self.database_name(graph_id))
         owner = quote_ident(self.owner_name(graph_id))
         role = quote_ident(self.role_name(graph_id))
@@ -201,16 +241,18 @@ class GraphBackend:
             await conn.execute(f"ALTER ROLE {role} CONNECTION LIMIT {limit}")
 
     @staticmethod
-    async def _grant_schema(conn: asyncpg.Connection, role: str) -> None:
+    async def grant_schema(conn: asyncpg.Connection, role: str) -> None:
         # Before PostgreSQL 15 every role may create in public; only the owner may now, and
         # the owner is not the customer's role: it gets CREATE by name.
         await conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
         await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {quote_ident(role)}")
 
     async def _apply_schema(self, ctx: StepContext) -> None:
+        if ctx.resource_id in self._taken_whole:
+            return
         db, role = self.database_name(ctx.resource_id), self.role_name(ctx.resource_id)
         async with self._connect(ctx.resource_id, database=db) as conn, conn.transaction():
-            await self._grant_schema(conn, role)
+            await self.grant_schema(conn, role)
             await conn.execute(f"SET LOCAL ROLE {quote_ident(role)}")
             await conn.execute(GRAPH_SCHEMA)
 
@@ -230,11 +272,12 @@ class GraphBackend:
             if not found:
                 raise ResourceNotFound(f"graph {graph_id} has no database or login role")
             await _create_role(conn, self.owner_name(graph_id), "NOLOGIN")
-            await self._grant_database(conn, graph_id, limit)
+            await self.grant_database(conn, graph_id, limit)
         async with self._connect(graph_id, database=db, suffix=":confine") as conn:
-            await self._grant_schema(conn, role)
+            await self.grant_schema(conn, role)
 
     async def _verify(self, ctx: StepContext) -> None:
+        self._taken_whole.discard(ctx.resource_id)  # the steps that skip are behind it
         credentials = await self.rotate_credentials(ctx.resource_id)
         async with admin_connection(
             self._dsn,
@@ -290,7 +333,7 @@ class GraphBackend:
         limit = connection_limit(ctx.spec.limits, what="graph")
         async with self._connect(ctx.resource_id, suffix=":resize") as conn:
             await self._existing(conn, ctx.resource_id)
-            await self._grant_database(conn, ctx.resource_id, limit)
+            await self.grant_database(conn, ctx.resource_id, limit)
 
     async def _verify_limits(self, ctx: StepContext) -> None:
         limit = connection_limit(ctx.spec.limits, what="graph")
@@ -322,7 +365,7 @@ class GraphBackend:
             await self._existing(conn, ctx.resource_id)
             await conn.execute(f"ALTER ROLE {quote_ident(self.role_name(ctx.resource_id))} LOGIN")
             # The plan may have changed while it was suspended; the grants converge as well.
-            await self._grant_database(conn, ctx.resource_id, limit)
+            await self.grant_database(conn, ctx.resource_id, limit)
 
     async def open_connections(self, resource_id: str) -> int:
         """Sessions of the graph's login now (``provisioning.ConnectionMeter``)."""
@@ -359,6 +402,7 @@ class GraphBackend:
             )
 
     async def teardown(self, resource_id: str) -> None:
+        self._taken_whole.discard(resource_id)
         db, role = self.database_name(resource_id), self.role_name(resource_id)
         async with self._connect(resource_id, suffix=":teardown") as conn:
             await terminate_sessions(conn, tag=f"lookout:{resource_id}", database=db, role=role)

@@ -11,11 +11,17 @@ from .operations import Connection
 
 __all__ = [
     "ResourceRecord",
+    "assign_server",
     "claim_orphans",
     "count_held_before",
     "get_resource",
+    "graphs_by_server",
+    "graphs_on_server",
     "mark_deleted",
+    "name_legacy_graphs",
+    "pin_server",
     "resource_for_subject",
+    "resource_server",
 ]
 
 
@@ -30,6 +36,10 @@ class ResourceRecord:
     created_at: datetime
     updated_at: datetime
     deleted_at: datetime | None
+    # The provisioning server it lives on (migration 0016; NULL: made before servers were
+    # named, on the first one), and whether anything of it may exist there yet (`placed`).
+    server: str | None = None
+    placed: bool = True
 
     @classmethod
     def from_row(cls, row: asyncpg.Record) -> ResourceRecord:
@@ -92,3 +102,70 @@ async def mark_deleted(conn: Connection, resource_id: str) -> bool:
         resource_id,
     )
     return bool(done)
+
+
+# -- which provisioning server a resource lives on (provisioning.placement) -------------------
+async def resource_server(conn: Connection, resource_id: str) -> tuple[str | None, bool] | None:
+    """``(server, placed)`` of the resource; None when there is no such resource."""
+    row = await conn.fetchrow("SELECT server, placed FROM resources WHERE id = $1", resource_id)
+    return None if row is None else (row["server"], row["placed"])
+
+
+async def graphs_by_server(conn: Connection, first: str) -> dict[str, int]:
+    """Graphs not deleted, by the server they are on or being placed on (a graph made before
+    servers were named counts for ``first``): what placement weighs, and what an operator sees.
+    Reads the partial index ``resources_server``."""
+    rows = await conn.fetch(
+        "SELECT coalesce(server, $1) AS name, count(*) AS n FROM resources"
+        " WHERE resource_type = 'graph' AND status <> 'deleted' AND (placed OR server IS NOT NULL)"
+        " GROUP BY 1",
+        first,
+    )
+    return {r["name"]: r["n"] for r in rows}
+
+
+async def graphs_on_server(conn: Connection, name: str, first: str) -> list[ResourceRecord]:
+    """The graphs not deleted on the server ``name``, oldest first: a drained server's, for an
+    operator to move or wait out."""
+    rows = await conn.fetch(
+        "SELECT * FROM resources WHERE resource_type = 'graph' AND status <> 'deleted'"
+        " AND (placed OR server IS NOT NULL) AND coalesce(server, $2) = $1"
+        " ORDER BY created_at, id",
+        name,
+        first,
+    )
+    return [ResourceRecord.from_row(r) for r in rows]
+
+
+async def assign_server(conn: Connection, resource_id: str, name: str) -> bool:
+    """Records the server a resource is being placed on, unless it is placed already; the
+    count of that server includes it from now on, so concurrent placements spread."""
+    done = await conn.fetchval(
+        "UPDATE resources SET server = $2 WHERE id = $1 AND NOT placed RETURNING true",
+        resource_id,
+        name,
+    )
+    return bool(done)
+
+
+async def pin_server(conn: Connection, resource_id: str, name: str) -> str | None:
+    """Records that the resource lives on ``name`` from now on (before anything is created
+    there); answers the server it is placed on, ``name`` unless it was placed already."""
+    placed: str | None = await conn.fetchval(
+        "UPDATE resources SET server = CASE WHEN placed THEN server ELSE $2 END, placed = true"
+        " WHERE id = $1 RETURNING server",
+        resource_id,
+        name,
+    )
+    return placed
+
+
+async def name_legacy_graphs(conn: Connection, first: str) -> int:
+    """Gives the graphs made before servers were named (on the only server there was) the
+    name of the first one, so that reordering the list later does not move them."""
+    done = await conn.execute(
+        "UPDATE resources SET server = $1"
+        " WHERE server IS NULL AND placed AND resource_type = 'graph'",
+        first,
+    )
+    return int(done.split()[-1])

@@ -127,6 +127,11 @@ class OperationRunner:
         """Ids of the operations this process works on now."""
         return self._workers.active
 
+    async def quiet(self) -> None:
+        """Returns once this process works on no operation (``provisioning.Foreground``: the
+        warm pool's refill gives way to the operations customers wait on)."""
+        await self._workers.quiet()
+
     def backend(self, resource_type: str) -> ProvisionerBackend:
         try:
             return self._backends[resource_type]

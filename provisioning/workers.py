@@ -70,6 +70,8 @@ class Workers:
         self._give_way_seconds = give_way_seconds
         self._limiter = anyio.CapacityLimiter(max_concurrent)
         self._tasks: dict[str, OperationTask] = {}
+        self._idle = anyio.Event()
+        self._idle.set()
 
     @property
     def active(self) -> frozenset[str]:
@@ -83,6 +85,12 @@ class Workers:
     def get(self, op_id: str) -> OperationTask | None:
         return self._tasks.get(op_id)
 
+    async def quiet(self) -> None:
+        """Returns once this process works on no operation (what background work that can
+        wait, the warm pool's refill, gives way to)."""
+        while self._tasks:
+            await self._idle.wait()
+
     def spawn(
         self, tg: TaskGroup, op: OperationRecord, *, announced: bool = False
     ) -> OperationTask:
@@ -90,6 +98,8 @@ class Workers:
         task = self._tasks.get(op.id)
         if task is not None:
             return task
+        if not self._tasks:
+            self._idle = anyio.Event()
         task = self._tasks[op.id] = OperationTask(announced=announced)
         tg.start_soon(self._execute, op, task, name=f"operation {op.id}")
         return task
@@ -131,6 +141,8 @@ class Workers:
             raise
         finally:
             self._tasks.pop(op.id, None)
+            if not self._tasks:
+                self._idle.set()
             task.done.set()
 
     async def _release(self, op_id: str, retry_after: float) -> None:

@@ -1,7 +1,16 @@
-"""Append an event to each topic's Redis Stream and announce it, in one round trip."""
+"""Append an event to each topic's Redis Stream and announce it, in one round trip.
+
+Concurrent publishes are coalesced: every call queues its events, and one flusher task at a
+time sends whatever is queued as one script call (``publish.lua``) per batch. Thousands of
+operations publishing progress at once then cost a few round trips, not one each. On a Redis
+Cluster a script call touches one slot, so calls are not coalesced there: each call is sent by
+itself, one script call per slot (``cluster.publish_by_slot``).
+"""
 
 from __future__ import annotations
 
+import asyncio
+from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Final
 
@@ -10,12 +19,38 @@ from .events import Event
 from .scripts import lua_script
 from .topics import channel_name, ends_with_terminal, stream_key
 
-__all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher"]
+__all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher", "PublisherStats"]
 
 DEFAULT_MAXLEN: Final = 1000
 DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
+# Stream entries per script call, at most (one caller's events are never split, so a larger
+# publish_many goes alone). Redis runs a script without interruption: 512 entries keep it to a
+# few milliseconds, while the round trip and the command's fixed costs are spread over
+# hundreds of events (bench.publisher).
+DEFAULT_BATCH_ENTRIES: Final = 512
 
 _PUBLISH_LUA: Final = lua_script("publish.lua")
+
+
+class PublisherStats:
+    """Running totals: script calls made and Stream entries they carried."""
+
+    __slots__ = ("calls", "entries")
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.entries = 0
+
+
+class _Request:
+    """One publish_many call waiting for its Stream ids: its part of a script's KEYS and ARGV."""
+
+    __slots__ = ("args", "future", "keys")
+
+    def __init__(self, keys: list[str], args: list[bytes | str | int]) -> None:
+        self.keys = keys
+        self.args = args
+        self.future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
 
 
 class EventPublisher:
@@ -26,6 +61,8 @@ class EventPublisher:
     ``ttl_seconds`` is renewed on every publish, so a topic's history expires that long after
     its last event. An event of one of ``terminal_types`` ends a topic that ends (see
     ``topics.ends_with_terminal``): nothing published to it afterwards is kept.
+    ``batch_entries``: how many Stream entries one script call carries at most, when many
+    callers publish at once.
     """
 
     def __init__(
@@ -37,11 +74,14 @@ class EventPublisher:
         ttl_seconds: int = DEFAULT_TTL_SECONDS,
         exact_trim: bool = False,
         terminal_types: Collection[str] = frozenset(),
+        batch_entries: int = DEFAULT_BATCH_ENTRIES,
     ) -> None:
         if maxlen < 1:
             raise ValueError("EventPublisher maxlen must be at least 1")
         if ttl_seconds < 1:
             raise ValueError("EventPublisher ttl_seconds must be at least 1")
+        if batch_entries < 1:
+            raise ValueError("EventPublisher batch_entries must be at least 1")
         self._redis = redis
         self._prefix = prefix
         self._maxlen = maxlen
@@ -60,6 +100,10 @@ class EventPublisher:
             )
         # SPUBLISH is delivered by the channel's own shard; PUBLISH would go to every node.
         self._announce = "SPUBLISH" if self._cluster else "PUBLISH"
+        self._batch_entries = batch_entries
+        self._queue: deque[_Request] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self.stats = PublisherStats()
 
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
         """Publish ``event`` to every topic; answers each topic's Stream id (its SSE ``id``)."""
@@ -69,28 +113,36 @@ class EventPublisher:
     async def publish_many(
         self, items: Sequence[tuple[Event, Iterable[str]]]
     ) -> list[dict[str, str]]:
-        """Publishes several events, in order, in one command (one script: atomic, and a
-        burst's hundreds of events cost one round trip and one command to encode); answers
-        each one's Stream ids, as ``publish``. A topic named twice for one event counts once.
-        An event for a topic that has already ended is dropped (answered with the ids of that
-        topic's terminal event)."""
+        """Publishes several events, in order, in one script call (atomic: a burst's hundreds
+        of events cost one round trip and one command to encode); answers each one's Stream
+        ids, as ``publish``. A topic named twice for one event counts once. An event for a
+        topic that has already ended is dropped (answered with the ids of that topic's
+        terminal event). On a Redis Cluster: one script call per slot, not atomic
+        (``cluster.publish_by_slot``).
+
+        On a single Redis, calls made while another is on its way are sent together, in the
+        order they were made, in as few script calls as ``batch_entries`` allows: so each
+        topic keeps the order of its publishes. An error of a script call (Redis unreachable,
+        a script error) is raised in every call it carried; a call cancelled before its events
+        were sent publishes nothing, and after that changes nothing for the others."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
-        if self._cluster:  # a script call may touch one slot there
+        if self._cluster:
+            # A script call may touch one slot there, and a batch of several callers would mix
+            # slots (CROSSSLOT): calls are not batched across callers on a cluster, each one
+            # goes by itself, one script call per slot (publish_by_slot, as before batching).
             replies = await publish_by_slot(self._call, planned)
             return [{topic: _text(raw) for topic, raw in ids.items()} for ids in replies]
-        ids = iter(await self._call(planned))
+        keys, args = self._encode(planned)
+        raw = await self._submit(_Request(keys, args)) if keys else []
+        ids = iter(raw)
         return [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
 
-    async def _call(self, planned: Sequence[tuple[Event, list[str]]]) -> list[Any]:
-        """One run of the script: its raw reply, one per (event, topic) in order."""
+    def _encode(
+        self, planned: Sequence[tuple[Event, list[str]]]
+    ) -> tuple[list[str], list[bytes | str | int]]:
+        """The script's KEYS and the events' part of its ARGV (after the header), in order."""
         keys: list[str] = []
-        args: list[bytes | str | int] = [
-            self._trim_op,
-            self._maxlen,
-            self._ttl,
-            self._terminal_arg,
-            self._announce,
-        ]
+        args: list[bytes | str | int] = []
         for event, topics in planned:
             if not topics:
                 continue
@@ -98,10 +150,94 @@ class EventPublisher:
             args += [event.type, event.encode(), len(topics)]
             args += [channel_name(self._prefix, topic) for topic in topics]
             args += ["1" if ends_with_terminal(topic) else "0" for topic in topics]
-        if not keys:
-            return []
-        reply: list[Any] = await self._script(keys=keys, args=args)
-        return reply
+        return keys, args
+
+    async def _call(self, planned: Sequence[tuple[Event, list[str]]]) -> list[Any]:
+        """One run of the script at once, unbatched (a cluster's slot): its raw reply, one per
+        (event, topic) in order."""
+        keys, args = self._encode(planned)
+        return await self._run(keys, args) if keys else []
+
+    async def _run(self, keys: list[str], events: list[bytes | str | int]) -> list[Any]:
+        """One script call: the header (ARGV[1..5], publish.lua), then ``events``."""
+        args: list[bytes | str | int] = [
+            self._trim_op,
+            self._maxlen,
+            self._ttl,
+            self._terminal_arg,
+            self._announce,
+        ]
+        args += events
+        self.stats.calls += 1
+        self.stats.entries += len(keys)
+        raw: list[Any] = await self._script(keys=keys, args=args)
+        return raw
+
+    async def _submit(self, request: _Request) -> list[Any]:
+        self._queue.append(request)
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(
+                self._flush(), name="EventPublisher flush"
+            )
+        # Cancelling the caller cancels only its future: the flusher skips it if not yet sent.
+        return await request.future
+
+    async def _flush(self) -> None:
+        """Sends what is queued, batch after batch, until nothing is; one flusher at a time, so
+        batches reach Redis in the order their calls were made."""
+        batch: list[_Request] = []
+        try:
+            while self._queue:
+                batch = self._take()
+                if not batch:
+                    continue  # every caller taken had been cancelled
+                try:
+                    raw = await self._send(batch)
+                except Exception as exc:  # the callers' error: each of them raises it
+                    for request in batch:
+                        if not request.future.done():
+                            request.future.set_exception(exc)
+                else:
+                    start = 0
+                    for request in batch:
+                        end = start + len(request.keys)
+                        if not request.future.done():
+                            request.future.set_result(raw[start:end])
+                        start = end
+                batch = []
+        finally:
+            self._flusher = None
+            # Only when this task is cancelled (its event loop shutting down): the callers
+            # left cannot know whether their events were published, and are cancelled too.
+            for request in (*batch, *self._queue):
+                request.future.cancel()
+            self._queue.clear()
+
+    async def _send(self, batch: list[_Request]) -> list[Any]:
+        """One script call carrying ``batch`` in order; answers their Stream ids, in order."""
+        keys: list[str] = []
+        args: list[bytes | str | int] = []
+        for request in batch:
+            keys += request.keys
+            args += request.args
+        return await self._run(keys, args)
+
+    def _take(self) -> list[_Request]:
+        """The next batch: queued calls, oldest first, up to ``batch_entries`` (at least one)."""
+        batch: list[_Request] = []
+        entries = 0
+        queue = self._queue
+        while queue:
+            request = queue[0]
+            if request.future.done():  # its caller was cancelled: nothing of it is sent
+                queue.popleft()
+                continue
+            if batch and entries + len(request.keys) > self._batch_entries:
+                break
+            queue.popleft()
+            batch.append(request)
+            entries += len(request.keys)
+        return batch
 
 
 def _text(raw: object) -> str:

@@ -4,8 +4,10 @@ A background loop that raises used to take the whole lifespan task group down wi
 pool and clients closed, while the server went on answering). Under a ``Supervisor`` each loop
 is restarted with capped exponential backoff; a loop that crashes ``max_crashes`` times within
 ``window_seconds`` is reported by ``failing()`` until it has stayed up for a whole window, so
-that health checks can ask an orchestrator to restart the process. Cancellation always passes
-through. Nothing here knows HTTP or metrics: callers read ``restarts`` and ``failing()``.
+that health checks can ask an orchestrator to restart the process. A loop that returns before
+``stop()`` is a crash too: it was meant to serve until cancelled, and one that ends quietly
+is the zombie this prevents. Cancellation always passes through. Nothing here knows HTTP or
+metrics: callers read ``restarts`` and ``failing()``.
 """
 
 from __future__ import annotations
@@ -74,10 +76,10 @@ class Supervisor:
     """Runs loops with ``run`` (plain) or ``run_starting`` (``task_status``) in a task group.
 
     ``tg.start_soon(supervisor.run, "webhook-inbox", inbox.run)`` or
-    ``await tg.start(supervisor.run_starting, "event-hub", hub.run)``. A loop that returns
-    normally is finished and not restarted; one that raises an ``Exception`` is restarted
-    after ``backoff_min`` doubling up to ``backoff_max`` seconds (reset once an attempt has
-    stayed up for ``window_seconds``).
+    ``await tg.start(supervisor.run_starting, "event-hub", hub.run)``. A loop that raises an
+    ``Exception``, or returns before ``stop()``, is restarted after ``backoff_min`` doubling
+    up to ``backoff_max`` seconds (reset once an attempt has stayed up for
+    ``window_seconds``); after ``stop()`` a loop that returns is finished.
     """
 
     def __init__(
@@ -97,6 +99,12 @@ class Supervisor:
         self._window = window_seconds
         self._backoff = (backoff_min, backoff_max)
         self._tasks: dict[str, _TaskState] = {}
+        self._stopping = False
+
+    def stop(self) -> None:
+        """The process is shutting down: from now on a loop that returns (the hub once
+        closed) has finished, and is not restarted."""
+        self._stopping = True
 
     @property
     def restarts(self) -> Mapping[str, int]:
@@ -126,8 +134,8 @@ class Supervisor:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Runs ``loop()`` until it returns, restarting it after each crash; reports started
-        at once."""
+        """Runs ``loop()``, restarting it after each crash, until it returns after ``stop()``;
+        reports started at once."""
         task_status.started()
 
         async def attempt(relay: _Relay) -> None:
@@ -170,40 +178,58 @@ class Supervisor:
                     # The boundary of a background task: anything it did not handle itself is
                     # a bug or an outage it did not expect; keep the process serving.
                     # (Cancellation is not an Exception and passes through.)
-                    now = anyio.current_time()
-                    state.running_since = None
-                    if now - started >= self._window:
-                        delay = self._backoff[0]
-                    state.crashes.append(now)
-                    while state.crashes and now - state.crashes[0] > self._window:
-                        state.crashes.popleft()
-                    state.restarts += 1
-                    state.last_error = _describe(exc)[:500]
-                    if len(state.crashes) >= self._max_crashes:
-                        if state.failing_since is None:
-                            state.failing_since = now
-                        logger.exception(
-                            "background task %r crashed %d times within %g s; "
-                            "restarting in %.3g s, reported as failing",
-                            name,
-                            len(state.crashes),
-                            self._window,
-                            delay,
-                        )
-                    else:
-                        logger.exception(
-                            "background task %r crashed; restarting in %.3g s", name, delay
-                        )
-                    await anyio.sleep(delay)
-                    delay = min(max(delay * 2, self._backoff[0]), self._backoff[1])
+                    crash: Exception | None = exc
                 else:
-                    state.running_since = None
-                    if not relay.done:
-                        relay.started()  # a loop with nothing to do must not hang its starter
-                    return
+                    if self._stopping:
+                        if not relay.done:
+                            relay.started()  # a loop with nothing to do: release its starter
+                        return
+                    crash = None
+                state.running_since = None
+                if anyio.current_time() - started >= self._window:
+                    delay = self._backoff[0]  # it had stayed up for a whole window
+                self._count_crash(name, state, crash, delay)
+                await anyio.sleep(delay)
+                delay = min(max(delay * 2, self._backoff[0]), self._backoff[1])
         finally:
             state.running_since = None
             state.active = False
+
+    def _count_crash(
+        self, name: str, state: _TaskState, crash: Exception | None, delay: float
+    ) -> None:
+        """Counts and logs a crash (``crash``, or None: the loop returned before ``stop()``)."""
+        now = anyio.current_time()
+        state.crashes.append(now)
+        while state.crashes and now - state.crashes[0] > self._window:
+            state.crashes.popleft()
+        state.restarts += 1
+        # A loop returns only when asked to stop: one that returns by itself (a stray
+        # `return` or `break`, a swallowed cancellation) would leave its work undone for
+        # good while health checks say ok.
+        what = _describe(crash) if crash is not None else "returned without being stopped"
+        state.last_error = what[:500]
+        if len(state.crashes) >= self._max_crashes:
+            if state.failing_since is None:
+                state.failing_since = now
+            logger.error(
+                "background task %r crashed %d times within %g s (%s); "
+                "restarting in %.3g s, reported as failing",
+                name,
+                len(state.crashes),
+                self._window,
+                what,
+                delay,
+                exc_info=crash,
+            )
+        else:
+            logger.error(
+                "background task %r crashed (%s); restarting in %.3g s",
+                name,
+                what,
+                delay,
+                exc_info=crash,
+            )
 
 
 def _describe(exc: BaseException) -> str:

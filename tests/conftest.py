@@ -59,6 +59,18 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClu
 
 
 @pytest.fixture(scope="session")
+def second_pg_dsn(redis_url: str) -> Iterator[str]:
+    """A second PostgreSQL server of its own (the embedded one, on a free port of 127.0.0.1,
+    with a password), for the tests of several provisioning servers: its admin DSN. Kept
+    under .lookout/ as the first one is (pytest's temporary folders are made private again by
+    each new session, which a server running as another user cannot survive)."""
+    with embedded_servers(
+        ROOT / ".lookout" / "test-second-server", database_url=None, redis_url=redis_url
+    ) as servers:
+        yield servers.database_url
+
+
+@pytest.fixture(scope="session")
 def _template_database(pg_admin_dsn: str) -> Iterator[str]:
     """One migrated database per session; each test copies it, which is much faster than
     migrating again."""
@@ -139,6 +151,9 @@ def settings(database_url: str, redis_url: str, redis_prefix: str, tmp_path: Pat
             "STRIPE_API_BASE": "http://127.0.0.1:9",
             "LOOKOUT_REDIS_PREFIX": redis_prefix,
             "LOOKOUT_ENVIRONMENT": "test",
+            # No databases made ahead of demand on the shared server unless a test asks for
+            # them (tests/provisioning/test_warm_pool.py): they would outlive the test.
+            "LOOKOUT_WARM_POOL_SIZE": "0",
         }
     )
 

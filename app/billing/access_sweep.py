@@ -10,6 +10,7 @@ import anyio
 import asyncpg
 
 from app.billing.access import SUSPENDED_STATUSES
+from app.billing.errors import OUTAGES
 from app.billing.lifecycle import Lifecycle
 from app.billing.subscriptions import ACTIVE_RESOURCE_STATUSES
 
@@ -60,8 +61,8 @@ class AccessSweep:
         while True:
             try:
                 await self.sweep_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                logger.exception("the access sweep failed; retrying at the next one")
+            except OUTAGES as exc:
+                logger.warning("the access sweep failed (%r); retrying at the next one", exc)
             await anyio.sleep(self._sweep_seconds)
 
     async def sweep_once(self, *, grace: timedelta | None = None) -> list[str]:

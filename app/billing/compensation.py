@@ -23,6 +23,7 @@ import anyio
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.errors import OUTAGES
 from app.billing.provider import (
     SUBSCRIPTION_ID_KEY,
     PaymentProvider,
@@ -322,6 +323,6 @@ class BillingHooks:
         while True:
             try:
                 await self.cancel_due()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                logger.exception("the Stripe cancellation sweep failed; retrying")
+            except OUTAGES as exc:
+                logger.warning("the Stripe cancellation sweep failed (%r); retrying", exc)
             await anyio.sleep(SWEEP_SECONDS)

@@ -1,9 +1,14 @@
 """What billing refuses, in the customer's words, without HTTP: each refusal names its `code`,
-and app.web.errors chooses the status it is answered with."""
+and app.web.errors chooses the status it is answered with. Also `OUTAGES`: what billing's
+background sweeps treat as a dependency away rather than a bug."""
 
 from __future__ import annotations
 
+import asyncpg
+from redis.exceptions import RedisError
+
 __all__ = [
+    "OUTAGES",
     "BillingRefusal",
     "CardDeclined",
     "CheckoutUnavailable",
@@ -17,6 +22,16 @@ __all__ = [
     "ResourceNameTaken",
     "WebhookRejected",
 ]
+
+# PostgreSQL or Redis away (refused, reset, timed out: `TimeoutError` is an `OSError`): a sweep
+# logs one line and tries again at the next one. Counted as crashes instead, a long outage
+# would report the loops failing and turn /healthz 503, restarting a process that is fine.
+OUTAGES: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    RedisError,
+)
 
 
 class BillingRefusal(Exception):

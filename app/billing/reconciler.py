@@ -27,6 +27,7 @@ import anyio
 import asyncpg
 
 from app.audit import record_audit
+from app.billing.errors import OUTAGES
 from app.billing.fulfilment import resource_spec
 from app.billing.lifecycle import Lifecycle
 from app.billing.plans import UnknownPlan
@@ -141,8 +142,8 @@ class Reconciler:
         while True:
             try:
                 await self.reconcile_once()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                logger.exception("the reconciler's sweep failed; retrying at the next one")
+            except OUTAGES as exc:
+                logger.warning("the reconciler's sweep failed (%r); retrying at the next one", exc)
             await anyio.sleep(self._sweep_seconds)
 
     async def reconcile_once(self) -> list[Repair]:

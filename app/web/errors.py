@@ -16,6 +16,7 @@ from app.billing.errors import (
     PaymentRequired,
     WebhookRejected,
 )
+from app.billing.webhooks.inbox import TRANSIENT_ERRORS, is_transient
 
 __all__ = [
     "APIError",
@@ -127,7 +128,27 @@ async def _client_gone(request: Request, exc: Exception) -> Response:
     return client_gone(request)
 
 
+async def _unavailable(request: Request, exc: Exception) -> Response:
+    """PostgreSQL, Redis or Stripe is away (a dropped connection, a restart): not a bug, and
+    a 503 with Retry-After tells every client, browsers included, to come back."""
+    logger.warning(
+        "%s %s: a server it needs is unavailable (%s: %s)",
+        request.method,
+        request.url.path,
+        type(exc).__name__,
+        exc,
+    )
+    return error_response(
+        503,
+        "unavailable",
+        "A server Lookout depends on is not answering; try again in a few seconds.",
+        {"Retry-After": "2"},
+    )
+
+
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if is_transient(exc):  # a group of them, from a task group
+        return await _unavailable(request, exc)
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return error_response(500, "internal_error", "Something went wrong on our side; try again.")
 
@@ -137,5 +158,8 @@ exception_handlers = {
     BillingRefusal: _billing_refusal,
     HTTPException: _http_error,
     ClientDisconnect: _client_gone,
+    # Answered inside the routes' exception middleware, where Starlette does not re-raise
+    # them to the server as it does with the catch-all below.
+    **{error: _unavailable for error in TRANSIENT_ERRORS},
     Exception: _unexpected,
 }

@@ -4,13 +4,15 @@ Liveness fails only when a background loop of the process cannot stay up (the su
 failures): restarting the process is then the cure. Readiness also asks PostgreSQL and Redis.
 
 Both answer anyone, so they name what is failing and no more: an error's text can carry a
-host, a user or a query, and goes to the log instead.
+host, a user or a query, and goes to the log instead. Both are the answering process's own:
+under `lookout serve --workers N` each answer names its `pid` and `worker`.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import os
 from typing import Any
 
 import anyio
@@ -46,20 +48,31 @@ def _failing_tasks(found: Services) -> list[dict[str, Any]]:
     ]
 
 
-def _unavailable(code: str, message: str, **extra: Any) -> Response:
+def _process(found: Services) -> dict[str, int]:
+    """Which process answered: each worker of `lookout serve --workers N` has its own tasks."""
+    return {"pid": os.getpid(), "worker": found.settings.worker}
+
+
+def _unavailable(found: Services, code: str, message: str, **extra: Any) -> Response:
     return JSONResponse(
-        {"status": "unavailable", "error": {"code": code, "message": message}, **extra},
+        {
+            "status": "unavailable",
+            "error": {"code": code, "message": message},
+            **extra,
+            **_process(found),
+        },
         status_code=503,
     )
 
 
 async def healthz(request: Request) -> Response:
-    failing = _failing_tasks(services(request))
+    found = services(request)
+    failing = _failing_tasks(found)
     if failing:
         return _unavailable(
-            "task_failing", "; ".join(f["message"] for f in failing), failing_tasks=failing
+            found, "task_failing", "; ".join(f["message"] for f in failing), failing_tasks=failing
         )
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", **_process(found)})
 
 
 async def readyz(request: Request) -> Response:
@@ -83,11 +96,12 @@ async def readyz(request: Request) -> Response:
         problems["redis"] = "unavailable"
     if problems:
         return _unavailable(
+            found,
             "task_failing" if failing else "not_ready",
             "; ".join(f"{k}: {v}" for k, v in problems.items()),
             failing_tasks=failing,
         )
-    return JSONResponse({"status": "ready"})
+    return JSONResponse({"status": "ready", **_process(found)})
 
 
 def _authorized(request: Request, token: str) -> bool:

@@ -237,13 +237,18 @@ SCHEMAS: Final[dict[str, Schema]] = {
             "soft_limits": {"type": "object"},
         }
     ),
-    "Health": _object({"status": STRING}),
+    # pid and worker: which process answered (`lookout serve --workers N` runs several).
+    "Health": _object({"status": STRING}, {"pid": INTEGER, "worker": INTEGER}),
     "Unhealthy": {
         "allOf": [
             _ref("Error"),
             _object(
                 {"status": {"const": "unavailable"}},
-                {"failing_tasks": {"type": "array", "items": {"type": "object"}}},
+                {
+                    "failing_tasks": {"type": "array", "items": {"type": "object"}},
+                    "pid": INTEGER,
+                    "worker": INTEGER,
+                },
             ),
         ]
     },

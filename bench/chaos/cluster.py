@@ -169,7 +169,8 @@ class Instance:
             out.write(f"\n=== start {self.starts} at {time.time():.3f}\n".encode())
             out.flush()
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "app", "serve", "--port", str(self.port)],
+                # One process per instance: the soak kills and stops instances whole.
+                [sys.executable, "-m", "app", "serve", "--port", str(self.port), "--workers", "1"],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

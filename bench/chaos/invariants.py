@@ -15,16 +15,18 @@ import httpx
 from redis.asyncio import Redis
 
 from bench.chaos.cluster import Instance
+from bench.chaos.schedule import FaultRecord
 from bench.chaos.sse import SseClient, stream_position
 from bench.chaos.traffic import Customer
 from bench.chaos.webhooks import Delivery
 from provisioning import GraphBackend, SharedRepositoryBackend
 from streams.topics import operation_topic, stream_key
 
-__all__ = ["Invariant", "World", "check_all"]
+__all__ = ["Invariant", "World", "check_all", "faults_injected"]
 
 _NO_ROUTE = "no route reveals its credentials"
 _TERMINAL = frozenset({"operation.completed", "operation.failed", "operation.cancelled"})
+_SUBSCRIBING_MS = 2000  # from a /v1/events client's first 200 to its subscription in place
 
 
 @dataclass
@@ -58,6 +60,21 @@ class World:
     instances: Sequence[Instance]
     caught_up: dict[int, bool]  # id(events client) -> reached the Stream's last entry
     unexpected_exits: Sequence[str]
+    server_errors: Sequence[str]  # the customers' requests answered 5xx other than 503
+
+
+def faults_injected(kinds: Iterable[str], records: Sequence[FaultRecord]) -> Invariant:
+    """A soak proves only what it did: every kind it was asked for happened, in full."""
+    inv = Invariant("faults injected: every kind asked for, each in full")
+    for kind in kinds:
+        inv.checked += 1
+        mine = [r for r in records if r.kind == kind]
+        if not mine:
+            inv.fail(f"{kind}: never injected (its target was busy until the end)")
+        for r in mine:
+            if "not fully injected" in r.detail:
+                inv.fail(f"{kind} [{r.target}]: {r.detail.strip()}")
+    return inv
 
 
 async def _stripe_list(http: httpx.AsyncClient, path: str) -> list[dict[str, Any]]:
@@ -130,7 +147,9 @@ async def _credentials_open(http: httpx.AsyncClient, key: str, sub: asyncpg.Reco
 async def paid_checkouts(
     world: World, db: asyncpg.Connection, admin: asyncpg.Connection, stripe: httpx.AsyncClient
 ) -> Invariant:
-    inv = Invariant("every paid Checkout is one subscription, active or cleanly cancelled")
+    inv = Invariant(
+        "every paid Checkout is one subscription, active or cleanly cancelled, none failed"
+    )
     keys = {c.user_id: c.api_key for c in world.customers}
     sessions = [
         s for s in await _stripe_list(stripe, "/v1/checkout/sessions") if s["status"] == "complete"
@@ -176,12 +195,22 @@ async def paid_checkouts(
                     inv.fail(
                         f"{where} is canceled but the server still has its {' and '.join(has)}"
                     )
-            elif sub["status"] != "failed":  # failed: the next invariant
+            else:
                 op = await db.fetchrow(
                     "SELECT id, status, step, error FROM operations WHERE subject_id = $1"
                     " ORDER BY created_at DESC LIMIT 1",
                     sub["id"],
                 )
+                if sub["status"] == "failed":
+                    # With the provisioner's retry window (300 s) beyond its longest outage
+                    # (60 s), nothing transient may fail a paid provision; and the traffic
+                    # provokes no permanent error after paying (a plan limit is refused at
+                    # checkout, 409, before anything is paid). So this is a defect; the next
+                    # invariant checks its clean-up all the same.
+                    inv.fail(
+                        f"{where} paid, then failed; its operation: {dict(op) if op else None}"
+                    )
+                    continue
                 events = await db.fetchval(
                     "SELECT string_agg(type || ':' || status, ', ' ORDER BY stripe_created)"
                     " FROM webhook_events WHERE payload::text LIKE '%' || $1 || '%'",
@@ -299,12 +328,15 @@ def _compare(client: SseClient, history: list[tuple[str, str]], inv: Invariant) 
     dupes = [i for i, n in Counter(received).items() if n > 1]
     if dupes:
         inv.fail(f"{who}: {len(dupes)} events received twice, e.g. {dupes[0]}")
+    # A dashboard is owed every event from its opening 200 on (two seconds allowed for its
+    # subscription to be in place), not only from its first event: counting from there let a
+    # miss right after opening pass unseen.
+    opened = None if client.opened_ms is None else (client.opened_ms + _SUBSCRIBING_MS, 0)
     if not received:
         if client.operation and kept:
             inv.fail(f"{who}: received nothing of {len(kept)} events")
-        elif client.opened_ms is not None:
-            # Two seconds for its subscription to be in place after the 200.
-            later = [i for i in kept if stream_position(i)[0] > client.opened_ms + 2000]
+        elif opened is not None:
+            later = [i for i in kept if stream_position(i) >= opened]
             if later:
                 inv.fail(
                     f"{who}: received nothing of {len(later)} events published after it opened"
@@ -314,6 +346,8 @@ def _compare(client: SseClient, history: list[tuple[str, str]], inv: Invariant) 
         expected = kept  # an operation stream starts from the operation's first event
     else:
         lo, hi = stream_position(received[0]), stream_position(received[-1])
+        if opened is not None:
+            lo = min(lo, opened)
         expected = [i for i in kept if lo <= stream_position(i) <= hi]
     unique = list(dict.fromkeys(received))
     if unique != expected:
@@ -388,6 +422,21 @@ async def instances_ready(world: World) -> Invariant:
     return inv
 
 
+def no_server_errors(world: World) -> Invariant:
+    """Under any fault a request is served, refused with a 4xx, or told to come back (503 with
+    Retry-After): a 500 is a bug, and a webhook answered 500 is one Stripe may give up on."""
+    inv = Invariant("no request or webhook answered a 5xx other than 503")
+    for error in world.server_errors:
+        inv.checked += 1
+        inv.fail(error)
+    for delivery in world.deliveries:
+        for status in delivery.attempts:
+            inv.checked += 1
+            if isinstance(status, int) and status >= 500 and status != 503:
+                inv.fail(f"webhook {delivery.event_id} ({delivery.type}) answered {status}")
+    return inv
+
+
 async def check_all(world: World) -> list[Invariant]:
     db = await asyncpg.connect(world.database_url)
     admin = await asyncpg.connect(world.admin_url)
@@ -405,7 +454,7 @@ async def check_all(world: World) -> list[Invariant]:
                 operations_end(world, db),
                 instances_ready(world),
             ]
-            results = []
+            results = [no_server_errors(world)]
             for check in checks:
                 try:
                     results.append(await check)

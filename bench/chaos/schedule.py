@@ -78,32 +78,49 @@ class Faults:
     def active(self) -> int:
         return sum(1 for r in self.records if r.lifted is None)
 
-    async def run(self, window: float, first_after: float = 5.0) -> None:
+    async def run(self, window: float, first_after: float = 5.0, overrun: float = 120.0) -> None:
         """Starts faults at random moments during `window` seconds (each may outlast it),
-        then waits until every one is lifted."""
+        then waits until every one is lifted.
+
+        Every kind is injected once first, in a random order, even past the window (by
+        `overrun` seconds at most): a fault whose target is busy with another one gives way
+        to the next kind instead of being pushed back past the end (a 60 s soak once ended
+        with no Redis restart at all). Then random kinds until the window is over."""
         loop = asyncio.get_running_loop()
         end = loop.time() + window
+        first = list(self.kinds)
+        self.rng.shuffle(first)
         order: list[str] = []
         # Gaps sized so that a short soak still sees every kind once, overlapping at times.
         mean_gap = min(12.0, max(3.0, (window - first_after) / (len(self.kinds) + 1)))
         await asyncio.sleep(first_after)
-        while loop.time() < end and self.kinds:
-            if not order:
+        while first or loop.time() < end:
+            if first and loop.time() >= end + overrun:
+                break  # the targets stayed busy: the soak reports the kinds never injected
+            if not first and not order:
                 order = [k for k in self.kinds if k not in _ONCE or not self._done(k)]
                 if not order:
                     break
                 self.rng.shuffle(order)
-            kind = order.pop()
-            target = self._target(kind)
-            if target is None:  # its target is busy with another fault: try it again later
-                order.insert(0, kind)
+            pending = first or order
+            chosen = self._next(pending)
+            if chosen is None:  # every target is busy with another fault: try again soon
                 await asyncio.sleep(1.0)
                 continue
+            kind, target = chosen
             task = asyncio.ensure_future(self._inject(kind, target))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             await asyncio.sleep(self.rng.uniform(0.5, 1.5) * mean_gap)
         await asyncio.gather(*self._tasks)
+
+    def _next(self, pending: list[str]) -> tuple[str, str] | None:
+        """Takes the last kind of `pending` whose target is free, with that target."""
+        for i in range(len(pending) - 1, -1, -1):
+            target = self._target(pending[i])
+            if target is not None:
+                return pending.pop(i), target
+        return None
 
     def _done(self, kind: str) -> bool:
         return any(r.kind == kind for r in self.records)

@@ -33,7 +33,7 @@ from bench.chaos.cluster import (
     wait_ready,
     with_database,
 )
-from bench.chaos.invariants import Invariant, World, check_all
+from bench.chaos.invariants import Invariant, World, check_all, faults_injected
 from bench.chaos.proxy import FaultProxy, LoadBalancer, fault_proxy, url_through
 from bench.chaos.report import print_report
 from bench.chaos.schedule import KINDS, Faults, HealthWatch
@@ -77,10 +77,14 @@ async def _settle(
     loop = asyncio.get_running_loop()
     start = loop.time()
     while loop.time() - start < within:
-        # Only the server being away is waited out: a query error (a table renamed under the
-        # soak) once made every settle last its whole bound.
+        # Only the server being away or full is waited out (the machine's server is shared:
+        # others' tests once took its last connection): a query error (a table renamed under
+        # the soak) once made every settle last its whole bound.
         with contextlib.suppress(
-            OSError, asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
         ):
             conn = await asyncpg.connect(database_url)
             try:
@@ -307,8 +311,12 @@ async def _run(
             instances=instances,
             caught_up=caught_up,
             unexpected_exits=watch.unexpected_exits,
+            server_errors=traffic.server_errors,
         )
-        results: list[Invariant] = await check_all(world)
+        results: list[Invariant] = [
+            faults_injected(options.kinds, faults.records),
+            *await check_all(world),
+        ]
         resumed, stuck = await _resumption_after_kills(redis, prefix, faults)
         timings["checks"] = time.monotonic() - check_start
         timings["whole run"] = time.monotonic() - started

@@ -42,7 +42,9 @@ class SseClient:
     finished: bool = False  # answered 204: the stream has said its last word
     last_id: str | None = None
     retry_ms: int = 1000
-    opened_ms: int | None = None  # wall clock (as Stream ids) of its first 200
+    # Wall clock (as Stream ids) of the 200 of its latest connection without Last-Event-ID:
+    # what it is owed starts there (a browser with no id to resume from starts afresh).
+    opened_ms: int | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
@@ -88,7 +90,7 @@ class SseClient:
                     self._count(f"http {answer.status_code}")
                     retry_after = answer.headers.get("Retry-After", "")
                     return float(retry_after) if retry_after.isdigit() else self.retry_ms / 1000
-                if self.opened_ms is None:
+                if self.last_id is None:
                     self.opened_ms = int(time.time() * 1000)
                 reading = asyncio.ensure_future(self._read(answer))
                 stopper = asyncio.ensure_future(self._stop.wait())

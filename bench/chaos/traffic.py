@@ -46,6 +46,9 @@ class Traffic:
     rng: random.Random
     customers: list[Customer] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)
+    # Answers other than 503 in the 5xx range: under any fault a request is either served or
+    # told to come back (503 with Retry-After), never answered with a server error.
+    server_errors: list[str] = field(default_factory=list)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -138,6 +141,10 @@ class Traffic:
                 if answer.status_code < 500:
                     return answer
                 self.count(f"{method} answered {answer.status_code}")
+                if answer.status_code != 503:
+                    self.server_errors.append(
+                        f"{method} {path} answered {answer.status_code}: {answer.text[:160]}"
+                    )
             except httpx.HTTPError as exc:
                 self.count(f"{method} {type(exc).__name__}")
             await asyncio.sleep(0.5 * (attempt + 1))

@@ -24,10 +24,15 @@ pytestmark = pytest.mark.anyio
 
 async def test_healthz_and_readyz_answer(settings: Settings) -> None:
     async with live_server(create_app(settings)) as url, httpx.AsyncClient(base_url=url) as http:
-        assert (await http.get("/healthz")).json() == {"status": "ok"}
+        # Each names the process that answered (`lookout serve --workers N` runs several).
+        assert (await http.get("/healthz")).json() == {
+            "status": "ok",
+            "pid": os.getpid(),
+            "worker": 0,
+        }
         ready = await http.get("/readyz")
         assert ready.status_code == 200
-        assert ready.json() == {"status": "ready"}
+        assert ready.json() == {"status": "ready", "pid": os.getpid(), "worker": 0}
         missing = await http.get("/v1/nothing-here")
         assert missing.status_code == 404
         assert missing.json()["error"]["code"] == "not_found"

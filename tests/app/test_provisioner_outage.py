@@ -41,7 +41,7 @@ async def test_a_15_s_provisioner_outage_delays_the_provision_and_cancels_nothin
         await proxy.refuse()
         outage_began = time.monotonic()
         through_proxy = replace(
-            settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+            settings, provisioner_database_urls=(url_through(pg_admin_dsn, proxy.port),)
         )
         async with running_stack(through_proxy) as stack:
             started = await stack.checkout("graph-standard", "patient")
@@ -83,3 +83,53 @@ async def test_a_15_s_provisioner_outage_delays_the_provision_and_cancels_nothin
     assert types[-1] == "operation.completed" and "operation.failed" not in types
     progress = [e["progress"] for e in events if "progress" in e]
     assert progress == sorted(progress)
+
+
+@pytest.mark.timeout(180)
+async def test_provisions_started_during_an_outage_all_complete_once_the_server_is_back(
+    settings: Settings, pg_admin_dsn: str
+) -> None:
+    plans = ("graph-standard", "graph-standard", "graph-standard", "graph-large")
+    async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
+        await proxy.refuse()
+        through_proxy = replace(
+            settings, provisioner_database_urls=(url_through(pg_admin_dsn, proxy.port),)
+        )
+        async with running_stack(through_proxy) as stack:
+            subscriptions = []
+            for number, plan in enumerate(plans):
+                started = await stack.checkout(plan, f"waiting-{number}")
+                await stack.pay(started["checkout_session_id"])
+                subscriptions.append(started["subscription_id"])
+
+            async def all_waiting() -> list[str] | None:
+                ops = []
+                for subscription_id in subscriptions:
+                    sub = await stack.subscription(subscription_id)
+                    if sub.get("operation_id") is None:
+                        return None
+                    answer = await stack.http.get(f"/v1/operations/{sub['operation_id']}")
+                    if answer.json()["status"] != "waiting":
+                        return None
+                    ops.append(sub["operation_id"])
+                return ops
+
+            operations = await wait_for(all_waiting, within=60, what="every provision to wait")
+            await proxy.accept()
+            back = time.monotonic()
+            for subscription_id in subscriptions:
+                await stack.wait_for_status(subscription_id, "active", within=120)
+            recovered = time.monotonic() - back
+            print(
+                f"\nMEASURED provisioner back -> all {len(operations)} waiting operations"
+                f" completed: {recovered:.2f} s"
+            )
+            for op_id in operations:
+                snapshot = (await stack.http.get(f"/v1/operations/{op_id}")).json()
+                assert snapshot["status"] == "completed", snapshot
+                types = [e["type"] for e in await operation_events(stack.http, op_id)]
+                assert types[-1] == "operation.completed" and "operation.failed" not in types
+            deletes = (
+                await stack.emulator.get("/_emulator/requests", params={"method": "DELETE"})
+            ).json()["data"]
+    assert deletes == []  # nothing was cancelled in Stripe

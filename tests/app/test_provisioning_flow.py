@@ -71,7 +71,7 @@ async def test_an_unreachable_provisioner_fails_after_the_retry_window_and_cance
 ) -> None:
     refusing = replace(
         settings,
-        provisioner_database_url=f"postgresql://lookout@127.0.0.1:{free_port()}/x",
+        provisioner_database_urls=(f"postgresql://lookout@127.0.0.1:{free_port()}/x",),
         provisioner_retry_seconds=2,
     )
     async with running_stack(refusing) as stack:

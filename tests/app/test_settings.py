@@ -61,6 +61,7 @@ def test_webhook_secrets_are_a_comma_separated_list_for_rotation() -> None:
             {"LOOKOUT_REDIS_CLUSTER": "1", "REDIS_URL": "redis://h", "LOOKOUT_REDIS_PREFIX": "{a}"},
             "LOOKOUT_REDIS_PREFIX",
         ),
+        ({"LOOKOUT_LOG_LEVEL": "verbose"}, "LOOKOUT_LOG_LEVEL"),
     ],
 )
 def test_a_bad_setting_names_its_variable(env: dict[str, str], variable: str) -> None:
@@ -100,6 +101,15 @@ def test_the_provisioner_retry_window_is_15_minutes_unless_set() -> None:
         Settings.from_env({**BASE, "LOOKOUT_PROVISIONER_RETRY_SECONDS": "-1"})
 
 
+def test_the_warm_pool_keeps_4_databases_unless_set() -> None:
+    assert Settings.from_env(BASE).warm_pool_size == 4
+    assert Settings.from_env({**BASE, "LOOKOUT_WARM_POOL_SIZE": "0"}).warm_pool_size == 0
+    assert Settings.from_env({**BASE, "LOOKOUT_WARM_POOL_SIZE": "100"}).warm_pool_size == 100
+    for bad in ("-1", "many"):
+        with pytest.raises(ConfigError, match="LOOKOUT_WARM_POOL_SIZE"):
+            Settings.from_env({**BASE, "LOOKOUT_WARM_POOL_SIZE": bad})
+
+
 def test_connection_limits_have_defaults_and_can_be_set() -> None:
     defaults = Settings.from_env(BASE)
     assert (
@@ -127,3 +137,62 @@ def test_connection_limits_have_defaults_and_can_be_set() -> None:
 def test_trusted_proxies_are_addresses_or_networks() -> None:
     env = {**BASE, "LOOKOUT_TRUSTED_PROXIES": " 10.0.0.2, 10.1.0.0/16,::1 "}
     assert Settings.from_env(env).trusted_proxies == ("10.0.0.2", "10.1.0.0/16", "::1")
+
+
+def test_the_log_level_of_lookout_s_loggers_is_left_alone_unless_set() -> None:
+    assert Settings.from_env(BASE).log_level is None
+    assert Settings.from_env({**BASE, "LOOKOUT_LOG_LEVEL": " DEBUG "}).log_level == "debug"
+
+
+def test_provisioning_servers_default_to_the_server_of_database_url() -> None:
+    settings = Settings.from_env(
+        {**BASE, "DATABASE_URL": "postgresql://lookout:pw@db.internal:5433/lookout"}
+    )
+    assert settings.provisioner_database_urls == ()
+    (only,) = settings.provisioning_servers
+    assert only.name == "db.internal:5433"
+    assert only.dsn == "postgresql://lookout:pw@db.internal:5433/lookout"
+
+
+def test_provisioning_servers_are_a_comma_separated_list_with_weights() -> None:
+    env = {
+        **BASE,
+        "PROVISIONER_DATABASE_URL": (
+            "postgresql://admin:p,w@pg-a:5432/postgres?sslmode=require&lookout_weight=500,"
+            " postgres://admin:pw@pg-b1:5432,pg-b2:5432/postgres?lookout_name=b,"
+            "postgresql://admin:pw@[::1]/postgres"
+        ),
+    }
+    servers = Settings.from_env(env).provisioning_servers
+    assert [(s.name, s.weight) for s in servers] == [
+        ("pg-a:5432", 500),
+        ("b", 1000),
+        ("[::1]:5432", 1000),
+    ]
+    # Lookout's parameters are taken out of what asyncpg connects with.
+    assert servers[0].dsn == "postgresql://admin:p,w@pg-a:5432/postgres?sslmode=require"
+    assert servers[1].dsn == "postgres://admin:pw@pg-b1:5432,pg-b2:5432/postgres"
+
+
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("mysql://root:secret@db/x", "server 1 (mysql://root:***@db/x) must start with"),
+        (
+            "postgresql://a:secret@h1/x,postgresql://a:secret@h2/x?lookout_weight=0",
+            "server 2 (postgresql://a:***@h2/x) has lookout_weight='0'",
+        ),
+        ("postgresql://a:secret@h1/x?lookout_wieght=5", "unknown parameter(s) lookout_wieght"),
+        ("postgresql://a:secret@h1:54x/x", "has a port that is not a number"),
+        ("postgresql://a@h1/x,postgresql://b@h1:5432/y", "server 2 is named h1:5432 like an"),
+    ],
+)
+def test_a_malformed_provisioning_server_is_named_without_its_password(
+    value: str, said: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        Settings.from_env({**BASE, "PROVISIONER_DATABASE_URL": value})
+    message = str(raised.value)
+    assert message.startswith("PROVISIONER_DATABASE_URL ")
+    assert said in message
+    assert "secret" not in message

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +15,14 @@ import pytest
 from httpx_sse import aconnect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
+from app import application
+from app.billing import compensation
+from app.billing.access_sweep import AccessSweep
+from app.billing.reconciler import Reconciler
+from app.billing.subscriptions import queue_stripe_cancellation
 from app.settings import Settings
 from app.web.services import Services
+from provisioning.leases import InstanceLock
 from streams import Event, channel_name, user_topic
 from tests.support.bugs import crash_once, crash_once_sync
 from tests.support.redis_server import redis_process
@@ -82,6 +89,11 @@ async def still_works(stack: Stack, name: str) -> None:
 async def test_each_loop_crashing_once_is_restarted_and_the_service_still_works(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    # Loops that sweep at once when they start, then every 30 s or more, and the instance lock
+    # that holds its connection for as long as it can: each crashes in its first round.
+    crash_once(monkeypatch, Reconciler, "reconcile_once")
+    crash_once(monkeypatch, AccessSweep, "sweep_once")
+    crash_once(monkeypatch, InstanceLock, "_hold")
     async with running_stack(settings) as stack:
         found = services(stack)
         runner: Any = found.runner
@@ -115,6 +127,9 @@ async def test_each_loop_crashing_once_is_restarted_and_the_service_still_works(
             "operation-sweep",
             "operation-lease-keeper",
             "event-hub",
+            "subscription-reconciler",
+            "access-sweep",
+            "instance-lock",
         }
         # The renewer and the Stripe sweep run every 10 s, the others more often.
         await wait_for(
@@ -134,7 +149,7 @@ async def test_each_loop_crashing_once_is_restarted_and_the_service_still_works(
 
         # A lease to renew, an operation to keep leased, events to stream.
         await still_works(stack, "after-crashes")
-        assert (await stack.anonymous.get("/healthz")).json() == {"status": "ok"}
+        assert (await stack.anonymous.get("/healthz")).json()["status"] == "ok"
         assert (await stack.anonymous.get("/readyz")).status_code == 200
 
 
@@ -204,6 +219,78 @@ async def test_the_stream_lease_renewer_survives_a_redis_restart(
             assert found.supervisor.restarts.get("stream-lease-renewer", 0) == 0
             assert (await stack.anonymous.get("/healthz")).status_code == 200
             await still_works(stack, "after-redis-restart")
+
+
+@pytest.mark.timeout(180)
+async def test_the_billing_sweeps_work_through_a_redis_outage_and_count_no_crash(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each sweep every half second (not 30, 60 and 10 s), so that each works while Redis is away.
+    monkeypatch.setattr(
+        application, "Reconciler", partial(Reconciler, sweep_seconds=0.5, settle_seconds=0)
+    )
+    monkeypatch.setattr(application, "AccessSweep", partial(AccessSweep, sweep_seconds=0.5))
+    monkeypatch.setattr(compensation, "SWEEP_SECONDS", 0.5)
+    sweeps = ("subscription-reconciler", "access-sweep", "stripe-cancellation-sweep")
+    with redis_process(tmp_path / "redis") as server:
+        await server.wait_ready()
+        async with running_stack(replace(settings, redis_url=server.url)) as stack:
+            found = services(stack)
+            canceled = await _active_graph(stack, "left-behind")
+            unpaid = await _active_graph(stack, "unpaid")
+            owed = await stack.checkout("graph-standard", "owed")
+            paid = await stack.pay(owed["checkout_session_id"], deliver_webhooks=False)
+            server.kill()
+            # With Redis away: a cancellation whose deprovision never started (for the
+            # reconciler), an unpaid subscription still active (for the access sweep), a
+            # Stripe cancellation owed (for the compensation sweep). Each one's work publishes.
+            async with found.pool.acquire() as conn:
+                await conn.execute(
+                    "UPDATE subscriptions SET status = 'canceled' WHERE id = $1", canceled
+                )
+                await conn.execute(
+                    "UPDATE subscriptions SET status = 'unpaid' WHERE id = $1", unpaid
+                )
+                await queue_stripe_cancellation(
+                    conn, owed["subscription_id"], paid["object"]["subscription"]
+                )
+
+            async def done() -> bool:
+                async with found.pool.acquire() as conn:
+                    finished = await conn.fetch(
+                        "SELECT kind FROM operations WHERE subject_id = ANY($1::text[])"
+                        " AND kind IN ('deprovision', 'suspend') AND finished_at IS NOT NULL",
+                        [canceled, unpaid],
+                    )
+                    owed_done = await conn.fetchval(
+                        "SELECT done_at IS NOT NULL FROM stripe_compensations"
+                        " WHERE subscription_id = $1",
+                        owed["subscription_id"],
+                    )
+                return {r["kind"] for r in finished} == {"deprovision", "suspend"} and owed_done
+
+            await wait_for(done, within=60, what="the three sweeps' work, with Redis away")
+            # Still away a little longer: every sweep runs a few more times without it.
+            await anyio.sleep(2)
+            assert (await stack.anonymous.get("/readyz")).status_code == 503
+            restarts = found.supervisor.restarts
+            assert {task: restarts.get(task, 0) for task in sweeps} == dict.fromkeys(sweeps, 0)
+            assert not [f for f in found.supervisor.failing() if f.task in sweeps]
+            server.start()
+
+            async def ready() -> bool:
+                return (await stack.anonymous.get("/readyz")).status_code == 200
+
+            await wait_for(ready, within=30, what="/readyz to answer 200 again")
+            assert (await stack.anonymous.get("/healthz")).status_code == 200
+
+
+async def _active_graph(stack: Stack, name: str) -> str:
+    started = await stack.checkout("graph-standard", name)
+    await stack.pay(started["checkout_session_id"])
+    active = await stack.wait_for_status(started["subscription_id"], "active")
+    subscription_id: str = active["id"]
+    return subscription_id
 
 
 async def test_a_malformed_publish_on_a_users_channel_is_skipped(settings: Settings) -> None:

@@ -60,9 +60,9 @@ async def two_instances_setup(settings: Settings, pg_admin_dsn: str) -> AsyncIte
             process_stripe(settings) as stripe,
             fault_proxy("provisioner", pg_admin_dsn) as proxy,
         ):
-            direct = replace(stripe.settings, provisioner_database_url=pg_admin_dsn)
+            direct = replace(stripe.settings, provisioner_database_urls=(pg_admin_dsn,))
             through_proxy = replace(
-                direct, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+                direct, provisioner_database_urls=(url_through(pg_admin_dsn, proxy.port),)
             )
             auth = {"Authorization": f"Bearer {key}"}
             yield Setup(direct, through_proxy, stripe.port, db, stripe.control, proxy, auth)

@@ -170,3 +170,18 @@ def test_a_dashboard_that_received_nothing_misses_what_came_after_it_opened() ->
     inv = Invariant("streams")
     _compare(client, history, inv)
     assert any("received nothing of 1 events" in v for v in inv.violations), inv.violations
+
+
+def test_a_dashboard_is_owed_what_came_after_it_opened_not_after_its_first_event() -> None:
+    history = [("1000-0", "before"), ("2500-0", "missed"), ("5000-0", "received")]
+    log = [Received("5000-0", "received", None)]
+    client = _client("user:u", log)
+    client.opened_ms = 0  # its subscription was in place by 2000
+    inv = Invariant("streams")
+    _compare(client, history, inv)
+    assert any("1 missing (first 2500-0 missed)" in v for v in inv.violations), inv.violations
+    # Opened at 1000: 2500 falls within the two seconds its subscription may take.
+    client.opened_ms = 1000
+    inv = Invariant("streams")
+    _compare(client, history, inv)
+    assert inv.ok, inv.violations

@@ -84,8 +84,7 @@ async def no_horizontal_scroll(page: Page) -> bool:
 async def test_sign_in_subscribe_pay_watch_reveal_and_cancel(
     settings: Settings, page: Page, page_errors: list[str]
 ) -> None:
-    admin_dsn = settings.provisioner_database_url or settings.database_url
-    assert admin_dsn is not None
+    admin_dsn = settings.provisioning_servers[0].dsn
     async with running_stack(settings) as stack:
         await page.goto(f"{stack.url}/")
         await sign_in(page, stack.api_key)
@@ -201,8 +200,7 @@ async def connection_state(page: Page) -> str:
 async def test_the_page_resumes_after_its_streams_are_cut_mid_provisioning(
     settings: Settings, page: Page, page_errors: list[str]
 ) -> None:
-    admin = settings.provisioner_database_url or settings.database_url
-    assert admin is not None
+    admin = settings.provisioning_servers[0].dsn
     gated = GatedBackend(GraphBackend(admin), hold_after=["create_role", "apply_schema"])
     backends: list[Any] = [gated, SharedRepositoryBackend(admin)]
     async with (

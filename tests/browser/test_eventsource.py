@@ -54,8 +54,7 @@ async def received(page: Page) -> dict[str, Any]:
 async def test_eventsource_resumes_by_last_event_id_and_stops_after_204(
     settings: Settings, page: Page, page_errors: list[str]
 ) -> None:
-    admin = settings.provisioner_database_url or settings.database_url
-    assert admin is not None
+    admin = settings.provisioning_servers[0].dsn
     gated = GatedBackend(GraphBackend(admin), hold_after=["create_role"])
     backends: list[Any] = [gated, SharedRepositoryBackend(admin)]
     async with (

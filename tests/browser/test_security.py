@@ -16,7 +16,7 @@ import anyio
 import pytest
 from starlette.routing import Mount
 
-from app.application import create_app, default_backends
+from app.application import create_app
 from app.demo.runner import EMULATOR_MOUNT
 from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
@@ -51,8 +51,7 @@ async def demo_layout(settings: Settings) -> AsyncIterator[tuple[str, str]]:
         public_url=base + EMULATOR_MOUNT,
         api_key=settings.stripe_api_key,
     )
-    backends = default_backends(settings)
-    app = create_app(settings, backends=backends, extra_routes=[Mount(EMULATOR_MOUNT, emulator)])
+    app = create_app(settings, extra_routes=[Mount(EMULATOR_MOUNT, emulator)])
     async with live_server(app, port=port):
         async with app.state.services.pool.acquire() as conn:
             user = await create_user(conn, "csp@example.com")
@@ -63,7 +62,7 @@ async def demo_layout(settings: Settings) -> AsyncIterator[tuple[str, str]]:
             with anyio.CancelScope(shield=True):
                 # Mounted, the emulator's own lifespan does not run: close its webhook client.
                 await emulator.state.emulator.webhooks.aclose()
-                await drop_resources(settings, backends)
+                await drop_resources(settings, app)
 
 
 async def test_the_pages_work_under_their_policies(

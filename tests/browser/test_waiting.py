@@ -25,7 +25,7 @@ async def test_a_waiting_operation_says_why_and_completes_when_the_server_is_bac
     async with fault_proxy("provisioner", pg_admin_dsn) as proxy:
         await proxy.refuse()
         through_proxy = replace(
-            settings, provisioner_database_url=url_through(pg_admin_dsn, proxy.port)
+            settings, provisioner_database_urls=(url_through(pg_admin_dsn, proxy.port),)
         )
         async with running_stack(through_proxy) as stack:
             await page.goto(f"{stack.url}/")

@@ -24,6 +24,13 @@ async def name_prefix(pg_admin_dsn: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def second_prefix(name_prefix: str, second_pg_dsn: str) -> AsyncIterator[str]:
+    """``name_prefix``, whose objects are dropped from the second server too."""
+    yield name_prefix
+    await drop_server_objects(second_pg_dsn, name_prefix)
+
+
+@pytest.fixture
 def graph_backend(pg_admin_dsn: str, name_prefix: str) -> GraphBackend:
     return GraphBackend(pg_admin_dsn, name_prefix=name_prefix)
 

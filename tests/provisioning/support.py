@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import anyio
 import asyncpg
@@ -207,6 +208,19 @@ async def with_admin(admin_dsn: str, fn: Callable[[asyncpg.Connection], Awaitabl
         return await fn(conn)
     finally:
         await conn.close()
+
+
+async def createrole_admin(admin_dsn: str, name_prefix: str) -> str:
+    """The DSN of a new CREATEDB CREATEROLE role that is not a superuser (what
+    `PROVISIONER_DATABASE_URL` may name), on the server of ``admin_dsn``."""
+    admin = f"{name_prefix}admin"
+    await with_admin(
+        admin_dsn,
+        lambda c: c.execute(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE PASSWORD 'pw'"),
+    )
+    parts = urlsplit(admin_dsn)  # a host and port, or a socket in ?host=
+    server = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{admin}:pw@{server}").geturl()
 
 
 def new_subject() -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import asyncpg
 import pytest
@@ -19,12 +19,22 @@ from app.db import migrate
 from provisioning import (
     Credentials,
     GraphBackend,
+    PlacedGraphBackend,
     ResourceNotFound,
     ResourceSpec,
     SharedRepositoryBackend,
     StepContext,
+    WarmPool,
 )
-from tests.provisioning.support import Serving, new_subject, server_objects, wait_for, with_admin
+from provisioning.servers import ProvisioningServer, set_drained
+from tests.provisioning.support import (
+    Serving,
+    createrole_admin,
+    new_subject,
+    server_objects,
+    wait_for,
+    with_admin,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -67,7 +77,7 @@ async def connections(dsn: str, count: int) -> AsyncIterator[Sequence[asyncpg.Co
 async def provision(
     db_pool: asyncpg.Pool,
     serving: Serving,
-    backend: GraphBackend | SharedRepositoryBackend,
+    backend: GraphBackend | PlacedGraphBackend | SharedRepositoryBackend,
     user_id: str,
     spec: ResourceSpec,
     count: int,
@@ -80,18 +90,27 @@ async def provision(
         return [await runner.rotate_credentials(op.resource_id) for op in ops]
 
 
-@pytest.fixture
+@pytest.fixture(params=["created", "from the warm pool"])
 async def graphs(
+    request: pytest.FixtureRequest,
     db_pool: asyncpg.Pool,
     serving: Serving,
     graph_backend: GraphBackend,
     user_id: str,
 ) -> list[Credentials]:
     """Two customers' graphs, after Lookout's own start-up on its database (`migrate`, as
-    `lookout serve` runs it); the first one's login is the customer trying its luck."""
+    `lookout serve` runs it); the first one's login is the customer trying its luck. Each
+    test runs on graphs created by their provisions, and on graphs taken from a warm pool."""
     async with db_pool.acquire() as conn:
         await migrate(conn)
-    return await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
+    if request.param == "created":
+        return await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
+    warm = WarmPool(db_pool, graph_backend, size=2, instance_id="test-confinement")
+    assert await warm.fill() == 2
+    graph_backend.use_warm_pool(warm)
+    made = await provision(db_pool, serving, graph_backend, user_id, GRAPH, count=2)
+    assert await warm.level() == 0
+    return made
 
 
 async def test_a_graph_login_cannot_lift_its_connection_limit(
@@ -309,14 +328,8 @@ async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confine
     name_prefix: str,
 ) -> None:
     """`PROVISIONER_DATABASE_URL` may name a CREATEDB CREATEROLE role rather than a superuser."""
+    admin_dsn = await createrole_admin(pg_admin_dsn, name_prefix)
     admin = f"{name_prefix}admin"
-    await with_admin(
-        pg_admin_dsn,
-        lambda c: c.execute(f"CREATE ROLE \"{admin}\" LOGIN CREATEDB CREATEROLE PASSWORD 'pw'"),
-    )
-    parts = urlsplit(pg_admin_dsn)  # a host and port, or a socket in ?host=
-    server = parts.netloc.rpartition("@")[2]
-    admin_dsn = parts._replace(netloc=f"{admin}:pw@{server}").geturl()
     backend = GraphBackend(admin_dsn, name_prefix=name_prefix)
     subject = new_subject()
     async with serving([backend]) as runner:
@@ -330,3 +343,42 @@ async def test_an_admin_that_is_not_a_superuser_provisions_and_removes_a_confine
         gone = await runner.start("deprovision", subject, user_id, GRAPH)
         assert (await wait_for(db_pool, gone.id)).status == "completed"
     assert await server_objects(pg_admin_dsn, name_prefix) == ([], [admin])
+
+
+async def test_a_graph_on_a_second_server_is_confined_there_and_known_nowhere_else(
+    db_pool: asyncpg.Pool,
+    serving: Serving,
+    pg_admin_dsn: str,
+    second_pg_dsn: str,
+    user_id: str,
+    second_prefix: str,
+) -> None:
+    """The second server asks for passwords (as the demo's does): the revealed one is real."""
+    first, second = ProvisioningServer.parse(pg_admin_dsn), ProvisioningServer.parse(second_pg_dsn)
+    placed = PlacedGraphBackend(
+        db_pool,
+        [(s, GraphBackend(s.dsn, name_prefix=second_prefix)) for s in (first, second)],
+    )
+    async with db_pool.acquire() as conn:
+        await set_drained(conn, first.name, True)
+    (mine,) = await provision(db_pool, serving, placed, user_id, GRAPH, count=1)
+    async with db_pool.acquire() as conn:
+        await set_drained(conn, first.name, False)
+        await set_drained(conn, second.name, True)
+    (other,) = await provision(db_pool, serving, placed, user_id, GRAPH, count=1)
+    assert mine.port != other.port
+
+    await assert_confined(mine)
+    wrong = urlsplit(mine.dsn)._replace(netloc=f"{mine.user}:wrong@127.0.0.1:{mine.port}")
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        await log_in(wrong.geturl())
+    # Its login is not a role of the first server, where the other customer's graph is.
+    login = f"{quote(mine.user)}:{quote(mine.password, safe='')}"
+    on_first = f"postgresql://{login}@{other.host}:{other.port}/{quote(other.database)}"
+    with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+        await log_in(on_first)
+
+    # Repairs go to the graph's own server.
+    await make_it_old(second_pg_dsn, mine)
+    await placed.confine(mine.database.removeprefix(second_prefix), GRAPH.limits)
+    await assert_confined(mine)

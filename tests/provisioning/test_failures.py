@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import anyio
 import asyncpg
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from provisioning import (
+    TERMINAL_EVENT_TYPES,
     GraphBackend,
     OperationNotCancellable,
     OperationNotFound,
     ResourceSpec,
     StepContext,
+    get_operation,
 )
 from provisioning.resources import get_resource
 from streams import EventPublisher
@@ -27,9 +32,11 @@ from tests.provisioning.support import (
     operation_events,
     running,
     server_objects,
+    user_events,
     wait_for,
 )
 from tests.support import free_port
+from tests.support.redis_server import redis_process
 
 pytestmark = pytest.mark.anyio
 
@@ -174,6 +181,65 @@ async def test_a_failing_hook_is_called_again_later_and_the_event_goes_out_once(
     assert hooks.audit_kinds(op.id).count("operation.hook_failed") == 2
     types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
     assert types.count("operation.completed") == 1 and types[-1] == "operation.completed"
+
+
+@pytest.mark.timeout(90)
+async def test_an_operation_finishing_while_redis_is_down_ends_its_stream_once_redis_is_back(
+    db_pool: asyncpg.Pool,
+    redis_prefix: str,
+    hooks: RecordingHooks,
+    graph_backend: GraphBackend,
+    user_id: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with redis_process(tmp_path / "redis") as server:
+        await server.wait_ready()
+        # No retries inside the client (redis-py's default backs off ~4 s per call): the
+        # runner's own retries are what this test is about.
+        redis = Redis(port=server.port, retry=Retry(NoBackoff(), 0))
+        publisher = EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_EVENT_TYPES)
+        holding = HoldingBackend(graph_backend, hold_at="apply_schema")
+        options = {"finalize_retry_seconds": 0.2, "sweep_interval": 0.05}
+        try:
+            async with running(db_pool, publisher, hooks, [holding], **options) as runner:
+                op = await runner.start("provision", new_subject(), user_id, GRAPH)
+                with anyio.fail_after(30):
+                    await holding.holding.wait()
+                server.kill()
+                holding.release.set()  # its last step and its outcome happen with Redis away
+                finished = await wait_for(db_pool, op.id, lambda o: o.reported_at is not None)
+                assert finished.status == "completed" and finished.announced_at is None
+                # Offered again every 0.2 s while Redis is away: not given up, not marked done.
+                await anyio.sleep(1.5)
+                async with db_pool.acquire() as conn:
+                    still = await get_operation(conn, op.id)
+                assert still is not None and still.finalized_at is None
+                tries = [r for r in caplog.records if "terminal event not published" in r.message]
+                assert len(tries) >= 2
+                server.start()
+                await server.wait_ready()
+                done = await wait_for(db_pool, op.id)
+            ours = await operation_events(redis, redis_prefix, op.id)
+            mine = [
+                e
+                for e in await user_events(redis, redis_prefix, user_id)
+                if e.get("operation_id") == op.id
+            ]
+        finally:
+            await redis.aclose()
+
+    assert done.status == "completed" and done.announced_at is not None
+    assert [o.id for o in hooks.succeeded] == [op.id]  # the hook was told once
+    for events in (ours, mine):
+        types = [e["type"] for e in events]
+        assert types[0] == "operation.started", types
+        assert types[-1] == "operation.completed", types
+        assert types.count("operation.completed") == 1, types
+        # The progress published while Redis was away is lost (docs/ARCHITECTURE.md, "Redis
+        # away while operations run"): what is kept stays in order.
+        progress = [e["progress"] for e in events if "progress" in e]
+        assert progress == sorted(progress)
 
 
 async def test_cancel_reaches_an_operation_that_runs_on_another_instance(

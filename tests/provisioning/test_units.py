@@ -77,6 +77,31 @@ def test_transient_errors_are_those_another_attempt_may_not_meet() -> None:
 
 
 @pytest.mark.anyio
+async def test_a_backend_terminated_inside_a_transaction_is_transient(database_url: str) -> None:
+    """Found by the chaos soak: a step's `async with conn.transaction()` whose backend was
+    terminated raised InterfaceError on the way out, and the paid provision failed for good."""
+    admin = await asyncpg.connect(database_url)
+    conn = await asyncpg.connect(database_url)
+
+    async def step() -> None:
+        async with conn.transaction():
+            await admin.execute("SELECT pg_terminate_backend($1)", conn.get_server_pid())
+            await conn.execute("SELECT 1")
+
+    try:
+        with pytest.raises(asyncpg.InterfaceError) as caught:
+            await step()
+        assert is_transient(caught.value)
+        with pytest.raises(asyncpg.InterfaceError) as misuse:
+            await conn.execute("SELECT 1")  # the connection is closed: transient too
+        assert is_transient(misuse.value)
+    finally:
+        await admin.close()
+        await conn.close()
+    assert not is_transient(asyncpg.InterfaceError("cannot perform operation: another operation"))
+
+
+@pytest.mark.anyio
 async def test_retry_policy_retries_transient_errors_only() -> None:
     policy = RetryPolicy(attempts=3, initial_delay=0.001, max_delay=0.001)
     calls: list[int] = []

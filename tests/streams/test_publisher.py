@@ -1,13 +1,21 @@
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import socket
 from typing import Any
 
 import anyio
 import pytest
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
+from bench.chaos.proxy import fault_proxy, url_through
 from streams import (
     Event,
     EventPublisher,
@@ -20,6 +28,7 @@ from streams import (
 from streams.events import EventEncodingError, iso_now
 from streams.topics import topic_slot
 from tests.streams.either_redis import listen
+from tests.streams.sse_client import wait_until
 from tests.streams.vocabulary import TERMINAL_TYPES
 
 pytestmark = pytest.mark.anyio
@@ -169,3 +178,177 @@ async def test_nothing_follows_the_end_of_an_operation(
     user_types = [e[1][b"t"] for e in user_entries]
     assert user_types == [b"operation.started", b"operation.completed", b"subscription.updated"]
     assert announced.split(b"\n")[1] == b"subscription.updated"
+
+
+# Coalescing: calls made while another is on its way share script calls. On a single Redis
+# only: on a Redis Cluster each call goes by itself, one script call per slot (a batch of
+# several callers' topics would span slots).
+single_redis = pytest.mark.parametrize("redis_mode", ["single"])
+
+
+def _progress(n: int) -> Event:
+    return Event.create("operation.progress", n=n)
+
+
+async def _numbers(redis: RedisClient, key: str) -> list[int]:
+    entries: Any = await redis.xrange(key)
+    return [json.loads(fields[b"d"])["n"] for _, fields in entries]
+
+
+@single_redis
+async def test_concurrent_publishes_share_script_calls_and_keep_their_order(
+    redis: Redis, redis_prefix: str
+) -> None:
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=8
+    )
+    shared = user_topic("usr_many")
+    # Tasks run in the order they were made, so the calls are made in the order of n.
+    tasks = [
+        asyncio.create_task(publisher.publish(_progress(n), [shared, operation_topic(f"op_{n}")]))
+        for n in range(100)
+    ]
+    answers = await asyncio.gather(*tasks)
+    # Two entries each, at most 8 per call: 25 calls, where one each would have made 100.
+    assert publisher.stats.calls == 25 and publisher.stats.entries == 200
+    assert await _numbers(redis, stream_key(redis_prefix, shared)) == list(range(100))
+    entries: Any = await redis.xrange(stream_key(redis_prefix, shared))
+    assert [a[shared] for a in answers] == [entry_id.decode() for entry_id, _ in entries]
+    for n, answer in enumerate(answers):
+        own: Any = await redis.xrange(stream_key(redis_prefix, operation_topic(f"op_{n}")))
+        assert [entry_id.decode() for entry_id, _ in own] == [answer[operation_topic(f"op_{n}")]]
+
+    # One caller's events are never split: more than a batch goes alone, in one atomic call.
+    calls = publisher.stats.calls
+    await publisher.publish_many([(_progress(n), [shared]) for n in range(100, 120)])
+    assert publisher.stats.calls == calls + 1
+    assert await _numbers(redis, stream_key(redis_prefix, shared)) == list(range(120))
+
+
+@single_redis
+async def test_a_script_error_reaches_every_caller_it_carried(
+    redis: Redis, redis_prefix: str
+) -> None:
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=2
+    )
+    broken = operation_topic("op_broken")
+    await redis.set(stream_key(redis_prefix, broken), "not a stream")  # WRONGTYPE in the script
+    topics = [operation_topic("op_a"), broken, operation_topic("op_b"), operation_topic("op_c")]
+    tasks = [
+        asyncio.create_task(publisher.publish(_progress(n), [topic]))
+        for n, topic in enumerate(topics)
+    ]
+    outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+    # The first call carried op_a and the broken topic: both callers get Redis's error (op_a's
+    # event may be kept, as after a connection lost with the reply on its way).
+    for outcome in outcomes[:2]:
+        assert isinstance(outcome, ResponseError) and "WRONGTYPE" in str(outcome)
+    # The next call is unaffected.
+    for topic, outcome in zip(topics[2:], outcomes[2:], strict=True):
+        assert isinstance(outcome, dict) and list(outcome) == [topic]
+    assert publisher.stats.calls == 2
+
+
+async def test_a_connection_error_reaches_every_caller() -> None:
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    nowhere = Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
+    publisher = EventPublisher(nowhere, terminal_types=TERMINAL_TYPES)
+    try:
+        for _ in range(2):  # a failed flush leaves nothing behind: the next calls fail alike
+            tasks = [
+                asyncio.create_task(publisher.publish(_progress(n), [operation_topic("op_x")]))
+                for n in range(5)
+            ]
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            assert all(isinstance(o, RedisConnectionError) for o in outcomes), outcomes
+    finally:
+        await nowhere.aclose()
+
+
+@single_redis
+@pytest.mark.parametrize("batch_entries", [1, 512])
+async def test_a_terminal_event_still_ends_its_topic_when_calls_are_coalesced(
+    redis: Redis, redis_prefix: str, batch_entries: int
+) -> None:
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=batch_entries
+    )
+    op, user = operation_topic("op_end"), user_topic("usr_end")
+    events = [
+        Event.create("operation.started", operation_id="op_end"),
+        Event.create("operation.completed", operation_id="op_end"),
+        Event.create("operation.progress", operation_id="op_end", progress=50),  # late
+        Event.create("subscription.updated", subscription_id="sub_1"),
+    ]
+    topics = [[op, user], [op, user], [op, user], [user]]
+    tasks = [
+        asyncio.create_task(publisher.publish(event, t))
+        for event, t in zip(events, topics, strict=True)
+    ]
+    started, completed, late, updated = await asyncio.gather(*tasks)
+    # All four in one script call, or each in its own (a call's events are never split).
+    assert publisher.stats.calls == (1 if batch_entries == 512 else 4)
+    assert late == completed  # dropped from every topic, answered with the terminal event's ids
+    op_entries: Any = await redis.xrange(stream_key(redis_prefix, op))
+    assert [e[1][b"t"] for e in op_entries] == [b"operation.started", b"operation.completed"]
+    user_entries: Any = await redis.xrange(stream_key(redis_prefix, user))
+    assert [e[0].decode() for e in user_entries] == [
+        started[user],
+        completed[user],
+        updated[user],
+    ]
+
+
+@single_redis
+async def test_a_cancelled_caller_loses_or_duplicates_nothing_of_the_others(
+    redis: Redis, redis_url: str, redis_prefix: str
+) -> None:
+    async with fault_proxy("redis", redis_url) as proxy:
+        through = Redis.from_url(url_through(redis_url, proxy.port))
+        publisher = EventPublisher(
+            through, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=2
+        )
+        topic = user_topic("usr_cancel")
+        try:
+            await publisher.publish(_progress(-1), [topic])  # connected, script loaded
+            proxy.stall()
+            calls = publisher.stats.calls
+            first = [asyncio.create_task(publisher.publish(_progress(n), [topic])) for n in (0, 1)]
+            await wait_until(lambda: publisher.stats.calls > calls)  # the first is on its way
+            queued = [
+                asyncio.create_task(publisher.publish(_progress(n), [topic])) for n in (2, 3, 4)
+            ]
+            await asyncio.sleep(0)  # they make their calls, queued behind the first
+            first[0].cancel()  # its events were sent: they stay published
+            queued[1].cancel()  # not sent yet: nothing of it is
+            proxy.unstall()
+            outcomes = await asyncio.gather(*first, *queued, return_exceptions=True)
+        finally:
+            await through.aclose()
+    assert isinstance(outcomes[0], asyncio.CancelledError)
+    assert isinstance(outcomes[3], asyncio.CancelledError)
+    kept = [o for n, o in enumerate(outcomes) if n not in (0, 3)]
+    assert all(isinstance(o, dict) and list(o) == [topic] for o in kept), outcomes
+    assert await _numbers(redis, stream_key(redis_prefix, topic)) == [-1, 0, 1, 2, 4]
+
+
+@pytest.mark.parametrize("redis_mode", ["cluster"])
+async def test_concurrent_publishes_on_a_cluster_go_one_call_per_slot(
+    redis: RedisClient, redis_prefix: str
+) -> None:
+    publisher = EventPublisher(redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES)
+    topics = [operation_topic(f"op_{n}") for n in range(20)]
+    assert len({topic_slot(t) for t in topics}) > 1
+    tasks = [
+        asyncio.create_task(publisher.publish(_progress(n), [t])) for n, t in enumerate(topics)
+    ]
+    answers = await asyncio.gather(*tasks)
+    # Not coalesced across callers (that would be CROSSSLOT): one script call each.
+    assert publisher.stats.calls == 20 and publisher.stats.entries == 20
+    for n, (topic, answer) in enumerate(zip(topics, answers, strict=True)):
+        assert await _numbers(redis, stream_key(redis_prefix, topic)) == [n]
+        entries: Any = await redis.xrange(stream_key(redis_prefix, topic))
+        assert [entry_id.decode() for entry_id, _ in entries] == [answer[topic]]

@@ -101,18 +101,54 @@ async def test_cancellation_during_the_backoff_passes_through() -> None:
     assert loop.attempts == 1
 
 
-async def test_a_loop_that_returns_is_finished() -> None:
-    supervisor = Supervisor()
+async def test_a_loop_that_returns_by_itself_is_a_crash_and_is_restarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    supervisor = Supervisor(max_crashes=2, backoff_min=0.01, backoff_max=0.02)
     calls = 0
+    serving = anyio.Event()
 
-    async def once() -> None:
+    async def quits_twice() -> None:
         nonlocal calls
         calls += 1
+        if calls <= 2:
+            return  # a stray return: its work would be left undone for good
+        serving.set()
+        await anyio.sleep_forever()
 
     with anyio.fail_after(10):
-        await supervisor.run("once", once)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervisor.run, "quitter", quits_twice)
+            await serving.wait()
+            assert supervisor.restarts == {"quitter": 2}
+            [failure] = supervisor.failing()
+            assert failure.last_error == "returned without being stopped"
+            tg.cancel_scope.cancel()
+    assert calls == 3
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(logged) == 2
+    assert all("'quitter'" in m and "returned without being stopped" in m for m in logged)
+
+
+async def test_a_loop_that_returns_after_stop_is_finished() -> None:
+    supervisor = Supervisor()
+    calls = 0
+    closing = anyio.Event()
+
+    async def serves_until_closed() -> None:
+        nonlocal calls
+        calls += 1
+        await closing.wait()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(supervisor.run, "hub", serves_until_closed)
+            await wait_until(lambda: calls == 1)
+            supervisor.stop()
+            closing.set()
+        # The group ended by itself: the loop was not run again.
     assert calls == 1
-    assert supervisor.restarts == {"once": 0}
+    assert supervisor.restarts == {"hub": 0}
 
 
 async def test_a_starting_loop_releases_its_starter_once_across_restarts() -> None:

@@ -48,9 +48,21 @@ async def live_server(
     # A stream that never ends must not hold the test up at shutdown.
     config.timeout_graceful_shutdown = 2
     server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        # uvicorn closes its listening sockets only on a clean exit: cancelled (a test that
+        # failed or timed out), it would leave them registered in the loop, and their
+        # ResourceWarning would fail whichever test closes that loop.
+        try:
+            await server.serve()
+        finally:
+            for listener in getattr(server, "servers", ()):  # set once it has bound
+                listener.close()
+
     async with anyio.create_task_group() as task_group:
-        task_group.start_soon(server.serve)
-        with anyio.fail_after(15):
+        task_group.start_soon(serve)
+        # Start-up runs the migrations and fills the pools: seconds when the machine is busy.
+        with anyio.fail_after(60):
             while not server.started:
                 if server.should_exit:
                     raise RuntimeError("the live server did not start; see the log above")

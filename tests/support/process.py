@@ -58,21 +58,29 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
         LOOKOUT_KEEP_ALIVE_SECONDS=str(settings.keep_alive_seconds),
         LOOKOUT_MAX_CONNECTIONS=str(settings.max_connections),
         LOOKOUT_TRUSTED_PROXIES=",".join(settings.trusted_proxies),
+        LOOKOUT_WARM_POOL_SIZE=str(settings.warm_pool_size),
     )
-    if settings.provisioner_database_url:
-        env["PROVISIONER_DATABASE_URL"] = settings.provisioner_database_url
+    if settings.provisioner_database_urls:
+        env["PROVISIONER_DATABASE_URL"] = ",".join(settings.provisioner_database_urls)
     return env
 
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    settings: Settings, *, port: int | None = None
+    settings: Settings,
+    *,
+    port: int | None = None,
+    workers: int = 1,
+    public_url: str | None = None,
 ) -> AsyncIterator[ServeProcess]:
+    """`lookout serve` on ``port``; one process unless ``workers`` says otherwise, so that
+    `ServeProcess.kill` kills the whole instance. ``public_url``: its LOOKOUT_PUBLIC_URL, when
+    that is not its own address (a load balancer's)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
-        env=environment(settings, url),
+        [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
+        env=environment(settings, public_url or url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

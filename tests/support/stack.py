@@ -13,12 +13,18 @@ import asyncpg
 import httpx
 from starlette.applications import Starlette
 
-from app.application import create_app, default_backends
+from app.application import create_app
 from app.billing.provider import PaymentProvider
 from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
 from app.users import create_api_key, create_user
-from provisioning import GraphBackend, ProvisionerBackend, SharedRepositoryBackend
+from provisioning import (
+    BackendNotConfigured,
+    GraphBackend,
+    PlacedGraphBackend,
+    ProvisionerBackend,
+    SharedRepositoryBackend,
+)
 from tests.support.live import free_port, live_server
 from tests.support.webhook_order import webhook_order
 
@@ -117,18 +123,27 @@ async def wait_for(
     raise AssertionError(f"timed out after {within} s waiting for {what}")
 
 
-async def drop_resources(settings: Settings, backends: Sequence[ProvisionerBackend]) -> None:
-    """Removes every graph and role the test's subscriptions made on the shared server."""
+async def drop_resources(settings: Settings, app: Starlette) -> None:
+    """Removes every graph and role the test's subscriptions and warm pool made, each on its
+    server (while the app still serves: its runner's backends do it)."""
     assert settings.database_url is not None
     conn = await asyncpg.connect(settings.database_url)
     try:
         rows = await conn.fetch("SELECT resource_id, resource_type FROM subscriptions")
+        # The warm pool's databases are graphs' in all but name.
+        rows += await conn.fetch(
+            "SELECT id AS resource_id, 'graph' AS resource_type FROM warm_pool"
+        )
     finally:
         await conn.close()
-    by_type = {b.resource_type: b for b in backends}
+    runner = app.state.services.runner
     for row in rows:
-        backend = by_type.get(row["resource_type"])
-        if isinstance(backend, GraphBackend | SharedRepositoryBackend):
+        try:
+            backend = runner.backend(row["resource_type"])
+        except BackendNotConfigured:
+            continue
+        # Only the real ones: a test's fault-injecting wrapper may hold or fail.
+        if isinstance(backend, GraphBackend | PlacedGraphBackend | SharedRepositoryBackend):
             with contextlib.suppress(Exception):
                 await backend.teardown(row["resource_id"])
 
@@ -156,8 +171,6 @@ async def running_stack(
         stripe_webhook_secrets=(secret, *extra_webhook_secrets),
     )
     assert settings.database_url is not None
-    if backends is None:
-        backends = default_backends(settings)
     emulator = create_emulator(
         webhook_url=f"{app_url}/v1/webhooks/stripe",
         webhook_secret=secret,
@@ -196,4 +209,4 @@ async def running_stack(
                 )
             finally:
                 with anyio.CancelScope(shield=True):
-                    await drop_resources(settings, backends)
+                    await drop_resources(settings, app)

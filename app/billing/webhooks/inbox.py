@@ -27,6 +27,7 @@ from app.billing.provider import PaymentProviderUnavailable
 from app.db import Connection
 
 __all__ = [
+    "TRANSIENT_ERRORS",
     "Batch",
     "InboxCounts",
     "InboxEvent",
@@ -125,7 +126,7 @@ UPDATE webhook_events SET
  WHERE id = $1
 """
 
-_TRANSIENT: tuple[type[BaseException], ...] = (
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     PaymentProviderUnavailable,  # Stripe: network, 5xx, 429, 409 (billing.stripe.translation)
     OSError,  # sockets: ConnectionError, TimeoutError (asyncio's too)
     asyncpg.InterfaceError,  # a connection closed under us, a pool closing
@@ -148,7 +149,7 @@ def is_transient(exc: BaseException) -> bool:
     the work itself is wrong. A group is transient when everything in it is."""
     if isinstance(exc, BaseExceptionGroup):
         return all(is_transient(e) for e in exc.exceptions)
-    return isinstance(exc, _TRANSIENT)
+    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 async def requeue_events(conn: Connection, *, event_id: str | None, failed: bool) -> int:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import anyio
@@ -82,6 +83,9 @@ class _Announcement:
     batch: Batch
     left_for_the_worker: bool
     events: int
+    # When each event the batch handled was received (`VerifiedEvent.received_at`, epoch
+    # seconds): those are the payments whose operation.started the announcement publishes.
+    handled_received_at: tuple[float, ...] = ()
 
 
 @dataclass(eq=False)
@@ -139,9 +143,12 @@ class WebhookIntake:
         unsettled: Unsettled | None = None,
         max_waiting: int = MAX_WAITING,
         max_unannounced: int = MAX_UNANNOUNCED,
+        observe_started: Callable[[float], None] | None = None,
     ) -> None:
         """Events go into `inbox`'s table; its handler's batch runs in the group's transaction,
-        and the inbox worker is woken for what is left."""
+        and the inbox worker is woken for what is left. ``observe_started(seconds)``: called,
+        for each event the batch handled (a payment), with the time from its receipt to the end
+        of its announcement (its operation.started published)."""
         if max_waiting < 1 or max_unannounced < 1:
             raise ValueError("WebhookIntake bounds must be at least 1")
         self._pool = pool
@@ -152,6 +159,7 @@ class WebhookIntake:
         self._arrived = anyio.Event()
         self._running = False
         self._unsettled = Unsettled() if unsettled is None else unsettled
+        self._observe_started = observe_started
 
     @property
     def running(self) -> bool:
@@ -248,6 +256,10 @@ class WebhookIntake:
             try:
                 if announcement.batch.after_commit is not None:
                     await announcement.batch.after_commit()
+                if self._observe_started is not None:
+                    now = time.time()
+                    for received in announcement.handled_received_at:
+                        self._observe_started(now - received)
             except Exception:
                 # Committed and acknowledged; the operations it could not start are leased
                 # and the runner's sweep resumes them once their leases lapse. The next
@@ -277,7 +289,10 @@ class WebhookIntake:
             # and answer 503.
             for waiting in group:
                 waiting.done.set()
-        return _Announcement(batch, bool(new - batch.handled), len(group))
+        handled = tuple(
+            e.received_at.timestamp() for e in _first_of_each(group) if e.id in batch.handled
+        )
+        return _Announcement(batch, bool(new - batch.handled), len(group), handled)
 
     async def _write_together(
         self, group: Sequence[_Waiting], *, handle: bool

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from datetime import UTC, datetime
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.billing.checkout import RESOURCE_NAME
 from app.billing.customers import stripe_customer_id
@@ -35,8 +37,9 @@ from app.web.errors import APIError
 from app.web.owned import owned_checkout, owned_graph, owned_subscription
 from app.web.requests import read_capped_body, read_json, require_string
 from app.web.services import services
+from streams import StreamHandler
 
-__all__ = ["billing_routes", "stripe_webhook"]
+__all__ = ["acknowledgement_timed", "billing_routes", "stripe_webhook"]
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +236,27 @@ async def stripe_webhook(request: Request) -> Response:
             headers={"Retry-After": str(exc.retry_after)},
         ) from None
     return JSONResponse({"received": True, "id": event.id, "duplicate": not new})
+
+
+def acknowledgement_timed(handler: StreamHandler) -> StreamHandler:
+    """``handler`` (the webhook's, as served ahead of the middleware), each 2xx answer timed
+    into `lookout_webhook_ack_seconds`: from the route's entry to the answer's last byte handed
+    to the connection. What the server adds to what Stripe waits for; the rest (the request
+    waiting to be read, the network) is the client's side of the figure."""
+
+    async def run(request: Request) -> ASGIApp:
+        began = time.perf_counter()
+        response = await handler(request)
+        status = response.status_code if isinstance(response, Response) else 0
+
+        async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+            await response(scope, receive, send)
+            if 200 <= status < 300:
+                services(request).metrics.webhook_ack.observe(time.perf_counter() - began)
+
+        return answer
+
+    return run
 
 
 # -- the Customer Portal and invoices ------------------------------------------------------------

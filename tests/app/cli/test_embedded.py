@@ -28,7 +28,8 @@ def start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
         STRIPE_WEBHOOK_SECRET="whsec_embedded",
     )
     return subprocess.Popen(
-        [sys.executable, "-m", "app", "serve", "--port", str(port)],
+        # One process: the test kills it with SIGKILL and reuses its port at once.
+        [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", "1"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -170,6 +171,8 @@ async def test_readyz_names_what_is_down_without_its_error_text(
                 "status": "unavailable",
                 "error": {"code": "not_ready", "message": "redis: unavailable"},
                 "failing_tasks": [],
+                "pid": os.getpid(),
+                "worker": 0,
             }
             port = server.url.rsplit(":", 1)[1].split("/")[0]
             for leak in ("Error", "refused", port, "127.0.0.1"):

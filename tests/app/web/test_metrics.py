@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.settings import Settings
-from tests.support.stack import running_stack
+from provisioning import GraphBackend
+from provisioning.warm_pool import server_key
+from tests.provisioning.support import drop_server_objects
+from tests.support.stack import running_stack, wait_for
+from tests.support.stripe_events import deliver, make_event, stripe_object
 
 pytestmark = pytest.mark.anyio
 
@@ -35,6 +44,13 @@ async def test_metrics_follow_a_purchase(settings: Settings) -> None:
         assert ("lookout_webhook_inbox_oldest_unprocessed_seconds", ()) in samples
         assert ("lookout_slow_clients_dropped_total", ()) in samples
         assert ("lookout_redis_reconnects_total", ()) in samples
+        # The one provisioning server (DATABASE_URL's): the graph is counted on it.
+        (server,) = settings.provisioning_servers
+        on_it = (("server", server.name),)
+        assert samples[("lookout_provisioning_server_graphs", on_it)] == 1
+        assert samples[("lookout_provisioning_server_weight", on_it)] == server.weight
+        assert samples[("lookout_provisioning_server_up", on_it)] == 1
+        assert samples[("lookout_provisioning_server_drained", on_it)] == 0
         assert (
             samples[
                 ("lookout_operation_duration_seconds", (("kind", "provision"), ("quantile", "0.5")))
@@ -69,3 +85,96 @@ async def test_metrics_count_webhooks_pending_retrying_and_failed(settings: Sett
         assert samples[("lookout_webhooks_retrying", (("error", "transient"),))] == 1
         assert samples[("lookout_webhooks_retrying", (("error", "permanent"),))] == 0
         assert samples[("lookout_webhooks_failed", ())] == 1
+
+
+ACK = "lookout_webhook_ack_seconds"
+
+
+def histogram_count(text: str, name: str) -> float:
+    counts = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == name
+        for s in family.samples
+        if s.name == f"{name}_count"
+    ]
+    assert len(counts) == 1, f"{name} is not in /metrics"
+    return counts[0]
+
+
+async def test_server_side_latency_histograms_follow_a_purchase(settings: Settings) -> None:
+    async with running_stack(settings) as stack:
+        # A refusal is no acknowledgement: not timed. (Nothing else is delivered yet.)
+        before = histogram_count((await stack.anonymous.get("/metrics")).text, ACK)
+        event = make_event("invoice.created", stripe_object("invoice"))
+        refused = await deliver(stack.anonymous, event, "whsec_not_ours")
+        assert refused.status_code == 400
+        assert histogram_count((await stack.anonymous.get("/metrics")).text, ACK) == before
+        started = await stack.checkout("graph-standard", "timed")
+        # The checkout's own event confirms the payment as it is stored (timed); sent alone, so
+        # that no invoice or subscription event has the inbox worker fulfil it first (not timed).
+        events = await stack.paid_events(started["checkout_session_id"])
+        secret = stack.settings.stripe_webhook_secrets[0]
+        for event_type in ("checkout.session.completed", "invoice.created"):
+            answer = await deliver(stack.anonymous, events[event_type], secret)
+            assert answer.status_code == 200, answer.text
+        await stack.wait_for_status(started["subscription_id"], "active")
+        answer = await stack.anonymous.get("/metrics")
+        health = (await stack.anonymous.get("/healthz")).json()
+    text = answer.text
+    # The two sent here, and whatever the emulator delivered since (subscription updates).
+    assert histogram_count(text, ACK) >= 2
+    # The one payment: from its webhook's receipt to its operation.started.
+    assert histogram_count(text, "lookout_webhook_received_to_operation_started_seconds") == 1
+    assert histogram_count(text, "lookout_event_loop_lag_seconds") > 0
+    assert 'lookout_webhook_ack_seconds_bucket{le="0.025"}' in text
+    info = [
+        s.labels
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == "lookout_process_info"
+    ]
+    assert info == [{"pid": str(os.getpid()), "worker": "0"}]
+    assert health == {"status": "ok", "pid": os.getpid(), "worker": 0}
+
+
+async def test_metrics_show_the_warm_pool_a_purchase_took_from(
+    settings: Settings, pg_admin_dsn: str
+) -> None:
+    prefix = f"lkt{secrets.token_hex(4)}_"
+    backend = GraphBackend(pg_admin_dsn, name_prefix=prefix)
+    try:
+        async with running_stack(replace(settings, warm_pool_size=2), backends=[backend]) as stack:
+            pool = stack.app.state.services.pool
+
+            async def level() -> int:
+                ready: int = await pool.fetchval(
+                    "SELECT count(*) FROM warm_pool WHERE state = 'ready'"
+                )
+                return ready
+
+            await wait_for(lambda: _at(level, 2), what="the warm pool to fill")
+            started = await stack.checkout("graph-standard", "pooled")
+            await stack.pay(started["checkout_session_id"])
+            found = await stack.wait_for_status(started["subscription_id"], "active")
+            claimed = await pool.fetchval(
+                "SELECT count(*) FROM warm_pool WHERE claimed_by = $1", found["resource_id"]
+            )
+            assert claimed == 1
+            await wait_for(lambda: _at(level, 2), what="the warm pool to be refilled")
+            answer = await stack.anonymous.get("/metrics")
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(answer.text)
+            for s in family.samples
+        }
+        server = ("server", server_key(pg_admin_dsn))
+        assert samples[("lookout_warm_pool_databases", (server, ("state", "ready")))] == 2
+        assert samples[("lookout_warm_pool_databases", (server, ("state", "creating")))] == 0
+        assert samples[("lookout_warm_pool_size", (server,))] == 2
+    finally:
+        await drop_server_objects(pg_admin_dsn, prefix)
+
+
+async def _at(read: Callable[[], Awaitable[int]], value: int) -> bool:
+    return await read() == value

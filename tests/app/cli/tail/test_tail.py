@@ -48,8 +48,7 @@ class Output:
 
 
 async def test_tail_follows_an_operation_to_its_end_and_exits_0(settings: Settings) -> None:
-    admin = settings.provisioner_database_url or settings.database_url
-    assert admin is not None
+    admin = settings.provisioning_servers[0].dsn
     holding = HoldingBackend(GraphBackend(admin), hold_at="create_role")
     backends: list[Any] = [holding, SharedRepositoryBackend(admin)]
     async with running_stack(settings, backends=backends) as stack:
