@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import anyio
 
 from .cluster import RedisClient
 from .frames import Frame, StreamPosition, format_stream_id, parse_stream_id
-from .scripts import lua_script
+from .scripts import LuaScript
 from .topics import stream_key
 
 __all__ = ["Catchup", "StreamHistory"]
-
-_CATCHUP_LUA: Final = lua_script("history_catchup.lua")
-_HEAD_LUA: Final = lua_script("history_head.lua")
 
 
 def _bytes(value: Any) -> bytes:
@@ -100,8 +97,8 @@ class StreamHistory:
         self._prefix = prefix
         self._terminal_names = frozenset(terminal_types)
         self._terminal = frozenset(t.encode() for t in terminal_types)
-        self._script = redis.register_script(_CATCHUP_LUA)
-        self._head_script = redis.register_script(_HEAD_LUA)
+        self._script = LuaScript(redis, "history_catchup.lua")
+        self._head_script = LuaScript(redis, "history_head.lua")
         # Bounds the history reads of a reconnect storm to what the pool can serve.
         self._limiter = anyio.CapacityLimiter(concurrency)
 

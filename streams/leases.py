@@ -18,14 +18,12 @@ from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 from .cluster import RedisClient, is_cluster
-from .scripts import lua_script
+from .scripts import LuaScript
 
 __all__ = ["StreamLease", "StreamLeases", "TooManyStreams"]
 
 logger = logging.getLogger(__name__)
 
-_ACQUIRE_LUA: Final = lua_script("lease_acquire.lua")
-_RENEW_LUA: Final = lua_script("lease_renew.lua")
 _RENEW_BATCH: Final = 1000
 
 
@@ -74,8 +72,8 @@ class StreamLeases:
         self._prefix = prefix
         self.limit = limit
         self._ttl_ms = max(int(ttl_seconds * 1000), 1000)
-        self._acquire = redis.register_script(_ACQUIRE_LUA)
-        self._renew = redis.register_script(_RENEW_LUA)
+        self._acquire = LuaScript(redis, "lease_acquire.lua")
+        self._renew = LuaScript(redis, "lease_renew.lua")
         self._instance = secrets.token_hex(6)
         self._held: dict[StreamLease, None] = {}
 

@@ -16,7 +16,7 @@ from typing import Any, Final
 
 from .cluster import RedisClient, is_cluster, publish_by_slot
 from .events import Event
-from .scripts import lua_script
+from .scripts import LuaScript
 from .topics import channel_name, ends_with_terminal, stream_key
 
 __all__ = ["DEFAULT_MAXLEN", "DEFAULT_TTL_SECONDS", "EventPublisher", "PublisherStats"]
@@ -28,8 +28,6 @@ DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
 # few milliseconds, while the round trip and the command's fixed costs are spread over
 # hundreds of events (bench.publisher).
 DEFAULT_BATCH_ENTRIES: Final = 512
-
-_PUBLISH_LUA: Final = lua_script("publish.lua")
 
 
 class PublisherStats:
@@ -90,7 +88,7 @@ class EventPublisher:
         if any(not t or " " in t for t in terminal_types):
             raise ValueError("terminal event types are non-empty and have no space")
         self._terminal_arg = " ".join(sorted(terminal_types))
-        self._script = redis.register_script(_PUBLISH_LUA)
+        self._script = LuaScript(redis, "publish.lua")
         # --- Redis Cluster (streams.cluster): one script call per slot, SPUBLISH ---
         self._cluster = is_cluster(redis)
         if self._cluster and ("{" in prefix or "}" in prefix):
