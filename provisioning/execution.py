@@ -118,7 +118,8 @@ class Executor:
 
     async def announce_start(self, op: OperationRecord) -> None:
         """``operation.started``, once: ``started_at`` records it with the first step (one write
-        fewer while many start at once); a crash before that step publishes it again."""
+        fewer while many start at once), or when the operation is handed over to another
+        instance for want of a slot; a crash before either publishes it again."""
         if op.started_at is not None:
             await self.audit("operation.resumed", op, attempts=op.attempts, step=op.step)
             return

@@ -25,6 +25,7 @@ __all__ = [
     "InstanceLock",
     "claim_expired",
     "claim_operation",
+    "hand_over",
     "instance_gone",
     "release_lease",
     "release_quietly",
@@ -43,6 +44,21 @@ async def release_lease(
         op_id,
         owner,
         retry_after,
+    )
+
+
+async def hand_over(conn: Connection, op_id: str, owner: str) -> None:
+    """Gives an operation announced but not yet begun to whichever instance claims it next.
+
+    Marked started, so that the next instance does not announce it again (it audits
+    ``operation.resumed``, as after a crash); unowned, so that a renewal of ``owner``'s leases
+    already under way cannot keep it here for another lease."""
+    await conn.execute(
+        "UPDATE operations SET lease_owner = NULL, lease_expires_at = now(),"
+        " started_at = coalesce(started_at, now()), updated_at = now()"
+        " WHERE id = $1 AND lease_owner = $2",
+        op_id,
+        owner,
     )
 
 
@@ -102,12 +118,18 @@ async def claim_operation(
     return None if row is None else OperationRecord.from_row(row)
 
 
-async def release_quietly(pool: asyncpg.Pool, op_id: str, owner: str, retry_after: float) -> None:
-    """``release_lease`` within 2 s, even while being cancelled; failures are only logged."""
+async def release_quietly(
+    pool: asyncpg.Pool, op_id: str, owner: str, retry_after: float, *, handing_over: bool = False
+) -> None:
+    """``release_lease`` (``hand_over`` with ``handing_over``) within 2 s, even while being
+    cancelled; failures are only logged (the lease then expires)."""
     with anyio.move_on_after(2, shield=True):
         try:
             async with pool.acquire() as conn:
-                await release_lease(conn, op_id, owner, retry_after=retry_after)
+                if handing_over:
+                    await hand_over(conn, op_id, owner)
+                else:
+                    await release_lease(conn, op_id, owner, retry_after=retry_after)
         except Exception as exc:
             logger.warning("operation %s: lease not released (%s)", op_id, type(exc).__name__)
 

@@ -54,7 +54,9 @@ class OperationRunner:
     lock (``leases.InstanceLock``) and sweeps at start-up and every ``sweep_interval`` seconds
     (1 s by default) for operations whose instance died (its lock is free: at once) or stalled
     (its lease expired), and resumes them from their last completed step. At most
-    ``max_concurrent`` run their steps at once; the others wait, announced and leased. An
+    ``max_concurrent`` run their steps at once; the others wait, announced and leased, for
+    ``workers.SLOT_WAIT_SECONDS``, then give their lease up for whichever instance has room
+    (this one too, as soon as a slot frees up: its sweep is woken then). An
     outcome the hooks or Redis could not take is offered again ``finalize_retry_seconds``
     later; resources whose removal failed are removed again every ``orphan_retry_seconds``.
     An operation that gets a slot first gives way to ``give_way_to`` (the webhook intake), for
@@ -174,7 +176,8 @@ class OperationRunner:
                 logger.warning(
                     "sweep failed (%s); next in %.1fs", type(exc).__name__, self._sweep_interval
                 )
-            await anyio.sleep(self._sweep_interval)
+            with anyio.move_on_after(self._sweep_interval):
+                await self._workers.slot_freed()
 
     async def start(
         self,
@@ -347,6 +350,7 @@ class OperationRunner:
             return 0
         async with self._pool.acquire(timeout=max(1.0, self._sweep_interval)) as conn:
             claimed = await leases.claim_expired(conn, self._instance_id, self._lease_seconds, room)
+        self._workers.swept(all_claimed=len(claimed) < room)
         for op in claimed:
             logger.info("resuming operation %s (attempt %d)", op.id, op.attempts)
             self._spawn(op)

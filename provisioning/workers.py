@@ -1,5 +1,6 @@
 """The operations one process works on: a task each, its lease kept, its steps run in one of
-a bounded number of slots, its outcome concluded and reported."""
+a bounded number of slots, its outcome concluded and reported. An operation that finds no
+slot free soon gives its lease up, for whichever instance has room to claim it."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ logger = logging.getLogger(__name__)
 
 # How often a change waiting for its turn looks again (a few cheap reads a second).
 TURN_POLL_SECONDS = 0.2
+
+# How long an operation waits for one of this instance's slots before it gives its lease up
+# (``leases.hand_over``) for any instance with room, which claims it at its next sweep (about
+# a second): a burst taken by one instance then spreads over the idle ones instead of queueing
+# behind its slots. Short next to the steps of a provision (seconds), long enough that an
+# operation coming just after a slot's last one does not leave for nothing.
+SLOT_WAIT_SECONDS = 0.75
 
 
 @dataclass(eq=False)
@@ -72,6 +80,11 @@ class Workers:
         self._tasks: dict[str, OperationTask] = {}
         self._idle = anyio.Event()
         self._idle.set()
+        # Set when an operation of this instance was handed over and may not be claimed yet:
+        # a slot freeing up here then wakes the sweep at once (``slot_freed``), so that a
+        # burst on a single instance runs as fast as when its operations queued for a slot.
+        self._handed_over = False
+        self._freed = anyio.Event()
 
     @property
     def active(self) -> frozenset[str]:
@@ -79,8 +92,20 @@ class Workers:
 
     @property
     def room(self) -> int:
-        """How many more operations could run their steps now."""
+        """How many more operations could run their steps now: every task counts, holding a
+        slot or about to take one, so this never exceeds the slots free. An instance at
+        capacity thus claims none, not even one it just handed over."""
         return self._max_concurrent - len(self._tasks)
+
+    def swept(self, *, all_claimed: bool) -> None:
+        """A sweep claimed what there was room for; ``all_claimed``: nothing was left."""
+        if all_claimed:
+            self._handed_over = False
+
+    async def slot_freed(self) -> None:
+        """Returns once a task ended while an operation handed over may still wait."""
+        await self._freed.wait()
+        self._freed = anyio.Event()
 
     def get(self, op_id: str) -> OperationTask | None:
         return self._tasks.get(op_id)
@@ -120,6 +145,7 @@ class Workers:
             await anyio.sleep(TURN_POLL_SECONDS)
 
     async def _execute(self, op: OperationRecord, task: OperationTask) -> None:
+        handed_over = False
         try:
             # A lost lease stops the work here: another instance has the operation now.
             with (
@@ -129,12 +155,17 @@ class Workers:
                 ),
             ):
                 try:
-                    await self._process(op, task)
+                    handed_over = not await self._process(op, task)
                 except LeaseLost:
                     logger.warning("operation %s: another instance took it over", op.id)
                 except Exception:
                     logger.exception("operation %s stopped; it resumes later", op.id)
                     await self._release(op.id, self._finalize_retry)
+            if handed_over:
+                # No longer kept (a renewal after this would hold it here again).
+                logger.info("operation %s: no slot free here; handed over", op.id)
+                await leases.release_quietly(self._pool, op.id, self._owner, 0.0, handing_over=True)
+                self._handed_over = True
         except anyio.get_cancelled_exc_class():
             # Shutting down: let the next instance (or this one, restarted) resume it at once.
             await self._release(op.id, 0.0)
@@ -143,12 +174,16 @@ class Workers:
             self._tasks.pop(op.id, None)
             if not self._tasks:
                 self._idle.set()
+            if self._handed_over and not handed_over:
+                self._freed.set()
             task.done.set()
 
     async def _release(self, op_id: str, retry_after: float) -> None:
         await leases.release_quietly(self._pool, op_id, self._owner, retry_after)
 
-    async def _process(self, op: OperationRecord, task: OperationTask) -> None:
+    async def _process(self, op: OperationRecord, task: OperationTask) -> bool:
+        """Runs the operation to its end; False when it found no slot and must be handed over
+        (announced, but nothing else done)."""
         backend = self._backend(op.resource_type)
         if op.finished_at is None:
             if op.cancel_requested:
@@ -160,9 +195,19 @@ class Workers:
                 await self._wait_turn(op)
             # A cancellation also stops the wait for a slot: rolling back needs none.
             with task.steps_scope:
-                async with self._limiter:
-                    await give_way(self._give_way_to, at_most=self._give_way_seconds)
-                    outcome = await self._exec.run_steps(op, self._steps(op, backend))
+                slot = False
+                with anyio.move_on_after(SLOT_WAIT_SECONDS):
+                    await self._limiter.acquire()
+                    slot = True
+                if slot:
+                    try:
+                        await give_way(self._give_way_to, at_most=self._give_way_seconds)
+                        outcome = await self._exec.run_steps(op, self._steps(op, backend))
+                    finally:
+                        self._limiter.release()
+                elif not task.cancel_requested:
+                    return False
             op = await self._exec.conclude(op, outcome or Outcome("cancelled"), backend)
         if not await self._exec.finalize(op):
             await self._release(op.id, self._finalize_retry)
+        return True

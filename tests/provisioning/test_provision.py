@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from dataclasses import replace
 
 import anyio
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend, ResourceSpec, get_operation
+from provisioning import GraphBackend, ProvisionerBackend, ResourceSpec, Step, get_operation
+from provisioning.backend import OperationKind, StepContext
 from provisioning.resources import get_resource
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
     Serving,
+    WrappedBackend,
     new_subject,
     operation_events,
     server_objects,
@@ -287,3 +291,84 @@ async def test_operations_beyond_the_concurrency_limit_are_announced_and_wait(
             assert (await wait_for(db_pool, op.id)).status == "completed"
     events = await operation_events(redis, redis_prefix, second.id)
     assert events[0]["type"] == "operation.started" and events[0]["progress"] == 0
+
+
+class StepLog(WrappedBackend):
+    """Passes steps through, noting ``(instance, operation id, step)`` of each one run."""
+
+    def __init__(self, inner: ProvisionerBackend, instance: str, log: list[tuple[str, str, str]]):
+        super().__init__(inner)
+        self.instance = instance
+        self.log = log
+
+    def steps(self, kind: OperationKind) -> Sequence[Step]:
+        return [self._noted(s) for s in self.inner.steps(kind)]
+
+    def _noted(self, step: Step) -> Step:
+        async def run(ctx: StepContext) -> None:
+            self.log.append((self.instance, ctx.operation_id, step.name))
+            await step.run(ctx)
+
+        return replace(step, run=run)
+
+
+async def test_an_operation_without_a_slot_is_provisioned_by_an_instance_with_room(
+    db_pool: asyncpg.Pool,
+    serving: Serving,
+    hooks: RecordingHooks,
+    redis: Redis,
+    redis_prefix: str,
+    graph_backend: GraphBackend,
+    user_id: str,
+) -> None:
+    log: list[tuple[str, str, str]] = []
+    holding = HoldingBackend(StepLog(graph_backend, "a", log), hold_at="create_database")
+    async with (
+        serving([holding], max_concurrent=1) as a,
+        serving([StepLog(graph_backend, "b", log)], max_concurrent=1) as b,
+    ):
+        first = await a.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        second = await a.start("provision", new_subject(), user_id, GRAPH)
+        done = await wait_for(db_pool, second.id)
+        assert done.status == "completed" and done.lease_owner == b.instance_id
+        assert first.id in a.active and second.id not in a.active
+        holding.release.set()
+        assert (await wait_for(db_pool, first.id)).status == "completed"
+    # Each step once, all on b (check_limits is the runner's, not the backend's).
+    assert list(done.completed_steps) == PROVISION_STEPS
+    assert [(i, s) for i, o, s in log if o == second.id] == [("b", s) for s in PROVISION_STEPS[1:]]
+    events = await operation_events(redis, redis_prefix, second.id)
+    assert [e["type"] for e in events].count("operation.started") == 1
+    assert events[0]["type"] == "operation.started"
+    assert hooks.audit_kinds(second.id).count("operation.started") == 1
+
+
+async def test_a_full_instance_leaves_what_it_handed_over_and_can_still_cancel_it(
+    db_pool: asyncpg.Pool,
+    serving: Serving,
+    redis: Redis,
+    redis_prefix: str,
+    graph_backend: GraphBackend,
+    user_id: str,
+) -> None:
+    holding = HoldingBackend(graph_backend, hold_at="create_database")
+    async with serving([holding], max_concurrent=1, sweep_interval=0.1) as runner:
+        first = await runner.start("provision", new_subject(), user_id, GRAPH)
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        second = await runner.start("provision", new_subject(), user_id, GRAPH)
+        unowned = await wait_for(db_pool, second.id, lambda op: op.lease_owner is None)
+        # Many sweeps later, still unowned: an instance at capacity claims nothing.
+        await anyio.sleep(1)
+        async with db_pool.acquire() as conn:
+            left = await get_operation(conn, second.id)
+        assert left is not None and left.lease_owner is None
+        assert left.attempts == unowned.attempts and runner.active == {first.id}
+        cancelled = await runner.cancel(second.id)
+        assert cancelled.status == "cancelled" and cancelled.step is None
+        holding.release.set()
+        assert (await wait_for(db_pool, first.id)).status == "completed"
+    events = await operation_events(redis, redis_prefix, second.id)
+    assert [e["type"] for e in events] == ["operation.started", "operation.cancelled"]
