@@ -1,14 +1,19 @@
 """What billing refuses, in the customer's words, without HTTP: each refusal names its `code`,
-and app.web.errors chooses the status it is answered with. Also `OUTAGES`: what billing's
-background sweeps treat as a dependency away rather than a bug."""
+and app.web.errors chooses the status it is answered with. Also what counts as a dependency
+away rather than a bug: `TRANSIENT_ERRORS` (`is_transient`: the webhook inbox retries the
+event, a route answers 503) and the broader `OUTAGES` of the background sweeps."""
 
 from __future__ import annotations
 
 import asyncpg
+import redis.exceptions
 from redis.exceptions import RedisError
+
+from app.billing.provider import PaymentProviderUnavailable
 
 __all__ = [
     "OUTAGES",
+    "TRANSIENT_ERRORS",
     "BillingRefusal",
     "CardDeclined",
     "CheckoutUnavailable",
@@ -21,6 +26,7 @@ __all__ = [
     "PlanLimitReached",
     "ResourceNameTaken",
     "WebhookRejected",
+    "is_transient",
 ]
 
 # PostgreSQL or Redis away (refused, reset, timed out: `TimeoutError` is an `OSError`): a sweep
@@ -32,6 +38,32 @@ OUTAGES: tuple[type[Exception], ...] = (
     asyncpg.InterfaceError,
     RedisError,
 )
+
+
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    PaymentProviderUnavailable,  # Stripe: network, 5xx, 429, 409 (billing.stripe.translation)
+    OSError,  # sockets: ConnectionError, TimeoutError (asyncio's too)
+    asyncpg.InterfaceError,  # a connection closed under us, a pool closing
+    asyncpg.PostgresConnectionError,  # class 08
+    asyncpg.OperatorInterventionError,  # class 57: shutdown, starting up, statement timeout
+    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
+    asyncpg.TransactionRollbackError,  # class 40: serialization failure, deadlock
+    asyncpg.LockNotAvailableError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    redis.exceptions.ReadOnlyError,  # a replica promoted, or a failover under way
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.OutOfMemoryError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` means a dependency is unavailable for now (retry it), rather than that
+    the work itself is wrong. A group is transient when everything in it is."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(is_transient(e) for e in exc.exceptions)
+    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 class BillingRefusal(Exception):

@@ -11,12 +11,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from app.billing.errors import (
+    TRANSIENT_ERRORS,
     BillingRefusal,
     CheckoutUnavailable,
     PaymentRequired,
     WebhookRejected,
+    is_transient,
 )
-from app.billing.webhooks.inbox import TRANSIENT_ERRORS, is_transient
 
 __all__ = [
     "APIError",

@@ -21,13 +21,11 @@ from typing import Any, Literal, Protocol
 
 import anyio
 import asyncpg
-import redis.exceptions
 
-from app.billing.provider import PaymentProviderUnavailable
+from app.billing.errors import is_transient
 from app.db import Connection
 
 __all__ = [
-    "TRANSIENT_ERRORS",
     "Batch",
     "InboxCounts",
     "InboxEvent",
@@ -35,7 +33,6 @@ __all__ = [
     "StoredEvent",
     "WebhookInbox",
     "inbox_counts",
-    "is_transient",
     "list_events",
     "requeue_events",
 ]
@@ -125,31 +122,6 @@ UPDATE webhook_events SET
        next_attempt_at = now() + make_interval(secs => $4)
  WHERE id = $1
 """
-
-TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
-    PaymentProviderUnavailable,  # Stripe: network, 5xx, 429, 409 (billing.stripe.translation)
-    OSError,  # sockets: ConnectionError, TimeoutError (asyncio's too)
-    asyncpg.InterfaceError,  # a connection closed under us, a pool closing
-    asyncpg.PostgresConnectionError,  # class 08
-    asyncpg.OperatorInterventionError,  # class 57: shutdown, starting up, statement timeout
-    asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
-    asyncpg.TransactionRollbackError,  # class 40: serialization failure, deadlock
-    asyncpg.LockNotAvailableError,
-    redis.exceptions.ConnectionError,
-    redis.exceptions.TimeoutError,
-    redis.exceptions.ReadOnlyError,  # a replica promoted, or a failover under way
-    redis.exceptions.TryAgainError,
-    redis.exceptions.ClusterDownError,
-    redis.exceptions.OutOfMemoryError,
-)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether `exc` means a dependency is unavailable for now (retry it), rather than that
-    the work itself is wrong. A group is transient when everything in it is."""
-    if isinstance(exc, BaseExceptionGroup):
-        return all(is_transient(e) for e in exc.exceptions)
-    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 async def requeue_events(conn: Connection, *, event_id: str | None, failed: bool) -> int:
