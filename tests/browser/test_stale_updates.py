@@ -29,6 +29,10 @@ async def test_an_older_subscription_update_published_late_is_dropped(
         await sign_in(page, stack.api_key)
         card = page.locator(by_testid(f"subscription-{active['id']}"))
         await card.and_(page.locator('[data-status="active"]')).wait_for()
+        # The card comes from the snapshot; only a live stream receives what is published next
+        # (a stream opened without a position is sent no history). CI under load published
+        # before the dashboard's stream had opened once.
+        await page.locator('#connection[data-state="live"]').wait_for()
 
         publisher = stack.app.state.services.publisher
         topic = [user_topic(stack.user_id)]
