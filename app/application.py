@@ -220,7 +220,7 @@ def create_app(
             # Built bottom up, each part handed what it needs: the runner reports to billing's
             # hooks and gives way to the webhooks not yet settled; the lifecycle starts
             # operations on the runner; the webhook handlers follow the lifecycle.
-            hooks = BillingHooks(pool, payments, publisher)
+            hooks = BillingHooks(pool, payments, publisher, instance_id=instance_id)
             unsettled = Unsettled()
             chosen = backends if backends is not None else default_backends(settings, pool)
             metrics.storage.measure(chosen)

@@ -40,6 +40,7 @@ from app.billing.subscriptions import (
 from app.billing.updates import publish_subscription
 from app.db import Connection
 from provisioning import OperationRecord
+from provisioning.leases import INSTANCE_LOCK_CLASS, instance_gone
 from streams import EventPublisher
 
 __all__ = [
@@ -58,18 +59,21 @@ SWEEP_SECONDS = 10.0
 MAX_BACKOFF_SECONDS = 600
 # A claim outlives the longest call the Stripe SDK makes (30 s timeout, 2 network retries with
 # backoff: under 100 s), so that no other instance calls Stripe while one is still waiting for
-# its answer; a killed process's claims are taken up again after it.
+# its answer. A killed process's claims are taken up at once all the same: its instance lock
+# (provisioning.leases) is gone with its connection.
 LOCK_SECONDS = 180
 # One sweep performs at most this many, so that a backlog cannot hold a sweep for ever.
 SWEEP_LIMIT = 100
 
 # One at a time: the claim covers just the call in flight, and instances share a backlog.
-_CLAIM = """
+# $1 one subscription or NULL, $2 LOCK_SECONDS, $3 this instance, $4 INSTANCE_LOCK_CLASS.
+_CLAIM = f"""
 UPDATE stripe_compensations c SET attempts = c.attempts + 1,
-       locked_until = now() + make_interval(secs => $2)
+       locked_until = now() + make_interval(secs => $2), locked_by = $3
   FROM (SELECT subscription_id, action FROM stripe_compensations
          WHERE done_at IS NULL AND next_attempt_at <= now()
-           AND (locked_until IS NULL OR locked_until < now())
+           AND (locked_until IS NULL OR locked_until < now()
+                OR {instance_gone("locked_by", 4)})
            AND ($1::text IS NULL OR subscription_id = $1)
          ORDER BY next_attempt_at
          LIMIT 1
@@ -187,7 +191,11 @@ ACTIONS: Mapping[str, StripeAction] = MappingProxyType(
 
 
 class BillingHooks:
-    """`provisioning.SubscriptionHooks`, as billing implements it."""
+    """`provisioning.SubscriptionHooks`, as billing implements it.
+
+    ``instance_id`` names this instance in its claims of compensations; its instance lock
+    (`provisioning.leases.InstanceLock`, held by its runner) tells the others that those
+    claims are alive."""
 
     # Provisioning appends it to the customer's message: `provisioning_failed` cancels.
     provision_failed_note = "Your subscription has been cancelled."
@@ -197,10 +205,13 @@ class BillingHooks:
         pool: asyncpg.Pool,
         provider: PaymentProvider,
         publisher: EventPublisher,
+        *,
+        instance_id: str,
     ) -> None:
         self._pool = pool
         self._provider = provider
         self._publisher = publisher
+        self._instance_id = instance_id
 
     async def provisioning_succeeded(self, operation: OperationRecord) -> None:
         await set_status(
@@ -252,7 +263,13 @@ class BillingHooks:
         tried = 0
         while tried < SWEEP_LIMIT:
             async with self._pool.acquire() as conn:
-                row = await conn.fetchrow(_CLAIM, subscription_id, float(LOCK_SECONDS))
+                row = await conn.fetchrow(
+                    _CLAIM,
+                    subscription_id,
+                    float(LOCK_SECONDS),
+                    self._instance_id,
+                    INSTANCE_LOCK_CLASS,
+                )
             if row is None:
                 break
             tried += 1
@@ -275,6 +292,7 @@ class BillingHooks:
             async with self._pool.acquire() as conn, conn.transaction():
                 await conn.execute(
                     "UPDATE stripe_compensations SET last_error = $3, locked_until = NULL,"
+                    " locked_by = NULL,"
                     " next_attempt_at = now() + make_interval(secs => $4)"
                     " WHERE subscription_id = $1 AND action = $2 AND done_at IS NULL",
                     claimed.subscription_id,
@@ -295,7 +313,7 @@ class BillingHooks:
             # (a process that died after Stripe agreed) must not add a second row.
             first = await conn.fetchval(
                 "UPDATE stripe_compensations SET done_at = now(), locked_until = NULL,"
-                " last_error = NULL WHERE subscription_id = $1 AND action = $2"
+                " locked_by = NULL, last_error = NULL WHERE subscription_id = $1 AND action = $2"
                 " AND done_at IS NULL RETURNING true",
                 claimed.subscription_id,
                 claimed.action,

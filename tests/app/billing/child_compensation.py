@@ -1,6 +1,6 @@
 """A Lookout instance that performs a failed provisioning's compensations and dies right after
 Stripe refunded, before recording it: it prints ``REFUNDED <refund id>`` and waits there for
-the test's SIGKILL.
+the test's SIGKILL. It holds its instance lock meanwhile, as a running instance does.
 
     python child_compensation.py DATABASE_URL REDIS_URL STRIPE_API_BASE STRIPE_API_KEY SUB_ID
 """
@@ -18,7 +18,10 @@ from app.billing.compensation import BillingHooks
 from app.billing.provider import RefundInfo
 from app.billing.stripe.provider import StripePaymentProvider
 from provisioning import TERMINAL_EVENT_TYPES
+from provisioning.leases import InstanceLock
 from streams import EventPublisher
+
+CHILD_INSTANCE = "child-compensation"
 
 
 class DiesAfterRefund(StripePaymentProvider):
@@ -42,8 +45,11 @@ async def main(argv: list[str]) -> None:
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=4)
     publisher = EventPublisher(Redis.from_url(redis_url), terminal_types=TERMINAL_EVENT_TYPES)
     provider = DiesAfterRefund(api_key, environment="test", api_base=api_base)
-    hooks = BillingHooks(pool, provider, publisher)
-    await hooks.cancel_due(subscription_id=subscription_id)
+    async with anyio.create_task_group() as tg:
+        await tg.start(InstanceLock(pool, CHILD_INSTANCE).run)
+        hooks = BillingHooks(pool, provider, publisher, instance_id=CHILD_INSTANCE)
+        await hooks.cancel_due(subscription_id=subscription_id)
+        tg.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

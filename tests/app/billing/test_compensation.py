@@ -15,6 +15,7 @@ from app.billing.stripe.provider import StripePaymentProvider
 from app.billing.subscriptions import queue_stripe_cancellation
 from app.db import create_pool
 from app.settings import Settings
+from provisioning.leases import InstanceLock
 from tests.support.stack import Stack, running_stack, wait_for
 
 pytestmark = pytest.mark.anyio
@@ -24,7 +25,8 @@ PENDING = 12
 
 @asynccontextmanager
 async def other_instance(stack: Stack) -> AsyncIterator[BillingHooks]:
-    """The billing hooks of another instance: a pool and a Stripe client of its own."""
+    """The billing hooks of another instance: a pool, a Stripe client and an instance lock of
+    its own (its claims are alive while it holds the lock)."""
     assert stack.settings.database_url is not None
     pool = await create_pool(stack.settings.database_url, min_size=2, max_size=10)
     provider = StripePaymentProvider(
@@ -33,8 +35,11 @@ async def other_instance(stack: Stack) -> AsyncIterator[BillingHooks]:
         api_base=stack.emulator_url,
     )
     try:
-        publisher = stack.app.state.services.publisher
-        yield BillingHooks(pool, provider, publisher)
+        async with anyio.create_task_group() as tg:
+            await tg.start(InstanceLock(pool, "other-instance").run)
+            publisher = stack.app.state.services.publisher
+            yield BillingHooks(pool, provider, publisher, instance_id="other-instance")
+            tg.cancel_scope.cancel()
     finally:
         await provider.aclose()
         await pool.close()

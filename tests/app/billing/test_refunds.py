@@ -22,6 +22,7 @@ from app.billing.compensation import refund_key
 from app.billing.subscriptions import queue_failed_provisioning_compensations
 from app.settings import Settings
 from provisioning import GraphBackend
+from tests.app.billing.child_compensation import CHILD_INSTANCE
 from tests.support.failing_backend import FailingBackend
 from tests.support.process import clean_environment
 from tests.support.stack import Stack, running_stack, wait_for
@@ -265,17 +266,27 @@ async def test_a_process_killed_between_the_refund_and_its_commit_is_replayed(
 
         async with pool.acquire() as conn:
             row = await conn.fetchrow(
-                "SELECT done_at, locked_until > now() AS claimed FROM stripe_compensations"
+                "SELECT done_at, locked_by, locked_until > now() + interval '60 seconds'"
+                " AS claimed FROM stripe_compensations"
                 " WHERE subscription_id = $1 AND action = 'refund'",
                 subscription_id,
             )
-            assert row is not None and row["done_at"] is None and row["claimed"]
-            # The dead process's claim runs out (LOCK_SECONDS later, in real time).
-            await conn.execute(
-                "UPDATE stripe_compensations SET locked_until = now() WHERE subscription_id = $1",
-                subscription_id,
-            )
-        await stack.app.state.services.hooks.cancel_due()
+        # The dead process's claim has minutes to run, but its instance lock went with its
+        # connection (PostgreSQL notices the closed socket): it is taken up at once.
+        assert row is not None and row["done_at"] is None and row["claimed"]
+        assert row["locked_by"] == CHILD_INSTANCE
+        hooks = stack.app.state.services.hooks
+        with anyio.fail_after(30):  # LOCK_SECONDS is 180
+            while True:
+                await hooks.cancel_due(subscription_id=subscription_id)
+                async with pool.acquire() as conn:
+                    if await conn.fetchval(
+                        "SELECT done_at IS NOT NULL FROM stripe_compensations"
+                        " WHERE subscription_id = $1 AND action = 'refund'",
+                        subscription_id,
+                    ):
+                        break
+                await anyio.sleep(0.1)  # until PostgreSQL has ended the dead one's session
         refund = await assert_refunded_once(stack, subscription_id)
         replays = [
             r
