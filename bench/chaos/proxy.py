@@ -30,12 +30,12 @@ __all__ = ["FaultProxy", "LoadBalancer", "fault_proxy", "url_through"]
 _CHUNK = 65536
 
 
-def url_through(url: str, port: int) -> str:
-    """`url` with its host and port replaced by 127.0.0.1:`port` (a `host` or `port` in its
+def url_through(url: str, port: int, *, host: str = "127.0.0.1") -> str:
+    """`url` with its host and port replaced by `host`:`port` (a `host` or `port` in its
     query too, which libpq would prefer to the proxy's)."""
     parts = urlsplit(url)
     userinfo = parts.netloc.rpartition("@")[0]
-    netloc = f"{userinfo}@127.0.0.1:{port}" if userinfo else f"127.0.0.1:{port}"
+    netloc = f"{userinfo}@{host}:{port}" if userinfo else f"{host}:{port}"
     query = parse_qsl(parts.query, keep_blank_values=True)
     query = [(k, v) for k, v in query if k not in ("host", "port")]
     return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query)))
@@ -60,10 +60,11 @@ def _reset(writer: asyncio.StreamWriter) -> None:
 
 
 class _Listener:
-    """A listening socket on a fixed port that can be closed and opened again."""
+    """A listening socket on a fixed port (of ``host``) that can be closed and opened again."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, host: str = "127.0.0.1") -> None:
         self.port = port
+        self.host = host
         self._server: asyncio.Server | None = None
         self.connections = 0  # accepted since the start
         self._conns: set[asyncio.StreamWriter] = set()
@@ -98,7 +99,7 @@ class _Listener:
         while True:
             try:
                 self._server = await asyncio.start_server(
-                    self._on_connect, "127.0.0.1", self.port, reuse_address=True
+                    self._on_connect, self.host, self.port, reuse_address=True
                 )
                 return
             except OSError:  # the port lingers a moment after a close
@@ -123,7 +124,12 @@ class _Listener:
         self.drop_all()
 
     async def close(self) -> None:
+        tasks = list(self._tasks)
         await self.refuse()
+        if tasks:  # each aborts its connections as it ends
+            await asyncio.wait(tasks, timeout=5)
+        # An aborted transport closes its socket on the loop's next turn.
+        await asyncio.sleep(0)
         await asyncio.sleep(0)
 
 
@@ -177,8 +183,10 @@ async def _splice(
 class FaultProxy(_Listener):
     """See the module docstring."""
 
-    def __init__(self, name: str, upstream: tuple[str, int], port: int) -> None:
-        super().__init__(port)
+    def __init__(
+        self, name: str, upstream: tuple[str, int], port: int, *, host: str = "127.0.0.1"
+    ) -> None:
+        super().__init__(port, host=host)
         self.name = name
         self.upstream = upstream
         self.latency = 0.0
@@ -202,28 +210,32 @@ class FaultProxy(_Listener):
 
 
 class LoadBalancer(_Listener):
-    """Round robin over `ports` on 127.0.0.1, skipping an instance whose port refuses."""
+    """Round robin over instances, skipping one whose port refuses: each a port on 127.0.0.1,
+    or a (host, port)."""
 
-    def __init__(self, port: int, ports: Sequence[int], rng: random.Random) -> None:
+    def __init__(
+        self, port: int, instances: Sequence[int | tuple[str, int]], rng: random.Random
+    ) -> None:
         super().__init__(port)
-        self.ports = list(ports)
-        self._next = rng.randrange(len(self.ports))
+        self.instances = [("127.0.0.1", i) if isinstance(i, int) else i for i in instances]
+        self._next = rng.randrange(len(self.instances))
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         start = self._next
-        self._next = (self._next + 1) % len(self.ports)
-        for i in range(len(self.ports)):
-            port = self.ports[(start + i) % len(self.ports)]
-            if await _splice(reader, writer, "127.0.0.1", port, None):
+        self._next = (self._next + 1) % len(self.instances)
+        for i in range(len(self.instances)):
+            host, port = self.instances[(start + i) % len(self.instances)]
+            if await _splice(reader, writer, host, port, None):
                 return
         _reset(writer)
 
 
 @contextlib.asynccontextmanager
-async def fault_proxy(name: str, url: str) -> AsyncIterator[FaultProxy]:
-    """A proxy, listening on a free port, in front of the server of `url` (a postgresql://,
-    redis:// or http:// URL); whatever it was doing, it lets go and closes at the end."""
-    proxy = FaultProxy(name, _upstream(url), free_port())
+async def fault_proxy(name: str, url: str, *, host: str = "127.0.0.1") -> AsyncIterator[FaultProxy]:
+    """A proxy, listening on a free port of `host`, in front of the server of `url` (a
+    postgresql://, redis:// or http:// URL); whatever it was doing, it lets go and closes at
+    the end."""
+    proxy = FaultProxy(name, _upstream(url), free_port(), host=host)
     await proxy.accept()
     try:
         yield proxy

@@ -1,6 +1,7 @@
 """Instances anywhere: two real `lookout serve` processes on one PostgreSQL and one Redis,
 behind a round-robin TCP load balancer (bench.chaos.proxy.LoadBalancer), as a deployment runs
-them. A client whose instance is killed, or drained by SIGTERM, resumes on the other by
+them: on this host, and each on a host of its own (a network namespace, where the tests may
+make one). A client whose instance is killed, or drained by SIGTERM, resumes on the other by
 Last-Event-ID with no gap and no duplicate; a paid graph whose webhook one instance took is
 provisioned by the other when the first dies."""
 
@@ -29,6 +30,7 @@ from streams import Event, EventPublisher, stream_key, user_topic
 from tests.app.test_takeover import pay_for_a_graph, server_objects, two_instances_setup
 from tests.streams.sse_client import SSEItem, read_sse
 from tests.support.live import free_port
+from tests.support.netns import forwarded, hosts
 from tests.support.process import ServeProcess, serve_process
 from tests.support.stack import wait_for
 
@@ -65,6 +67,48 @@ async def behind_a_balancer(
             yield Deployment(url, balancer, {a.process.pid: a, b.process.pid: b})
         finally:
             await balancer.close()
+
+
+@contextlib.asynccontextmanager
+async def on_separate_hosts(settings: Settings) -> AsyncIterator[Deployment]:
+    """Two instances, each on a host of its own (a network namespace: tests.support.netns)
+    that reaches PostgreSQL, Redis, the provisioning servers and Stripe only through its
+    link to this machine, and a balancer here in front of their addresses."""
+    assert settings.database_url is not None and settings.redis_url is not None
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    servers = {
+        "database": settings.database_url,
+        "redis": settings.redis_url,
+        "stripe": settings.stripe_api_base,
+        **{f"provisioner {i}": u for i, u in enumerate(settings.provisioner_database_urls)},
+    }
+    with hosts(2) as separate:
+        async with contextlib.AsyncExitStack() as stack:
+            instances: dict[int, ServeProcess] = {}
+            addresses: list[tuple[str, int]] = []
+            for host in separate:
+                there = await stack.enter_async_context(forwarded(host, servers))
+                placed = replace(
+                    settings,
+                    database_url=there.pop("database"),
+                    redis_url=there.pop("redis"),
+                    stripe_api_base=there.pop("stripe"),
+                    provisioner_database_urls=tuple(there.values()),
+                    trusted_proxies=(host.gateway,),
+                    allowed_hosts_given=("127.0.0.1", "localhost", host.address),
+                )
+                instance = await stack.enter_async_context(
+                    serve_process(placed, public_url=url, host=host.address, netns=host.netns)
+                )
+                instances[instance.process.pid] = instance
+                addresses.append((host.address, _port(instance.url)))
+            balancer = LoadBalancer(port, addresses, random.Random(16))
+            await balancer.accept()
+            try:
+                yield Deployment(url, balancer, instances)
+            finally:
+                await balancer.close()
 
 
 @contextlib.asynccontextmanager
@@ -138,9 +182,10 @@ async def stop(instance: ServeProcess, how: str) -> None:
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("where", ["one-host", "separate-hosts"])
 @pytest.mark.parametrize("how", ["kill", "terminate"])
 async def test_a_client_whose_instance_stops_resumes_on_the_other_without_gap(
-    settings: Settings, how: str
+    settings: Settings, how: str, where: str
 ) -> None:
     assert settings.database_url is not None and settings.redis_url is not None
     db = await asyncpg.connect(settings.database_url)
@@ -150,6 +195,9 @@ async def test_a_client_whose_instance_stops_resumes_on_the_other_without_gap(
     finally:
         await db.close()
     proxied = replace(settings, trusted_proxies=("127.0.0.1",))
+    deployed = (
+        behind_a_balancer(proxied, proxied) if where == "one-host" else on_separate_hosts(settings)
+    )
     redis = Redis.from_url(settings.redis_url)
     publisher = EventPublisher(redis, prefix=settings.redis_prefix)
     topic = user_topic(user.id)
@@ -162,7 +210,7 @@ async def test_a_client_whose_instance_stops_resumes_on_the_other_without_gap(
     follower = Follower()
     try:
         async with (
-            behind_a_balancer(proxied, proxied) as deployment,
+            deployed as deployment,
             anyio.create_task_group() as tg,
         ):
             async with one_connection(deployment.url, auth) as client:

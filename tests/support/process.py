@@ -60,6 +60,8 @@ def environment(settings: Settings, url: str) -> dict[str, str]:
         LOOKOUT_TRUSTED_PROXIES=",".join(settings.trusted_proxies),
         LOOKOUT_WARM_POOL_SIZE=str(settings.warm_pool_size),
     )
+    if settings.allowed_hosts_given:
+        env["LOOKOUT_ALLOWED_HOSTS"] = ",".join(settings.allowed_hosts_given)
     if settings.provisioner_database_urls:
         env["PROVISIONER_DATABASE_URL"] = ",".join(settings.provisioner_database_urls)
     return env
@@ -72,14 +74,22 @@ async def serve_process(
     port: int | None = None,
     workers: int = 1,
     public_url: str | None = None,
+    host: str = "127.0.0.1",
+    netns: str | None = None,
 ) -> AsyncIterator[ServeProcess]:
-    """`lookout serve` on ``port``; one process unless ``workers`` says otherwise, so that
-    `ServeProcess.kill` kills the whole instance. ``public_url``: its LOOKOUT_PUBLIC_URL, when
-    that is not its own address (a load balancer's)."""
+    """`lookout serve` on ``host``:``port``; one process unless ``workers`` says otherwise, so
+    that `ServeProcess.kill` kills the whole instance. ``public_url``: its LOOKOUT_PUBLIC_URL,
+    when that is not its own address (a load balancer's). ``netns``: run in that network
+    namespace (tests.support.netns), as on a host of its own; `ip netns exec` execs the
+    command, so the process is still the instance."""
     port = port or free_port()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
+    command = [sys.executable, "-m", "app", "serve", "--host", host, "--port", str(port)]
+    command += ["--workers", str(workers)]
+    if netns is not None:
+        command = ["ip", "netns", "exec", netns, *command]
     process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
-        [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
+        command,
         env=environment(settings, public_url or url),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
