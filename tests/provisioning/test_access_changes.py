@@ -8,6 +8,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import anyio
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -21,7 +22,13 @@ from provisioning import (
     ResourceSpec,
     SharedRepositoryBackend,
 )
-from tests.provisioning.support import Serving, new_subject, operation_events, wait_for
+from tests.provisioning.support import (
+    HoldingBackend,
+    Serving,
+    new_subject,
+    operation_events,
+    wait_for,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -227,3 +234,59 @@ async def test_a_repository_login_is_resized_suspended_and_resumed(
             assert await conn.fetchval("SELECT count(*) FROM repository.countries") == 5
         finally:
             await conn.close()
+
+
+async def test_changes_a_full_instance_hands_over_run_in_order_on_one_with_room(
+    db_pool: asyncpg.Pool,
+    serving: Serving,
+    graph_backend: GraphBackend,
+    user_id: str,
+    redis: Redis,
+    redis_prefix: str,
+) -> None:
+    holding = HoldingBackend(graph_backend, hold_at="create_database")
+    async with (
+        serving([holding], max_concurrent=1) as full,
+        serving([graph_backend], max_concurrent=1) as roomy,
+    ):
+        provision = await roomy.start("provision", new_subject(), user_id, graph_spec(3))
+        assert (await wait_for(db_pool, provision.id)).status == "completed"
+        login = await roomy.rotate_credentials(provision.resource_id)
+        # The full instance's one slot is taken by a provision held mid-way.
+        blocker = await full.start("provision", new_subject(), user_id, graph_spec(3))
+        with anyio.fail_after(30):
+            await holding.holding.wait()
+        created = []
+        async with db_pool.acquire() as conn:
+            kinds: tuple[OperationKind, ...] = ("suspend", "resume", "suspend")
+            for kind in kinds:
+                async with conn.transaction():
+                    created.append(
+                        await full.create_change(
+                            conn,
+                            kind,
+                            provision.subject_id,
+                            user_id,
+                            graph_spec(3),
+                            resource_id=provision.resource_id,
+                        )
+                    )
+        # Launched where there is no room, last first: handed over, they still run on the
+        # other instance first to last, each once, and the last one stands.
+        await full.launch(list(reversed(created)))
+        finished = [await wait_for(db_pool, op.id) for op in created]
+        assert [op.status for op in finished] == ["completed"] * 3
+        assert {op.lease_owner for op in finished} == {roomy.instance_id}
+        # Each claimed twice: by the full instance, which handed it over, then by the other.
+        assert [op.attempts for op in finished] == [2, 2, 2]
+        ends = [op.finished_at for op in finished if op.finished_at is not None]
+        assert len(ends) == 3 and ends == sorted(ends)
+        with pytest.raises(asyncpg.InvalidAuthorizationSpecificationError):
+            await asyncpg.connect(login.dsn)
+        assert full.active == {blocker.id}
+        holding.release.set()
+        assert (await wait_for(db_pool, blocker.id)).status == "completed"
+    for op in created:
+        events = await operation_events(redis, redis_prefix, op.id)
+        assert [e["type"] for e in events].count("operation.started") == 1
+        assert events[-1]["type"] == "operation.completed"
