@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ __all__ = [
     "EventEncodingError",
     "iso_now",
     "isoformat_z",
+    "new_event_key",
 ]
 
 
@@ -58,12 +61,24 @@ def iso_now() -> str:
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
+def new_event_key() -> str:
+    """A key no other event has: 72 random bits (the odds of two equal keys among the 1000 a
+    Stream keeps are below 10^-15)."""
+    return base64.urlsafe_b64encode(os.urandom(9)).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One event: ``type`` and its JSON ``data`` (which carries ``type`` and ``ts`` too)."""
+    """One event: ``type`` and its JSON ``data`` (which carries ``type`` and ``ts`` too).
+
+    ``key`` tells this event from every other, whatever its data: the publisher stores it with
+    the event in each topic's Stream, so that publishing the same ``Event`` again after an
+    error (a retry) writes it only where it is missing (``publish.lua``). It is not part of
+    the event's JSON, nor of its equality."""
 
     type: str
     data: Mapping[str, Any] = field(default_factory=dict)
+    key: str = field(default_factory=new_event_key, compare=False)
 
     def __post_init__(self) -> None:
         # A read-only view so that an event shared between publishers and tests cannot change.

@@ -1,6 +1,7 @@
 """The whole service on a Redis Cluster (LOOKOUT_REDIS_CLUSTER=1): a purchase streamed by key
 and by stream token, resumed; rate limits, the per-user stream limit and readiness, all counted
-on the cluster; readiness that names a primary that does not answer; and start-up that refuses a mismatch between the setting and the server."""
+on the cluster; readiness that names a primary that does not answer; and start-up that refuses
+a mismatch between the setting and the server."""
 
 from __future__ import annotations
 
