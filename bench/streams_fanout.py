@@ -1,10 +1,23 @@
-"""Fan-out benchmark of the event streams: one server process, clients and publishers in others.
+"""Fan-out benchmark of the event streams: server processes, clients and publishers apart.
 
     python -m bench.streams_fanout                    # the goal scenarios, once each
     python -m bench.streams_fanout --runs 5           # each 5 times: how often its goal held
     python -m bench.streams_fanout --scenarios broadcast-2000 --seconds 5
     python -m bench.streams_fanout --scale 0.02 --seconds 2   # a smoke test: 2 % of each
     python -m bench.streams_fanout --cluster --redis-url redis://10.0.0.5:6379   # a cluster
+    python -m bench.streams_fanout --start-cluster    # 1 node vs 3 primaries, started here
+    python -m bench.streams_fanout --start-cluster --scale 0.05 --seconds 3      # its smoke test
+
+``--start-cluster`` needs no Redis: it starts a local single Redis and a local Redis Cluster of
+``--primaries`` (3) primaries from the same server binary the tests use
+(tests/support/redis_cluster.py; no persistence on either, so neither pays for a disk), runs
+the broadcast and per-topic scenarios on the single node, then on the cluster, stops each, and
+prints them side by side: deliveries/s, p99, published vs offered, and each Redis node's CPU
+(``--no-single``: the cluster only). It runs ``--servers`` (there 2) Lookout server processes,
+the clients spread over them, as instances behind a load balancer: each holds its own
+subscriptions, one per primary on a cluster. On one machine every process shares its cores
+(the clients, publishers and servers most of all): the figures say how the bus spreads over
+the shards (each node's CPU), not what separate hosts would reach.
 
 What it measures is the hub's fan-out alone. Latency runs from the moment Redis accepted an
 event (its Stream id's clock, which the SSE ``id`` carries) to a client's receipt, so an
@@ -13,12 +26,14 @@ the moment an event was due to Redis's acceptance). Enough publisher processes
 (``--rate-per-publisher``) that the offered rate is published; the published rate is printed
 beside the offered one, and a run where they differ by more than 2 % (or where clients failed
 to connect) is marked INVALID: it did not measure the scenario. Beside the clients' figures,
-the server's own (``GET /stats`` of bench/streams_server.py): frames its hub handed to
-clients, clients cut off as slow, and from Redis's acceptance to the hub's receipt and to the
-write on the socket (one connection in ``--sample-every``). Then RSS per connection and the
-server's CPU (% of one core), and the CPU of each Redis node (each primary of a cluster)
-while publishing, from INFO cpu. The load clients (bench/streams_clients.py) are lean: raw asyncio
-protocols on uvloop, ``--per-process`` connections per process.
+the servers' own (``GET /stats`` of bench/streams_server.py, summed over ``--servers``
+processes): frames their hubs handed to clients, clients cut off as slow, and from Redis's
+acceptance to the hub's receipt and to the write on the socket (one connection in
+``--sample-every``; with several servers, the worst server's quantiles). Then RSS per
+connection and the servers' CPU (% of one core, all processes), and the CPU of each Redis node
+(each primary of a cluster) while publishing, from INFO cpu. The load clients
+(bench/streams_clients.py) are lean: raw asyncio protocols on uvloop, ``--per-process``
+connections per process.
 
 Loopback only; the Redis of REDIS_URL (default redis://127.0.0.1:6379/0), under a throwaway
 key prefix deleted afterwards. ``--cluster``: REDIS_URL names a node of a Redis Cluster (hub
@@ -262,8 +277,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         busy = sum(a.user + a.system - b.user - b.system for a, b in spent)
         sys_busy = sum(a.system - b.system for a, b in spent)
 
-        def grew(counter: str) -> float:
-            return float(sum(a[counter] - b[counter] for a, b in zip(after, before, strict=True)))
+        def grew(counter: str) -> int:
+            return int(sum(a[counter] - b[counter] for a, b in zip(after, before, strict=True)))
 
         lateness = [p["late_p99_ms"] for p in published]
         return {
