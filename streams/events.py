@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import time
@@ -61,10 +62,29 @@ def iso_now() -> str:
     return f"{_second[1]}.{int((now - second) * 1000):03d}Z"
 
 
-def new_event_key() -> str:
-    """A key no other event has: 72 random bits (the odds of two equal keys among the 1000 a
-    Stream keeps are below 10^-15)."""
+def _process_prefix() -> str:
     return base64.urlsafe_b64encode(os.urandom(9)).decode()
+
+
+# Keys are this process's random prefix (72 bits, drawn again in a forked child) and a count:
+# unique without a system call per event (os.urandom per key cost 0.65 us, a third of making a
+# progress event).
+_key_prefix = _process_prefix()
+_key_count = itertools.count()
+
+
+def _after_fork() -> None:
+    global _key_prefix
+    _key_prefix = _process_prefix()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def new_event_key() -> str:
+    """A key no other event has: this process's random prefix and a number of its own (two
+    processes share a prefix with odds of 2^-72)."""
+    return f"{_key_prefix}{next(_key_count):x}"
 
 
 @dataclass(frozen=True, slots=True)
