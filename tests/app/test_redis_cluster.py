@@ -109,3 +109,32 @@ async def test_readyz_names_the_primary_that_does_not_answer(
             victim.start()
             cluster.wait_ok()
             await wait_until(ready, within=30)
+
+
+async def test_readyz_asks_the_new_primary_after_a_failover(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with local_cluster(tmp_path / "cluster", replicas=1, persistence="none") as cluster:
+        app = create_app(replace(settings, redis_url=cluster.url, redis_cluster=True))
+        async with live_server(app) as url, httpx.AsyncClient(base_url=url, timeout=30) as http:
+
+            async def ready() -> bool:
+                return (await http.get("/readyz")).status_code == 200
+
+            assert await ready()
+            victim = cluster.primaries[1]
+            [replica] = cluster.replicas[1]
+            victim.kill()
+            answer = await http.get("/readyz")
+            assert answer.status_code == 503, answer.text
+            assert f"127.0.0.1:{victim.port}" in answer.json()["error"]["message"]
+            # Its replica takes over: readiness asks it, and no more the primary that died.
+            await wait_until(
+                lambda: cluster.primary_of_slot(_first_slot(cluster, 1)) is replica, within=30
+            )
+            await wait_until(ready, within=30)
+
+
+def _first_slot(cluster: LocalCluster, index: int) -> int:
+    """The first slot the ``index``-th primary was given (LocalCluster shares them evenly)."""
+    return index * (16384 // len(cluster.primaries))
