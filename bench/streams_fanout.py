@@ -488,7 +488,7 @@ def side_by_side(compared: Sequence[tuple[str, dict[str, list[dict[str, Any]]]]]
                 lines.append(
                     f"{name:<18} {label:<13} {r['servers']:>7} {r['deliveries_per_s']:>13,.0f} "
                     f"{r['p99_ms']:>8.1f} {r['published_per_s']:>10,.1f}/"
-                    f"{r['offered_per_s']:<,.0f} ({off:+.1f}%)  {cpu} (sum {total:.0f})"
+                    f"{r['offered_per_s']:<,.1f} ({off:+.1f}%)  {cpu} (sum {total:.0f})"
                 )
     return "\n".join(lines)
 
