@@ -1,10 +1,23 @@
-"""Fan-out benchmark of the event streams: one server process, clients and publishers in others.
+"""Fan-out benchmark of the event streams: server processes, clients and publishers apart.
 
     python -m bench.streams_fanout                    # the goal scenarios, once each
     python -m bench.streams_fanout --runs 5           # each 5 times: how often its goal held
     python -m bench.streams_fanout --scenarios broadcast-2000 --seconds 5
     python -m bench.streams_fanout --scale 0.02 --seconds 2   # a smoke test: 2 % of each
     python -m bench.streams_fanout --cluster --redis-url redis://10.0.0.5:6379   # a cluster
+    python -m bench.streams_fanout --start-cluster    # 1 node vs 3 primaries, started here
+    python -m bench.streams_fanout --start-cluster --scale 0.05 --seconds 3      # its smoke test
+
+``--start-cluster`` needs no Redis: it starts a local single Redis and a local Redis Cluster of
+``--primaries`` (3) primaries from the same server binary the tests use
+(tests/support/redis_cluster.py; no persistence on either, so neither pays for a disk), runs
+the broadcast and per-topic scenarios on the single node, then on the cluster, stops each, and
+prints them side by side: deliveries/s, p99, published vs offered, and each Redis node's CPU
+(``--no-single``: the cluster only). It runs ``--servers`` (there 2) Lookout server processes,
+the clients spread over them, as instances behind a load balancer: each holds its own
+subscriptions, one per primary on a cluster. On one machine every process shares its cores
+(the clients, publishers and servers most of all): the figures say how the bus spreads over
+the shards (each node's CPU), not what separate hosts would reach.
 
 What it measures is the hub's fan-out alone. Latency runs from the moment Redis accepted an
 event (its Stream id's clock, which the SSE ``id`` carries) to a client's receipt, so an
@@ -13,12 +26,14 @@ the moment an event was due to Redis's acceptance). Enough publisher processes
 (``--rate-per-publisher``) that the offered rate is published; the published rate is printed
 beside the offered one, and a run where they differ by more than 2 % (or where clients failed
 to connect) is marked INVALID: it did not measure the scenario. Beside the clients' figures,
-the server's own (``GET /stats`` of bench/streams_server.py): frames its hub handed to
-clients, clients cut off as slow, and from Redis's acceptance to the hub's receipt and to the
-write on the socket (one connection in ``--sample-every``). Then RSS per connection and the
-server's CPU (% of one core), and the CPU of each Redis node (each primary of a cluster)
-while publishing, from INFO cpu. The load clients (bench/streams_clients.py) are lean: raw asyncio
-protocols on uvloop, ``--per-process`` connections per process.
+the servers' own (``GET /stats`` of bench/streams_server.py, summed over ``--servers``
+processes): frames their hubs handed to clients, clients cut off as slow, and from Redis's
+acceptance to the hub's receipt and to the write on the socket (one connection in
+``--sample-every``; with several servers, the worst server's quantiles). Then RSS per
+connection and the servers' CPU (% of one core, all processes), and the CPU of each Redis node
+(each primary of a cluster) while publishing, from INFO cpu. The load clients
+(bench/streams_clients.py) are lean: raw asyncio protocols on uvloop, ``--per-process``
+connections per process.
 
 Loopback only; the Redis of REDIS_URL (default redis://127.0.0.1:6379/0), under a throwaway
 key prefix deleted afterwards. ``--cluster``: REDIS_URL names a node of a Redis Cluster (hub
@@ -30,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import array
+import contextlib
 import json
 import math
 import os
@@ -40,7 +56,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any, Final
@@ -155,27 +171,32 @@ class Options:
     rate_per_publisher: float
     sample_every: int
     cluster: bool = False  # redis_url names a Redis Cluster node
+    servers: int = 1  # server processes, the clients spread over them
 
 
 def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
     prefix = f"bench-{secrets.token_hex(3)}:"
-    port = free_port()
+    ports = [free_port() for _ in range(options.servers)]
     processes: list[subprocess.Popen[str]] = []
     files: list[str] = []
-    server = spawn(
-        [
-            os.environ.get("BENCH_SERVER") or str(HERE / "streams_server.py"),
-            *("--port", str(port), "--design", scenario.design),
-            *("--redis-url", options.redis_url, "--prefix", prefix),
-            *("--sample-every", str(options.sample_every)),
-            *(["--cluster"] if options.cluster else []),
-        ]
-    )
-    processes.append(server)
+    servers = [
+        spawn(
+            [
+                os.environ.get("BENCH_SERVER") or str(HERE / "streams_server.py"),
+                *("--port", str(port), "--design", scenario.design),
+                *("--redis-url", options.redis_url, "--prefix", prefix),
+                *("--sample-every", str(options.sample_every)),
+                *(["--cluster"] if options.cluster else []),
+            ]
+        )
+        for port in ports
+    ]
+    processes += servers
     try:
-        if read_line(server.stdout, time.monotonic() + 30) != "READY":
-            raise RuntimeError("the server did not start")
-        proc = psutil.Process(server.pid)
+        for server in servers:
+            if read_line(server.stdout, time.monotonic() + 30) != "READY":
+                raise RuntimeError("a server did not start")
+        procs = [psutil.Process(server.pid) for server in servers]
         count = options.publishers or max(
             1, math.ceil(scenario.events_per_second / options.rate_per_publisher)
         )
@@ -193,9 +214,11 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         ]
         processes += publishers
         time.sleep(0.5)
-        rss_before = proc.memory_info().rss
+        rss_before = sum(proc.memory_info().rss for proc in procs)
         clients = []
-        client_count = max(1, math.ceil(scenario.connections / options.per_process))
+        # At least one client process per server: client process i connects to server i % N.
+        client_count = max(options.servers, math.ceil(scenario.connections / options.per_process))
+        client_count = min(client_count, scenario.connections)
         per = math.ceil(scenario.connections / client_count)
         for i in range(client_count):
             out = os.path.join(tempfile.gettempdir(), f"lookout-bench-{prefix[6:-1]}-{i}.lat")
@@ -204,7 +227,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
                 spawn(
                     [
                         str(HERE / "streams_clients.py"),
-                        *("--port", str(port), "--offset", str(i * per), "--out", out),
+                        *("--port", str(ports[i % len(ports)]), "--offset", str(i * per)),
+                        *("--out", out),
                         "--connections",
                         str(min(per, scenario.connections - i * per)),
                         *("--topics", str(scenario.topics)),
@@ -220,9 +244,9 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             if read_line(publisher.stdout, time.monotonic() + 60) != "READY":
                 raise RuntimeError("a publisher did not start")
         time.sleep(2)  # every subscription confirmed
-        rss_after = proc.memory_info().rss
-        before = server_stats(port, reset=True)
-        cpu_before, wall_before = proc.cpu_times(), time.monotonic()
+        rss_after = sum(proc.memory_info().rss for proc in procs)
+        before = [server_stats(port, reset=True) for port in ports]
+        cpu_before, wall_before = [proc.cpu_times() for proc in procs], time.monotonic()
         redis_before = uvloop.run(_redis_cpu(options))
         for publisher in publishers:
             tell(publisher, "GO")
@@ -233,8 +257,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         redis_after = uvloop.run(_redis_cpu(options))
         redis_wall = time.monotonic() - wall_before
         time.sleep(1)  # drain
-        cpu_after, wall_after = proc.cpu_times(), time.monotonic()
-        after = server_stats(port)
+        cpu_after, wall_after = [proc.cpu_times() for proc in procs], time.monotonic()
+        after = [server_stats(port) for port in ports]
         for client in clients:
             tell(client, "STOP")
         events = closed = 0
@@ -249,7 +273,13 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         ordered = sorted(latencies)
         window = max(p["seconds"] for p in published)
         total = sum(p["published"] for p in published)
-        busy = (cpu_after.user + cpu_after.system) - (cpu_before.user + cpu_before.system)
+        spent = list(zip(cpu_after, cpu_before, strict=True))
+        busy = sum(a.user + a.system - b.user - b.system for a, b in spent)
+        sys_busy = sum(a.system - b.system for a, b in spent)
+
+        def grew(counter: str) -> int:
+            return int(sum(a[counter] - b[counter] for a, b in zip(after, before, strict=True)))
+
         lateness = [p["late_p99_ms"] for p in published]
         return {
             "scenario": scenario.name,
@@ -267,20 +297,19 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             "expected": total * scenario.connections // scenario.topics,
             "deliveries": events,
             "deliveries_per_s": events / window,
-            "server_deliveries_per_s": (after["offered"] - before["offered"]) / window,
-            "server_cut_off": after["slow_clients_dropped"] - before["slow_clients_dropped"],
-            "server_reconnects": after["reconnects"] - before["reconnects"],
-            "server_hub_received": after["hub_received"],
-            "server_written": after["written"],
+            "servers": options.servers,
+            "server_deliveries_per_s": grew("offered") / window,
+            "server_cut_off": grew("slow_clients_dropped"),
+            "server_reconnects": grew("reconnects"),
+            "server_hub_received": _worst([a["hub_received"] for a in after]),
+            "server_written": _worst([a["written"] for a in after]),
             "rss_per_conn_kb": (rss_after - rss_before) / max(connected, 1) / 1024,
             "rss_mb": rss_after / 2**20,
             "p50_ms": percentile(ordered, 0.50) * 1000,
             "p99_ms": percentile(ordered, 0.99) * 1000,
             "max_ms": (ordered[-1] if ordered else math.nan) * 1000,
             "server_cpu_pct": 100 * busy / (wall_after - wall_before),
-            "server_sys_pct": 100
-            * (cpu_after.system - cpu_before.system)
-            / (wall_after - wall_before),
+            "server_sys_pct": 100 * sys_busy / (wall_after - wall_before),
             "redis_cpu_pct": {
                 node: 100 * (used - redis_before.get(node, used)) / redis_wall
                 for node, used in redis_after.items()
@@ -288,18 +317,31 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         }
     finally:
         for process in reversed(processes):
-            if process is not server:
+            if process not in servers:
                 process.kill()
                 process.wait()
-        server.terminate()
-        try:
-            server.wait(10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        for server in servers:
+            server.terminate()
+        for server in servers:
+            try:
+                server.wait(10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
         for name in files:
             Path(name).unlink(missing_ok=True)
         uvloop.run(_delete(options, prefix))
+
+
+def _worst(lags: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Several servers' lag summaries as one: their samples added, the worst server's
+    quantiles (quantiles of separate samples cannot be merged)."""
+    measured = [lag for lag in lags if lag["n"]] or list(lags)
+    return {
+        "n": sum(lag["n"] for lag in lags),
+        "p50_ms": max(lag["p50_ms"] for lag in measured),
+        "p99_ms": max(lag["p99_ms"] for lag in measured),
+    }
 
 
 async def _delete(options: Options, prefix: str) -> None:
@@ -362,7 +404,7 @@ def report(scenario: Scenario, r: dict[str, Any], run: str) -> str:
         f"  connections  {r['connections']:,} of {r['planned']:,} ({r['failed']} failed, "
         f"{r['cut_off']} cut off); server RSS {r['rss_per_conn_kb']:.1f} KB per connection "
         f"({r['rss_mb']:.0f} MB); server CPU {r['server_cpu_pct']:.0f} % of a core "
-        f"(sys {r['server_sys_pct']:.0f} %)",
+        f"(sys {r['server_sys_pct']:.0f} %), {r['servers']} server process(es)",
         f"  rate         offered {r['offered_per_s']:,.0f} events/s, published "
         f"{r['published_per_s']:,.1f} ({off:+.2f} %) by {r['publishers']} publisher "
         f"process(es) ({r['publishers_cpu_pct']:.0f} % of a core); their lateness p99 "
@@ -397,6 +439,60 @@ def tally(scenario: Scenario, results: Sequence[dict[str, Any]]) -> str:
     )
 
 
+def run_all(
+    names: Sequence[str], options: Options, *, runs: int, scale: float, label: str = ""
+) -> dict[str, list[dict[str, Any]]]:
+    """Each scenario ``runs`` times, each run printed as it ends."""
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name in names:
+        scenario = SCENARIOS[name].scaled(scale)
+        scaled = "" if scale == 1 else f", scaled x{scale:g}"
+        for run in range(1, runs + 1):
+            r = run_scenario(scenario, options)
+            results.setdefault(scenario.name, []).append(r)
+            print(report(scenario, r, f"{label}run {run} of {runs}{scaled}"), flush=True)
+    return results
+
+
+@contextlib.contextmanager
+def local_redis(data: Path, primaries: int) -> Iterator[tuple[str, bool]]:
+    """A Redis of the benchmark's own, from the server binary the tests use: one node (not a
+    cluster) for ``primaries == 0``, else a cluster of that many primaries. Both without
+    persistence, so that neither pays for a disk the other does not. Answers its URL and
+    whether it is a cluster; every node is killed at the end."""
+    from tests.support.redis_cluster import local_cluster
+    from tests.support.redis_server import redis_process
+
+    if primaries:
+        with local_cluster(data, primaries=primaries, persistence="none") as cluster:
+            yield cluster.url, True
+        return
+    with redis_process(data, persistence="none") as server:
+        uvloop.run(server.wait_ready())
+        yield server.url, False
+
+
+def side_by_side(compared: Sequence[tuple[str, dict[str, list[dict[str, Any]]]]]) -> str:
+    """One line per scenario and Redis: the figures to compare, and each node's CPU."""
+    lines = [
+        f"{'scenario':<18} {'redis':<13} {'servers':>7} {'deliveries/s':>13} {'p99 ms':>8} "
+        f"{'published/offered':>22}  Redis CPU % of a core, per node"
+    ]
+    for label, results in compared:
+        for name, runs in results.items():
+            for r in runs:
+                off = 100 * (r["published_per_s"] - r["offered_per_s"]) / r["offered_per_s"]
+                nodes = sorted(r["redis_cpu_pct"].items())
+                cpu = ", ".join(f"{node} {pct:.0f}" for node, pct in nodes)
+                total = sum(pct for _, pct in nodes)
+                lines.append(
+                    f"{name:<18} {label:<13} {r['servers']:>7} {r['deliveries_per_s']:>13,.0f} "
+                    f"{r['p99_ms']:>8.1f} {r['published_per_s']:>10,.1f}/"
+                    f"{r['offered_per_s']:<,.1f} ({off:+.1f}%)  {cpu} (sum {total:.0f})"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -428,12 +524,34 @@ def main() -> None:
         "--sample-every", type=int, default=10, help="server: time the writes of 1 connection in N"
     )
     parser.add_argument(
+        "--servers",
+        type=int,
+        default=0,
+        help="Lookout server processes, the clients spread over them "
+        "(default: 1; 2 with --start-cluster)",
+    )
+    parser.add_argument(
         "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     )
     parser.add_argument(
         "--cluster",
         action="store_true",
         help=f"--redis-url names a Redis Cluster node (default scenarios: {CLUSTER_DEFAULT})",
+    )
+    parser.add_argument(
+        "--start-cluster",
+        action="store_true",
+        help="start a local 1-node Redis and a local cluster of --primaries primaries (same "
+        "binary, no persistence), run the scenarios on each, stop them, and print the two "
+        f"side by side (default scenarios: {CLUSTER_DEFAULT}); --redis-url is not used",
+    )
+    parser.add_argument(
+        "--primaries", type=int, default=3, help="with --start-cluster: the cluster's primaries"
+    )
+    parser.add_argument(
+        "--no-single",
+        action="store_true",
+        help="with --start-cluster: the cluster only, not the 1-node Redis",
     )
     args = parser.parse_args()
     options = Options(
@@ -444,22 +562,32 @@ def main() -> None:
         rate_per_publisher=args.rate_per_publisher,
         sample_every=args.sample_every,
         cluster=args.cluster,
+        servers=args.servers or (2 if args.start_cluster else 1),
     )
     scenarios = args.scenarios
-    if args.cluster and scenarios == DEFAULT:
+    if (args.cluster or args.start_cluster) and scenarios == DEFAULT:
         scenarios = CLUSTER_DEFAULT
-    results: dict[str, list[dict[str, Any]]] = {}
-    for name in scenarios.split(","):
-        scenario = SCENARIOS[name.strip()].scaled(args.scale)
-        scale = "" if args.scale == 1 else f", scaled x{args.scale:g}"
-        for run in range(1, args.runs + 1):
-            r = run_scenario(scenario, options)
-            results.setdefault(scenario.name, []).append(r)
-            print(report(scenario, r, f"run {run} of {args.runs}{scale}"), flush=True)
+    names = [name.strip() for name in scenarios.split(",")]
+    if not args.start_cluster:
+        results = run_all(names, options, runs=args.runs, scale=args.scale)
+        print()
+        for name, runs in results.items():
+            print(tally(SCENARIOS[name].scaled(args.scale), runs))
+        print(json.dumps([r for runs in results.values() for r in runs]))
+        return
+    compared: list[tuple[str, dict[str, list[dict[str, Any]]]]] = []
+    targets = [*([] if args.no_single else [0]), args.primaries]
+    with tempfile.TemporaryDirectory(prefix="lookout-bench-redis-") as data:
+        for primaries in targets:
+            label = f"{primaries} primaries" if primaries else "1 node"
+            with local_redis(Path(data) / label.replace(" ", "-"), primaries) as (url, cluster):
+                print(f"--- {label}: {url}{' (cluster)' if cluster else ''}", flush=True)
+                here = replace(options, redis_url=url, cluster=cluster)
+                results = run_all(names, here, runs=args.runs, scale=args.scale, label=f"{label}, ")
+                compared.append((label, results))
     print()
-    for name, runs in results.items():
-        print(tally(SCENARIOS[name].scaled(args.scale), runs))
-    print(json.dumps([r for runs in results.values() for r in runs]))
+    print(side_by_side(compared))
+    print(json.dumps({label: results for label, results in compared}))
 
 
 if __name__ == "__main__":

@@ -20,17 +20,19 @@ Stream and channel live in one slot, on one primary. What differs from a single 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from typing import Any, TypeAlias, TypeGuard
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, Final, TypeAlias, TypeGuard
 
 import anyio
 import anyio.abc
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import ClusterDownError, RedisClusterException, RedisError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .backend import BackendListener, ChannelHandle
 from .events import Event
@@ -50,9 +52,25 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 RedisClient: TypeAlias = Redis | RedisCluster
+# The second step of a publish (publish_by_slot): tries in all, and the pauses between them.
+# About 1.5 s: a blip (a connection reset, MOVED while a slot settles) is ridden out; a
+# failover takes longer (the node timeout, 15 s by default) and is left to the caller's retry.
+SECOND_STEP_TRIES: Final = 4
+SECOND_STEP_PAUSES: Final = (0.1, 0.4, 1.0)
+# Entries of a Stream the second step searches for its event before writing it (module
+# publish_by_slot): every copy of a command a paused node runs when it wakes is then found,
+# unless more than this many events of that topic were written between them.
+SECOND_STEP_SEARCH: Final = 32
+# What a node away answers (down, failing over, a slot without a primary for now).
+UNAVAILABLE: Final = (RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError)
 # One script call of the publisher: the events with their topics (all in one slot), answered
-# with one raw reply per (event, topic), in order.
-ScriptCall: TypeAlias = Callable[[list[tuple[Event, list[str]]]], Awaitable[list[Any]]]
+# with one raw reply per (event, topic), in order; an event keyed in the mapping is searched for
+# among that many of each Stream's newest entries first, and written only where it is missing.
+ScriptCall: TypeAlias = Callable[
+    [list[tuple[Event, list[str]]], Mapping[str, int]], Awaitable[list[Any]]
+]
+# One slot's share of a publish: (index of the event in the batch, event, its topics there).
+Group: TypeAlias = list[tuple[int, Event, list[str]]]
 
 
 def is_cluster(redis: RedisClient) -> TypeGuard[RedisCluster]:
@@ -113,7 +131,7 @@ class ClusterClient(RedisCluster):
 
 
 async def publish_by_slot(
-    call: ScriptCall, planned: Sequence[tuple[Event, list[str]]]
+    call: ScriptCall, planned: Sequence[tuple[Event, list[str]]], *, retry_search: int
 ) -> list[dict[str, Any]]:
     """``EventPublisher.publish_many`` on a cluster: the raw replies per event and topic.
 
@@ -122,19 +140,39 @@ async def publish_by_slot(
     terminal id, as the script answers it) and answered so for all its topics. Then the other
     topics of the events that were kept, one call per slot. Each topic gets its events in
     order; unlike one call on a single Redis, the topics of one event are written in two steps,
-    not atomically: a reader of a user's topic may see an event a moment after its operation's,
-    and a call that fails (a node down) leaves the others' writes in place, so that a retry of
-    the whole batch writes those twice.
+    not atomically: a reader of a user's topic may see an event a moment after its operation's.
+
+    What keeps the two steps whole:
+
+    - The second step searches each Stream's newest ``SECOND_STEP_SEARCH`` entries for the
+      event before writing it: redis-py sends a command again on a new connection when the
+      reply did not come (a node paused, a connection cut after the write), and a node that
+      comes back runs every copy it was sent; one of them writes, the others find it.
+    - A call of the second step that fails for want of a node (down, failing over, refusing
+      while the cluster settles) is tried again, ``SECOND_STEP_TRIES`` times in all over about
+      ``sum(SECOND_STEP_PAUSES)`` seconds, each retry searching the newest ``retry_search``
+      entries (the publisher's ``maxlen``), so the first step's writes are not left alone by
+      a blip.
+    - If it still fails, the error is raised, as on a single Redis: the publish has not
+      succeeded, and the caller's retry of the same events (``EventPublisher``: idempotent)
+      writes only what is missing.
+    - An event dropped because its operation has ended copies that operation's terminal event
+      to its other topics where they lack it (searched for by its key): a process that died
+      between the two steps of a terminal event left the user's topic without it, and the
+      terminal event published again (the finalize sweep, by any instance) repairs that.
     """
     raw: list[dict[str, Any]] = [{} for _ in planned]
-    dropped: dict[int, Any] = {}
-    failed: list[Exception] = []
+    dropped: dict[int, list[Any]] = {}
+    # Copies of a dropped event's terminal event, for the event's other topics: searched for.
+    copies: dict[int, Event] = {}
 
-    async def run(group: list[tuple[int, Event, list[str]]]) -> None:
+    async def run(
+        slot: int, group: Group, search: dict[str, int], failed: dict[int, Exception]
+    ) -> None:
         try:
-            replies = iter(await call([(event, topics) for _, event, topics in group]))
+            replies = iter(await call([(event, topics) for _, event, topics in group], search))
         except Exception as exc:  # the other calls finish: what they wrote is known
-            failed.append(exc)
+            failed[slot] = exc
             return
         for index, _, topics in group:
             for topic in topics:
@@ -144,10 +182,12 @@ async def publish_by_slot(
                 raw[index][topic] = reply
 
     for ending in (True, False):
-        groups: dict[int, list[tuple[int, Event, list[str]]]] = {}
+        groups: dict[int, Group] = {}
         for index, (event, topics) in enumerate(planned):
             if index in dropped:
-                continue
+                if index not in copies:
+                    continue
+                event = copies[index]
             for topic in topics:
                 if ends_with_terminal(topic) is not ending:
                     continue
@@ -156,16 +196,60 @@ async def publish_by_slot(
                     group[-1][2].append(topic)
                 else:
                     group.append((index, event, [topic]))
-        async with anyio.create_task_group() as tg:
-            for group in groups.values():
-                tg.start_soon(run, group)
+        # The second step of an event split in two searches before it writes (an event of
+        # one step is as on a single Redis); a copy (a repair) searches every entry kept.
+        search = {
+            event.key: SECOND_STEP_SEARCH
+            for event, topics in ([] if ending else planned)
+            if any(ends_with_terminal(topic) for topic in topics)
+        }
+        search.update((event.key, retry_search) for event in copies.values())
+        tries = 1 if ending else SECOND_STEP_TRIES
+        for attempt in range(tries):
+            failed: dict[int, Exception] = {}
+            async with anyio.create_task_group() as tg:
+                for slot, group in groups.items():
+                    tg.start_soon(run, slot, group, search, failed)
+            if not failed or attempt + 1 == tries:
+                break
+            if not all(isinstance(exc, UNAVAILABLE) for exc in failed.values()):
+                break  # not a node away (a script error): trying again would not help
+            # Only the calls that failed go again, searching first: a call whose reply was
+            # lost (a node that died or stalled after writing) may have written.
+            groups = {slot: groups[slot] for slot in failed}
+            search.update(
+                (event.key, retry_search) for group in groups.values() for _, event, _ in group
+            )
+            logger.info(
+                "publishing to %d slot(s) failed (%s); trying again", len(failed), _first(failed)
+            )
+            await anyio.sleep(SECOND_STEP_PAUSES[attempt])
         if failed:
             # As one call on a single Redis raises it (a RedisError the caller handles), not
-            # in a group. The slots that took their call keep it: a retry writes them again.
-            raise failed[0]
+            # in a group. The slots that took their call keep it: a retry finds it there.
+            raise next(iter(failed.values()))
+        if ending:
+            copies = {i: copy for i, reply in dropped.items() if (copy := _terminal_copy(reply))}
     for index, ended in dropped.items():
         raw[index] = {topic: ended for topic in planned[index][1]}
     return [{topic: raw[i][topic] for topic in topics} for i, (_, topics) in enumerate(planned)]
+
+
+def _first(failed: dict[int, Exception]) -> str:
+    return type(next(iter(failed.values()))).__name__
+
+
+def _terminal_copy(reply: list[Any]) -> Event | None:
+    """The terminal event a dropped event's reply names ({id, type, JSON, key}), with its key,
+    to copy to the event's other topics; None for an entry written without a key."""
+    if len(reply) < 4 or not reply[3]:
+        return None
+    etype, data, key = (_str(v) for v in reply[1:4])
+    return Event(etype, json.loads(data), key=key)
+
+
+def _str(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class _Shard:

@@ -5,13 +5,19 @@ time sends whatever is queued as one script call (``publish.lua``) per batch. Th
 operations publishing progress at once then cost a few round trips, not one each. On a Redis
 Cluster a script call touches one slot, so calls are not coalesced there: each call is sent by
 itself, one script call per slot (``cluster.publish_by_slot``).
+
+A publish that raised may have been written in part or in full (a reply lost, one slot of a
+cluster written and not another): the publisher remembers the events of the last
+``UNSURE_KEPT`` calls that raised, and when one of them is published again (the caller's
+retry, with the same ``Event``) the script first looks for it by its key among each Stream's
+newest ``maxlen`` entries and writes it only where it is missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Final
 
 from .cluster import RedisClient, is_cluster, publish_by_slot
@@ -28,6 +34,9 @@ DEFAULT_TTL_SECONDS: Final = 7 * 24 * 3600
 # few milliseconds, while the round trip and the command's fixed costs are spread over
 # hundreds of events (bench.publisher).
 DEFAULT_BATCH_ENTRIES: Final = 512
+# Events of failed publishes remembered, to be searched for when retried: far more than the
+# callers that retry at once (each retries one call, within seconds).
+UNSURE_KEPT: Final = 10_000
 
 
 class PublisherStats:
@@ -101,6 +110,8 @@ class EventPublisher:
         self._batch_entries = batch_entries
         self._queue: deque[_Request] = deque()
         self._flusher: asyncio.Task[None] | None = None
+        # Keys of events whose publish raised (oldest first): a retry searches for them.
+        self._unsure: dict[str, None] = {}
         self.stats = PublisherStats()
 
     async def publish(self, event: Event, topics: Iterable[str]) -> dict[str, str]:
@@ -122,38 +133,62 @@ class EventPublisher:
         order they were made, in as few script calls as ``batch_entries`` allows: so each
         topic keeps the order of its publishes. An error of a script call (Redis unreachable,
         a script error) is raised in every call it carried; a call cancelled before its events
-        were sent publishes nothing, and after that changes nothing for the others."""
+        were sent publishes nothing, and after that changes nothing for the others.
+
+        Publishing the same ``Event`` objects again after an error is idempotent: where the
+        first try wrote an event, the retry answers that entry's id and writes nothing."""
         planned = [(event, list(dict.fromkeys(topics))) for event, topics in items]
-        if self._cluster:
-            # A script call may touch one slot there, and a batch of several callers would mix
-            # slots (CROSSSLOT): calls are not batched across callers on a cluster, each one
-            # goes by itself, one script call per slot (publish_by_slot, as before batching).
-            replies = await publish_by_slot(self._call, planned)
-            return [{topic: _text(raw) for topic, raw in ids.items()} for ids in replies]
-        keys, args = self._encode(planned)
-        raw = await self._submit(_Request(keys, args)) if keys else []
-        ids = iter(raw)
-        return [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
+        try:
+            if self._cluster:
+                # A script call may touch one slot there, and a batch of several callers would
+                # mix slots (CROSSSLOT): calls are not batched across callers on a cluster,
+                # each goes by itself, one script call per slot (publish_by_slot).
+                replies = await publish_by_slot(self._call, planned, retry_search=self._maxlen)
+                answer = [{topic: _text(raw) for topic, raw in ids.items()} for ids in replies]
+            else:
+                keys, args = self._encode(planned)
+                raw = await self._submit(_Request(keys, args)) if keys else []
+                ids = iter(raw)
+                answer = [{topic: _text(next(ids)) for topic in topics} for _, topics in planned]
+        except BaseException:
+            # Written in full, in part or not at all: unknown. A retry searches first.
+            for event, _ in planned:
+                self._unsure[event.key] = None
+            while len(self._unsure) > UNSURE_KEPT:
+                del self._unsure[next(iter(self._unsure))]
+            raise
+        if self._unsure:
+            for event, _ in planned:
+                self._unsure.pop(event.key, None)
+        return answer
 
     def _encode(
-        self, planned: Sequence[tuple[Event, list[str]]]
+        self, planned: Sequence[tuple[Event, list[str]]], search: Mapping[str, int] = {}
     ) -> tuple[list[str], list[bytes | str | int]]:
-        """The script's KEYS and the events' part of its ARGV (after the header), in order."""
+        """The script's KEYS and the events' part of its ARGV (after the header), in order.
+        An event whose publish raised before is searched for among each Stream's newest
+        ``maxlen`` entries before it is written; one keyed in ``search``, among as many as it
+        says (at least)."""
         keys: list[str] = []
         args: list[bytes | str | int] = []
+        unsure = self._unsure
         for event, topics in planned:
             if not topics:
                 continue
             keys += [stream_key(self._prefix, topic) for topic in topics]
-            args += [event.type, event.encode(), len(topics)]
+            newest = self._maxlen if event.key in unsure else search.get(event.key, 0)
+            args += [event.type, event.encode(), event.key, newest]
+            args.append(len(topics))
             args += [channel_name(self._prefix, topic) for topic in topics]
             args += ["1" if ends_with_terminal(topic) else "0" for topic in topics]
         return keys, args
 
-    async def _call(self, planned: Sequence[tuple[Event, list[str]]]) -> list[Any]:
+    async def _call(
+        self, planned: Sequence[tuple[Event, list[str]]], search: Mapping[str, int]
+    ) -> list[Any]:
         """One run of the script at once, unbatched (a cluster's slot): its raw reply, one per
-        (event, topic) in order."""
-        keys, args = self._encode(planned)
+        (event, topic) in order; the events keyed in ``search`` are searched for first."""
+        keys, args = self._encode(planned, search)
         return await self._run(keys, args) if keys else []
 
     async def _run(self, keys: list[str], events: list[bytes | str | int]) -> list[Any]:

@@ -4,8 +4,10 @@ Liveness fails only when a background loop of the process cannot stay up (the su
 failures): restarting the process is then the cure. Readiness also asks PostgreSQL and Redis.
 
 Both answer anyone, so they name what is failing and no more: an error's text can carry a
-host, a user or a query, and goes to the log instead. Both are the answering process's own:
-under `lookout serve --workers N` each answer names its `pid` and `worker`.
+host, a user or a query, and goes to the log instead. On a Redis Cluster readiness asks every
+primary and names the one that does not answer by its cluster address (``host:port``, as
+``CLUSTER NODES`` gives it), which an operator needs to find it. Both are the answering
+process's own: under `lookout serve --workers N` each answer names its `pid` and `worker`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import anyio
 import asyncpg
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -24,6 +27,7 @@ from starlette.responses import JSONResponse, Response
 from app.web.errors import error_response
 from app.web.metrics import CONTENT_TYPE, LiveFigures
 from app.web.services import Services, services
+from streams import RedisClient
 
 __all__ = ["healthz", "metrics_endpoint", "readyz"]
 
@@ -88,12 +92,7 @@ async def readyz(request: Request) -> Response:
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
         logger.warning("readiness: PostgreSQL does not answer: %r", exc)
         problems["postgres"] = "unavailable"
-    try:
-        with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
-            await found.redis.ping()
-    except (OSError, RedisError, TimeoutError) as exc:
-        logger.warning("readiness: Redis does not answer: %r", exc)
-        problems["redis"] = "unavailable"
+    problems.update(await _redis_problems(found.redis))
     if problems:
         return _unavailable(
             found,
@@ -102,6 +101,45 @@ async def readyz(request: Request) -> Response:
             failing_tasks=failing,
         )
     return JSONResponse({"status": "ready", **_process(found)})
+
+
+async def _redis_problems(redis: RedisClient) -> dict[str, str]:
+    """What does not answer: the one Redis, or each primary of a Redis Cluster by its
+    ``host:port`` (a primary that is down stops the slots it serves, so every one must answer;
+    all are asked at once, each within the check's timeout)."""
+    if not isinstance(redis, RedisCluster):
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
+                await redis.ping()
+        except (OSError, RedisError, TimeoutError) as exc:
+            logger.warning("readiness: Redis does not answer: %r", exc)
+            return {"redis": "unavailable"}
+        return {}
+    try:
+        with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
+            # The client's map of the cluster: refreshed by the command after one that failed
+            # on a connection (a failover's new primary is asked then, the old one no more).
+            await redis.initialize()  # a no-op unless a failure asked for it
+            primaries = redis.get_primaries()
+    except (OSError, RedisError, TimeoutError) as exc:
+        logger.warning("readiness: the Redis Cluster does not answer: %r", exc)
+        return {"redis": "unavailable (no node of the cluster answers)"}
+    problems: dict[str, str] = {}
+
+    async def ping(node: ClusterNode) -> None:
+        try:
+            with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
+                await redis.ping(target_nodes=node)
+        except (OSError, RedisError, TimeoutError) as exc:
+            logger.warning(
+                "readiness: Redis Cluster primary %s does not answer: %r", node.name, exc
+            )
+            problems[f"redis primary {node.name}"] = "unavailable"
+
+    async with anyio.create_task_group() as tg:
+        for node in primaries:
+            tg.start_soon(ping, node)
+    return dict(sorted(problems.items()))
 
 
 def _authorized(request: Request, token: str) -> bool:

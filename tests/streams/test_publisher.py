@@ -4,6 +4,7 @@ import asyncio
 import json
 import re
 import socket
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -13,7 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from bench.chaos.proxy import fault_proxy, url_through
 from streams import (
@@ -30,6 +31,7 @@ from streams.topics import topic_slot
 from tests.streams.either_redis import listen
 from tests.streams.sse_client import wait_until
 from tests.streams.vocabulary import TERMINAL_TYPES
+from tests.support.redis_server import redis_process
 
 pytestmark = pytest.mark.anyio
 
@@ -352,3 +354,41 @@ async def test_concurrent_publishes_on_a_cluster_go_one_call_per_slot(
         assert await _numbers(redis, stream_key(redis_prefix, topic)) == [n]
         entries: Any = await redis.xrange(stream_key(redis_prefix, topic))
         assert [entry_id.decode() for entry_id, _ in entries] == [answer[topic]]
+
+
+async def test_a_retry_after_a_lost_reply_writes_nothing_twice(tmp_path: Path) -> None:
+    # A server of the test's own, paused (SIGSTOP) with the publish on its way: the caller gives
+    # up (its read timeout), the server runs the script when it wakes, and the caller's retry
+    # of the same Event finds it written in both topics.
+    with redis_process(tmp_path / "redis", persistence="none") as server:
+        await server.wait_ready()
+        client = Redis(
+            host="127.0.0.1", port=server.port, socket_timeout=0.3, retry=Retry(NoBackoff(), 0)
+        )
+        publisher = EventPublisher(client, prefix="t:", terminal_types=TERMINAL_TYPES)
+        topics = [operation_topic("op_lost"), user_topic("usr_lost")]
+        try:
+            before = _progress(0)
+            await publisher.publish(before, topics)  # connected, script loaded
+            calls = await _script_calls(client)
+            event = _progress(1)
+            server.pause()
+            try:
+                with pytest.raises(RedisError):
+                    await publisher.publish(event, topics)
+            finally:
+                server.resume()
+            ids = await publisher.publish(event, topics)
+            # The paused call and the retry both ran; the event was written once.
+            assert await _script_calls(client) - calls == 2
+            for topic in topics:
+                entries: Any = await client.xrange(stream_key("t:", topic))
+                assert [e[1][b"k"].decode() for e in entries] == [before.key, event.key]
+                assert ids[topic] == entries[-1][0].decode()
+        finally:
+            await client.aclose()
+
+
+async def _script_calls(redis: Redis) -> int:
+    stats = await redis.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))

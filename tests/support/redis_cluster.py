@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,8 @@ NODE_TIMEOUT_MS = 1000
 
 
 class LocalCluster:
-    """``primaries`` primaries, each with ``replicas`` replicas, under ``data``."""
+    """``primaries`` primaries, each with ``replicas`` replicas, under ``data``; ``options``:
+    more server options for every node."""
 
     def __init__(
         self,
@@ -39,9 +40,11 @@ class LocalCluster:
         primaries: int = 3,
         replicas: int = 0,
         persistence: Persistence = "aof",
+        options: Sequence[str] = (),
     ) -> None:
         self.data = data
         self.persistence: Persistence = persistence
+        self.options = tuple(options)
         self.bus_ports: dict[int, int] = {}
         self.primaries: list[RedisProcess] = []
         self.replicas: dict[int, list[RedisProcess]] = {}
@@ -61,6 +64,7 @@ class LocalCluster:
             # A replica may take over however long it was cut off: the tests kill on purpose.
             "--cluster-replica-validity-factor", "0",
             "--logfile", str(data / "server.log"),
+            *self.options,
         ]  # fmt: skip
         node = RedisProcess(data, persistence=self.persistence, extra=extra)
         self.bus_ports[node.port] = bus
@@ -185,10 +189,17 @@ def _wait(check: object, deadline: float) -> None:
 
 @contextlib.contextmanager
 def local_cluster(
-    data: Path, *, primaries: int = 3, replicas: int = 0, persistence: Persistence = "aof"
+    data: Path,
+    *,
+    primaries: int = 3,
+    replicas: int = 0,
+    persistence: Persistence = "aof",
+    options: Sequence[str] = (),
 ) -> Iterator[LocalCluster]:
     """A started ``LocalCluster``, every node killed at the end."""
-    cluster = LocalCluster(data, primaries=primaries, replicas=replicas, persistence=persistence)
+    cluster = LocalCluster(
+        data, primaries=primaries, replicas=replicas, persistence=persistence, options=options
+    )
     try:
         cluster.start()
         yield cluster
