@@ -8,7 +8,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final, cast
+
+import orjson
 
 __all__ = [
     "Event",
@@ -38,8 +40,17 @@ def _jsonable(value: object) -> object:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
-# Built once: json.dumps with any non-default option builds a new encoder on every call, about
-# a third of an event's encoding time, paid by every publish (bench.publisher).
+# orjson writes an event's compact UTF-8 JSON in a tenth of the time of the json module (2.7 µs
+# against 0.2 µs for a progress event: a tenth of the publisher's CPU per event, bench.publisher)
+# and, for the data it accepts, the same JSON (a float may be spelt differently: 1e-7, not 1e-07).
+# Datetimes and dataclasses are passed to _jsonable, as the json module does, so that a
+# datetime keeps isoformat_z's form and a dataclass stays unencodable. Unlike the json module,
+# orjson writes NaN and infinities as null (the json module wrote NaN, which is not JSON and
+# which a browser's JSON.parse refuses), and writes an Enum or a UUID as its value.
+_ORJSON_OPTIONS: Final = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+# What orjson refuses and the json module wrote (keys that are not str, integers beyond 64 bits)
+# goes to the json module, which writes it as before or raises EventEncodingError. Built once:
+# json.dumps with any non-default option builds a new encoder on every call.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=_jsonable)
 
 
@@ -79,12 +90,18 @@ class Event:
         return cls(type=type, data=data)
 
     def encode(self) -> bytes:
-        """The data as one line of compact JSON (JSON escapes every newline)."""
+        """The data as one line of compact JSON, UTF-8 (JSON escapes every newline)."""
+        # data is always the read-only view made in __post_init__: its copy() is a dict's copy,
+        # several times cheaper than dict() of the view (which goes key by key).
+        data = cast("MappingProxyType[str, Any]", self.data).copy()
         try:
-            text = _ENCODER.encode(dict(self.data))
-        except (TypeError, ValueError) as exc:
+            return orjson.dumps(data, default=_jsonable, option=_ORJSON_OPTIONS)
+        except orjson.JSONEncodeError:
+            pass  # the json module's turn: it writes what orjson refuses, or says why not
+        try:
+            return _ENCODER.encode(data).encode()
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError: a lone surrogate
             raise EventEncodingError(
                 f"event {self.type!r} has data that is not JSON ({exc}); "
                 "convert such values to str, numbers, lists or mappings before publishing"
             ) from exc
-        return text.encode()
