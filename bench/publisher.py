@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from provisioning import TERMINAL_EVENT_TYPES
-from streams import ClusterClient, Event, EventPublisher, RedisClient
+from streams import ClusterClient, Event, EventPublisher, PackedConnection, RedisClient
 from streams.publisher import DEFAULT_BATCH_ENTRIES
 
 GOAL_EVENTS_PER_SECOND: Final = 50_000
@@ -67,7 +67,8 @@ def connect(redis_url: str, *, cluster: bool = False) -> RedisClient:
     """A client of the Redis of ``redis_url``: a cluster client when it names a cluster node."""
     if cluster:
         return ClusterClient.from_url(redis_url, max_connections=32)
-    return Redis.from_url(redis_url)
+    # Commands packed by hiredis, as app.application.redis_client's are.
+    return Redis.from_url(redis_url, connection_class=PackedConnection)
 
 
 async def redis_cpu(redis: RedisClient) -> dict[str, float]:
