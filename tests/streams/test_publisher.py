@@ -5,6 +5,7 @@ import json
 import math
 import re
 import socket
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -58,6 +59,17 @@ def test_create_adds_type_and_utc_timestamp() -> None:
     assert json.loads(encoded)["message"] == "a\nb"
     with pytest.raises(TypeError):
         event.data["progress"] = 50  # type: ignore[index]
+
+
+def test_iso_now_is_the_current_millisecond() -> None:
+    for _ in range(2000):  # many calls within one millisecond, and across several
+        before = int(time.time() * 1000)
+        text = iso_now()
+        after = int(time.time() * 1000)
+        assert ISO_Z.fullmatch(text)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert before <= round(moment.timestamp() * 1000) <= after
+    assert Event.create("a", ts="given").data["ts"] == "given"
 
 
 def test_create_refuses_a_second_type_and_unencodable_data() -> None:
