@@ -68,6 +68,7 @@ from streams import (
     ClusterClient,
     DirectRoutes,
     EventHub,
+    PackedConnection,
     RedisClient,
     StreamHandler,
     StreamLeases,
@@ -119,6 +120,9 @@ def redis_client(url: str, *, cluster: bool = False) -> RedisClient:
         )
     pool = BlockingConnectionPool.from_url(
         url,
+        # Commands packed by hiredis, not in Python: a quarter of the publisher's CPU
+        # (streams.connection); a rediss:// or unix:// URL keeps redis-py's own connections.
+        connection_class=PackedConnection,
         max_connections=REDIS_MAX_CONNECTIONS,
         timeout=10,
         socket_connect_timeout=REDIS_CONNECT_TIMEOUT_SECONDS,

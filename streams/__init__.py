@@ -6,6 +6,7 @@ The face holds what the layers above call; everything else is imported from its 
 from __future__ import annotations
 
 from .cluster import ClusterClient, RedisClient
+from .connection import PackedConnection
 from .events import Event, isoformat_z
 from .hub import EventHub
 from .leases import StreamLease, StreamLeases, TooManyStreams
@@ -33,6 +34,7 @@ __all__ = [
     "EventStreamResponse",
     "InvalidStreamToken",
     "LeaseSource",
+    "PackedConnection",
     "ReconnectLater",
     "RedisClient",
     "StreamHandler",

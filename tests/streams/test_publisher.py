@@ -2,9 +2,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import anyio
@@ -38,6 +43,13 @@ pytestmark = pytest.mark.anyio
 ISO_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
 
+@dataclass
+class _Unencodable:
+    """A dataclass: not JSON, as for the json module (orjson would write it)."""
+
+    x: int = 1
+
+
 def test_create_adds_type_and_utc_timestamp() -> None:
     event = Event.create("operation.progress", operation_id="op_1", progress=40, message="a\nb")
     assert event.type == "operation.progress"
@@ -51,11 +63,71 @@ def test_create_adds_type_and_utc_timestamp() -> None:
         event.data["progress"] = 50  # type: ignore[index]
 
 
+def test_iso_now_is_the_current_millisecond() -> None:
+    for _ in range(2000):  # many calls within one millisecond, and across several
+        before = int(time.time() * 1000)
+        text = iso_now()
+        after = int(time.time() * 1000)
+        assert ISO_Z.fullmatch(text)
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        assert before <= round(moment.timestamp() * 1000) <= after
+    assert Event.create("a", ts="given").data["ts"] == "given"
+
+
 def test_create_refuses_a_second_type_and_unencodable_data() -> None:
     with pytest.raises(ValueError, match="once"):
         Event.create("a", **{"type": "b"})
     with pytest.raises(EventEncodingError, match="not JSON"):
         Event.create("a", thing=object()).encode()
+
+
+def test_encoding_writes_the_json_the_json_module_wrote() -> None:
+    # Event.encode uses orjson and hands what orjson refuses to the json module: the JSON
+    # that SSE clients see is the json module's compact, UTF-8 one, byte for byte here.
+    reference = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    view = MappingProxyType({"nested": [1, 2]})
+    data: dict[str, Any] = {
+        "text": 'a\nb\t"q"\\ \u2028 \x00\x7f héllo ☃ 😀',
+        "numbers": [0, -1, 2**63 - 1, -(2**63), 0.1, 100.0, -0.0, 1e16, 2.5e-300],
+        "flags": [True, False, None],
+        "tuple": (1, "two"),
+        "nested": {"a": [{"b": {}}, []]},
+    }
+    cases: list[dict[str, Any]] = [
+        data,
+        {"deep": json.loads("[" * 300 + "]" * 300)},  # beyond orjson's nesting limit
+        {"huge": 2**70},  # beyond 64 bits: orjson refuses, the json module writes it
+        {"keys": {1: "a", 2.5: "b", False: "c", None: "d"}},  # keys that are not str
+    ]
+    for case in cases:
+        assert Event("t", case).encode() == reference.encode(case).encode()
+    moment = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    assert json.loads(Event("t", {"at": moment, "view": view}).encode()) == {
+        "at": "2026-01-02T03:04:05.678Z",
+        "view": {"nested": [1, 2]},
+    }
+    # A float may be spelt differently, as the same number.
+    assert json.loads(Event("t", {"f": 1e-7}).encode()) == {"f": 1e-7}
+    # NaN is not JSON: it is written as null (the json module wrote NaN, which
+    # JSON.parse refuses).
+    assert json.loads(Event("t", {"f": math.nan, "g": -math.inf}).encode()) == {
+        "f": None,
+        "g": None,
+    }
+
+
+@pytest.mark.parametrize(
+    "value",
+    [object(), {1, 2}, b"bytes", datetime(2026, 1, 1), "\ud800", _Unencodable()],
+    ids=["object", "set", "bytes", "naive-datetime", "lone-surrogate", "dataclass"],
+)
+def test_data_that_is_not_json_is_refused(value: object) -> None:
+    with pytest.raises(EventEncodingError, match="not JSON"):
+        Event("t", {"value": value}).encode()
+    looped: list[object] = []
+    looped.append(looped)
+    with pytest.raises(EventEncodingError, match="not JSON"):
+        Event("t", {"value": looped}).encode()
 
 
 def test_topics() -> None:
