@@ -5,6 +5,8 @@
     python -m bench.streams_fanout --scenarios broadcast-2000 --seconds 5
     python -m bench.streams_fanout --scale 0.02 --seconds 2   # a smoke test: 2 % of each
     python -m bench.streams_fanout --cluster --redis-url redis://10.0.0.5:6379   # a cluster
+    python -m bench.streams_fanout --scenarios broadcast-2000-max --compare-servers 2
+        # what 2 server processes deliver against 1 (issue 15: >= 1.7x), CPU of each part
     python -m bench.streams_fanout --start-cluster    # 1 node vs 3 primaries, started here
     python -m bench.streams_fanout --start-cluster --scale 0.05 --seconds 3      # its smoke test
 
@@ -109,6 +111,9 @@ SCENARIOS = {
         Scenario("per-topic-10000", "hub-direct", 10_000, 10_000, 10_000, goal_p99_ms=250),
         Scenario("hold-19000", "hub-direct", 19_000, 1, 1, goal_kb_per_conn=16),
         Scenario("broadcast-200", "hub-direct", 200, 1, 250),  # 50,000 deliveries/s
+        # More than one server process delivers on this machine: what N servers deliver
+        # against 1 (--compare-servers) is their capacity, not a goal's latency.
+        Scenario("broadcast-2000-max", "hub-direct", 2000, 1, 60),  # 120,000 deliveries/s
         Scenario("hold-5000", "hub-direct", 5000, 1, 1),
         # For comparison: behind Starlette's routing and middleware; behind sse-starlette; and
         # the per-connection-subscription design (each client its own Redis pub/sub).
@@ -245,8 +250,10 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
                 raise RuntimeError("a publisher did not start")
         time.sleep(2)  # every subscription confirmed
         rss_after = sum(proc.memory_info().rss for proc in procs)
+        loaders = [psutil.Process(client.pid) for client in clients]
         before = [server_stats(port, reset=True) for port in ports]
         cpu_before, wall_before = [proc.cpu_times() for proc in procs], time.monotonic()
+        clients_before = [proc.cpu_times() for proc in loaders]
         redis_before = uvloop.run(_redis_cpu(options))
         for publisher in publishers:
             tell(publisher, "GO")
@@ -258,6 +265,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         redis_wall = time.monotonic() - wall_before
         time.sleep(1)  # drain
         cpu_after, wall_after = [proc.cpu_times() for proc in procs], time.monotonic()
+        clients_after = [proc.cpu_times() for proc in loaders]
         after = [server_stats(port) for port in ports]
         for client in clients:
             tell(client, "STOP")
@@ -276,6 +284,8 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
         spent = list(zip(cpu_after, cpu_before, strict=True))
         busy = sum(a.user + a.system - b.user - b.system for a, b in spent)
         sys_busy = sum(a.system - b.system for a, b in spent)
+        loading = zip(clients_after, clients_before, strict=True)
+        clients_busy = sum(a.user + a.system - b.user - b.system for a, b in loading)
 
         def grew(counter: str) -> int:
             return int(sum(a[counter] - b[counter] for a, b in zip(after, before, strict=True)))
@@ -298,6 +308,7 @@ def run_scenario(scenario: Scenario, options: Options) -> dict[str, Any]:
             "deliveries": events,
             "deliveries_per_s": events / window,
             "servers": options.servers,
+            "clients_cpu_pct": 100 * clients_busy / (wall_after - wall_before),
             "server_deliveries_per_s": grew("offered") / window,
             "server_cut_off": grew("slow_clients_dropped"),
             "server_reconnects": grew("reconnects"),
@@ -404,7 +415,8 @@ def report(scenario: Scenario, r: dict[str, Any], run: str) -> str:
         f"  connections  {r['connections']:,} of {r['planned']:,} ({r['failed']} failed, "
         f"{r['cut_off']} cut off); server RSS {r['rss_per_conn_kb']:.1f} KB per connection "
         f"({r['rss_mb']:.0f} MB); server CPU {r['server_cpu_pct']:.0f} % of a core "
-        f"(sys {r['server_sys_pct']:.0f} %), {r['servers']} server process(es)",
+        f"(sys {r['server_sys_pct']:.0f} %), {r['servers']} server process(es); load "
+        f"clients' CPU {r['clients_cpu_pct']:.0f} % of a core",
         f"  rate         offered {r['offered_per_s']:,.0f} events/s, published "
         f"{r['published_per_s']:,.1f} ({off:+.2f} %) by {r['publishers']} publisher "
         f"process(es) ({r['publishers_cpu_pct']:.0f} % of a core); their lateness p99 "
@@ -493,6 +505,29 @@ def side_by_side(compared: Sequence[tuple[str, dict[str, list[dict[str, Any]]]]]
     return "\n".join(lines)
 
 
+def servers_compared(by_count: dict[int, dict[str, list[dict[str, Any]]]]) -> str:
+    """Per scenario and run: deliveries/s and p99 with 1 server process and with N, the ratio
+    of deliveries, and the CPU (% of a core) of the servers, the load clients and Redis."""
+    one, many = sorted(by_count)
+    lines = [
+        f"{'scenario':<20} {'run':>3} {'servers':>7} {'deliveries/s':>13} {'p99 ms':>8} "
+        f"{'x of 1':>7} {'CPU % servers / clients / Redis':>32}"
+    ]
+    for name, runs in by_count[one].items():
+        for i, base in enumerate(runs):
+            for r in (base, by_count[many][name][i]):
+                cpu = (
+                    f"{r['server_cpu_pct']:.0f} / {r['clients_cpu_pct']:.0f} / "
+                    f"{sum(r['redis_cpu_pct'].values()):.0f}"
+                )
+                lines.append(
+                    f"{name:<20} {i + 1:>3} {r['servers']:>7} {r['deliveries_per_s']:>13,.0f} "
+                    f"{r['p99_ms']:>8.1f} {r['deliveries_per_s'] / base['deliveries_per_s']:>7.2f} "
+                    f"{cpu:>32}"
+                )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -553,6 +588,14 @@ def main() -> None:
         action="store_true",
         help="with --start-cluster: the cluster only, not the 1-node Redis",
     )
+    parser.add_argument(
+        "--compare-servers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run each scenario with 1 server process and with N, and print deliveries/s and "
+        "p99 of both and their ratio (issue 15: 2 processes >= 1.7x the deliveries of 1)",
+    )
     args = parser.parse_args()
     options = Options(
         seconds=args.seconds,
@@ -568,6 +611,19 @@ def main() -> None:
     if (args.cluster or args.start_cluster) and scenarios == DEFAULT:
         scenarios = CLUSTER_DEFAULT
     names = [name.strip() for name in scenarios.split(",")]
+    if args.compare_servers:
+        counts = (1, args.compare_servers)
+        by_count = {
+            n: run_all(
+                names, replace(options, servers=n), runs=args.runs, scale=args.scale,
+                label=f"{n} server(s), ",
+            )
+            for n in counts
+        }  # fmt: skip
+        print()
+        print(servers_compared(by_count))
+        print(json.dumps({str(n): results for n, results in by_count.items()}))
+        return
     if not args.start_cluster:
         results = run_all(names, options, runs=args.runs, scale=args.scale)
         print()
