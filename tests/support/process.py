@@ -10,6 +10,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import anyio
 import httpx
@@ -72,18 +73,26 @@ async def serve_process(
     port: int | None = None,
     workers: int = 1,
     public_url: str | None = None,
+    debug_log: Path | None = None,
 ) -> AsyncIterator[ServeProcess]:
     """`lookout serve` on ``port``; one process unless ``workers`` says otherwise, so that
     `ServeProcess.kill` kills the whole instance. ``public_url``: its LOOKOUT_PUBLIC_URL, when
-    that is not its own address (a load balancer's)."""
+    that is not its own address (a load balancer's). ``debug_log``: the server logs at debug
+    level into that file (the event-loop stall stacks of app.loop_lag among it)."""
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
+    env = environment(settings, public_url or url)
+    log = subprocess.DEVNULL if debug_log is None else debug_log.open("ab")
+    if debug_log is not None:
+        env["LOOKOUT_LOG_LEVEL"] = "debug"
     process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
         [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
-        env=environment(settings, public_url or url),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=log,
+        stderr=log,
     )
+    if debug_log is not None:
+        log.close()  # the child holds its own copy
     try:
         async with httpx.AsyncClient(base_url=url) as http:
             with anyio.fail_after(30):
