@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import IO
 
 import anyio
 import httpx
@@ -82,16 +83,17 @@ async def serve_process(
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     env = environment(settings, public_url or url)
-    log = subprocess.DEVNULL if debug_log is None else debug_log.open("ab")
+    log: int | IO[bytes] = subprocess.DEVNULL
     if debug_log is not None:
         env["LOOKOUT_LOG_LEVEL"] = "debug"
+        log = debug_log.open("ab")
     process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
         [sys.executable, "-m", "app", "serve", "--port", str(port), "--workers", str(workers)],
         env=env,
         stdout=log,
         stderr=log,
     )
-    if debug_log is not None:
+    if not isinstance(log, int):
         log.close()  # the child holds its own copy
     try:
         async with httpx.AsyncClient(base_url=url) as http:
