@@ -54,13 +54,26 @@ async def record_event_audit(
     user_id: str | None,
     subject_id: str | None,
     detail: Mapping[str, Any],
+    wait_for_flush: bool = True,
 ) -> bool:
     """One row for an event handled, however often its handling is tried again (a retry after
     its outcome could not be recorded, two instances at once after a claim lapsed): answers
     whether this call wrote it. A transaction-scoped lock on the event id makes the check and
-    the insert one step for every writer."""
+    the insert one step for every writer.
+
+    ``wait_for_flush=False``: the commit does not wait for its WAL to reach the disk
+    (synchronous_commit off, for this transaction only). For a caller that records something
+    durably after it, which flushes this row too: a PostgreSQL crash can then lose this row only
+    together with that later record, and the step is done again."""
     async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('audit:' || $1))", event_id)
+        # In the lock's round trip: set_config(..., true) lasts to the end of the transaction,
+        # and its commit reads it.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('audit:' || $1)),"
+            " set_config('synchronous_commit', CASE WHEN $2 THEN 'on' ELSE 'off' END, true)",
+            event_id,
+            wait_for_flush,
+        )
         written = await conn.fetchval(
             "INSERT INTO audit_log (kind, user_id, subject_id, detail)"
             " SELECT $1, $2, $3, $4::jsonb"

@@ -2,7 +2,7 @@
 
     python -m bench.billing [--rate 200] [--seconds 10] [--provisionings 100] [--workers 1]
                             [--warm-pool N]
-                            [--profile FILE]
+                            [--profile FILE] [--server-log FILE]
 
 Lookout runs as `lookout serve` in its own process (on DATABASE_URL / REDIS_URL, or embedded
 servers), the Stripe emulator and this load client in this one. The client sends signed
@@ -21,7 +21,9 @@ routes (waiting to be read, or in the load client). `--workers N` serves with
 burst starts once the pool is full, and the same figures are printed apart for the provisions
 that took a pooled database ("while the pool lasts") and for those that created theirs.
 `--profile FILE` records the server with py-spy (installed separately) for 15 s from the
-first webhook, as collapsed stacks.
+first webhook, as collapsed stacks. `--server-log FILE` runs the server at debug level into FILE:
+the event-loop stalls over 50 ms are logged there with the stack that blocked the loop
+(app.loop_lag); debug logging costs the server some CPU of its own.
 """
 
 from __future__ import annotations
@@ -116,7 +118,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
     db = await asyncpg.connect(settings.database_url)
     async with (
         live_server(emulator, port=emulator_port),
-        serve_process(settings, port=port, workers=args.workers) as server,
+        serve_process(
+            settings,
+            port=port,
+            workers=args.workers,
+            debug_log=None if args.server_log is None else Path(args.server_log),
+        ) as server,
         httpx.AsyncClient(base_url=url, timeout=30) as http,
         httpx.AsyncClient(base_url=emulator_url, timeout=30) as control,
     ):
@@ -306,6 +313,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--profile", metavar="FILE", help="record the server with py-spy (collapsed stacks)"
+    )
+    parser.add_argument(
+        "--server-log",
+        metavar="FILE",
+        help="the server logs at debug level into FILE (event-loop stall stacks among it)",
     )
     args = parser.parse_args()
     data_dir = Path(os.environ.get("LOOKOUT_DATA_DIR", ".lookout")) / "bench"

@@ -44,3 +44,36 @@ async def test_an_event_is_audited_once_by_writers_at_once_naming_other_subjects
         assert await record_event_audit(
             conn, "stripe.other", event_id="evt_once", user_id=None, subject_id=None, detail={}
         )
+
+
+async def test_an_audit_not_waiting_for_the_flush_is_written_once_and_leaves_the_session_durable(
+    db_pool: asyncpg.Pool,
+) -> None:
+    """`wait_for_flush=False` turns synchronous_commit off for its own transaction only: the
+    connection goes back to the pool committing durably, as every other caller expects."""
+    async with db_pool.acquire() as conn:
+        first = await record_event_audit(
+            conn,
+            "stripe.invoice.created",
+            event_id="evt_async",
+            user_id=None,
+            subject_id="in_1",
+            detail={"object_id": "in_1"},
+            wait_for_flush=False,
+        )
+        again = await record_event_audit(
+            conn,
+            "stripe.invoice.created",
+            event_id="evt_async",
+            user_id=None,
+            subject_id="in_1",
+            detail={"object_id": "in_1"},
+            wait_for_flush=False,
+        )
+        setting = await conn.fetchval("SHOW synchronous_commit")
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE detail->>'event_id' = 'evt_async'"
+        )
+    assert (first, again) == (True, False)
+    assert rows == 1
+    assert setting == "on"

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import IO
 
 import anyio
 import httpx
@@ -76,24 +78,33 @@ async def serve_process(
     public_url: str | None = None,
     host: str = "127.0.0.1",
     netns: str | None = None,
+    debug_log: Path | None = None,
 ) -> AsyncIterator[ServeProcess]:
     """`lookout serve` on ``host``:``port``; one process unless ``workers`` says otherwise, so
     that `ServeProcess.kill` kills the whole instance. ``public_url``: its LOOKOUT_PUBLIC_URL,
     when that is not its own address (a load balancer's). ``netns``: run in that network
     namespace (tests.support.netns), as on a host of its own; `ip netns exec` execs the
-    command, so the process is still the instance."""
+    command, so the process is still the instance. ``debug_log``: the server logs at debug
+    level into that file (the event-loop stall stacks of app.loop_lag among it)."""
     port = port or free_port()
     url = f"http://{host}:{port}"
+    env = environment(settings, public_url or url)
+    log: int | IO[bytes] = subprocess.DEVNULL
+    if debug_log is not None:
+        env["LOOKOUT_LOG_LEVEL"] = "debug"
+        log = debug_log.open("ab")
     command = [sys.executable, "-m", "app", "serve", "--host", host, "--port", str(port)]
     command += ["--workers", str(workers)]
     if netns is not None:
         command = ["ip", "netns", "exec", netns, *command]
     process = subprocess.Popen(  # noqa: ASYNC220 (a handle is needed, to SIGKILL it)
         command,
-        env=environment(settings, public_url or url),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        env=env,
+        stdout=log,
+        stderr=log,
     )
+    if not isinstance(log, int):
+        log.close()  # the child holds its own copy
     try:
         async with httpx.AsyncClient(base_url=url) as http:
             with anyio.fail_after(30):

@@ -306,10 +306,51 @@ async def test_a_write_cancelled_midway_is_not_acknowledged_and_the_redelivery_i
     assert await _stored(db_pool, event.id) == 1
 
 
+async def test_a_stuck_group_holds_up_no_other_webhook_and_is_acknowledged_once_committed(
+    db_pool: asyncpg.Pool, database_url: str
+) -> None:
+    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, NothingToBatch()))
+    stuck, *others = [_invoice_paid() for _ in range(5)]
+    held = await _hold(database_url, stuck.id)
+    answers: dict[str, bool | Exception] = {}
+
+    async def deliver(event: VerifiedEvent) -> None:
+        try:
+            answers[event.id] = await intake.store(event)
+        except EventNotStored as exc:
+            answers[event.id] = exc
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(intake.run)
+            await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+            tg.start_soon(deliver, stuck)
+            await wait_for(lambda: _blocked_on_a_lock(db_pool), within=10, what="the write to wait")
+            # Written by another writer while the first group waits for the lock.
+            for event in others:
+                tg.start_soon(deliver, event)
+            await wait_for(lambda: _all_answered(answers, 4), within=10, what="the other 4")
+            assert answers == {e.id: True for e in others}
+            assert await _stored(db_pool, stuck.id) == 0
+            # Never acknowledged before its commit: the stuck one answers once it is written.
+            await held.execute("ROLLBACK")
+            await wait_for(lambda: _all_answered(answers, 5), within=10, what="the stuck one")
+            tg.cancel_scope.cancel()
+    finally:
+        await held.close()
+    assert answers[stuck.id] is True
+    for event in [stuck, *others]:
+        assert await _stored(db_pool, event.id) == 1
+
+
 async def test_past_max_waiting_an_event_is_refused_at_once_and_none_acknowledged_is_lost(
     db_pool: asyncpg.Pool, database_url: str
 ) -> None:
-    intake = WebhookIntake(db_pool, WebhookInbox(db_pool, NothingToBatch()), max_waiting=3)
+    # One writer, all of it stuck: the database has stalled (with several writers the others
+    # go on writing, see the test above).
+    intake = WebhookIntake(
+        db_pool, WebhookInbox(db_pool, NothingToBatch()), max_waiting=3, max_writes=1
+    )
     first, *queued = [_invoice_paid() for _ in range(4)]
     extra = _invoice_paid()
     held = await _hold(database_url, first.id)
