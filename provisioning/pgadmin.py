@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import anyio
+import anyio.to_thread
 import asyncpg
 
 from .errors import ProvisioningError
@@ -84,7 +85,9 @@ def scram_sha256_verifier(password: str, *, salt: bytes | None = None) -> str:
 
 
 async def set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
-    verifier = scram_sha256_verifier(password)
+    # 4096 rounds of PBKDF2 take milliseconds of CPU: in a thread (hashlib lets go of the GIL),
+    # not on the event loop that acknowledges webhooks, during a burst of provisions.
+    verifier = await anyio.to_thread.run_sync(scram_sha256_verifier, password)
     await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {_quote_literal(verifier)}")
 
 
