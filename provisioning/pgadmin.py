@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
@@ -120,7 +121,7 @@ _kept: ContextVar[dict[str, _Kept] | None] = ContextVar("lookout_admin_connectio
 
 
 @asynccontextmanager
-async def reusing_connections(*, close_timeout: float = 10.0) -> AsyncIterator[None]:
+async def reusing_connections(*, close_timeout: float = 5.0) -> AsyncIterator[None]:
     """Within the block, ``admin_connection`` keeps its connections to a server's default
     database (no ``database``, ``user`` or ``password`` given) open between uses, one per
     server, and closes them at the end: one operation's steps share one where each opened its
@@ -131,18 +132,22 @@ async def reusing_connections(*, close_timeout: float = 10.0) -> AsyncIterator[N
     token = _kept.set(kept)
     try:
         yield
+    except BaseException:
+        # Cancelled (shutting down, the operation cancelled) or failed: nothing is waited for.
+        for entry in kept.values():
+            entry.conn.terminate()
+        raise
+    else:
+        for entry in kept.values():
+            await _close(entry.conn, close_timeout)
     finally:
         _kept.reset(token)
-        with anyio.CancelScope(shield=True):
-            for entry in kept.values():
-                await _close(entry.conn, close_timeout)
 
 
 async def _close(conn: asyncpg.Connection, within: float) -> None:
-    try:
+    # asyncpg aborts the connection itself when closing fails; the steps' outcome stands.
+    with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
         await conn.close(timeout=within)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
-        conn.terminate()
 
 
 @asynccontextmanager

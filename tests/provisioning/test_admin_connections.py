@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 
+import anyio
 import asyncpg
 import pytest
 
@@ -77,4 +78,17 @@ async def test_without_the_scope_each_use_has_its_own_connection(pg_admin_dsn: s
         first = conn.get_server_pid()
     async with admin_connection(pg_admin_dsn, tag=tag) as conn:
         assert conn.get_server_pid() != first
+    await settle(pg_admin_dsn, tag, [])
+
+
+async def test_a_cancelled_operation_leaves_no_connection_behind(pg_admin_dsn: str) -> None:
+    tag = f"lookout:t{secrets.token_hex(4)}"
+    with anyio.CancelScope() as scope:
+        async with reusing_connections():
+            async with admin_connection(pg_admin_dsn, tag=tag) as conn:
+                await conn.execute("SELECT 1")
+            await settle(pg_admin_dsn, tag, [tag])
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught
     await settle(pg_admin_dsn, tag, [])
