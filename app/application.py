@@ -55,6 +55,7 @@ from app.web.routes.plans import plan_routes
 from app.web.routes.streams import answering_errors, direct_stream_routes, stream_routes
 from app.web.services import Services
 from provisioning import (
+    HEAVY_AT_ONCE,
     TERMINAL_EVENT_TYPES,
     GraphBackend,
     OperationRunner,
@@ -95,11 +96,13 @@ REDIS_CONNECT_TIMEOUT_SECONDS = 5.0
 # Lookout's slowest command is an XRANGE of a topic's whole Stream (a few thousand entries,
 # milliseconds); 5 s is an outage, not a slow answer.
 REDIS_SOCKET_TIMEOUT_SECONDS = 5.0
-# Provisioning is mostly CREATE DATABASE, which floods PostgreSQL's WAL: more than a few at once
-# delay every other commit (the webhook inbox's first) without finishing sooner. Measured with
-# bench/billing.py: at 10, webhook ack p99 65 ms and operation p99 666 ms; at 4, 19 and 330 ms,
-# at the same 10 operations/s.
-PROVISIONING_CONCURRENCY = 4
+# Operations of this process running their steps at once. What floods PostgreSQL's WAL (CREATE
+# and DROP DATABASE, the warm pool's copies) is limited apart, to provisioning.HEAVY_AT_ONCE (4)
+# for the whole process (default_backends): a provision that takes a pooled database is left with
+# catalog statements and round trips, which many can wait on at once. A running step holds one
+# of the pool's 40 connections and may borrow a second (the warm pool's claim, the placement):
+# 16 leave 8 for the webhooks and the loops, and no step can wait on a pool its peers emptied.
+PROVISIONING_CONCURRENCY = 16
 
 
 def redis_client(url: str, *, cluster: bool = False) -> RedisClient:
@@ -159,7 +162,12 @@ def default_backends(settings: Settings, pool: asyncpg.Pool) -> list[Provisioner
     graph's server is recorded); the shared repository lives on the first server."""
     servers = settings.provisioning_servers
     assert servers, "DATABASE_URL must be known before the backends are built"
-    graphs = PlacedGraphBackend(pool, [(server, GraphBackend(server.dsn)) for server in servers])
+    # One limit of WAL-heavy statements for every server's backend: it protects this process's
+    # webhooks as much as the servers.
+    heavy = anyio.CapacityLimiter(HEAVY_AT_ONCE)
+    graphs = PlacedGraphBackend(
+        pool, [(server, GraphBackend(server.dsn, heavy=heavy)) for server in servers]
+    )
     return [graphs, SharedRepositoryBackend(servers[0].dsn)]
 
 

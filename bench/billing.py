@@ -20,6 +20,8 @@ routes (waiting to be read, or in the load client). `--workers N` serves with
 `--warm-pool N` sets `LOOKOUT_WARM_POOL_SIZE` of the server (default: Lookout's own, 4); the
 burst starts once the pool is full, and the same figures are printed apart for the provisions
 that took a pooled database ("while the pool lasts") and for those that created theirs.
+The CPU the server and PostgreSQL used per operation, and how busy the machine was, are
+printed too (`bench.cpu`): on a shared machine they tell a slow run from a costly one.
 `--profile FILE` records the server with py-spy (installed separately) for 15 s from the
 first webhook, as collapsed stacks. `--server-log FILE` runs the server at debug level into FILE:
 the event-loop stalls over 50 ms are logged there with the stack that blocked the loop
@@ -49,9 +51,10 @@ from app.cli.embedded import embedded_servers
 from app.demo.stripe_emulator import create_emulator
 from app.settings import Settings
 from app.users import create_api_key, create_user
+from bench.cpu import CpuSample
 from bench.raw_http import RawConnection, build_post
 from bench.server_metrics import report, scrape
-from provisioning import GraphBackend
+from provisioning import HEAVY_AT_ONCE, GraphBackend
 from provisioning.warm_pool import template_name
 from streams import operation_topic, stream_key
 from tests.support import database_dsn, free_port, live_server
@@ -154,6 +157,12 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         requests = [_signed_request(url, item["event"], secret) for item in plan]
         profiler = _start_profiler(args.profile, server.process.pid)
         server_before = await scrape(url, workers=args.workers)
+        # A second at rest first: what PostgreSQL and the machine spend without this run (other
+        # users of a shared machine), to read the run's figures against.
+        rest = CpuSample.take(server.process.pid)
+        await anyio.sleep(1.0)
+        rest = CpuSample.take(server.process.pid) - rest
+        cpu_before = CpuSample.take(server.process.pid)
         begin = time.perf_counter()
 
         async def send(index: int, item: dict[str, Any]) -> None:
@@ -185,7 +194,10 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             started = await db.fetchval("SELECT count(*) FROM operations")
             if pending == 0 and started >= len(ack_at):
                 break
-            await asyncio.sleep(0.5)
+            # Often: the CPU figures end here, and the pool's refill starts as soon as the
+            # last operation has finished.
+            await asyncio.sleep(0.05)
+        cpu_used = CpuSample.take(server.process.pid) - cpu_before
         server_after = await scrape(url, workers=args.workers)
         if profiler is not None:
             profiler.wait()
@@ -250,8 +262,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         }
         print(
             f"operations: {statuses}; {len(finished) / span:.1f} operations/s over {span:.1f} s"
-            f" (concurrency limit: {PROVISIONING_CONCURRENCY} per instance)"
+            f" (per instance: {PROVISIONING_CONCURRENCY} operations at once, of which"
+            f" {HEAVY_AT_ONCE} may run CREATE or DROP DATABASE)"
         )
+        print(cpu_used.describe(operations=len(rows)))
+        print(f"  at rest, the second before: {rest.at_rest()}")
         took = [r for r in rows if r["resource_id"] in pooled and r["finished_at"] is not None]
         if took:
             pool_span = (

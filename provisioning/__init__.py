@@ -16,7 +16,7 @@ from .errors import (
     ResourceNotFound,
 )
 from .execution import TERMINAL_EVENT_TYPES
-from .graph import GraphBackend, StorageMeter
+from .graph import HEAVY_AT_ONCE, GraphBackend, StorageMeter
 from .hooks import SubscriptionHooks
 from .operations import (
     TERMINAL_STATUSES,
@@ -36,6 +36,7 @@ from .warm_pool import WarmPool, warm_pool_counts
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
+    "HEAVY_AT_ONCE",
     "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATUSES",
     "BackendNotConfigured",

@@ -108,11 +108,17 @@ class StepContext:
 
 @dataclass(frozen=True, slots=True)
 class Step:
-    """One idempotent step: ``name`` goes into events and the table, ``message`` to customers."""
+    """One idempotent step: ``name`` goes into events and the table, ``message`` to customers.
+
+    ``needed``, when given, is asked just before the step would begin: False skips it with no
+    write and no event (an earlier step of this attempt did its work, as a warm pool's
+    database comes with its roles, grants and schema). A skipped step is not recorded as
+    done: an attempt resumed elsewhere asks again, and runs it."""
 
     name: str
     message: str
     run: Callable[[StepContext], Awaitable[None]]
+    needed: Callable[[StepContext], bool] | None = None
 
 
 class ProvisionerBackend(Protocol):

@@ -154,6 +154,8 @@ class Executor:
         for index, step in enumerate(steps):
             if step.name in op.completed_steps:
                 continue
+            if step.needed is not None and not step.needed(ctx):
+                continue
             progress = index * 100 // len(steps)
             async with self._acquire() as conn:
                 begun = await ops.begin_step(conn, op.id, self._owner, step.name, progress)

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import hmac
 import re
 import secrets
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+import anyio
+import anyio.to_thread
 import asyncpg
 
 from .errors import ProvisioningError
@@ -21,6 +26,7 @@ __all__ = [
     "credentials_dsn",
     "new_password",
     "quote_ident",
+    "reusing_connections",
     "scram_sha256_verifier",
     "set_password",
     "terminate_sessions",
@@ -80,7 +86,9 @@ def scram_sha256_verifier(password: str, *, salt: bytes | None = None) -> str:
 
 
 async def set_password(conn: asyncpg.Connection, role: str, password: str) -> None:
-    verifier = scram_sha256_verifier(password)
+    # 4096 rounds of PBKDF2 take milliseconds of CPU: in a thread (hashlib lets go of the GIL),
+    # not on the event loop that acknowledges webhooks, during a burst of provisions.
+    verifier = await anyio.to_thread.run_sync(scram_sha256_verifier, password)
     await conn.execute(f"ALTER ROLE {quote_ident(role)} PASSWORD {_quote_literal(verifier)}")
 
 
@@ -101,6 +109,47 @@ def credentials_dsn(admin_dsn: str, *, database: str, user: str, password: str) 
     return urlunsplit((parts.scheme, netloc, "/" + quote(database), urlencode(query), ""))
 
 
+@dataclass(eq=False)
+class _Kept:
+    conn: asyncpg.Connection
+    tag: str
+    busy: bool = False
+
+
+# The admin connections kept open by ``reusing_connections`` in this task, by DSN.
+_kept: ContextVar[dict[str, _Kept] | None] = ContextVar("lookout_admin_connections", default=None)
+
+
+@asynccontextmanager
+async def reusing_connections(*, close_timeout: float = 5.0) -> AsyncIterator[None]:
+    """Within the block, ``admin_connection`` keeps its connections to a server's default
+    database (no ``database``, ``user`` or ``password`` given) open between uses, one per
+    server, and closes them at the end: one operation's steps share one where each opened its
+    own. A connection is a fork and a start-up on the server and DSN parsing and a handshake
+    here: four of them were most of a pooled provision's CPU on both sides. One left in a
+    transaction, or by an error or a cancellation, is closed at once, never reused."""
+    kept: dict[str, _Kept] = {}
+    token = _kept.set(kept)
+    try:
+        yield
+    except BaseException:
+        # Cancelled (shutting down, the operation cancelled) or failed: nothing is waited for.
+        for entry in kept.values():
+            entry.conn.terminate()
+        raise
+    else:
+        for entry in kept.values():
+            await _close(entry.conn, close_timeout)
+    finally:
+        _kept.reset(token)
+
+
+async def _close(conn: asyncpg.Connection, within: float) -> None:
+    # asyncpg aborts the connection itself when closing fails; the steps' outcome stands.
+    with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+        await conn.close(timeout=within)
+
+
 @asynccontextmanager
 async def admin_connection(
     dsn: str,
@@ -111,19 +160,51 @@ async def admin_connection(
     password: str | None = None,
     connect_timeout: float = 10.0,
 ) -> AsyncIterator[asyncpg.Connection]:
-    """A connection whose ``application_name`` is ``tag``, so teardown can find and stop it."""
-    conn = await asyncpg.connect(
-        dsn,
-        database=database,
-        user=user,
-        password=password,
-        timeout=connect_timeout,
-        server_settings={"application_name": tag[:63]},
-    )
+    """A connection whose ``application_name`` is ``tag``, so teardown can find and stop it
+    (kept open for the next use inside ``reusing_connections``)."""
+    tag = tag[:63]
+    kept = _kept.get() if database is None and user is None and password is None else None
+    entry = kept.get(dsn) if kept is not None else None
+    if entry is not None and (entry.busy or entry.conn.is_closed()):
+        if not entry.busy:
+            assert kept is not None
+            del kept[dsn]
+        entry = None
+    if entry is None:
+        conn = await asyncpg.connect(
+            dsn,
+            database=database,
+            user=user,
+            password=password,
+            timeout=connect_timeout,
+            server_settings={"application_name": tag},
+        )
+        if kept is not None and dsn not in kept:
+            entry = kept[dsn] = _Kept(conn, tag)
+    else:
+        conn = entry.conn
+    if entry is None:
+        try:
+            yield conn
+        finally:
+            await conn.close(timeout=connect_timeout)
+        return
+    entry.busy = True
+    reusable = False
     try:
+        if entry.tag != tag:
+            await conn.execute("SELECT set_config('application_name', $1, false)", tag)
+            entry.tag = tag
         yield conn
+        reusable = not conn.is_in_transaction()
     finally:
-        await conn.close(timeout=connect_timeout)
+        entry.busy = False
+        if not reusable:
+            assert kept is not None
+            if kept.get(dsn) is entry:
+                del kept[dsn]
+            # Cancelled or failed mid-statement perhaps: nothing is waited for.
+            conn.terminate()
 
 
 async def terminate_sessions(

@@ -131,9 +131,23 @@ class PlacedGraphBackend:
     def steps(self, kind: OperationKind) -> Sequence[Step]:
         template = self._backends[self.first.name].steps(kind)
         return tuple(
-            Step(step.name, step.message, functools.partial(self._run_step, kind, step.name))
+            Step(
+                step.name,
+                step.message,
+                functools.partial(self._run_step, kind, step.name),
+                functools.partial(self._needed, kind, step.name),
+            )
             for step in template
         )
+
+    def _needed(self, kind: OperationKind, name: str, ctx: StepContext) -> bool:
+        """As the resource's server's backend says, once the resource is placed (its later
+        steps: the first one places it); a step is run when this process cannot tell."""
+        server = self._placed.get(ctx.resource_id)
+        if server is None:
+            return True
+        step = next(s for s in self._backend_on(server).steps(kind) if s.name == name)
+        return step.needed is None or step.needed(ctx)
 
     async def _run_step(self, kind: OperationKind, name: str, ctx: StepContext) -> None:
         if kind == "provision":

@@ -221,20 +221,21 @@ class WarmPool:
                 # place), or lost: the step makes what is missing.
                 return False
             if dst not in found:
-                try:
-                    async with conn.transaction():
-                        await conn.execute(
-                            f"ALTER DATABASE {quote_ident(src)} RENAME TO {quote_ident(dst)}"
-                        )
+                # One query, so one transaction and one round trip.
+                statements = [
+                    f"ALTER DATABASE {quote_ident(src)} RENAME TO {quote_ident(dst)}",
+                    *(
+                        f"ALTER ROLE {quote_ident(old)} RENAME TO {quote_ident(new)}"
                         for old, new in (
                             (b.owner_name(spare), b.owner_name(graph_id)),
                             (b.role_name(spare), b.role_name(graph_id)),
-                        ):
-                            await conn.execute(
-                                f"ALTER ROLE {quote_ident(old)} RENAME TO {quote_ident(new)}"
-                            )
-                        await conn.execute(f"ALTER ROLE {quote_ident(b.role_name(graph_id))} LOGIN")
-                        await b.grant_database(conn, graph_id, limit)
+                        )
+                    ),
+                    f"ALTER ROLE {quote_ident(b.role_name(graph_id))} LOGIN",
+                    *b.grant_statements(graph_id, limit),
+                ]
+                try:
+                    await conn.execute(";\n".join(statements))
                 except (asyncpg.DuplicateObjectError, asyncpg.UndefinedObjectError) as exc:
                     # A role of the graph's name exists already, or the spare lacks one.
                     logger.warning(
@@ -352,9 +353,11 @@ class WarmPool:
         db, role = b.database_name(spare), b.role_name(spare)
         async with self._admin(spare) as conn:
             try:
-                await conn.execute(
-                    f"CREATE DATABASE {quote_ident(db)} TEMPLATE {quote_ident(self._template)}"
-                )
+                # Under the same limit as the provisions' own CREATE DATABASE (the WAL's).
+                async with b.heavy:
+                    await conn.execute(
+                        f"CREATE DATABASE {quote_ident(db)} TEMPLATE {quote_ident(self._template)}"
+                    )
             except asyncpg.InvalidCatalogNameError:
                 self._template_ready = False  # dropped by hand: made again next time
                 raise
@@ -393,7 +396,8 @@ class WarmPool:
                     "SELECT datallowconn FROM pg_database WHERE datname = $1", name
                 )
                 if allowed is None:
-                    await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
+                    async with self._backend.heavy:
+                        await conn.execute(f"CREATE DATABASE {quote_ident(name)}")
                 if allowed is not False:
                     async with (
                         self._admin("warm-pool-template", database=name) as template,

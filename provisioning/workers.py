@@ -21,6 +21,7 @@ from .foreground import Foreground, give_way
 from .lease_keeper import LeaseKeeper
 from .limits import check_limits_step
 from .operations import OperationRecord
+from .pgadmin import reusing_connections
 
 __all__ = ["OperationTask", "Workers"]
 
@@ -202,7 +203,9 @@ class Workers:
                 if slot:
                     try:
                         await give_way(self._give_way_to, at_most=self._give_way_seconds)
-                        outcome = await self._exec.run_steps(op, self._steps(op, backend))
+                        # The steps share their admin connections, per server.
+                        async with reusing_connections():
+                            outcome = await self._exec.run_steps(op, self._steps(op, backend))
                     finally:
                         self._limiter.release()
                 elif not task.cancel_requested:

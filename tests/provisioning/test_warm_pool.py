@@ -12,14 +12,16 @@ from collections.abc import AsyncIterator
 import anyio
 import asyncpg
 import pytest
+from redis.asyncio import Redis
 
-from provisioning import GraphBackend, ResourceSpec, WarmPool
+from provisioning import GraphBackend, OperationRecord, ResourceSpec, WarmPool, get_operation
 from provisioning.pgadmin import quote_ident
 from provisioning.warm_pool import WARM_POOL_LOCK_CLASS, server_key
 from tests.provisioning.support import (
     Serving,
     createrole_admin,
     new_subject,
+    operation_events,
     server_objects,
     wait_for,
     with_admin,
@@ -327,3 +329,95 @@ async def test_an_admin_that_is_not_a_superuser_fills_and_gives_out_pooled_graph
 def test_the_server_key_names_host_and_port_only() -> None:
     assert server_key("postgresql://admin:secret@db.example:6543/postgres") == "db.example:6543"
     assert server_key("postgresql:///postgres?host=/run/pg") == "/run/pg:5432"
+
+
+# -- the limit on CREATE and DROP DATABASE (issue 15) --------------------------------------
+@pytest.fixture
+async def narrow(
+    db_pool: asyncpg.Pool, pg_admin_dsn: str, name_prefix: str
+) -> AsyncIterator[tuple[GraphBackend, WarmPool]]:
+    """A backend allowed one CREATE or DROP DATABASE at a time, with a pool of 2."""
+    backend = GraphBackend(pg_admin_dsn, name_prefix=name_prefix, heavy=anyio.CapacityLimiter(1))
+    warm = WarmPool(db_pool, backend, size=2, instance_id=f"test-{secrets.token_hex(4)}")
+    backend.use_warm_pool(warm)
+    yield backend, warm
+    backend.use_warm_pool(None)
+
+
+async def waiters(limiter: anyio.CapacityLimiter, count: int) -> bool | None:
+    return limiter.statistics().tasks_waiting == count or None
+
+
+async def test_pooled_provisions_complete_while_create_database_is_saturated(
+    narrow: tuple[GraphBackend, WarmPool],
+    db_pool: asyncpg.Pool,
+    serving: Serving,
+    user_id: str,
+    pg_admin_dsn: str,
+    redis: Redis,
+    redis_prefix: str,
+) -> None:
+    backend, warm = narrow
+    pooled = set((await filled(warm, backend, db_pool, pg_admin_dsn)).values())
+    # Someone else's CREATE DATABASE holds the only slot (a refill, a provision without a pool).
+    elsewhere = object()
+    await backend.heavy.acquire_on_behalf_of(elsewhere)
+    try:
+        async with serving([backend], max_concurrent=4) as runner:
+            ops = [await runner.start("provision", new_subject(), user_id, GRAPH) for _ in range(3)]
+
+            async def two_done() -> list[OperationRecord] | None:
+                async with db_pool.acquire() as conn:
+                    found = [await get_operation(conn, op.id) for op in ops]
+                done = [op for op in found if op is not None and op.finalized_at is not None]
+                return done if len(done) == 2 else None
+
+            # Two take the pool's databases and complete without the slot.
+            done = await poll(two_done, within=40, what="two pooled provisions")
+            assert [op.status for op in done] == ["completed", "completed"]
+            got = await oids(pg_admin_dsn, [backend.database_name(op.resource_id) for op in done])
+            assert set(got.values()) == pooled
+            # The third found the pool empty: its CREATE DATABASE waits for the slot.
+            await poll(lambda: waiters(backend.heavy, 1), within=20, what="a CREATE waiting")
+            (third,) = [op for op in ops if op.id not in {d.id for d in done}]
+            waiting = await wait_for(db_pool, third.id, lambda op: op.step == "create_database")
+            assert waiting.finished_at is None
+            backend.heavy.release_on_behalf_of(elsewhere)
+            elsewhere = None
+            created = await wait_for(db_pool, third.id)
+            assert created.status == "completed", created.error
+    finally:
+        if elsewhere is not None:
+            backend.heavy.release_on_behalf_of(elsewhere)
+    new = await oids(pg_admin_dsn, [backend.database_name(created.resource_id)])
+    assert not set(new.values()) & pooled
+    # A pooled graph skips the steps its database came with: no event for them.
+    steps = [e.get("step") for e in await operation_events(redis, redis_prefix, done[0].id)]
+    assert [s for s in steps if s] == ["check_limits", "create_database", "verify", "verify"]
+    steps = [e.get("step") for e in await operation_events(redis, redis_prefix, created.id)]
+    assert "apply_schema" in steps
+
+
+async def test_the_refill_waits_for_the_create_database_limit(
+    narrow: tuple[GraphBackend, WarmPool], db_pool: asyncpg.Pool
+) -> None:
+    backend, warm = narrow
+    elsewhere = object()
+    await backend.heavy.acquire_on_behalf_of(elsewhere)
+    made: list[int] = []
+
+    async def fill() -> None:
+        made.append(await warm.fill())
+
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(fill)
+            await poll(lambda: waiters(backend.heavy, 1), within=20, what="the refill waiting")
+            assert await warm.level() == 0
+            backend.heavy.release_on_behalf_of(elsewhere)
+            elsewhere = None
+    finally:
+        if elsewhere is not None:
+            backend.heavy.release_on_behalf_of(elsewhere)
+    assert made == [2]
+    assert await warm.level() == 2
