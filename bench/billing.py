@@ -142,6 +142,7 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
                 plan.append({"event": make_event("invoice.created", stripe_object("invoice"))})
         acks: list[float] = []
         ack_at: dict[str, float] = {}
+        last_ack = 0.0
         event_of = {
             item["subscription_id"]: item["event"]["id"]
             for item in plan
@@ -166,10 +167,11 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         begin = time.perf_counter()
 
         async def send(index: int, item: dict[str, Any]) -> None:
-            nonlocal failures
+            nonlocal failures, last_ack
             sent = time.perf_counter()
             status, _ = await connections[index % len(connections)].send(requests[index])
             done = time.perf_counter()
+            last_ack = max(last_ack, done)
             if status != 200:
                 failures += 1
             acks.append((done - sent) * 1000)
@@ -245,7 +247,9 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
         span = (max(finished) - first).total_seconds() if finished and first else float("nan")
         print(
             f"webhooks sent: {len(acks)} in {sent_for:.1f} s"
-            f" ({len(acks) / sent_for:.0f}/s), non-200: {failures}"
+            f" ({len(acks) / sent_for:.0f}/s), non-200: {failures}; acknowledged by"
+            f" {last_ack - begin:.1f} s ({len(acks) / (last_ack - begin):.0f}/s: past what the"
+            " server takes, this is its capacity)"
         )
         print(line("webhook acknowledgement", acks))
         print(line("ack -> operation row (provisioning start)", to_created))
