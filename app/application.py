@@ -44,7 +44,7 @@ from app.web.errors import exception_handlers
 from app.web.headers import SecurityHeaders
 from app.web.health import healthz, metrics_endpoint, readyz
 from app.web.hosts import HostGuard
-from app.web.metrics import CountingPublisher, Metrics
+from app.web.metrics import Metrics
 from app.web.openapi import openapi_document
 from app.web.ratelimit import RateLimitMiddleware, RateLimits
 from app.web.routes.billing import acknowledgement_timed, billing_routes, stripe_webhook
@@ -69,6 +69,7 @@ from streams import (
     ClusterClient,
     DirectRoutes,
     EventHub,
+    EventPublisher,
     PackedConnection,
     RedisClient,
     StreamHandler,
@@ -219,11 +220,12 @@ def create_app(
             async with pool.acquire() as conn:
                 await migrate(conn)
             metrics = Metrics(worker=settings.worker)
-            publisher = CountingPublisher(
+            published = metrics.events_published
+            publisher = EventPublisher(
                 redis,
                 prefix=settings.redis_prefix,
-                counter=metrics.events_published,
                 terminal_types=TERMINAL_EVENT_TYPES,
+                on_published=lambda event: published.labels(event.type).inc(),
             )
             hub = EventHub(redis, prefix=settings.redis_prefix, terminal_types=TERMINAL_EVENT_TYPES)
             leases = StreamLeases(

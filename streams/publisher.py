@@ -71,7 +71,8 @@ class EventPublisher:
     its last event. An event of one of ``terminal_types`` ends a topic that ends (see
     ``topics.ends_with_terminal``): nothing published to it afterwards is kept.
     ``batch_entries``: how many Stream entries one script call carries at most, when many
-    callers publish at once.
+    callers publish at once. ``on_published``: called with each event once its publish has
+    succeeded (a metric's count), whichever method published it.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class EventPublisher:
         exact_trim: bool = False,
         terminal_types: Collection[str] = frozenset(),
         batch_entries: int = DEFAULT_BATCH_ENTRIES,
+        on_published: Callable[[Event], None] | None = None,
     ) -> None:
         if maxlen < 1:
             raise ValueError("EventPublisher maxlen must be at least 1")
@@ -93,6 +95,7 @@ class EventPublisher:
             raise ValueError("EventPublisher batch_entries must be at least 1")
         self._redis = redis
         self._prefix = prefix
+        self._on_published = on_published
         self._maxlen = maxlen
         self._ttl = ttl_seconds
         self._trim_op = "=" if exact_trim else "~"
@@ -141,6 +144,8 @@ class EventPublisher:
             raise
         if unsure:
             unsure.pop(event.key, None)
+        if self._on_published is not None:
+            self._on_published(event)
         if len(unique) == 1:  # no comprehension: in Python 3.11 each one is a call of its own
             return {unique[0]: _text(raw[0])}
         return {topic: _text(one) for topic, one in zip(unique, raw, strict=True)}
@@ -182,6 +187,9 @@ class EventPublisher:
         if self._unsure:
             for event, _ in planned:
                 self._unsure.pop(event.key, None)
+        if self._on_published is not None:
+            for event, _ in planned:
+                self._on_published(event)
         return answer
 
     def _remember_unsure(self, events: Iterable[Event]) -> None:

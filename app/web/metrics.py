@@ -43,11 +43,9 @@ from provisioning import (
     operation_durations,
     warm_pool_counts,
 )
-from streams import Event, EventPublisher, RedisClient
 
 __all__ = [
     "CONTENT_TYPE",
-    "CountingPublisher",
     "LiveFigures",
     "Metrics",
     "StorageSizes",
@@ -408,21 +406,3 @@ async def _read_stored(conn: Connection) -> StoredFigures:
         },
         warm_pool=await warm_pool_counts(conn),
     )
-
-
-class CountingPublisher(EventPublisher):
-    """The publisher, counting what it publishes by event type."""
-
-    def __init__(
-        self, redis: RedisClient, *, prefix: str, counter: Counter, terminal_types: frozenset[str]
-    ) -> None:
-        super().__init__(redis, prefix=prefix, terminal_types=terminal_types)
-        self._counter = counter
-
-    async def publish_many(
-        self, items: Sequence[tuple[Event, Iterable[str]]]
-    ) -> list[dict[str, str]]:
-        answers = await super().publish_many(items)
-        for event, _ in items:
-            self._counter.labels(event.type).inc()
-        return answers

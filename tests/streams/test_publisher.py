@@ -217,6 +217,33 @@ async def test_publish_many_publishes_each_event_in_order_as_publish_does(
     assert announced == b"\n".join([only_id, b"operation.started", started[2].encode()])
 
 
+async def test_each_published_event_is_reported_once_whichever_method_published_it(
+    redis: RedisClient, redis_prefix: str
+) -> None:
+    reported: list[str] = []
+    publisher = EventPublisher(
+        redis,
+        prefix=redis_prefix,
+        terminal_types=TERMINAL_TYPES,
+        on_published=lambda event: reported.append(event.type),
+    )
+    op, user = operation_topic("op_counted"), user_topic("usr_counted")
+    await publisher.publish(Event.create("operation.started", operation_id="op_counted"), [op])
+    await publisher.publish(Event.create("subscription.updated"), [user])
+    await publisher.publish_many(
+        [
+            (Event.create("operation.progress", progress=50), [op, user]),
+            (Event.create("operation.completed", operation_id="op_counted"), [op, user]),
+        ]
+    )
+    assert reported == [
+        "operation.started",
+        "subscription.updated",
+        "operation.progress",
+        "operation.completed",
+    ]
+
+
 async def test_nothing_follows_the_end_of_an_operation(
     redis: RedisClient, redis_prefix: str
 ) -> None:

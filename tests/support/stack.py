@@ -109,6 +109,19 @@ class Stack:
 
         return await wait_for(check, within=within, what=f"{subscription_id} to be {status}")
 
+    async def wait_for_end_published(self, operation_id: str, *, within: float = 30) -> None:
+        """Until the operation's terminal event is published: a provision's subscription turns
+        active (the billing hooks) just before it is (`provisioning.execution` finalize)."""
+
+        async def published() -> bool | None:
+            async with self.app.state.services.pool.acquire() as conn:
+                done: bool | None = await conn.fetchval(
+                    "SELECT announced_at IS NOT NULL FROM operations WHERE id = $1", operation_id
+                )
+            return done or None
+
+        await wait_for(published, within=within, what=f"{operation_id}'s end to be published")
+
 
 async def wait_for(
     check: Callable[[], Awaitable[T | None]], *, within: float = 30, what: str = "a condition"

@@ -24,7 +24,8 @@ async def test_metrics_follow_a_purchase(settings: Settings) -> None:
     async with running_stack(settings) as stack:
         started = await stack.checkout("graph-standard", "measured")
         await stack.pay(started["checkout_session_id"])
-        await stack.wait_for_status(started["subscription_id"], "active")
+        active = await stack.wait_for_status(started["subscription_id"], "active")
+        await stack.wait_for_end_published(active["operation_id"])
         async with stack.http.stream("GET", "/v1/events") as stream:
             assert stream.status_code == 200
             answer = await stack.anonymous.get("/metrics")

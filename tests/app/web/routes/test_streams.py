@@ -25,6 +25,7 @@ async def finished_operation(stack: Stack, name: str) -> str:
     await stack.pay(started["checkout_session_id"])
     active = await stack.wait_for_status(started["subscription_id"], "active")
     operation_id: str = active["operation_id"]
+    await stack.wait_for_end_published(operation_id)
     return operation_id
 
 
