@@ -88,6 +88,29 @@ async def change(
     return done
 
 
+async def suspend_resume_suspend(
+    db_pool: asyncpg.Pool, runner: OperationRunner, provision: OperationRecord
+) -> list[OperationRecord]:
+    """Three changes of the provision's resource, each created in a transaction of its own (in
+    this order) and not launched."""
+    created = []
+    async with db_pool.acquire() as conn:
+        kinds: tuple[OperationKind, ...] = ("suspend", "resume", "suspend")
+        for kind in kinds:
+            async with conn.transaction():
+                created.append(
+                    await runner.create_change(
+                        conn,
+                        kind,
+                        provision.subject_id,
+                        provision.user_id,
+                        graph_spec(3),
+                        resource_id=provision.resource_id,
+                    )
+                )
+    return created
+
+
 async def resource_row(db_pool: asyncpg.Pool, resource_id: str) -> tuple[str, str]:
     row = await db_pool.fetchrow("SELECT status, plan FROM resources WHERE id = $1", resource_id)
     assert row is not None
@@ -177,21 +200,7 @@ async def test_changes_of_one_resource_run_in_the_order_they_were_created(
         provision = await runner.start("provision", new_subject(), user_id, graph_spec(3))
         assert (await wait_for(db_pool, provision.id)).status == "completed"
         login = await runner.rotate_credentials(provision.resource_id)
-        created = []
-        async with db_pool.acquire() as conn:
-            kinds: tuple[OperationKind, ...] = ("suspend", "resume", "suspend")
-            for kind in kinds:
-                async with conn.transaction():
-                    created.append(
-                        await runner.create_change(
-                            conn,
-                            kind,
-                            provision.subject_id,
-                            user_id,
-                            graph_spec(3),
-                            resource_id=provision.resource_id,
-                        )
-                    )
+        created = await suspend_resume_suspend(db_pool, runner, provision)
         # Launched last first: they still run first to last, and the last one stands.
         await runner.launch(list(reversed(created)))
         finished = [await wait_for(db_pool, op.id) for op in created]
@@ -256,21 +265,7 @@ async def test_changes_a_full_instance_hands_over_run_in_order_on_one_with_room(
         blocker = await full.start("provision", new_subject(), user_id, graph_spec(3))
         with anyio.fail_after(30):
             await holding.holding.wait()
-        created = []
-        async with db_pool.acquire() as conn:
-            kinds: tuple[OperationKind, ...] = ("suspend", "resume", "suspend")
-            for kind in kinds:
-                async with conn.transaction():
-                    created.append(
-                        await full.create_change(
-                            conn,
-                            kind,
-                            provision.subject_id,
-                            user_id,
-                            graph_spec(3),
-                            resource_id=provision.resource_id,
-                        )
-                    )
+        created = await suspend_resume_suspend(db_pool, full, provision)
         # Launched where there is no room, last first: handed over, they still run on the
         # other instance first to last, each once, and the last one stands.
         await full.launch(list(reversed(created)))
