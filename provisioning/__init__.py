@@ -8,6 +8,7 @@ from __future__ import annotations
 from .backend import Credentials, OperationKind, ProvisionerBackend, ResourceSpec, Step, StepContext
 from .bulk import ProvisionRequest
 from .errors import (
+    DATABASE_ERRORS,
     BackendNotConfigured,
     NothingToDeprovision,
     OperationNotCancellable,
@@ -36,6 +37,7 @@ from .warm_pool import WarmPool, warm_pool_counts
 
 # A ProvisionerBackend written elsewhere needs Step, StepContext, Credentials, ProvisioningError.
 __all__ = [
+    "DATABASE_ERRORS",
     "HEAVY_AT_ONCE",
     "TERMINAL_EVENT_TYPES",
     "TERMINAL_STATUSES",

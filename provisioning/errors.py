@@ -6,6 +6,7 @@ import asyncpg
 import redis.exceptions
 
 __all__ = [
+    "DATABASE_ERRORS",
     "BackendNotConfigured",
     "LeaseLost",
     "NoServerAvailable",
@@ -32,6 +33,20 @@ class ServerNotConfigured(LookupError):
     meet a graph placed there by a newer one. Give every instance the same list of servers."""
 
 
+# What a call to PostgreSQL raises when the server, the network or the connection failed it:
+# a background loop catches these, logs one line and tries again later. (`TimeoutError` is an
+# `OSError`.)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    # A terminated backend sends FATAL, then closes. An idle pooled connection that has read
+    # the FATAL but not yet the close is still handed out, and its first statement raises this
+    # ("cannot switch to state 15; another operation (2) is in progress"); the pool's reset
+    # then fails too and the connection is thrown away (asyncpg issue 1069).
+    asyncpg.exceptions.InternalClientError,
+)
+
 # Worth another try: the server is down, restarting, full, or the network dropped the
 # connection. Everything else (a bug, a refused privilege, a bad plan) fails at once.
 _TRANSIENT: tuple[type[BaseException], ...] = (
@@ -45,6 +60,7 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.SerializationError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InternalClientError,  # see DATABASE_ERRORS
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     NoServerAvailable,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import anyio
 import asyncpg
 
+from .errors import DATABASE_ERRORS
 from .operations import Connection, lease_until
 
 __all__ = ["LeaseKeeper", "renew_leases"]
@@ -94,7 +95,7 @@ class LeaseKeeper:
             with anyio.fail_after(self._lease_seconds / 3):
                 async with self._pool.acquire() as conn:
                     held = await renew_leases(conn, list(kept), self._owner, self._lease_seconds)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except DATABASE_ERRORS as exc:
             logger.warning("%d leases not renewed (%s)", len(kept), type(exc).__name__)
             now = anyio.current_time()
             for op_id, lease in kept.items():

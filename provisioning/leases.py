@@ -18,6 +18,7 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
+from .errors import DATABASE_ERRORS
 from .operations import Connection, OperationRecord, lease_until
 
 __all__ = [
@@ -162,7 +163,7 @@ class InstanceLock:
             try:
                 async with self._pool.acquire(timeout=max(1.0, self._interval)) as conn:
                     await self._hold(conn, ready)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_ERRORS as exc:
                 logger.warning(
                     "instance lock of %s lost (%s); taking it again",
                     self._owner,
@@ -201,7 +202,7 @@ class InstanceLock:
                             self._owner,
                         )
                         unlocked = True
-                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    except DATABASE_ERRORS:
                         pass
                 if not unlocked:
                     conn.terminate()

@@ -18,7 +18,7 @@ import anyio
 import anyio.to_thread
 import asyncpg
 
-from .errors import ProvisioningError
+from .errors import DATABASE_ERRORS, ProvisioningError
 
 __all__ = [
     "admin_connection",
@@ -146,7 +146,7 @@ async def reusing_connections(*, close_timeout: float = 5.0) -> AsyncIterator[No
 
 async def _close(conn: asyncpg.Connection, within: float) -> None:
     # asyncpg aborts the connection itself when closing fails; the steps' outcome stands.
-    with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+    with contextlib.suppress(*DATABASE_ERRORS):
         await conn.close(timeout=within)
 
 

@@ -40,7 +40,7 @@ from .backend import (
     Step,
     StepContext,
 )
-from .errors import NoServerAvailable, ServerNotConfigured
+from .errors import DATABASE_ERRORS, NoServerAvailable, ServerNotConfigured
 from .graph import GraphBackend, StorageMeter
 from .operations import Connection
 from .resources import (
@@ -195,7 +195,7 @@ class PlacedGraphBackend:
             if not self.health.is_down(server.name):
                 try:
                     self._sizes[server.name] = await self._on(server.name, backend.storage_bytes())
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DATABASE_ERRORS as exc:
                     logger.warning("sizes on %s not measured (%s)", server, type(exc).__name__)
             sizes.update(self._sizes.get(server.name, {}))
         return sizes

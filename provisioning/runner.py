@@ -24,6 +24,7 @@ from .backend import (
 )
 from .bulk import ProvisionRequest, create_provisions
 from .errors import (
+    DATABASE_ERRORS,
     BackendNotConfigured,
     NothingToDeprovision,
     OperationNotCancellable,
@@ -170,7 +171,7 @@ class OperationRunner:
         while True:
             try:
                 await self.sweep()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_ERRORS as exc:
                 # PostgreSQL is away: the next sweep tries again. Anything else is a bug, for
                 # the supervisor to log with its traceback.
                 logger.warning(

@@ -39,6 +39,7 @@ from urllib.parse import parse_qsl, urlsplit
 import anyio
 import asyncpg
 
+from .errors import DATABASE_ERRORS
 from .foreground import Foreground, give_way
 from .graph import GRAPH_SCHEMA, GraphBackend
 from .leases import INSTANCE_LOCK_CLASS, instance_gone
@@ -270,7 +271,7 @@ class WarmPool:
             try:
                 await self.sweep()
                 await self.fill()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_ERRORS as exc:
                 # A server is away: the next round tries again. Anything else is a bug, for the
                 # supervisor to log with its traceback.
                 logger.warning(
@@ -335,7 +336,7 @@ class WarmPool:
                 try:
                     await self._set_state(spare, "dropping")
                     await self._drop([spare])
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DATABASE_ERRORS as exc:
                     logger.warning("half-made warm database %s left to the sweep (%r)", spare, exc)
             raise
         async with self._pool.acquire() as conn:
@@ -457,7 +458,7 @@ class WarmPool:
             if names & left:
                 try:
                     await b.teardown(spare)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except DATABASE_ERRORS as exc:
                     logger.warning("warm database %s not dropped yet (%s)", spare, exc)
                     continue
                 logger.info("dropped warm database %s", spare)

@@ -10,6 +10,7 @@ import redis.exceptions
 from redis.exceptions import RedisError
 
 from app.billing.provider import PaymentProviderUnavailable
+from provisioning import DATABASE_ERRORS
 
 __all__ = [
     "OUTAGES",
@@ -32,12 +33,7 @@ __all__ = [
 # PostgreSQL or Redis away (refused, reset, timed out: `TimeoutError` is an `OSError`): a sweep
 # logs one line and tries again at the next one. Counted as crashes instead, a long outage
 # would report the loops failing and turn /healthz 503, restarting a process that is fine.
-OUTAGES: tuple[type[Exception], ...] = (
-    OSError,
-    asyncpg.PostgresError,
-    asyncpg.InterfaceError,
-    RedisError,
-)
+OUTAGES: tuple[type[Exception], ...] = (*DATABASE_ERRORS, RedisError)
 
 
 TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
@@ -49,6 +45,7 @@ TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.InsufficientResourcesError,  # class 53: too many connections, disk full
     asyncpg.TransactionRollbackError,  # class 40: serialization failure, deadlock
     asyncpg.LockNotAvailableError,
+    asyncpg.exceptions.InternalClientError,  # a terminated backend's pooled connection
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     redis.exceptions.ReadOnlyError,  # a replica promoted, or a failover under way

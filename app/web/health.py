@@ -18,7 +18,6 @@ import os
 from typing import Any
 
 import anyio
-import asyncpg
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 from starlette.requests import Request
@@ -27,6 +26,7 @@ from starlette.responses import JSONResponse, Response
 from app.web.errors import error_response
 from app.web.metrics import CONTENT_TYPE, LiveFigures
 from app.web.services import Services, services
+from provisioning import DATABASE_ERRORS
 from streams import RedisClient
 
 __all__ = ["healthz", "metrics_endpoint", "readyz"]
@@ -89,7 +89,7 @@ async def readyz(request: Request) -> Response:
         with anyio.fail_after(CHECK_TIMEOUT_SECONDS):
             async with found.pool.acquire() as conn:
                 await conn.fetchval("SELECT 1")
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+    except DATABASE_ERRORS as exc:
         logger.warning("readiness: PostgreSQL does not answer: %r", exc)
         problems["postgres"] = "unavailable"
     problems.update(await _redis_problems(found.redis))

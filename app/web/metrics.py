@@ -35,6 +35,7 @@ from prometheus_client.registry import Collector
 from app.billing.webhooks.inbox import InboxCounts, inbox_counts
 from app.db import Connection
 from provisioning import (
+    DATABASE_ERRORS,
     PlacedGraphBackend,
     ProvisionerBackend,
     ServerState,
@@ -287,7 +288,7 @@ class StorageSizes:
                 with anyio.fail_after(self._timeout):
                     for meter in self._meters:
                         sizes.update(await meter.storage_bytes())
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_ERRORS as exc:
                 logger.warning("could not measure the graph databases' sizes: %r", exc)
                 return self.sizes
             self.sizes, self.measured_at = sizes, datetime.now(UTC)
@@ -372,7 +373,7 @@ class Metrics:
                         for placed in self._placed:
                             stored.servers = [*stored.servers, *await placed.states(conn)]
                         self._state.stored = stored
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except DATABASE_ERRORS as exc:
                 # The last figures stand; the next scrape tries again.
                 logger.warning("metrics not read from PostgreSQL (%s)", type(exc).__name__)
                 return

@@ -4,7 +4,10 @@ A `FaultProxy` forwards 127.0.0.1:port to an upstream and can, on demand:
 - `drop_all()`: cut every open connection with a RST, as a crashed peer's host does;
 - `refuse()` / `accept()`: close the listening socket for real (ECONNREFUSED), then listen again;
 - `stall()` / `unstall()`: accept connections and forward nothing, either way, until unstalled;
-- `latency`: seconds added before each chunk is forwarded.
+- `latency`: seconds added before each chunk is forwarded;
+- `send_fatal()`: tell every client what PostgreSQL tells the client of a terminated backend
+  (FATAL 57P01), without closing yet: the moment between that message and the close that a
+  busy client can see apart.
 
     async with fault_proxy("postgres", admin_url) as proxy:
         url = url_through(admin_url, proxy.port)  # the same server, through the proxy
@@ -180,6 +183,24 @@ async def _splice(
     return True
 
 
+def _error_response(fields: dict[str, str]) -> bytes:
+    """A PostgreSQL ErrorResponse message (protocol 3.0)."""
+    body = b"".join(code.encode() + value.encode() + b"\0" for code, value in fields.items())
+    body += b"\0"
+    return b"E" + struct.pack("!i", len(body) + 4) + body
+
+
+# What `pg_terminate_backend` makes a backend send before it closes its socket.
+_TERMINATED = _error_response(
+    {
+        "S": "FATAL",
+        "V": "FATAL",
+        "C": "57P01",
+        "M": "terminating connection due to administrator command",
+    }
+)
+
+
 class FaultProxy(_Listener):
     """See the module docstring."""
 
@@ -202,6 +223,15 @@ class FaultProxy(_Listener):
 
     def unstall(self) -> None:
         self.flowing.set()
+
+    def send_fatal(self) -> int:
+        """Writes PostgreSQL's FATAL "terminating connection" to every client connection, as a
+        terminated backend does, and leaves them open until `drop_all`: on a busy client the
+        close can arrive after the client has used the connection again. Answers how many."""
+        conns = list(self._conns)
+        for writer in conns:
+            writer.write(_TERMINATED)
+        return len(conns)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.flowing.wait()  # a stalled proxy accepts and says nothing

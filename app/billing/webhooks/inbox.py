@@ -24,6 +24,7 @@ import asyncpg
 
 from app.billing.errors import is_transient
 from app.db import Connection
+from provisioning import DATABASE_ERRORS
 
 __all__ = [
     "Batch",
@@ -228,7 +229,7 @@ class WebhookInbox:
                 while await self.process_due():
                     pass
                 wait = await self._until_next_due()
-            except* (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as group:
+            except* DATABASE_ERRORS as group:
                 # The database is down: one line a sweep, no traceback, and on with the loop.
                 logger.warning(
                     "webhook inbox sweep failed (%s); retrying at the next sweep",
@@ -303,7 +304,7 @@ class WebhookInbox:
                         list(claimed),
                         LOCK_SECONDS,
                     )
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 logger.warning(
                     "webhook claims not renewed (%r); retrying in %s s", exc, RENEW_SECONDS
                 )
@@ -365,7 +366,7 @@ class WebhookInbox:
                     " WHERE id = ANY($1::text[])",
                     list(event_ids),
                 )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             logger.warning(
                 "%d webhooks: their outcome was not recorded (%r); they are tried again in %s s",
                 len(event_ids),
@@ -407,7 +408,7 @@ class WebhookInbox:
         try:
             async with self._pool.acquire() as conn:
                 await conn.execute(statement, *args)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             logger.warning(
                 "webhook %s: its outcome was not recorded (%r); it is tried again in %s s",
                 event.id,

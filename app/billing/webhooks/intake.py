@@ -36,6 +36,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 
 from app.billing.webhooks.inbox import BATCH, Batch, InboxEvent, WebhookInbox
 from app.billing.webhooks.receiver import VerifiedEvent, store_events
+from provisioning import DATABASE_ERRORS
 
 __all__ = [
     "MAX_UNANNOUNCED",
@@ -264,7 +265,7 @@ class WebhookIntake:
         try:
             try:
                 announcement = await self._write(group)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except DATABASE_ERRORS as exc:
                 # Its requests answer 503 and Stripe delivers them again. One line, not a
                 # traceback per group, while the database is down.
                 logger.warning("webhook group of %d not stored: %r", len(group), exc)
@@ -289,7 +290,7 @@ class WebhookIntake:
                     async with conn.transaction():
                         await store_events(conn, [])
                         await self._inbox.handle_together(conn, [])
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             logger.warning("webhook intake not warmed up (%s); its first group will be slower", exc)
 
     async def _announce_in_order(

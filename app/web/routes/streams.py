@@ -63,6 +63,7 @@ _OUTAGE: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InternalClientError,  # a terminated backend's pooled connection
 )
 
 
