@@ -15,7 +15,7 @@ from anyio.abc import TaskGroup
 from . import leases
 from . import operations as ops
 from .backend import CHANGE_KINDS, ProvisionerBackend, Step
-from .errors import LeaseLost
+from .errors import LeaseLost, is_transient
 from .execution import Executor, Outcome
 from .foreground import Foreground, give_way
 from .lease_keeper import LeaseKeeper
@@ -159,8 +159,13 @@ class Workers:
                     handed_over = not await self._process(op, task)
                 except LeaseLost:
                     logger.warning("operation %s: another instance took it over", op.id)
-                except Exception:
-                    logger.exception("operation %s stopped; it resumes later", op.id)
+                except Exception as exc:
+                    if is_transient(exc):
+                        # Lookout's own database away: one line each, not a traceback per
+                        # operation for as long as the outage lasts.
+                        logger.warning("operation %s stopped (%r); it resumes later", op.id, exc)
+                    else:
+                        logger.exception("operation %s stopped; it resumes later", op.id)
                     await self._release(op.id, self._finalize_retry)
             if handed_over:
                 # No longer kept (a renewal after this would hold it here again).
