@@ -73,10 +73,23 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
 ) -> None:
     leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
 
+    log: list[tuple[str, float]] = []
+
+    class Logged:
+        def __init__(self, lease: StreamLease) -> None:
+            self.lease = lease
+
+        async def release(self) -> None:
+            log.append(("release " + self.lease.member, anyio.current_time()))
+            await self.lease.release()
+
     async def take() -> StreamLease:
         try:
-            return await leases.acquire("usr_l")
+            lease = await leases.acquire("usr_l")
+            log.append(("took " + lease.member, anyio.current_time()))
+            return Logged(lease)  # type: ignore[return-value]
         except TooManyStreams as exc:
+            log.append(("refused", anyio.current_time()))
             body = {"error": {"code": "too_many_streams", "message": str(exc)}}
             refusal = JSONResponse(body, 429, headers={"Retry-After": str(exc.retry_after)})
             raise StreamRefused(refusal, str(exc)) from None
@@ -91,8 +104,12 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
     async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
         async with client.stream("GET", "/events") as first:
             assert (await anext(read_sse(first))).kind == "retry"
-            second = await client.get("/events")
-            assert second.status_code == 429
+            async with client.stream("GET", "/events") as second:
+                if second.status_code != 429:
+                    members = await redis.zrange(f"{redis_prefix}stream-leases:{{usr_l}}", 0, -1, withscores=True)
+                    keys = await redis.keys(f"{redis_prefix}*")
+                    raise AssertionError(("DIAG", log, anyio.current_time(), keys, await redis.zrange(keys[0], 0, -1, withscores=True), await redis.time()))
+                await second.aread()
             assert int(second.headers["Retry-After"]) >= 1
             assert second.json()["error"]["code"] == "too_many_streams"
 
