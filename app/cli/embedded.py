@@ -505,6 +505,9 @@ def embedded_servers(
     data_dir: Path, *, database_url: str | None, redis_url: str | None
 ) -> Iterator[EmbeddedServers]:
     """Starts what is missing of PostgreSQL and Redis under `data_dir`; stops it on exit."""
+    # Absolute: Valkey daemonizes into its `dir` before opening its log file, so a relative
+    # path in its configuration names a file that does not exist and it exits at once.
+    data_dir = data_dir.absolute()
     data_dir.mkdir(parents=True, exist_ok=True)
     postgres = _Postgres(data_dir) if database_url is None else None
     valkey = _Valkey(data_dir) if redis_url is None else None

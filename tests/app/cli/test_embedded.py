@@ -13,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from app.cli.embedded import embedded_servers
 from tests.support import free_port
 from tests.support.demo import servers_on
 from tests.support.process import clean_environment
@@ -118,3 +119,16 @@ async def test_the_last_of_two_processes_on_one_data_dir_stops_the_servers(
                 process.kill()
         for leftover in servers_on(servers_data_dir):
             leftover.kill()
+
+
+def test_a_relative_data_dir_starts_both_servers(
+    servers_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As `bench.billing` names it (`.lookout/bench`): Valkey daemonizes into its directory
+    before opening its log, so a relative path there made it exit at once."""
+    monkeypatch.chdir(servers_data_dir.parent)
+    relative = Path(servers_data_dir.name)
+    with embedded_servers(relative, database_url=None, redis_url=None) as servers:
+        assert servers.redis_url.startswith("redis://")
+        assert len(servers_on(servers_data_dir)) == 2
+    assert servers_on(servers_data_dir) == []
