@@ -112,6 +112,24 @@ class CpuSample:
             f" {others:.2f} s of it other processes (this client, other users)"
         )
 
+    def ceilings(self, *, requests: int, workers: int) -> str:
+        """What the CPU each request cost bounds (the difference of two samples, over a run
+        of `requests`): the requests/s one worker process can take on its core, and the
+        machine's when PostgreSQL and the load client share its cores. Their ratio bounds what
+        more workers can show here, however well they scale."""
+        per = max(1, requests)
+        cores = os.cpu_count() or 1
+        server, postgres = self.server / per, self.postgres / per
+        others = (self.machine - self.server - self.postgres) / per
+        one_worker = 1 / server if server > 0 else math.inf
+        machine = cores / (self.machine / per) if self.machine > 0 else math.inf
+        return (
+            f"CPU per request: server {1e6 * server:.0f} µs ({workers} worker(s)), PostgreSQL"
+            f" {1e6 * postgres:.0f} µs, other processes (the load client) {1e6 * others:.0f} µs;"
+            f" one worker takes at most {one_worker:,.0f}/s on its core, this machine's"
+            f" {cores} cores at most {machine:,.0f}/s with all of them on it"
+        )
+
     def at_rest(self) -> str:
         """The difference of two samples taken with nothing of the run going on, in words."""
         cores = os.cpu_count() or 1

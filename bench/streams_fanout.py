@@ -529,6 +529,36 @@ def servers_compared(by_count: dict[int, dict[str, list[dict[str, Any]]]]) -> st
     return "\n".join(lines)
 
 
+def cpu_budget(by_count: dict[int, dict[str, list[dict[str, Any]]]]) -> str:
+    """What the CPU each delivery cost bounds, per scenario (its first run): the deliveries/s
+    one server process can reach on its core, and the machine's ceiling when the load
+    clients, publishers and Redis share its cores with N servers. Their ratio bounds what N
+    servers can show against 1 here, however well they scale."""
+    cores = os.cpu_count() or 1
+    one, many = sorted(by_count)
+    lines = [f"CPU per delivery (µs), and what it allows on this machine's {cores} cores:"]
+    for name, runs in by_count[one].items():
+        base, more = runs[0], by_count[many][name][0]
+
+        def micros(r: dict[str, Any], pct: float) -> float:
+            return 1e6 * pct / 100 / max(float(r["deliveries_per_s"]), 1.0)
+
+        server_one = micros(base, base["server_cpu_pct"])
+        server_many = micros(more, more["server_cpu_pct"])
+        clients = micros(more, more["clients_cpu_pct"])
+        others = micros(more, more["publishers_cpu_pct"] + sum(more["redis_cpu_pct"].values()))
+        one_ceiling = 1e6 / server_one
+        machine_ceiling = cores * 1e6 / (server_many + clients + others)
+        lines.append(
+            f"  {name}: servers {server_one:.2f} ({one} process) / {server_many:.2f} ({many}),"
+            f" load clients {clients:.2f}, publishers and Redis {others:.2f}.\n"
+            f"    one server process: at most {one_ceiling:,.0f}/s on its core; {many} servers"
+            f" with the load clients on the same cores: at most {machine_ceiling:,.0f}/s, so at"
+            f" most {min(many, machine_ceiling / one_ceiling):.2f}x of 1 on this machine"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -623,6 +653,7 @@ def main() -> None:
         }  # fmt: skip
         print()
         print(servers_compared(by_count))
+        print(cpu_budget(by_count))
         print(json.dumps({str(n): results for n, results in by_count.items()}))
         return
     if not args.start_cluster:
