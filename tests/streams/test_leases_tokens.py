@@ -103,12 +103,17 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
     app = Starlette(routes=[Route("/events", events)])
     async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
         async with client.stream("GET", "/events") as first:
-            assert (await anext(read_sse(first))).kind == "retry"
+            first_events = read_sse(first)
+            assert (await anext(first_events)).kind == "retry"
             async with client.stream("GET", "/events") as second:
                 if second.status_code != 429:
                     members = await redis.zrange(f"{redis_prefix}stream-leases:{{usr_l}}", 0, -1, withscores=True)
                     keys = await redis.keys(f"{redis_prefix}*")
-                    raise AssertionError(("DIAG", log, anyio.current_time(), keys, await redis.zrange(keys[0], 0, -1, withscores=True), await redis.time()))
+                    rest = []
+                    with anyio.move_on_after(2):
+                        async for ev in first_events:
+                            rest.append(ev)
+                    raise AssertionError(("DIAG", rest, log, anyio.current_time(), keys, await redis.zrange(keys[0], 0, -1, withscores=True), await redis.time()))
                 await second.aread()
             assert int(second.headers["Retry-After"]) >= 1
             assert second.json()["error"]["code"] == "too_many_streams"
