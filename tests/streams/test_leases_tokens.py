@@ -69,8 +69,10 @@ async def test_leases_of_a_dead_process_lapse_and_held_ones_are_renewed(
 
 
 async def test_an_open_stream_holds_its_lease_until_it_ends(
-    hub: EventHub, redis: RedisClient, redis_prefix: str, snapshots: Snapshots
+    hub: EventHub, redis: RedisClient, redis_prefix: str, snapshots: Snapshots, caplog: pytest.LogCaptureFixture
 ) -> None:
+    import logging
+    caplog.set_level(logging.DEBUG)
     leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
 
     log: list[tuple[str, float]] = []
@@ -113,7 +115,7 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
                     with anyio.move_on_after(2):
                         async for ev in first_events:
                             rest.append(ev)
-                    raise AssertionError(("DIAG", rest, log, anyio.current_time(), keys, await redis.zrange(keys[0], 0, -1, withscores=True), await redis.time()))
+                    raise AssertionError(("DIAG", caplog.text[-3000:], rest, log, anyio.current_time(), keys, await redis.zrange(keys[0], 0, -1, withscores=True), await redis.time()))
                 await second.aread()
             assert int(second.headers["Retry-After"]) >= 1
             assert second.json()["error"]["code"] == "too_many_streams"
