@@ -69,29 +69,14 @@ async def test_leases_of_a_dead_process_lapse_and_held_ones_are_renewed(
 
 
 async def test_an_open_stream_holds_its_lease_until_it_ends(
-    hub: EventHub, redis: RedisClient, redis_prefix: str, snapshots: Snapshots, caplog: pytest.LogCaptureFixture
+    hub: EventHub, redis: RedisClient, redis_prefix: str, snapshots: Snapshots
 ) -> None:
-    import logging
-    caplog.set_level(logging.DEBUG)
     leases = StreamLeases(redis, prefix=redis_prefix, limit=1)
-
-    log: list[tuple[str, float]] = []
-
-    class Logged:
-        def __init__(self, lease: StreamLease) -> None:
-            self.lease = lease
-
-        async def release(self) -> None:
-            log.append(("release " + self.lease.member, anyio.current_time()))
-            await self.lease.release()
 
     async def take() -> StreamLease:
         try:
-            lease = await leases.acquire("usr_l")
-            log.append(("took " + lease.member, anyio.current_time()))
-            return Logged(lease)  # type: ignore[return-value]
+            return await leases.acquire("usr_l")
         except TooManyStreams as exc:
-            log.append(("refused", anyio.current_time()))
             body = {"error": {"code": "too_many_streams", "message": str(exc)}}
             refusal = JSONResponse(body, 429, headers={"Retry-After": str(exc.retry_after)})
             raise StreamRefused(refusal, str(exc)) from None
@@ -105,18 +90,13 @@ async def test_an_open_stream_holds_its_lease_until_it_ends(
     app = Starlette(routes=[Route("/events", events)])
     async with live_server(app) as base, httpx.AsyncClient(base_url=base, timeout=10) as client:
         async with client.stream("GET", "/events") as first:
+            # Held, not discarded: an async generator collected half-read is closed on the
+            # loop's next turns (its hooks call aclose()), and httpx closes the connection
+            # with it, which ends the stream and frees its place before the second asks.
             first_events = read_sse(first)
             assert (await anext(first_events)).kind == "retry"
-            async with client.stream("GET", "/events") as second:
-                if second.status_code != 429:
-                    members = await redis.zrange(f"{redis_prefix}stream-leases:{{usr_l}}", 0, -1, withscores=True)
-                    keys = await redis.keys(f"{redis_prefix}*")
-                    rest = []
-                    with anyio.move_on_after(2):
-                        async for ev in first_events:
-                            rest.append(ev)
-                    raise AssertionError(("DIAG", caplog.text[-3000:], rest, log, anyio.current_time(), keys, await redis.zrange(keys[0], 0, -1, withscores=True), await redis.time()))
-                await second.aread()
+            second = await client.get("/events")
+            assert second.status_code == 429
             assert int(second.headers["Retry-After"]) >= 1
             assert second.json()["error"]["code"] == "too_many_streams"
 

@@ -201,7 +201,8 @@ async def test_a_disconnected_client_leaves_the_hub(app: Starlette, hub: EventHu
                 pass
         await wait_until(lambda: hub.subscriber_count() == 0)
         async with client.stream("GET", "/users/usr_gone/events") as response:
-            assert (await anext(read_sse(response))).kind == "retry"
+            events = read_sse(response)  # held: collected half-read, it would close the stream
+            assert (await anext(events)).kind == "retry"
             assert hub.subscriber_count(user_topic("usr_gone")) == 1
         await wait_until(lambda: hub.subscriber_count(user_topic("usr_gone")) == 0)
 
