@@ -15,7 +15,15 @@ from redis.asyncio import Redis
 from provisioning import GraphBackend, ResourceSpec
 from provisioning.backend import StepContext
 from provisioning.limits import check_limits_step
-from provisioning.operations import complete_step, create_operation, mark_started
+from provisioning.operations import (
+    begin_step,
+    complete_and_begin,
+    complete_step,
+    create_operation,
+    get_operation,
+    mark_started,
+    request_cancel,
+)
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
@@ -189,3 +197,44 @@ async def test_a_runner_that_shuts_down_hands_its_operations_over_at_once(
     assert dbs == [graph_backend.database_name(op.resource_id)]
     types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
     assert types.count("operation.started") == 1 and types.count("operation.completed") == 1
+
+
+async def test_a_step_completed_begins_the_next_in_the_same_write_unless_cancelled(
+    db_pool: asyncpg.Pool, user_id: str
+) -> None:
+    """What begin_step records (the step, its progress), written with the previous step's
+    completion; a cancellation asked for before leaves the next step not begun, and a lease
+    gone leaves everything as it was."""
+    async with db_pool.acquire() as conn:
+        op, _ = await create_operation(
+            conn,
+            op_id="op_" + os.urandom(12).hex(),
+            kind="provision",
+            subject_id=new_subject(),
+            user_id=user_id,
+            resource_id="gr_" + os.urandom(12).hex(),
+            spec=GRAPH,
+            lease_owner="me",
+            lease_seconds=30,
+        )
+        assert await begin_step(conn, op.id, "me", "check_limits", 0) == "begun"
+        begun = await complete_and_begin(conn, op.id, "me", "check_limits", "create_database", 16)
+        assert begun == "begun"
+        assert await complete_and_begin(conn, op.id, "other", "x", "y", 90) == "lease_lost"
+        now = await get_operation(conn, op.id)
+        assert now is not None
+        assert (now.step, now.progress, now.completed_steps) == (
+            "create_database",
+            16,
+            ("check_limits",),
+        )
+        assert await request_cancel(conn, op.id) is not None
+        stopped = await complete_and_begin(conn, op.id, "me", "create_database", "verify", 83)
+        assert stopped == "cancel_requested"
+        now = await get_operation(conn, op.id)
+        assert now is not None
+        assert (now.step, now.progress, now.completed_steps) == (
+            "create_database",
+            16,
+            ("check_limits", "create_database"),
+        )
