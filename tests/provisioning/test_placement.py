@@ -394,7 +394,8 @@ async def test_an_orphan_is_removed_from_its_own_server(
 async def test_with_one_server_a_graph_is_pinned_without_waiting_for_other_placements(
     db_pool: asyncpg.Pool, serving: Serving, user_id: str, second_prefix: str, pg_admin_dsn: str
 ) -> None:
-    """Nothing to choose between: no placement lock, no count, no probe (one statement)."""
+    """Nothing to choose between: the server is probed and the graph pinned, without the
+    placement lock or the count of every graph."""
     only = server(pg_admin_dsn, weight=5)
     placed = placed_over(db_pool, [only], second_prefix)
     async with serving([placed]) as runner, db_pool.acquire() as conn, conn.transaction():
