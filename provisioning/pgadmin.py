@@ -251,7 +251,7 @@ async def admin_connection(
             del kept[dsn]
         entry = None
     if entry is None and kept is not None and dsn not in kept and scope is not None:
-        entry = await _take_kept(scope, dsn, tag)
+        entry = await _take_kept(scope, dsn, tag, connect_timeout)
     if entry is None:
         conn = await asyncpg.connect(
             dsn,
@@ -289,13 +289,16 @@ async def admin_connection(
             conn.terminate()
 
 
-async def _take_kept(scope: _Scope, dsn: str, tag: str) -> _Kept | None:
+async def _take_kept(scope: _Scope, dsn: str, tag: str, within: float) -> _Kept | None:
     """A connection the scope's keeper kept, tagged ``tag``; None when it has none that
-    answers (the server may have ended one while it was idle: another is connected)."""
+    answers ``within`` seconds, as a new connection would (the server may have ended one while
+    it was idle, or a network gone quiet may hold it: another is connected)."""
     while scope.keeper is not None and (taken := scope.keeper._take(dsn)) is not None:
         try:
             if taken.tag != tag:
-                await taken.conn.execute("SELECT set_config('application_name', $1, false)", tag)
+                await taken.conn.execute(
+                    "SELECT set_config('application_name', $1, false)", tag, timeout=within
+                )
                 taken.tag = tag
         except DATABASE_ERRORS:
             taken.conn.terminate()

@@ -9,6 +9,7 @@ import anyio
 import asyncpg
 import pytest
 
+from bench.chaos.proxy import fault_proxy, url_through
 from provisioning.pgadmin import (
     AdminConnections,
     admin_connection,
@@ -182,3 +183,33 @@ async def test_a_keeper_closes_what_stayed_idle_too_long(pg_admin_dsn: str) -> N
         await settle(pg_admin_dsn, tag, [])
     finally:
         await keeper.close()
+
+
+async def test_a_kept_connection_that_stopped_answering_fails_as_a_new_one_would(
+    pg_admin_dsn: str,
+) -> None:
+    """A network gone quiet holds a kept connection: its first use gives up within the connect
+    timeout (then a new connection is tried, and times out the same way), never hangs."""
+    tag = f"lookout:t{secrets.token_hex(4)}"
+    keeper = AdminConnections()
+    try:
+        async with fault_proxy("quiet", pg_admin_dsn) as proxy:
+            dsn = url_through(pg_admin_dsn, proxy.port)
+            async with reusing_connections(keeper), admin_connection(dsn, tag=tag):
+                pass
+            assert keeper.idle(dsn) == 1
+            proxy.stall()
+            with anyio.fail_after(5), pytest.raises(TimeoutError):
+                await use_once(dsn, f"{tag}:next", keeper)
+            assert keeper.idle(dsn) == 0
+            proxy.unstall()
+    finally:
+        await keeper.close()
+
+
+async def use_once(dsn: str, tag: str, keeper: AdminConnections) -> None:
+    async with (
+        reusing_connections(keeper),
+        admin_connection(dsn, tag=tag, connect_timeout=0.5) as conn,
+    ):
+        await conn.fetchval("SELECT 1")
