@@ -151,24 +151,43 @@ class Executor:
         """Runs the steps not yet completed, in order; each transient error is retried, and
         an unreachable server is waited out (``operation.waiting``) for the retry window."""
         ctx = StepContext(op.id, op.kind, op.subject_id, op.user_id, op.resource_id, op.spec)
+
+        def following(index: int) -> tuple[str, int] | None:
+            """The next step to run after ``steps[index]``, and its progress (asked once
+            that step has run: whether a later one is needed may follow from it)."""
+            for later in range(index + 1, len(steps)):
+                step = steps[later]
+                if step.name not in op.completed_steps and (
+                    step.needed is None or step.needed(ctx)
+                ):
+                    return step.name, later * 100 // len(steps)
+            return None
+
+        # The step the previous one's completion recorded as begun (one write fewer each).
+        begun_by_previous: str | None = None
         for index, step in enumerate(steps):
             if step.name in op.completed_steps:
                 continue
             if step.needed is not None and not step.needed(ctx):
                 continue
             progress = index * 100 // len(steps)
-            async with self._acquire() as conn:
-                begun = await ops.begin_step(conn, op.id, self._owner, step.name, progress)
-            if begun == "lease_lost":
-                raise LeaseLost("another instance holds this operation's lease")
-            if begun == "cancel_requested":
-                logger.info("operation %s: cancelled before step %s", op.id, step.name)
-                return Outcome("cancelled")
+            if begun_by_previous != step.name:
+                async with self._acquire() as conn:
+                    begun = await ops.begin_step(conn, op.id, self._owner, step.name, progress)
+                if begun == "lease_lost":
+                    raise LeaseLost("another instance holds this operation's lease")
+                if begun == "cancel_requested":
+                    logger.info("operation %s: cancelled before step %s", op.id, step.name)
+                    return Outcome("cancelled")
+            # Otherwise the lease and a cancellation are read by the step's own transaction
+            # (hold_lease), before anything is done: a provision asked to stop begins nothing.
             await self._publish_progress(
                 op, "operation.progress", step=step.name, progress=progress, message=step.message
             )
             try:
-                error = await self._run_step(op, step, ctx, progress)
+                error, begun_by_previous = await self._run_step(
+                    op, step, ctx, progress, partial(following, index)
+                )
             except _CancelRequested:
                 logger.info("operation %s: cancelled before step %s ran", op.id, step.name)
                 return Outcome("cancelled")
@@ -179,12 +198,19 @@ class Executor:
         return Outcome("completed")
 
     async def _run_step(
-        self, op: OperationRecord, step: Step, ctx: StepContext, progress: int
-    ) -> Exception | None:
+        self,
+        op: OperationRecord,
+        step: Step,
+        ctx: StepContext,
+        progress: int,
+        following: Callable[[], tuple[str, int] | None],
+    ) -> tuple[Exception | None, str | None]:
         """Runs one step under the lease until it succeeds (None) or fails for good (its
-        error). Errors of Lookout's own database propagate: the operation is resumed later."""
+        error). Errors of Lookout's own database propagate: the operation is resumed later.
+        Its completion records the beginning of the ``following`` step, named in the answer."""
         failures = waits = 0
         while True:
+            after: tuple[str, int] | None = None
             async with self._acquire() as conn, conn.transaction():
                 held = await ops.hold_lease(conn, op.id, self._owner)
                 if held == "lease_lost":
@@ -197,7 +223,17 @@ class Executor:
                     error: Exception | None = exc
                 else:
                     error = None
-                    if not await ops.complete_step(conn, op.id, self._owner, step.name):
+                    after = following()
+                    if after is None:
+                        completed = await ops.complete_step(conn, op.id, self._owner, step.name)
+                    else:
+                        begun = await ops.complete_and_begin(
+                            conn, op.id, self._owner, step.name, *after
+                        )
+                        completed = begun != "lease_lost"
+                        if begun == "cancel_requested":
+                            after = None  # not begun: the next step's begin_step stops
+                    if not completed:
                         raise LeaseLost("another instance holds this operation's lease")
             if error is None:
                 if waits:
@@ -209,9 +245,9 @@ class Executor:
                         progress=progress,
                         message=step.message,
                     )
-                return None
+                return None, after[0] if after is not None else None
             if not is_transient(error):
-                return error
+                return error, None
             failures += 1
             if failures < self._retry.attempts:
                 delay = self._retry.delay(failures)
@@ -227,7 +263,7 @@ class Executor:
                 waits += 1
                 wait = await self._wait(op, step, progress, waits)
                 if wait is None:
-                    return error
+                    return error, None
                 delay = wait
             await anyio.sleep(delay)
 

@@ -328,45 +328,74 @@ class GraphBackend:
             await self.grant_schema(conn, role)
 
     async def _verify(self, ctx: StepContext) -> None:
+        taken_whole = ctx.resource_id in self._taken_whole
         self._taken_whole.discard(ctx.resource_id)  # the steps that skip are behind it
-        # One admin connection for the new password and the checks after the login's test:
-        # a connection is a fork on the server and most of a pooled provision's cost.
+        limit = connection_limit(ctx.spec.limits, what="graph")
         async with self._connect(ctx.resource_id) as admin:
-            credentials = await self._rotate(admin, ctx.resource_id)
-            async with admin_connection(
-                self._dsn,
-                tag=f"lookout:{ctx.resource_id}",
-                database=credentials.database,
-                user=credentials.user,
-                password=credentials.password,
-                connect_timeout=self._timeout,
-            ) as conn:
-                tx = conn.transaction()
-                await tx.start()
-                try:
-                    if await conn.fetchval(_VERIFY) is None:
-                        raise ProvisioningError("Your graph's database did not accept a test edge.")
-                finally:
-                    await tx.rollback()
-            found = await admin.fetchrow(
-                "SELECT has_database_privilege('public', d.oid, 'CONNECT') AS public_connect,"
-                " pg_get_userbyid(d.datdba) = $2 AS owned, r.rolconnlimit, r.rolcreaterole,"
-                " r.rolcreatedb, r.rolsuper"
-                " FROM pg_database d, pg_roles r WHERE d.datname = $1 AND r.rolname = $3",
-                credentials.database,
-                self.owner_name(ctx.resource_id),
-                credentials.user,
-            )
-            if (
-                found is None
-                or found["public_connect"]
-                or not found["owned"]
-                or found["rolconnlimit"] != connection_limit(ctx.spec.limits, what="graph")
-                or found["rolcreaterole"]
-                or found["rolcreatedb"]
-                or found["rolsuper"]
-            ):
-                raise ProvisioningError("Your graph's database could not be made private.")
+            if not taken_whole:
+                # One admin connection for the new password and the checks after the login's
+                # test: a connection is a fork on the server and most of a provision's cost.
+                credentials = await self._rotate(admin, ctx.resource_id)
+                await self.check_login(
+                    credentials.database,
+                    credentials.user,
+                    credentials.password,
+                    tag=f"lookout:{ctx.resource_id}",
+                )
+            # A database taken whole from the warm pool had its login tested when the pool
+            # made it (WarmPool: the same connection and test edge, as that login under its
+            # spare name); what the claim changed since (names, LOGIN, limit, grants) is in
+            # the catalog, checked here. No password is set: nobody would learn it (the
+            # customer gets one from rotate_credentials), and a login connection (a fork and
+            # an authentication on the server, two PBKDF2 here) was a quarter of PostgreSQL's
+            # CPU per pooled provision (bench.billing, perf).
+            await self._check_private(admin, ctx.resource_id, limit)
+
+    async def check_login(self, database: str, user: str, password: str, *, tag: str) -> None:
+        """Logs in to a graph's ``database`` as its login ``user`` and writes a test edge,
+        rolled back; raises ``ProvisioningError`` when the database does not take it."""
+        async with admin_connection(
+            self._dsn,
+            tag=tag,
+            database=database,
+            user=user,
+            password=password,
+            connect_timeout=self._timeout,
+        ) as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                if await conn.fetchval(_VERIFY) is None:
+                    raise ProvisioningError("Your graph's database did not accept a test edge.")
+            finally:
+                await tx.rollback()
+
+    async def _check_private(self, admin: asyncpg.Connection, graph_id: str, limit: int) -> None:
+        """The database is owned by the owner role, PUBLIC may not connect, the login may
+        (and log in), within ``limit`` on both, and holds no power over the server."""
+        found = await admin.fetchrow(
+            "SELECT has_database_privilege('public', d.oid, 'CONNECT') AS public_connect,"
+            " has_database_privilege(r.oid, d.oid, 'CONNECT') AS login_connect,"
+            " pg_get_userbyid(d.datdba) = $2 AS owned, d.datconnlimit, r.rolconnlimit,"
+            " r.rolcanlogin, r.rolcreaterole, r.rolcreatedb, r.rolsuper"
+            " FROM pg_database d, pg_roles r WHERE d.datname = $1 AND r.rolname = $3",
+            self.database_name(graph_id),
+            self.owner_name(graph_id),
+            self.role_name(graph_id),
+        )
+        if (
+            found is None
+            or found["public_connect"]
+            or not found["login_connect"]
+            or not found["owned"]
+            or found["datconnlimit"] != limit
+            or found["rolconnlimit"] != limit
+            or not found["rolcanlogin"]
+            or found["rolcreaterole"]
+            or found["rolcreatedb"]
+            or found["rolsuper"]
+        ):
+            raise ProvisioningError("Your graph's database could not be made private.")
 
     # -- changes of a live graph (issue 13) ------------------------------------------------
     async def _existing(self, conn: asyncpg.Connection, graph_id: str) -> None:

@@ -351,18 +351,46 @@ async def holds_lease(conn: Connection, op_id: str, owner: str) -> bool:
     return bool(held)
 
 
+_COMPLETED = (
+    "completed_steps = CASE WHEN $3 = ANY(completed_steps) THEN completed_steps"
+    " ELSE array_append(completed_steps, $3) END, updated_at = now(), status = 'running',"
+    " waiting_since = NULL, retry_at = NULL"
+)
+_UNFINISHED_HELD = "id = $1 AND lease_owner = $2 AND status IN ('pending', 'running', 'waiting')"
+
+
 async def complete_step(conn: Connection, op_id: str, owner: str, step: str) -> bool:
     done = await conn.fetchval(
-        "UPDATE operations SET completed_steps = CASE WHEN $3 = ANY(completed_steps)"
-        " THEN completed_steps ELSE array_append(completed_steps, $3) END, updated_at = now(),"
-        " status = 'running', waiting_since = NULL, retry_at = NULL"
-        " WHERE id = $1 AND lease_owner = $2 AND status IN ('pending', 'running', 'waiting')"
-        " RETURNING true",
+        f"UPDATE operations SET {_COMPLETED} WHERE {_UNFINISHED_HELD} RETURNING true",
         op_id,
         owner,
         step,
     )
     return bool(done)
+
+
+async def complete_and_begin(
+    conn: Connection, op_id: str, owner: str, step: str, following: str, progress: int
+) -> StepStart:
+    """``complete_step``, and ``begin_step`` of the ``following`` step in the same write (a
+    round trip and a commit fewer per step): unless the lease went elsewhere, or a
+    cancellation was requested, which leaves the following step not begun."""
+    row = await conn.fetchrow(
+        f"UPDATE operations SET {_COMPLETED},"
+        " step = CASE WHEN cancel_requested AND kind = 'provision' THEN step ELSE $4 END,"
+        " progress = CASE WHEN cancel_requested AND kind = 'provision' THEN progress"
+        " ELSE GREATEST(progress, $5) END"
+        f" WHERE {_UNFINISHED_HELD}"
+        " RETURNING cancel_requested AND kind = 'provision' AS cancelled",
+        op_id,
+        owner,
+        step,
+        following,
+        progress,
+    )
+    if row is None:
+        return "lease_lost"
+    return "cancel_requested" if row["cancelled"] else "begun"
 
 
 async def finish_operation(

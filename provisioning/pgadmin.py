@@ -8,6 +8,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -21,6 +22,7 @@ import asyncpg
 from .errors import DATABASE_ERRORS, ProvisioningError
 
 __all__ = [
+    "AdminConnections",
     "admin_connection",
     "connection_limit",
     "credentials_dsn",
@@ -116,32 +118,109 @@ class _Kept:
     busy: bool = False
 
 
+@dataclass(eq=False)
+class _Idle:
+    conn: asyncpg.Connection
+    tag: str
+    since: float
+
+
+class AdminConnections:
+    """Admin connections to each server's default database, kept open between operations:
+    ``reusing_connections(keeper)`` starts from one of them and gives its connections back
+    at its end. A connection is a fork, an authentication and an exit on the server, and DSN
+    parsing and a handshake here: with one per operation, those were a third of PostgreSQL's
+    CPU in a burst of pooled provisions (bench.billing, perf). At most ``max_idle`` per server
+    are kept (one per operation running at once is enough); one idle for ``idle_seconds`` is
+    closed by ``prune``. Only a connection its operation left clean comes back (no error, no
+    cancellation, no open transaction, still open): the same rules as within one operation.
+    """
+
+    def __init__(self, *, max_idle: int = 16, idle_seconds: float = 30.0) -> None:
+        if max_idle < 0:
+            raise ValueError("AdminConnections keeps 0 or more connections")
+        self._max_idle = max_idle
+        self._idle_seconds = idle_seconds
+        self._idle: dict[str, list[_Idle]] = {}
+
+    def idle(self, dsn: str) -> int:
+        """Connections to ``dsn`` kept open now."""
+        return len(self._idle.get(dsn, ()))
+
+    def _take(self, dsn: str) -> _Kept | None:
+        """The most recently used open connection to ``dsn``, if any (a server may have
+        ended one meanwhile: those are dropped)."""
+        idle = self._idle.get(dsn, [])
+        while idle:
+            entry = idle.pop()
+            if not entry.conn.is_closed():
+                return _Kept(entry.conn, entry.tag)
+        return None
+
+    async def _give_back(self, dsn: str, kept: _Kept, close_timeout: float) -> None:
+        idle = self._idle.setdefault(dsn, [])
+        if len(idle) >= self._max_idle or kept.conn.is_closed():
+            await _close(kept.conn, close_timeout)
+            return
+        idle.append(_Idle(kept.conn, kept.tag, time.monotonic()))
+
+    async def prune(self, *, close_timeout: float = 5.0) -> int:
+        """Closes the connections idle for ``idle_seconds``; answers how many."""
+        cutoff = time.monotonic() - self._idle_seconds
+        stale = [e for idle in self._idle.values() for e in idle if e.since < cutoff]
+        for dsn, idle in self._idle.items():
+            self._idle[dsn] = [e for e in idle if e.since >= cutoff]
+        for entry in stale:
+            await _close(entry.conn, close_timeout)
+        return len(stale)
+
+    async def close(self, *, close_timeout: float = 5.0) -> None:
+        """Closes every connection kept (at shutdown)."""
+        entries = [e for idle in self._idle.values() for e in idle]
+        self._idle.clear()
+        for entry in entries:
+            await _close(entry.conn, close_timeout)
+
+
+@dataclass(eq=False)
+class _Scope:
+    kept: dict[str, _Kept]
+    keeper: AdminConnections | None
+
+
 # The admin connections kept open by ``reusing_connections`` in this task, by DSN.
-_kept: ContextVar[dict[str, _Kept] | None] = ContextVar("lookout_admin_connections", default=None)
+_scope: ContextVar[_Scope | None] = ContextVar("lookout_admin_connections", default=None)
 
 
 @asynccontextmanager
-async def reusing_connections(*, close_timeout: float = 5.0) -> AsyncIterator[None]:
+async def reusing_connections(
+    keeper: AdminConnections | None = None, *, close_timeout: float = 5.0
+) -> AsyncIterator[None]:
     """Within the block, ``admin_connection`` keeps its connections to a server's default
     database (no ``database``, ``user`` or ``password`` given) open between uses, one per
     server, and closes them at the end: one operation's steps share one where each opened its
     own. A connection is a fork and a start-up on the server and DSN parsing and a handshake
     here: four of them were most of a pooled provision's CPU on both sides. One left in a
-    transaction, or by an error or a cancellation, is closed at once, never reused."""
-    kept: dict[str, _Kept] = {}
-    token = _kept.set(kept)
+    transaction, or by an error or a cancellation, is closed at once, never reused. With a
+    ``keeper``, the first use takes a connection it kept, and the block's connections go back
+    to it at the end instead of being closed."""
+    scope = _Scope({}, keeper)
+    token = _scope.set(scope)
     try:
         yield
     except BaseException:
         # Cancelled (shutting down, the operation cancelled) or failed: nothing is waited for.
-        for entry in kept.values():
+        for entry in scope.kept.values():
             entry.conn.terminate()
         raise
     else:
-        for entry in kept.values():
-            await _close(entry.conn, close_timeout)
+        for dsn, entry in scope.kept.items():
+            if keeper is not None and not entry.busy and not entry.conn.is_in_transaction():
+                await keeper._give_back(dsn, entry, close_timeout)
+            else:
+                await _close(entry.conn, close_timeout)
     finally:
-        _kept.reset(token)
+        _scope.reset(token)
 
 
 async def _close(conn: asyncpg.Connection, within: float) -> None:
@@ -163,13 +242,16 @@ async def admin_connection(
     """A connection whose ``application_name`` is ``tag``, so teardown can find and stop it
     (kept open for the next use inside ``reusing_connections``)."""
     tag = tag[:63]
-    kept = _kept.get() if database is None and user is None and password is None else None
+    scope = _scope.get() if database is None and user is None and password is None else None
+    kept = scope.kept if scope is not None else None
     entry = kept.get(dsn) if kept is not None else None
     if entry is not None and (entry.busy or entry.conn.is_closed()):
         if not entry.busy:
             assert kept is not None
             del kept[dsn]
         entry = None
+    if entry is None and kept is not None and dsn not in kept and scope is not None:
+        entry = await _take_kept(scope, dsn, tag, connect_timeout)
     if entry is None:
         conn = await asyncpg.connect(
             dsn,
@@ -205,6 +287,25 @@ async def admin_connection(
                 del kept[dsn]
             # Cancelled or failed mid-statement perhaps: nothing is waited for.
             conn.terminate()
+
+
+async def _take_kept(scope: _Scope, dsn: str, tag: str, within: float) -> _Kept | None:
+    """A connection the scope's keeper kept, tagged ``tag``; None when it has none that
+    answers ``within`` seconds, as a new connection would (the server may have ended one while
+    it was idle, or a network gone quiet may hold it: another is connected)."""
+    while scope.keeper is not None and (taken := scope.keeper._take(dsn)) is not None:
+        try:
+            if taken.tag != tag:
+                await taken.conn.execute(
+                    "SELECT set_config('application_name', $1, false)", tag, timeout=within
+                )
+                taken.tag = tag
+        except DATABASE_ERRORS:
+            taken.conn.terminate()
+            continue
+        scope.kept[dsn] = taken
+        return taken
+    return None
 
 
 async def terminate_sessions(

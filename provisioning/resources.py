@@ -160,6 +160,20 @@ async def pin_server(conn: Connection, resource_id: str, name: str) -> str | Non
     return placed
 
 
+async def pin_open_server(conn: Connection, resource_id: str, name: str) -> str | None:
+    """``pin_server`` in one statement, for a resource with only one server to go to: answers
+    the server it is placed on; None when ``name`` is drained (and the resource not placed
+    yet), or there is no such resource."""
+    placed: str | None = await conn.fetchval(
+        "UPDATE resources SET server = CASE WHEN placed THEN server ELSE $2 END, placed = true"
+        " WHERE id = $1 AND (placed OR NOT EXISTS (SELECT 1 FROM provisioning_servers"
+        " WHERE name = $2 AND drained_at IS NOT NULL)) RETURNING server",
+        resource_id,
+        name,
+    )
+    return placed
+
+
 async def name_legacy_graphs(conn: Connection, first: str) -> int:
     """Gives the graphs made before servers were named (on the only server there was) the
     name of the first one, so that reordering the list later does not move them."""

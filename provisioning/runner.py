@@ -37,6 +37,7 @@ from .foreground import Foreground
 from .hooks import SubscriptionHooks
 from .lease_keeper import LeaseKeeper
 from .operations import OperationRecord
+from .pgadmin import AdminConnections
 from .reaper import OrphanReaper
 from .resources import get_resource, resource_for_subject
 from .retry import RetryPolicy
@@ -104,6 +105,9 @@ class OperationRunner:
         self._lock = leases.InstanceLock(pool, instance_id)
         self._leases = LeaseKeeper(pool, instance_id, lease_seconds)
         self._reaper = OrphanReaper(pool, hooks, self._backends, interval=orphan_retry_seconds)
+        # One admin connection per server for each operation running at once, kept open
+        # between operations (pruned by the sweep once idle, closed when the runner stops).
+        self._admin = AdminConnections(max_idle=max_concurrent)
         self._workers = Workers(
             pool,
             self._exec,
@@ -114,6 +118,7 @@ class OperationRunner:
             finalize_retry=finalize_retry_seconds,
             give_way_to=give_way_to,
             give_way_seconds=give_way_seconds,
+            admin=self._admin,
         )
         self._tg: TaskGroup | None = None
 
@@ -155,22 +160,28 @@ class OperationRunner:
         process's, so that health checks see them): a crash of one restarts that loop alone,
         never the operations running in this task group."""
         supervisor = supervisor or Supervisor()
-        async with anyio.create_task_group() as tg:
-            self._tg = tg
-            await tg.start(supervisor.run_starting, "instance-lock", self._lock.run)
-            tg.start_soon(supervisor.run, "orphan-reaper", self._reaper.run)
-            tg.start_soon(supervisor.run, "operation-lease-keeper", self._leases.run)
-            tg.start_soon(supervisor.run, "operation-sweep", self._sweep_loop)
-            try:
-                task_status.started()
-                await anyio.sleep_forever()
-            finally:
-                self._tg = None
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await tg.start(supervisor.run_starting, "instance-lock", self._lock.run)
+                tg.start_soon(supervisor.run, "orphan-reaper", self._reaper.run)
+                tg.start_soon(supervisor.run, "operation-lease-keeper", self._leases.run)
+                tg.start_soon(supervisor.run, "operation-sweep", self._sweep_loop)
+                try:
+                    task_status.started()
+                    await anyio.sleep_forever()
+                finally:
+                    self._tg = None
+        finally:
+            # Every operation has stopped: what they kept open is closed.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._admin.close()
 
     async def _sweep_loop(self) -> None:
         while True:
             try:
                 await self.sweep()
+                await self._admin.prune()
             except DATABASE_ERRORS as exc:
                 # PostgreSQL is away: the next sweep tries again. Anything else is a bug, for
                 # the supervisor to log with its traceback.

@@ -44,7 +44,7 @@ from .foreground import Foreground, give_way
 from .graph import GRAPH_SCHEMA, GraphBackend
 from .leases import INSTANCE_LOCK_CLASS, instance_gone
 from .operations import Connection
-from .pgadmin import admin_connection, quote_ident
+from .pgadmin import admin_connection, new_password, quote_ident, set_password
 
 __all__ = ["WARM_POOL_LOCK_CLASS", "WarmPool", "server_key", "template_name", "warm_pool_counts"]
 
@@ -375,6 +375,24 @@ class WarmPool:
                     f"ALTER TABLE public.{quote_ident(table['tablename'])}"
                     f" OWNER TO {quote_ident(role)}"
                 )
+        await self._test_login(spare)
+
+    async def _test_login(self, spare: str) -> None:
+        """The spare's login logs in and writes a test edge now, with a password used once:
+        the provision that takes the database checks in the catalog what its claim changes
+        (names, LOGIN, limit, grants) and logs in no more (``GraphBackend`` verify). Left
+        ``NOLOGIN`` without a password after, as the pool keeps its logins."""
+        b = self._backend
+        db, role = b.database_name(spare), quote_ident(b.role_name(spare))
+        password = new_password()
+        async with self._admin(spare) as conn:
+            await set_password(conn, b.role_name(spare), password)
+            await conn.execute(f"ALTER ROLE {role} LOGIN")
+        try:
+            await b.check_login(db, b.role_name(spare), password, tag=f"lookout:{spare}")
+        finally:
+            async with self._admin(spare) as conn:
+                await conn.execute(f"ALTER ROLE {role} NOLOGIN PASSWORD NULL")
 
     async def _ensure_template(self) -> None:
         """The template: a database with the graph schema that nobody may connect to (a copy

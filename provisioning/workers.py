@@ -21,7 +21,7 @@ from .foreground import Foreground, give_way
 from .lease_keeper import LeaseKeeper
 from .limits import check_limits_step
 from .operations import OperationRecord
-from .pgadmin import reusing_connections
+from .pgadmin import AdminConnections, reusing_connections
 
 __all__ = ["OperationTask", "Workers"]
 
@@ -67,8 +67,10 @@ class Workers:
         finalize_retry: float,
         give_way_to: Foreground | None,
         give_way_seconds: float,
+        admin: AdminConnections | None = None,
     ) -> None:
         self._pool = pool
+        self._admin = admin
         self._exec = executor
         self._leases = leases
         self._backend = backend
@@ -208,8 +210,9 @@ class Workers:
                 if slot:
                     try:
                         await give_way(self._give_way_to, at_most=self._give_way_seconds)
-                        # The steps share their admin connections, per server.
-                        async with reusing_connections():
+                        # The steps share their admin connections, per server, taken from
+                        # and given back to those this process keeps open.
+                        async with reusing_connections(self._admin):
                             outcome = await self._exec.run_steps(op, self._steps(op, backend))
                     finally:
                         self._limiter.release()

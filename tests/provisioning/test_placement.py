@@ -389,3 +389,42 @@ async def test_an_orphan_is_removed_from_its_own_server(
     reaper = OrphanReaper(db_pool, hooks, {"graph": placed}, interval=60)
     assert await reaper.reap_once() == 1
     assert await server_objects(second_pg_dsn, second_prefix) == ([], [])
+
+
+async def test_with_one_server_a_graph_is_pinned_without_waiting_for_other_placements(
+    db_pool: asyncpg.Pool, serving: Serving, user_id: str, second_prefix: str, pg_admin_dsn: str
+) -> None:
+    """Nothing to choose between: the server is probed and the graph pinned, without the
+    placement lock or the count of every graph."""
+    only = server(pg_admin_dsn, weight=5)
+    placed = placed_over(db_pool, [only], second_prefix)
+    async with serving([placed]) as runner, db_pool.acquire() as conn, conn.transaction():
+        # Held by another instance's placement for the whole provision.
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PLACEMENT_LOCK_ID)
+        op = await runner.start("provision", new_subject(), user_id, GRAPH)
+        assert (await wait_for(db_pool, op.id)).status == "completed"
+    assert await recorded(db_pool, [op.resource_id]) == [only.name]
+    await placed.teardown(op.resource_id)
+
+
+async def test_with_its_only_server_drained_a_provision_waits_for_it(
+    db_pool: asyncpg.Pool, serving: Serving, user_id: str, second_prefix: str, pg_admin_dsn: str
+) -> None:
+    only = server(pg_admin_dsn, weight=5)
+    placed = placed_over(db_pool, [only], second_prefix)
+    async with db_pool.acquire() as conn:
+        await set_drained(conn, only.name, True)
+    try:
+        async with serving([placed], retry=QUICK) as runner:
+            op = await runner.start("provision", new_subject(), user_id, GRAPH)
+            await wait_for(db_pool, op.id, lambda o: o.status == "waiting")
+            async with db_pool.acquire() as conn:
+                resource = await get_resource(conn, op.resource_id)
+                assert resource is not None and not resource.placed
+                await set_drained(conn, only.name, False)
+            assert (await wait_for(db_pool, op.id)).status == "completed"
+    finally:
+        async with db_pool.acquire() as conn:
+            await set_drained(conn, only.name, False)
+    assert await recorded(db_pool, [op.resource_id]) == [only.name]
+    await placed.teardown(op.resource_id)

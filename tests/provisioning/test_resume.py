@@ -12,10 +12,19 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from provisioning import GraphBackend, ResourceSpec
+from provisioning import GraphBackend, OperationRecord, ResourceSpec
 from provisioning.backend import StepContext
 from provisioning.limits import check_limits_step
-from provisioning.operations import complete_step, create_operation, mark_started
+from provisioning.operations import (
+    Connection,
+    begin_step,
+    complete_and_begin,
+    complete_step,
+    create_operation,
+    get_operation,
+    mark_started,
+    request_cancel,
+)
 from tests.provisioning.support import (
     HoldingBackend,
     RecordingHooks,
@@ -32,6 +41,30 @@ ROOT = Path(__file__).resolve().parents[2]
 GRAPH = ResourceSpec("graph", "graph_standard")
 
 
+async def leased_provision(
+    conn: Connection,
+    user_id: str,
+    owner: str,
+    lease_seconds: float,
+    *,
+    op_id: str | None = None,
+) -> OperationRecord:
+    """A new provision of a graph, leased to ``owner`` (expired already if negative)."""
+    op, created = await create_operation(
+        conn,
+        op_id=op_id or "op_" + os.urandom(12).hex(),
+        kind="provision",
+        subject_id=new_subject(),
+        user_id=user_id,
+        resource_id="gr_" + os.urandom(12).hex(),
+        spec=GRAPH,
+        lease_owner=owner,
+        lease_seconds=lease_seconds,
+    )
+    assert created
+    return op
+
+
 async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_step(
     db_pool: asyncpg.Pool,
     redis: Redis,
@@ -46,18 +79,7 @@ async def test_an_expired_lease_is_claimed_and_resumed_from_the_last_completed_s
     # An instance "dead" took the operation, ran three steps and recorded two of them (it died
     # after create_role had run), and its lease has expired.
     async with db_pool.acquire() as conn:
-        op, created = await create_operation(
-            conn,
-            op_id="op_" + "ab" * 12,
-            kind="provision",
-            subject_id=new_subject(),
-            user_id=user_id,
-            resource_id="gr_" + os.urandom(12).hex(),
-            spec=GRAPH,
-            lease_owner="dead",
-            lease_seconds=-1,
-        )
-        assert created
+        op = await leased_provision(conn, user_id, "dead", -1, op_id="op_" + "ab" * 12)
         assert await mark_started(conn, op.id, "dead")
     ctx = StepContext(op.id, "provision", op.subject_id, user_id, op.resource_id, GRAPH)
     steps = [check_limits_step(db_pool), *graph_backend.steps("provision")]
@@ -189,3 +211,34 @@ async def test_a_runner_that_shuts_down_hands_its_operations_over_at_once(
     assert dbs == [graph_backend.database_name(op.resource_id)]
     types = [e["type"] for e in await operation_events(redis, redis_prefix, op.id)]
     assert types.count("operation.started") == 1 and types.count("operation.completed") == 1
+
+
+async def test_a_step_completed_begins_the_next_in_the_same_write_unless_cancelled(
+    db_pool: asyncpg.Pool, user_id: str
+) -> None:
+    """What begin_step records (the step, its progress), written with the previous step's
+    completion; a cancellation asked for before leaves the next step not begun, and a lease
+    gone leaves everything as it was."""
+    async with db_pool.acquire() as conn:
+        op = await leased_provision(conn, user_id, "me", 30)
+        assert await begin_step(conn, op.id, "me", "check_limits", 0) == "begun"
+        begun = await complete_and_begin(conn, op.id, "me", "check_limits", "create_database", 16)
+        assert begun == "begun"
+        assert await complete_and_begin(conn, op.id, "other", "x", "y", 90) == "lease_lost"
+        now = await get_operation(conn, op.id)
+        assert now is not None
+        assert (now.step, now.progress, now.completed_steps) == (
+            "create_database",
+            16,
+            ("check_limits",),
+        )
+        assert await request_cancel(conn, op.id) is not None
+        stopped = await complete_and_begin(conn, op.id, "me", "create_database", "verify", 83)
+        assert stopped == "cancel_requested"
+        now = await get_operation(conn, op.id)
+        assert now is not None
+        assert (now.step, now.progress, now.completed_steps) == (
+            "create_database",
+            16,
+            ("check_limits", "create_database"),
+        )

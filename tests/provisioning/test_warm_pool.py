@@ -15,6 +15,8 @@ import pytest
 from redis.asyncio import Redis
 
 from provisioning import GraphBackend, OperationRecord, ResourceSpec, WarmPool, get_operation
+from provisioning.backend import StepContext
+from provisioning.errors import ProvisioningError
 from provisioning.pgadmin import quote_ident
 from provisioning.warm_pool import WARM_POOL_LOCK_CLASS, server_key
 from tests.provisioning.support import (
@@ -109,6 +111,16 @@ async def test_the_pool_fills_to_its_size_with_private_databases(
         }
         for spare in made
     }
+    # Each login was tested at the fill (logged in, a test edge), then shut out again: no
+    # password is left behind.
+    passwords = await with_admin(
+        pg_admin_dsn,
+        lambda c: c.fetch(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = ANY($1::text[])",
+            [graph_backend.role_name(s) for s in made],
+        ),
+    )
+    assert [r["rolpassword"] for r in passwords] == [None, None]
     template_open = await with_admin(
         pg_admin_dsn,
         lambda c: c.fetchval(
@@ -135,6 +147,14 @@ async def test_a_provision_takes_a_pooled_database_and_its_customer_is_confined(
     # Renamed, not created: the graph's database is the pooled one.
     assert after[graph_backend.database_name(graph)] == before[taken]
     assert await warm.level() == 1
+    # Verified in the catalog, without logging in: no password was set for a test login.
+    password = await with_admin(
+        pg_admin_dsn,
+        lambda c: c.fetchval(
+            "SELECT rolpassword FROM pg_authid WHERE rolname = $1", graph_backend.role_name(graph)
+        ),
+    )
+    assert password is None
     async with serving([graph_backend]) as runner:
         credentials = await runner.rotate_credentials(graph)
     assert credentials.database == graph_backend.database_name(graph)
@@ -421,3 +441,36 @@ async def test_the_refill_waits_for_the_create_database_limit(
             backend.heavy.release_on_behalf_of(elsewhere)
     assert made == [2]
     assert await warm.level() == 2
+
+
+@pytest.mark.parametrize(
+    "undone",
+    [
+        "REVOKE CONNECT ON DATABASE {db} FROM {role}",
+        "ALTER ROLE {role} NOLOGIN",
+        "ALTER DATABASE {db} CONNECTION LIMIT -1",
+        "GRANT CONNECT ON DATABASE {db} TO PUBLIC",
+    ],
+)
+async def test_the_verify_of_a_pooled_graph_finds_what_its_claim_left_undone(
+    undone: str, warm: WarmPool, graph_backend: GraphBackend, pg_admin_dsn: str
+) -> None:
+    """A pooled graph's verify does not log in (the fill did): what the claim changes is
+    checked in the catalog, and a step of it missing fails the provision."""
+    await warm.fill()
+    graph = f"gr_{secrets.token_hex(12)}"
+    ctx = StepContext(f"op_{secrets.token_hex(12)}", "provision", new_subject(), "u", graph, GRAPH)
+    steps = {step.name: step for step in graph_backend.steps("provision")}
+    try:
+        await steps["create_database"].run(ctx)
+        needed = steps["grant_access"].needed
+        assert needed is not None and not needed(ctx)  # taken whole
+        statement = undone.format(
+            db=quote_ident(graph_backend.database_name(graph)),
+            role=quote_ident(graph_backend.role_name(graph)),
+        )
+        await with_admin(pg_admin_dsn, lambda c: c.execute(statement))
+        with pytest.raises(ProvisioningError, match="could not be made private"):
+            await steps["verify"].run(ctx)
+    finally:
+        await graph_backend.teardown(graph)
