@@ -439,6 +439,57 @@ async def test_a_cancelled_caller_loses_or_duplicates_nothing_of_the_others(
     assert await _numbers(redis, stream_key(redis_prefix, topic)) == [-1, 0, 1, 2, 4]
 
 
+@single_redis
+async def test_a_second_call_goes_while_one_is_on_its_way_unless_it_shares_a_topic(
+    redis: Redis, redis_url: str, redis_prefix: str
+) -> None:
+    async with fault_proxy("redis", redis_url) as proxy:
+        through = Redis.from_url(url_through(redis_url, proxy.port))
+        publisher = EventPublisher(
+            through, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=2
+        )
+        a, b = user_topic("usr_a"), user_topic("usr_b")
+        try:
+            await publisher.publish(_progress(-1), [a])  # connected, script loaded
+            proxy.stall()
+            calls = publisher.stats.calls
+            tasks = [asyncio.create_task(publisher.publish(_progress(0), [a]))]
+            await wait_until(lambda: publisher.stats.calls == calls + 1)
+            # Another topic goes at once, on a second connection; the first topic's next
+            # event waits for the call on its way (two connections may run in either order).
+            tasks += [
+                asyncio.create_task(publisher.publish(_progress(n), [t]))
+                for n, t in ((1, b), (2, a), (3, b))
+            ]
+            await wait_until(lambda: publisher.stats.calls == calls + 2)
+            await asyncio.sleep(0.1)
+            assert publisher.stats.calls == calls + 2  # two on their way, no more
+            proxy.unstall()
+            await asyncio.gather(*tasks)
+        finally:
+            await through.aclose()
+    assert await _numbers(redis, stream_key(redis_prefix, a)) == [-1, 0, 2]
+    assert await _numbers(redis, stream_key(redis_prefix, b)) == [1, 3]
+
+
+@single_redis
+async def test_pipelined_calls_keep_each_topics_order(redis: Redis, redis_prefix: str) -> None:
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=3
+    )
+    topics = [user_topic(f"usr_{i}") for i in range(7)]
+    # Callers of 1 or 2 topics, overlapping, in small batches: many calls, two on their way.
+    calls = [[topics[n % 7]] if n % 3 else [topics[n % 7], topics[(n * 5) % 7]] for n in range(300)]
+    published = [
+        asyncio.create_task(publisher.publish(_progress(n), list(dict.fromkeys(t))))
+        for n, t in enumerate(calls)
+    ]
+    await asyncio.gather(*published)
+    for topic in topics:
+        wanted = [n for n, t in enumerate(calls) if topic in t]
+        assert await _numbers(redis, stream_key(redis_prefix, topic)) == wanted
+
+
 @pytest.mark.parametrize("redis_mode", ["cluster"])
 async def test_concurrent_publishes_on_a_cluster_go_one_call_per_slot(
     redis: RedisClient, redis_prefix: str
