@@ -1,8 +1,10 @@
 """Append an event to each topic's Redis Stream and announce it, in one round trip.
 
-Concurrent publishes are coalesced: every call queues its events, and one flusher task at a
-time sends whatever is queued as one script call (``publish.lua``) per batch. Thousands of
-operations publishing progress at once then cost a few round trips, not one each. On a Redis
+Concurrent publishes are coalesced: every call queues its events, and up to two lanes (tasks)
+send whatever is queued as one script call (``publish.lua``) per batch, two calls on their way
+at once as long as they touch no Stream in common. Thousands of operations publishing progress
+at once then cost a few round trips, not one each, and this process prepares a batch while
+Redis runs the one before. On a Redis
 Cluster a script call touches one slot, so calls are not coalesced there: each call is sent by
 itself, one script call per slot (``cluster.publish_by_slot``).
 
@@ -37,6 +39,10 @@ DEFAULT_BATCH_ENTRIES: Final = 512
 # Events of failed publishes remembered, to be searched for when retried: far more than the
 # callers that retry at once (each retries one call, within seconds).
 UNSURE_KEPT: Final = 10_000
+# Script calls on their way at once (each on a connection of its own): with two, this process
+# prepares the next batch while Redis runs one, where one at a time made each wait for the
+# other (about 10 us of each per event: bench.publisher).
+PIPELINE_DEPTH: Final = 2
 
 
 class PublisherStats:
@@ -118,7 +124,11 @@ class EventPublisher:
         self._announce = "SPUBLISH" if self._cluster else "PUBLISH"
         self._batch_entries = batch_entries
         self._queue: deque[_Request] = deque()
-        self._flusher: asyncio.Task[None] | None = None
+        # Lanes running (``_lane``), the loop they run on, and the Streams of their batches on
+        # their way to Redis.
+        self._lanes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._busy: set[str] = set()
         # Keys of events whose publish raised (oldest first): a retry searches for them.
         self._unsure: dict[str, None] = {}
         self.stats = PublisherStats()
@@ -160,9 +170,10 @@ class EventPublisher:
         terminal event). On a Redis Cluster: one script call per slot, not atomic
         (``cluster.publish_by_slot``).
 
-        On a single Redis, calls made while another is on its way are sent together, in the
-        order they were made, in as few script calls as ``batch_entries`` allows: so each
-        topic keeps the order of its publishes. An error of a script call (Redis unreachable,
+        On a single Redis, calls made while others are on their way are sent together, in the
+        order they were made, in as few script calls as ``batch_entries`` allows; two script
+        calls may be on their way at once, never two that touch the same topic: so each topic
+        keeps the order of its publishes. An error of a script call (Redis unreachable,
         a script error) is raised in every call it carried; a call cancelled before its events
         were sent publishes nothing, and after that changes nothing for the others.
 
@@ -263,28 +274,46 @@ class EventPublisher:
     def _submit(self, keys: list[str], args: list[bytes | str | int]) -> asyncio.Future[list[Any]]:
         """Queues a call's events; answers the future of their Stream ids. Not a coroutine: its
         callers await the future itself, one coroutine fewer to make and resume per publish.
-        Cancelling a caller cancels only its future: the flusher skips it if not yet sent."""
-        flusher = self._flusher
-        if flusher is None:
-            loop = asyncio.get_running_loop()
-            self._flusher = loop.create_task(self._flush(), name="EventPublisher flush")
-        else:
-            # The callers' loop, that the flusher runs on: asking for the running loop costs a
-            # getpid() system call (CPython checks for a fork), paid by every publish.
-            loop = flusher.get_loop()
+        Cancelling a caller cancels only its future: a lane skips it if not yet sent."""
+        loop = self._loop
+        if loop is None or not self._lanes:
+            loop = self._loop = asyncio.get_running_loop()
+        # else the callers' loop, that the lanes run on: asking for the running loop costs a
+        # getpid() system call (CPython checks for a fork), paid by every publish.
         request = _Request(keys, args, loop.create_future())
         self._queue.append(request)
+        if self._lanes < PIPELINE_DEPTH:
+            self._start_lane(loop)
         return request.future
 
-    async def _flush(self) -> None:
-        """Sends what is queued, batch after batch, until nothing is; one flusher at a time, so
-        batches reach Redis in the order their calls were made."""
+    def _start_lane(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._lanes += 1
+        loop.create_task(self._lane(loop), name="EventPublisher lane")
+
+    async def _lane(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Sends what is queued, batch after batch, until nothing is that it may take.
+
+        Up to ``PIPELINE_DEPTH`` lanes run at once, each with one script call on its way (on
+        a connection of its own): this process builds and encodes the next batch, and resolves
+        the last one's callers, while Redis runs the current one. Calls on two connections may
+        run in either order, so a lane never takes a call that touches a Stream of a batch on
+        its way: the queue's head waits for that batch (taken by its lane when it is back),
+        and so does everything queued behind it. Each topic then gets its events in the order
+        of their calls, as with one call at a time."""
         batch: list[_Request] = []
+        busy = self._busy
         try:
             while self._queue:
-                batch = self._take()
+                batch = self._take(busy)
                 if not batch:
-                    continue  # every caller taken had been cancelled
+                    break  # the head waits for a batch on its way, whose lane takes it next
+                if len(batch) == 1:
+                    streams = set(batch[0].keys)
+                else:
+                    streams = {key for request in batch for key in request.keys}
+                busy |= streams
+                if self._queue and self._lanes < PIPELINE_DEPTH:
+                    self._start_lane(loop)  # what is left goes while this is on its way
                 try:
                     raw = await self._send(batch)
                 except Exception as exc:  # the callers' error: each of them raises it
@@ -298,17 +327,22 @@ class EventPublisher:
                         if not request.future.done():
                             request.future.set_result(raw[start:end])
                         start = end
+                finally:
+                    busy -= streams
                 batch = []
         finally:
-            self._flusher = None
-            # Only when this task is cancelled (its event loop shutting down): the callers
-            # left cannot know whether their events were published, and are cancelled too.
-            for request in (*batch, *self._queue):
-                request.future.cancel()
-            self._queue.clear()
+            self._lanes -= 1
+            if batch:
+                # Only when this task is cancelled (its event loop shutting down): the callers
+                # left cannot know whether their events were published, and are cancelled too.
+                for request in (*batch, *self._queue):
+                    request.future.cancel()
+                self._queue.clear()
 
     async def _send(self, batch: list[_Request]) -> list[Any]:
         """One script call carrying ``batch`` in order; answers their Stream ids, in order."""
+        if len(batch) == 1:
+            return await self._run(batch[0].keys, batch[0].args)
         keys: list[str] = []
         args: list[bytes | str | int] = []
         for request in batch:
@@ -316,17 +350,21 @@ class EventPublisher:
             args += request.args
         return await self._run(keys, args)
 
-    def _take(self) -> list[_Request]:
-        """The next batch: queued calls, oldest first, up to ``batch_entries`` (at least one)."""
+    def _take(self, busy: set[str]) -> list[_Request]:
+        """The next batch: queued calls, oldest first, up to ``batch_entries`` (at least one),
+        none touching a Stream in ``busy``; empty when the oldest does."""
         batch: list[_Request] = []
         entries = 0
         queue = self._queue
+        limit = self._batch_entries
         while queue:
             request = queue[0]
             if request.future.done():  # its caller was cancelled: nothing of it is sent
                 queue.popleft()
                 continue
-            if batch and entries + len(request.keys) > self._batch_entries:
+            if batch and entries + len(request.keys) > limit:
+                break
+            if busy and not busy.isdisjoint(request.keys):
                 break
             queue.popleft()
             batch.append(request)

@@ -245,10 +245,26 @@ class EventStreamResponse(Response):
             await self._reset(None, None, False)
         else:
             await self._catch_up()
+        send = self._send
+        assert send is not None
         while True:
             item = await sub.receive()
             if isinstance(item, list):
-                await self._write_frames(item)
+                last = self._last
+                if self._end_on_terminal or not (last is None or item[0].position > last):
+                    await self._write_frames(item)
+                    continue
+                # Live frames, all new (a batch is in Stream order), on a stream that does not
+                # end with them: written here, as one chunk. This runs once per event per
+                # client (2,000 clients at 50,000 deliveries/s, bench/streams_fanout.py): two
+                # coroutines fewer per delivery than _write_frames and _write.
+                self._last = item[-1].position
+                data = item[0].wire if len(item) == 1 else b"".join([f.wire for f in item])
+                self._sending = True
+                try:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+                finally:
+                    self._sending = False
             elif item is Signal.IDLE:
                 await self._write(_KEEPALIVE)
             elif item is Signal.RESYNC:

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
 import socket
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +23,7 @@ from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
-from bench.chaos.proxy import fault_proxy, url_through
+from bench.chaos.proxy import FaultProxy, fault_proxy, url_through
 from streams import (
     Event,
     EventPublisher,
@@ -406,37 +408,87 @@ async def test_a_terminal_event_still_ends_its_topic_when_calls_are_coalesced(
     ]
 
 
+@contextlib.asynccontextmanager
+async def _stalled_publisher(
+    redis_url: str, prefix: str, topic: str
+) -> AsyncIterator[tuple[EventPublisher, FaultProxy]]:
+    """A publisher (2 entries per call) whose Redis stalls (behind a proxy) once it has
+    published event -1 to ``topic``: connected, its script loaded."""
+    async with fault_proxy("redis", redis_url) as proxy:
+        through = Redis.from_url(url_through(redis_url, proxy.port))
+        publisher = EventPublisher(
+            through, prefix=prefix, terminal_types=TERMINAL_TYPES, batch_entries=2
+        )
+        try:
+            await publisher.publish(_progress(-1), [topic])
+            proxy.stall()
+            yield publisher, proxy
+        finally:
+            await through.aclose()
+
+
 @single_redis
 async def test_a_cancelled_caller_loses_or_duplicates_nothing_of_the_others(
     redis: Redis, redis_url: str, redis_prefix: str
 ) -> None:
-    async with fault_proxy("redis", redis_url) as proxy:
-        through = Redis.from_url(url_through(redis_url, proxy.port))
-        publisher = EventPublisher(
-            through, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=2
-        )
-        topic = user_topic("usr_cancel")
-        try:
-            await publisher.publish(_progress(-1), [topic])  # connected, script loaded
-            proxy.stall()
-            calls = publisher.stats.calls
-            first = [asyncio.create_task(publisher.publish(_progress(n), [topic])) for n in (0, 1)]
-            await wait_until(lambda: publisher.stats.calls > calls)  # the first is on its way
-            queued = [
-                asyncio.create_task(publisher.publish(_progress(n), [topic])) for n in (2, 3, 4)
-            ]
-            await asyncio.sleep(0)  # they make their calls, queued behind the first
-            first[0].cancel()  # its events were sent: they stay published
-            queued[1].cancel()  # not sent yet: nothing of it is
-            proxy.unstall()
-            outcomes = await asyncio.gather(*first, *queued, return_exceptions=True)
-        finally:
-            await through.aclose()
+    topic = user_topic("usr_cancel")
+    async with _stalled_publisher(redis_url, redis_prefix, topic) as (publisher, proxy):
+        calls = publisher.stats.calls
+        first = [asyncio.create_task(publisher.publish(_progress(n), [topic])) for n in (0, 1)]
+        await wait_until(lambda: publisher.stats.calls > calls)  # the first is on its way
+        queued = [asyncio.create_task(publisher.publish(_progress(n), [topic])) for n in (2, 3, 4)]
+        await asyncio.sleep(0)  # they make their calls, queued behind the first
+        first[0].cancel()  # its events were sent: they stay published
+        queued[1].cancel()  # not sent yet: nothing of it is
+        proxy.unstall()
+        outcomes = await asyncio.gather(*first, *queued, return_exceptions=True)
     assert isinstance(outcomes[0], asyncio.CancelledError)
     assert isinstance(outcomes[3], asyncio.CancelledError)
     kept = [o for n, o in enumerate(outcomes) if n not in (0, 3)]
     assert all(isinstance(o, dict) and list(o) == [topic] for o in kept), outcomes
     assert await _numbers(redis, stream_key(redis_prefix, topic)) == [-1, 0, 1, 2, 4]
+
+
+@single_redis
+async def test_a_second_call_goes_while_one_is_on_its_way_unless_it_shares_a_topic(
+    redis: Redis, redis_url: str, redis_prefix: str
+) -> None:
+    a, b = user_topic("usr_a"), user_topic("usr_b")
+    async with _stalled_publisher(redis_url, redis_prefix, a) as (publisher, proxy):
+        calls = publisher.stats.calls
+        tasks = [asyncio.create_task(publisher.publish(_progress(0), [a]))]
+        await wait_until(lambda: publisher.stats.calls == calls + 1)
+        # Another topic goes at once, on a second connection; the first topic's next event
+        # waits for the call on its way (two connections may run in either order).
+        tasks += [
+            asyncio.create_task(publisher.publish(_progress(n), [t]))
+            for n, t in ((1, b), (2, a), (3, b))
+        ]
+        await wait_until(lambda: publisher.stats.calls == calls + 2)
+        await asyncio.sleep(0.1)
+        assert publisher.stats.calls == calls + 2  # two on their way, no more
+        proxy.unstall()
+        await asyncio.gather(*tasks)
+    assert await _numbers(redis, stream_key(redis_prefix, a)) == [-1, 0, 2]
+    assert await _numbers(redis, stream_key(redis_prefix, b)) == [1, 3]
+
+
+@single_redis
+async def test_pipelined_calls_keep_each_topics_order(redis: Redis, redis_prefix: str) -> None:
+    publisher = EventPublisher(
+        redis, prefix=redis_prefix, terminal_types=TERMINAL_TYPES, batch_entries=3
+    )
+    topics = [user_topic(f"usr_{i}") for i in range(7)]
+    # Callers of 1 or 2 topics, overlapping, in small batches: many calls, two on their way.
+    calls = [[topics[n % 7]] if n % 3 else [topics[n % 7], topics[(n * 5) % 7]] for n in range(300)]
+    published = [
+        asyncio.create_task(publisher.publish(_progress(n), list(dict.fromkeys(t))))
+        for n, t in enumerate(calls)
+    ]
+    await asyncio.gather(*published)
+    for topic in topics:
+        wanted = [n for n, t in enumerate(calls) if topic in t]
+        assert await _numbers(redis, stream_key(redis_prefix, topic)) == wanted
 
 
 @pytest.mark.parametrize("redis_mode", ["cluster"])
