@@ -28,6 +28,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import anyio
 import anyio.lowlevel
@@ -49,9 +50,13 @@ __all__ = [
     "IntakeNotRunning",
     "Unsettled",
     "WebhookIntake",
+    "WritePhase",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The two parts of an event's time in the intake (`WebhookIntake(observe_write=)`).
+WritePhase = Literal["waiting", "writing"]
 
 _UNSTORABLE = (asyncpg.UntranslatableCharacterError, asyncpg.CharacterNotInRepertoireError)
 
@@ -107,6 +112,7 @@ class _Announcement:
 class _Waiting:
     event: VerifiedEvent
     done: anyio.Event = field(default_factory=anyio.Event)
+    arrived: float = field(default_factory=time.perf_counter)
     new: bool = False
     # Set only once the write holding the event has committed: whatever else wakes the
     # request (an error, a cancelled write, the intake stopping) means "not stored".
@@ -160,11 +166,16 @@ class WebhookIntake:
         max_unannounced: int = MAX_UNANNOUNCED,
         max_writes: int = MAX_WRITES_IN_FLIGHT,
         observe_started: Callable[[float], None] | None = None,
+        observe_write: Callable[[WritePhase, float], None] | None = None,
     ) -> None:
         """Events go into `inbox`'s table; its handler's batch runs in the group's transaction,
         and the inbox worker is woken for what is left. ``observe_started(seconds)``: called,
         for each event the batch handled (a payment), with the time from its receipt to the end
-        of its announcement (its operation.started published)."""
+        of its announcement (its operation.started published). ``observe_write(phase,
+        seconds)``: called twice for each event written, with how long it waited for its
+        group's write to begin (``"waiting"``) and how long that write took until its commit
+        (``"writing"``, the payments' statements and the WAL flush included): a slow
+        acknowledgement is placed in the intake's queue or in PostgreSQL."""
         if max_waiting < 1 or max_unannounced < 1 or max_writes < 1:
             raise ValueError("WebhookIntake bounds must be at least 1")
         self._max_writes = max_writes
@@ -179,6 +190,7 @@ class WebhookIntake:
         self._running = False
         self._unsettled = Unsettled() if unsettled is None else unsettled
         self._observe_started = observe_started
+        self._observe_write = observe_write
 
     @property
     def running(self) -> bool:
@@ -344,6 +356,7 @@ class WebhookIntake:
     ) -> tuple[set[str], Batch]:
         """Answers the ids that were new, and what the batch handler did with them. Raises only
         when the write did not commit (see `_committing`)."""
+        began = time.perf_counter()
         verified = _first_of_each(group)
         events = [_inbox_event(e) for e in verified]
         batch = Batch()
@@ -361,7 +374,16 @@ class WebhookIntake:
                         conn, [e for e in events if e.id in new]
                     )
             _answer(group, new, now=True)
+            self._observe_group(group, began)
         return new, batch
+
+    def _observe_group(self, group: Sequence[_Waiting], began: float) -> None:
+        if self._observe_write is None:
+            return
+        wrote = time.perf_counter() - began
+        for waiting in group:
+            self._observe_write("waiting", began - waiting.arrived)
+            self._observe_write("writing", wrote)
 
     async def _write_one_by_one(self, group: Sequence[_Waiting]) -> set[str]:
         """One event of the group cannot be stored: store the others, refuse that one."""
