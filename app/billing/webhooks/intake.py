@@ -330,9 +330,9 @@ class WebhookIntake:
     async def _write(self, group: Sequence[_Waiting]) -> _Announcement:
         try:
             try:
-                new, batch = await self._write_together(group)
+                new = await self._write_together(group)
             except _UNSTORABLE:
-                new, batch = await self._write_one_by_one(group), Batch()
+                new = await self._write_one_by_one(group)
         except Exception as exc:
             for waiting in group:
                 waiting.error = waiting.error or exc
@@ -342,28 +342,25 @@ class WebhookIntake:
             # and answer 503.
             for waiting in group:
                 waiting.done.set()
+        batch = await self._handle(_first_of_each(group), new)
         handled = tuple(
             e.received_at.timestamp() for e in _first_of_each(group) if e.id in batch.handled
         )
         return _Announcement(batch, bool(new - batch.handled), len(group), handled)
 
-    async def _write_together(self, group: Sequence[_Waiting]) -> tuple[set[str], Batch]:
-        """Answers the ids that were new, and what the batch handler did with them. Raises
-        only when the write did not commit (see `_committing`)."""
+    async def _write_together(self, group: Sequence[_Waiting]) -> set[str]:
+        """Answers the ids that were new. Raises only when the write did not commit (see
+        `_committing`)."""
         began = time.perf_counter()
-        verified = _first_of_each(group)
         # One statement, its own transaction. Each request is answered as soon as it has
         # committed, before the connection goes back to the pool: asyncpg's release is a task
         # of its own, one or two turns of a busy loop (p50 1.4 ms, p99 13 ms at 200
-        # webhooks/s) that no request need wait for. The payments are then handled on the
-        # same connection: the worker, woken by other groups, claims pending rows, and the
-        # sooner they are locked here the fewer it takes over.
-        async with self._committing(f"webhook group of {len(group)}") as conn:
-            new = await store_events(conn, verified)
+        # webhooks/s) that no request need wait for.
+        async with self._committing(f"webhook group of {len(group)} stored") as conn:
+            new = await store_events(conn, _first_of_each(group))
             _answer(group, new, now=True)
             self._observe_group(group, began)
-            batch = await self._handle(conn, verified, new)
-        return new, batch
+        return new
 
     def _observe_group(self, group: Sequence[_Waiting], began: float) -> None:
         if self._observe_write is None:
@@ -373,9 +370,7 @@ class WebhookIntake:
             self._observe_write("waiting", began - waiting.arrived)
             self._observe_write("writing", wrote)
 
-    async def _handle(
-        self, conn: Connection, verified: Sequence[VerifiedEvent], new: set[str]
-    ) -> Batch:
+    async def _handle(self, verified: Sequence[VerifiedEvent], new: set[str]) -> Batch:
         """The payments among the events just stored, fulfilled in a transaction of their
         own once their webhooks are answered. In the group's own transaction, their
         statements held every webhook of the group (and the payment's own answer) for
@@ -384,13 +379,13 @@ class WebhookIntake:
         issue 15). Exactly once all the same: `WebhookInbox.handle_stored` takes only rows
         still pending that no one has claimed, under the same row locks as the inbox
         worker's claim. Whatever it does not handle, or if it fails, is left pending for the
-        worker (woken by the announcement); a crash before its commit leaves them pending too.
-        Never raises but `BaseException`."""
+        worker (woken by the announcement); a crash before its commit leaves them pending too."""
         events = [_inbox_event(e) for e in verified if e.id in new]
         if not self._inbox.any_batchable(events):
             return Batch()
         try:
-            async with conn.transaction():
+            what = f"webhook group of {len(verified)} handled"
+            async with self._committing(what) as conn, conn.transaction():
                 batch = await self._inbox.handle_stored(conn, events)
         except Exception:
             # The boundary of a group's fulfilment: the worker handles its events instead.
@@ -403,7 +398,7 @@ class WebhookIntake:
         new: set[str] = set()
         for event in _first_of_each(group):
             try:
-                async with self._committing("webhook") as conn:
+                async with self._committing("webhook stored") as conn:
                     new |= await store_events(conn, [event])
             except _UNSTORABLE:
                 for waiting in group:
@@ -427,7 +422,7 @@ class WebhookIntake:
         except DATABASE_ERRORS as exc:
             if not committed:
                 raise
-            logger.warning("%s committed; its connection then failed (%r)", what, exc)
+            logger.warning("%s and committed; its connection then failed (%r)", what, exc)
 
 
 def _first_of_each(group: Sequence[_Waiting]) -> list[VerifiedEvent]:
