@@ -9,7 +9,7 @@ A `FaultProxy` forwards 127.0.0.1:port to an upstream and can, on demand:
   (FATAL 57P01), without closing yet: the moment between that message and the close that a
   busy client can see apart;
 - `cut_after_commit(marker)`: cut the connection whose transaction bound `marker` once that
-  transaction has committed, as its client next speaks (a failure after the commit).
+  transaction has committed, as the client next speaks (a failure after the commit).
 
     async with fault_proxy("postgres", admin_url) as proxy:
         url = url_through(admin_url, proxy.port)  # the same server, through the proxy
@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-import re
 import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
@@ -212,6 +211,9 @@ def _error_response(fields: dict[str, str]) -> bytes:
     return b"E" + struct.pack("!i", len(body) + 4) + body
 
 
+# PostgreSQL's CommandComplete of a COMMIT (protocol 3.0): the transaction is committed.
+_COMMITTED = b"C\x00\x00\x00\x0bCOMMIT\x00"
+
 # What `pg_terminate_backend` makes a backend send before it closes its socket.
 _TERMINATED = _error_response(
     {
@@ -235,7 +237,7 @@ class FaultProxy(_Listener):
         self.latency = 0.0
         self.flowing = asyncio.Event()
         self.flowing.set()
-        self._commit_cut: tuple[bytes, re.Pattern[bytes], asyncio.Event] | None = None
+        self._commit_cut: tuple[bytes, asyncio.Event] | None = None
 
     @property
     def listening(self) -> bool:
@@ -256,17 +258,14 @@ class FaultProxy(_Listener):
             writer.write(_TERMINATED)
         return len(conns)
 
-    def cut_after_commit(self, marker: bytes, *, tag: bytes = b"COMMIT") -> asyncio.Event:
+    def cut_after_commit(self, marker: bytes) -> asyncio.Event:
         """Arms one cut: the connection whose client sends ``marker`` (a value bound in a
-        statement, whole in one read) and whose server then completes a statement whose tag
-        starts with ``tag`` (``COMMIT``; ``INSERT`` for an INSERT in a transaction of its own)
-        is cut (RST) as soon as its client sends anything more: committed, and the client's
-        next words (asyncpg's reset when the connection goes back to its pool) meet a dead
-        connection. Answers an event set once the cut is made."""
+        statement, whole in one read) and whose server then answers a COMMIT is cut (RST) as
+        soon as its client sends anything more: committed, and the client's next words (asyncpg's
+        reset when the connection goes back to its pool) meet a dead connection. Answers an
+        event set once the cut is made."""
         cut = asyncio.Event()
-        # CommandComplete (protocol 3.0): "C", its length, then the tag.
-        completed = re.compile(rb"C\x00\x00\x00.(?s:" + re.escape(tag) + rb")")
-        self._commit_cut = (marker, completed, cut)
+        self._commit_cut = (marker, cut)
         return cut
 
     def cuts(self, watched: _Watched, chunk: bytes, *, to_upstream: bool) -> bool:
@@ -274,10 +273,9 @@ class FaultProxy(_Listener):
         cuts (the client then has its RST)."""
         if self._commit_cut is None:
             return False
-        marker, completed, cut = self._commit_cut
+        marker, cut = self._commit_cut
         if not to_upstream:
-            if watched.sent_marker and completed.search(chunk):
-                watched.committed = True
+            watched.committed = watched.committed or (watched.sent_marker and _COMMITTED in chunk)
             return False
         if watched.committed:
             self._commit_cut = None

@@ -323,20 +323,6 @@ class WebhookInbox:
     def any_batchable(self, events: Sequence[InboxEvent]) -> bool:
         return any(self._handle.batchable(e) for e in events)
 
-    async def handle_stored(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
-        """In the caller's transaction: `handle_together` for those of `events`, just stored,
-        that are still pending and that nobody else has claimed (this worker, or another
-        instance's), locked until the caller commits; the worker's claim skips them meanwhile,
-        and finds those left pending once it has. Given no events, it runs its statements on
-        no rows (the intake's warm-up)."""
-        rows = await conn.fetch(
-            "SELECT id FROM webhook_events WHERE id = ANY($1::text[]) AND status = 'pending'"
-            " FOR UPDATE SKIP LOCKED",
-            [e.id for e in events],
-        )
-        ours = {row["id"] for row in rows}
-        return await self.handle_together(conn, [e for e in events if e.id in ours])
-
     async def handle_together(self, conn: Connection, events: Sequence[InboxEvent]) -> Batch:
         """In the caller's transaction: the handler's batch of the events it can batch, and
         those it handled marked processed."""

@@ -1,11 +1,11 @@
 """Storing verified webhooks in the inbox, in groups: the events that arrive together are
-written by one INSERT and one commit (a group commit); once they are answered, the payments
-among them are fulfilled by the same writer in one transaction, then announced.
+written by one INSERT and one commit (a group commit), and the payments among them are
+fulfilled in that same transaction.
 
 A burst of 100 confirmations used to be 100 commits on the request path, then a worker's
 claim, then the fulfilment: each a queue of its own. Now a request waits for the group its
-event joined, which is written as soon as a writer is free, and its payment is committed as a
-provisioning operation right after its answer, without a worker's claim in between.
+event joined, which is written as soon as a writer is free; its payment is then already
+committed as a provisioning operation, announced right after.
 
 Up to `MAX_WRITES_IN_FLIGHT` groups are written at once. With one, every webhook waited behind
 the group before it: a group with payments holds its transaction for several round trips
@@ -300,9 +300,9 @@ class WebhookIntake:
             async with contextlib.AsyncExitStack() as held:
                 for _ in range(self._pool.get_min_size()):
                     conn = await held.enter_async_context(self._pool.acquire())
-                    await store_events(conn, [])
                     async with conn.transaction():
-                        await self._inbox.handle_stored(conn, [])
+                        await store_events(conn, [])
+                        await self._inbox.handle_together(conn, [])
         except DATABASE_ERRORS as exc:
             logger.warning("webhook intake not warmed up (%s); its first group will be slower", exc)
 
@@ -330,9 +330,13 @@ class WebhookIntake:
     async def _write(self, group: Sequence[_Waiting]) -> _Announcement:
         try:
             try:
-                new = await self._write_together(group)
+                new, batch = await self._write_together(group, handle=True)
             except _UNSTORABLE:
-                new = await self._write_one_by_one(group)
+                new, batch = await self._write_one_by_one(group), Batch()
+            except Exception:
+                # The request boundary of a whole group: store them, fulfil them later.
+                logger.exception("webhook group of %d not handled together", len(group))
+                new, batch = await self._write_together(group, handle=False)
         except Exception as exc:
             for waiting in group:
                 waiting.error = waiting.error or exc
@@ -342,25 +346,36 @@ class WebhookIntake:
             # and answer 503.
             for waiting in group:
                 waiting.done.set()
-        batch = await self._handle(_first_of_each(group), new)
         handled = tuple(
             e.received_at.timestamp() for e in _first_of_each(group) if e.id in batch.handled
         )
         return _Announcement(batch, bool(new - batch.handled), len(group), handled)
 
-    async def _write_together(self, group: Sequence[_Waiting]) -> set[str]:
-        """Answers the ids that were new. Raises only when the write did not commit (see
-        `_committing`)."""
+    async def _write_together(
+        self, group: Sequence[_Waiting], *, handle: bool
+    ) -> tuple[set[str], Batch]:
+        """Answers the ids that were new, and what the batch handler did with them. Raises only
+        when the write did not commit (see `_committing`)."""
         began = time.perf_counter()
-        # One statement, its own transaction. Each request is answered as soon as it has
-        # committed, before the connection goes back to the pool: asyncpg's release is a task
-        # of its own, one or two turns of a busy loop (p50 1.4 ms, p99 13 ms at 200
-        # webhooks/s) that no request need wait for.
-        async with self._committing(f"webhook group of {len(group)} stored") as conn:
-            new = await store_events(conn, _first_of_each(group))
+        verified = _first_of_each(group)
+        events = [_inbox_event(e) for e in verified]
+        batch = Batch()
+        # Each request is answered as soon as its write has committed, before the connection
+        # goes back to the pool: asyncpg's release is a task of its own, one or two turns of
+        # a busy loop (p50 1.4 ms, p99 13 ms at 200 webhooks/s) that no request need wait for.
+        async with self._committing(len(group)) as conn:
+            if not (handle and self._inbox.any_batchable(events)):
+                # Nothing to fulfil here: one statement, its own transaction.
+                new = await store_events(conn, verified)
+            else:
+                async with conn.transaction():
+                    new = await store_events(conn, verified)
+                    batch = await self._inbox.handle_together(
+                        conn, [e for e in events if e.id in new]
+                    )
             _answer(group, new, now=True)
             self._observe_group(group, began)
-        return new
+        return new, batch
 
     def _observe_group(self, group: Sequence[_Waiting], began: float) -> None:
         if self._observe_write is None:
@@ -370,35 +385,12 @@ class WebhookIntake:
             self._observe_write("waiting", began - waiting.arrived)
             self._observe_write("writing", wrote)
 
-    async def _handle(self, verified: Sequence[VerifiedEvent], new: set[str]) -> Batch:
-        """The payments among the events just stored, fulfilled in a transaction of their
-        own once their webhooks are answered. In the group's own transaction, their
-        statements held every webhook of the group (and the payment's own answer) for
-        several round trips: 11 to 32 % of the slowest 2 %'s time at 200 webhooks/s, and
-        without them the acknowledgement's p99 was 1.5 to 12 ms lower (bench/billing.py,
-        issue 15). Exactly once all the same: `WebhookInbox.handle_stored` takes only rows
-        still pending that no one has claimed, under the same row locks as the inbox
-        worker's claim. Whatever it does not handle, or if it fails, is left pending for the
-        worker (woken by the announcement); a crash before its commit leaves them pending too."""
-        events = [_inbox_event(e) for e in verified if e.id in new]
-        if not self._inbox.any_batchable(events):
-            return Batch()
-        try:
-            what = f"webhook group of {len(verified)} handled"
-            async with self._committing(what) as conn, conn.transaction():
-                batch = await self._inbox.handle_stored(conn, events)
-        except Exception:
-            # The boundary of a group's fulfilment: the worker handles its events instead.
-            logger.exception("webhook group of %d not handled together", len(verified))
-            return Batch()
-        return batch
-
     async def _write_one_by_one(self, group: Sequence[_Waiting]) -> set[str]:
         """One event of the group cannot be stored: store the others, refuse that one."""
         new: set[str] = set()
         for event in _first_of_each(group):
             try:
-                async with self._committing("webhook stored") as conn:
+                async with self._committing(1) as conn:
                     new |= await store_events(conn, [event])
             except _UNSTORABLE:
                 for waiting in group:
@@ -408,7 +400,7 @@ class WebhookIntake:
         return new
 
     @contextlib.asynccontextmanager
-    async def _committing(self, what: str) -> AsyncIterator[Connection]:
+    async def _committing(self, events: int) -> AsyncIterator[Connection]:
         """A pool connection for a write that has committed once the block ends without
         error. What fails after that, as the connection goes back to the pool (a connection
         cut right after its COMMIT fails asyncpg's reset), is logged and not raised: taken
@@ -422,7 +414,9 @@ class WebhookIntake:
         except DATABASE_ERRORS as exc:
             if not committed:
                 raise
-            logger.warning("%s and committed; its connection then failed (%r)", what, exc)
+            logger.warning(
+                "webhook group of %d committed; its connection then failed (%r)", events, exc
+            )
 
 
 def _first_of_each(group: Sequence[_Waiting]) -> list[VerifiedEvent]:
