@@ -290,6 +290,9 @@ def create_app(
                 inbox,
                 unsettled=unsettled,
                 observe_started=metrics.received_to_started.observe,
+                observe_write=lambda phase, seconds: metrics.webhook_write.labels(phase).observe(
+                    seconds
+                ),
             )
             shutting_down = anyio.Event()
             supervisor = Supervisor()

@@ -25,9 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = ["HISTOGRAMS", "Histogram", "parse_metrics", "quantile", "report", "scrape"]
 
-# name -> (what it measures, its goal in ms or None)
+# name (with its labels, if any) -> (what it measures, its goal in ms or None)
 HISTOGRAMS: Mapping[str, tuple[str, float | None]] = {
     "lookout_webhook_ack_seconds": ("webhook acknowledgement", 25.0),
+    # The acknowledgement's part in the intake: waiting for a writer, then the group's write
+    # until its commit (PostgreSQL's part: statements, lock waits, the WAL flush).
+    'lookout_webhook_write_seconds{phase="waiting"}': ("  of which waiting for a writer", None),
+    'lookout_webhook_write_seconds{phase="writing"}': ("  of which its group's write", None),
     "lookout_webhook_received_to_operation_started_seconds": (
         "received -> operation.started published",
         50.0,
@@ -69,13 +73,19 @@ def parse_metrics(text: str) -> tuple[str, dict[str, Histogram]]:
         for sample in family.samples:
             if sample.name == "lookout_process_info":
                 pid = sample.labels["pid"]
-            elif family.name in HISTOGRAMS:
-                histogram = found.setdefault(family.name, Histogram())
+            elif (name := family.name + _labels(sample.labels)) in HISTOGRAMS:
+                histogram = found.setdefault(name, Histogram())
                 if sample.name.endswith("_bucket"):
                     histogram.buckets[float(sample.labels["le"])] = sample.value
                 elif sample.name.endswith("_sum"):
                     histogram.total = sample.value
     return pid, found
+
+
+def _labels(labels: Mapping[str, str]) -> str:
+    """A sample's labels but its bucket edge, as /metrics writes them: `{phase="waiting"}`."""
+    named = [f'{k}="{v}"' for k, v in sorted(labels.items()) if k != "le"]
+    return "{" + ",".join(named) + "}" if named else ""
 
 
 async def scrape(url: str, *, workers: int = 1, attempts: int = 50) -> dict[str, Histogram]:

@@ -325,6 +325,15 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.webhook_write = Histogram(
+            "lookout_webhook_write_seconds",
+            "Stripe webhooks stored by this process, each in two phases: `waiting` for its"
+            " group's write to begin (every writer busy), then `writing` until that write"
+            " committed (the payments' statements and the WAL flush included)",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.received_to_started = Histogram(
             "lookout_webhook_received_to_operation_started_seconds",
             "Payments confirmed by their checkout event as it is stored: from its receipt (the"

@@ -7,7 +7,9 @@ A `FaultProxy` forwards 127.0.0.1:port to an upstream and can, on demand:
 - `latency`: seconds added before each chunk is forwarded;
 - `send_fatal()`: tell every client what PostgreSQL tells the client of a terminated backend
   (FATAL 57P01), without closing yet: the moment between that message and the close that a
-  busy client can see apart.
+  busy client can see apart;
+- `cut_after_commit(marker)`: cut the connection whose transaction bound `marker` once that
+  transaction has committed, as the client next speaks (a failure after the commit).
 
     async with fault_proxy("postgres", admin_url) as proxy:
         url = url_through(admin_url, proxy.port)  # the same server, through the proxy
@@ -24,6 +26,7 @@ import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from bench.chaos.cluster import free_port
@@ -136,8 +139,22 @@ class _Listener:
         await asyncio.sleep(0)
 
 
+@dataclass
+class _Watched:
+    """One client connection of a `FaultProxy`, as `FaultProxy.cut_after_commit` follows it."""
+
+    client: asyncio.StreamWriter
+    sent_marker: bool = False
+    committed: bool = False
+
+
 async def _pump(
-    source: asyncio.StreamReader, sink: asyncio.StreamWriter, proxy: FaultProxy | None
+    source: asyncio.StreamReader,
+    sink: asyncio.StreamWriter,
+    proxy: FaultProxy | None,
+    watched: _Watched | None = None,
+    *,
+    to_upstream: bool = False,
 ) -> None:
     try:
         while True:
@@ -148,6 +165,9 @@ async def _pump(
                 await proxy.flowing.wait()
                 if proxy.latency:
                     await asyncio.sleep(proxy.latency)
+                if watched is not None and proxy.cuts(watched, chunk, to_upstream=to_upstream):
+                    sink.transport.abort()
+                    break
             sink.write(chunk)
             await sink.drain()
     except (OSError, asyncio.IncompleteReadError):
@@ -166,6 +186,7 @@ async def _splice(
     proxy: FaultProxy | None,
 ) -> bool:
     """Forwards both ways until both sides close; answers False when upstream refused."""
+    watched = _Watched(writer)
     try:
         if host.startswith("/"):  # a Unix socket's directory, named as libpq does
             up_reader, up_writer = await asyncio.open_unix_connection(f"{host}/.s.PGSQL.{port}")
@@ -175,8 +196,8 @@ async def _splice(
         return False
     try:
         await asyncio.gather(
-            _pump(reader, up_writer, proxy),
-            _pump(up_reader, writer, proxy),
+            _pump(reader, up_writer, proxy, watched, to_upstream=True),
+            _pump(up_reader, writer, proxy, watched),
         )
     finally:
         up_writer.transport.abort()
@@ -189,6 +210,9 @@ def _error_response(fields: dict[str, str]) -> bytes:
     body += b"\0"
     return b"E" + struct.pack("!i", len(body) + 4) + body
 
+
+# PostgreSQL's CommandComplete of a COMMIT (protocol 3.0): the transaction is committed.
+_COMMITTED = b"C\x00\x00\x00\x0bCOMMIT\x00"
 
 # What `pg_terminate_backend` makes a backend send before it closes its socket.
 _TERMINATED = _error_response(
@@ -213,6 +237,7 @@ class FaultProxy(_Listener):
         self.latency = 0.0
         self.flowing = asyncio.Event()
         self.flowing.set()
+        self._commit_cut: tuple[bytes, asyncio.Event] | None = None
 
     @property
     def listening(self) -> bool:
@@ -232,6 +257,33 @@ class FaultProxy(_Listener):
         for writer in conns:
             writer.write(_TERMINATED)
         return len(conns)
+
+    def cut_after_commit(self, marker: bytes) -> asyncio.Event:
+        """Arms one cut: the connection whose client sends ``marker`` (a value bound in a
+        statement, whole in one read) and whose server then answers a COMMIT is cut (RST) as
+        soon as its client sends anything more: committed, and the client's next words (asyncpg's
+        reset when the connection goes back to its pool) meet a dead connection. Answers an
+        event set once the cut is made."""
+        cut = asyncio.Event()
+        self._commit_cut = (marker, cut)
+        return cut
+
+    def cuts(self, watched: _Watched, chunk: bytes, *, to_upstream: bool) -> bool:
+        """Whether ``chunk``, about to be forwarded on ``watched``, is where `cut_after_commit`
+        cuts (the client then has its RST)."""
+        if self._commit_cut is None:
+            return False
+        marker, cut = self._commit_cut
+        if not to_upstream:
+            watched.committed = watched.committed or (watched.sent_marker and _COMMITTED in chunk)
+            return False
+        if watched.committed:
+            self._commit_cut = None
+            _reset(watched.client)
+            cut.set()
+            return True
+        watched.sent_marker = watched.sent_marker or marker in chunk
+        return False
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await self.flowing.wait()  # a stalled proxy accepts and says nothing

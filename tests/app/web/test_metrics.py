@@ -128,6 +128,16 @@ async def test_server_side_latency_histograms_follow_a_purchase(settings: Settin
     # The one payment: from its webhook's receipt to its operation.started.
     assert histogram_count(text, "lookout_webhook_received_to_operation_started_seconds") == 1
     assert histogram_count(text, "lookout_event_loop_lag_seconds") > 0
+    # Each event stored, in its two phases: waiting for a writer, then its group's write.
+    written = {
+        s.labels["phase"]: s.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "lookout_webhook_write_seconds"
+        for s in family.samples
+        if s.name == "lookout_webhook_write_seconds_count"
+    }
+    assert written.keys() == {"waiting", "writing"}
+    assert written["waiting"] == written["writing"] >= 2
     assert 'lookout_webhook_ack_seconds_bucket{le="0.025"}' in text
     info = [
         s.labels

@@ -14,6 +14,7 @@ from app.billing.webhooks.inbox import Batch, InboxEvent, WebhookInbox
 from app.billing.webhooks.intake import EventNotStored, IntakeFull, IntakeNotRunning, WebhookIntake
 from app.billing.webhooks.receiver import VerifiedEvent, parse_event
 from app.db import Connection
+from bench.chaos.proxy import fault_proxy, url_through
 from tests.support.stack import wait_for
 from tests.support.stripe_events import make_event, stripe_object
 
@@ -194,6 +195,49 @@ async def test_a_stalled_announcement_holds_up_no_webhook_and_keeps_the_order(
             await quiet.wait()
         tg.cancel_scope.cancel()
     assert handler.announced == [frozenset({first.id}), frozenset({second.id})]
+
+
+async def test_a_connection_cut_right_after_its_commit_answers_once_and_announces_the_group(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The group's transaction commits, then its connection is cut as asyncpg resets it on
+    the way back to the pool (asyncpg's default reset talks to the server): the write
+    committed, so its requests are answered as written, the group announced once, nothing
+    stored twice or left to the worker."""
+    async with fault_proxy("postgres", database_url) as proxy:
+        pool = await asyncpg.create_pool(
+            url_through(database_url, proxy.port), min_size=1, max_size=4
+        )
+        try:
+            handler = StalledAnnouncementHandler()
+            handler.release.set()
+            intake = WebhookIntake(pool, WebhookInbox(pool, handler))
+            event = _invoice_paid()
+            answers: list[bool] = []
+
+            async def deliver() -> None:
+                answers.append(await intake.store(event))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(intake.run)
+                await wait_for(lambda: _running(intake), within=5, what="the intake to run")
+                cut = proxy.cut_after_commit(event.id.encode())
+                with anyio.fail_after(10):
+                    async with anyio.create_task_group() as senders:
+                        for _ in range(2):  # Stripe's delivery and a redelivery, together
+                            senders.start_soon(deliver)
+                with anyio.fail_after(10):
+                    await cut.wait()
+                await wait_for(lambda: _announced(handler, 1), within=10, what="the announcement")
+                await anyio.sleep(0.1)  # nor is anything announced a second time
+                tg.cancel_scope.cancel()
+            assert sorted(answers) == [False, True]
+            assert handler.announced == [frozenset({event.id})]
+            assert await _all_processed(pool, 1)
+            assert "committed; its connection then failed" in caplog.text
+            assert "not handled together" not in caplog.text
+        finally:
+            await pool.close()
 
 
 async def _quiet_after(quiet_at: list[float]) -> bool:
