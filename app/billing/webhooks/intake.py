@@ -35,6 +35,7 @@ import anyio.lowlevel
 import asyncpg
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from app.billing.errors import is_transient
 from app.billing.webhooks.inbox import BATCH, Batch, InboxEvent, WebhookInbox
 from app.billing.webhooks.receiver import VerifiedEvent, store_events
 from app.db import Connection
@@ -333,9 +334,14 @@ class WebhookIntake:
                 new, batch = await self._write_together(group, handle=True)
             except _UNSTORABLE:
                 new, batch = await self._write_one_by_one(group), Batch()
-            except Exception:
-                # The request boundary of a whole group: store them, fulfil them later.
-                logger.exception("webhook group of %d not handled together", len(group))
+            except Exception as exc:
+                # The request boundary of a whole group: store them, fulfil them later. A
+                # dependency away (a terminated backend, a failover) is one line; anything
+                # else is a bug and gets its traceback.
+                if is_transient(exc):
+                    logger.warning("webhook group of %d not handled together: %r", len(group), exc)
+                else:
+                    logger.exception("webhook group of %d not handled together", len(group))
                 new, batch = await self._write_together(group, handle=False)
         except Exception as exc:
             for waiting in group:
