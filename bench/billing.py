@@ -270,7 +270,8 @@ async def run(args: argparse.Namespace, settings: Settings) -> None:
             f" {HEAVY_AT_ONCE} may run CREATE or DROP DATABASE)"
         )
         print(cpu_used.describe(operations=len(rows)))
-        print(f"  {cpu_used.ceilings(requests=len(acks), workers=args.workers)}")
+        if not rows:  # webhooks alone: their CPU is all the run's
+            print(f"  {cpu_used.ceilings(requests=len(acks), workers=args.workers)}")
         print(f"  at rest, the second before: {rest.at_rest()}")
         took = [r for r in rows if r["resource_id"] in pooled and r["finished_at"] is not None]
         if took:
